@@ -1,0 +1,1 @@
+"""Diffusers pipelines shipped by diffad, in community-pipeline format (installed as ``diffad.pipelines``)."""

@@ -1,0 +1,1 @@
+"""evaluate.Metric module for anomaly detection (loaded offline with evaluate.load(<this folder>))."""

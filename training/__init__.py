@@ -1,0 +1,1 @@
+"""Accelerate training scripts (installed as ``diffad.training``; run them as scripts or via ``diffad train``)."""
