@@ -37,3 +37,28 @@ def real_subset() -> Path:
     if not (REAL_SUBSET / "bottle").is_dir():
         pytest.skip(f"real MVTec AD subset not found at {REAL_SUBSET} (set DIFFAD_REAL_DATA to its parent)")
     return REAL_SUBSET
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_pipeline(synthetic_root, tmp_path_factory) -> Path:
+    """A tiny self-conditioned DDPM (preset ``tiny``: 0.69M parameters, 32 px) trained by
+    ``training/train_ddpm.py`` on the synthetic ``SYNTHETIC_CATEGORIES[0]`` category for at most
+    150 optimiser steps or 45 s of training (about a minute in all); returns its pipeline folder
+    (``unet/``, ``scheduler/``, ``model_index.json``, ``training_log.json``)."""
+    import subprocess
+    import sys
+
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+
+    out = tmp_path_factory.mktemp("trained_tiny_pipeline")
+    cmd = [sys.executable, str(REPO_ROOT / "training" / "train_ddpm.py"),
+           "--data_dir", str(synthetic_root), "--category", SYNTHETIC_CATEGORIES[0], "--preset", "tiny",
+           "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "150",
+           "--max_train_minutes", "0.75", "--checkpointing_steps", "100000", "--seed", "0",
+           "--report_to", "none", "--output_dir", str(out)]
+    # One thread: on a shared 2-core machine, two OpenMP threads per process are many times slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"training the tiny pipeline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return out

@@ -1,0 +1,382 @@
+"""Model cards: the Hub README.md of a trained diffad model, with machine-readable results.
+
+``make_model_card(model_dir, results)`` renders ``model_cards/template.md`` (installed as the package
+``diffad.model_cards``) through ``huggingface_hub.ModelCard.from_template``. The YAML metadata
+carries a ``model-index`` built from ``EvalResult`` objects (dataset, category, metric name and
+value for every method and anomaly map), so the Hub and ``huggingface_hub`` parse the results;
+the hyper-parameters come from ``training_log.json`` in the model folder.
+
+``diffad card --model DIR --results results.json`` writes ``DIR/README.md`` atomically.
+
+Results format (what ``diffad evaluate`` writes, or any of these shapes):
+
+* a list of rows ``{"category": ..., "method": ..., "anomaly_map": ..., "image_auroc": ..., ...}``;
+* ``{"results": [rows]}`` or ``{"rows": [rows]}``;
+* nested mappings ``{category: {method_label: {metric: value}}}`` (optionally under ``"metrics"``),
+  where ``method_label`` is e.g. ``"self_aware/multiscale"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+__all__ = [
+    "METRICS",
+    "ResultRow",
+    "normalize_results",
+    "read_training_log",
+    "template_path",
+    "make_model_card",
+    "write_model_card",
+    "register",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+# metric key -> human name, in the order the table shows them.
+METRICS: dict[str, str] = {
+    "image_auroc": "Image AUROC",
+    "pixel_auroc": "Pixel AUROC",
+    "aupro": "AUPRO",
+    "image_f1_max": "Image F1-max",
+}
+TASK_TYPE = "anomaly-detection"
+TASK_NAME = "Visual anomaly detection"
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """The metrics of one (category, method, anomaly map) evaluation."""
+
+    category: str
+    method: str
+    metrics: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _row_from_flat(row: Mapping[str, Any], category: Optional[str] = None) -> Optional[ResultRow]:
+    metrics = {k: float(row[k]) for k in METRICS if _is_number(row.get(k))}
+    if not metrics:
+        return None
+    method = str(row.get("method", "self_aware"))
+    amap = row.get("anomaly_map")
+    if amap and "/" not in method and method != "denoise":
+        method = f"{method}/{amap}"
+    elif amap and method == "denoise" and amap != "multiscale":
+        method = f"{method}/{amap}"
+    return ResultRow(str(row.get("category", category or "unknown")), method, metrics)
+
+
+def normalize_results(results: Any) -> list[ResultRow]:
+    """Turn any supported results shape (module docstring) into a list of :class:`ResultRow`.
+
+    Raises:
+        ValueError: no metric (``image_auroc``, ``pixel_auroc``, ``aupro``, ``image_f1_max``) found.
+    """
+    rows: list[ResultRow] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, path)
+            return
+        if not isinstance(node, Mapping):
+            return
+        if any(_is_number(node.get(k)) for k in METRICS):
+            if "category" in node or "method" in node:
+                row = _row_from_flat(node, path[0] if path else None)
+            else:
+                row = ResultRow(path[0] if path else "unknown",
+                                "/".join(path[1:]) or "self_aware",
+                                {k: float(node[k]) for k in METRICS if _is_number(node.get(k))})
+            if row is not None:
+                rows.append(row)
+            return
+        for key, value in node.items():
+            if key in ("results", "rows", "metrics", "per_category", "categories") and not path:
+                walk(value, path)
+            elif isinstance(value, (Mapping, list)):
+                walk(value, path + (str(key),))
+
+    walk(results, ())
+    # "mean"/"average" rows are summaries, not a category of their own
+    rows = [r for r in rows if r.category.lower() not in ("mean", "average", "avg")]
+    if not rows:
+        raise ValueError(f"no metrics ({', '.join(METRICS)}) found in the results")
+    return rows
+
+
+def read_training_log(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``training_log.json`` of the model folder as a dict (empty when absent or unreadable)."""
+    path = Path(model_dir) / "training_log.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring unreadable %s (%s)", path, exc)
+        return {}
+
+
+def template_path() -> Path:
+    """The installed model-card template (``diffad.model_cards/template.md``)."""
+    return Path(str(importlib.resources.files("diffad.model_cards").joinpath("template.md")))
+
+
+def _config(log: Mapping[str, Any]) -> dict[str, Any]:
+    for key in ("config", "args", "configuration", "hyperparameters"):
+        if isinstance(log.get(key), Mapping):
+            return dict(log[key])
+    return {}
+
+
+_HYPERPARAMETERS = (
+    "data_dir", "category", "preset", "resolution", "block_out_channels", "layers_per_block",
+    "attention_resolutions", "num_epochs", "optimizer", "max_train_steps",
+    "max_train_minutes", "train_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "adam_weight_decay", "gradient_accumulation_steps", "self_condition_prob", "use_ema", "ema_decay",
+    "mixed_precision", "validation_fraction", "seed",
+)
+
+
+def _hyperparameters(config: Mapping[str, Any], log: Mapping[str, Any]) -> list[tuple[str, str]]:
+    items = [(k, config[k]) for k in _HYPERPARAMETERS if k in config and config[k] is not None]
+    summary = log.get("summary") if isinstance(log.get("summary"), Mapping) else log
+    for key in ("total_optimizer_steps", "best_epoch", "best_val_loss", "saved_weights", "stopped_by",
+                "train_seconds", "images_per_second", "num_parameters", "world_size"):
+        if _is_number(summary.get(key)) or isinstance(summary.get(key), str):
+            items.append((key, summary[key]))
+    out = []
+    for key, value in items:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        out.append((key, str(value)))
+    return out
+
+
+def _eval_table(rows: list[ResultRow]) -> str:
+    present = [k for k in METRICS if any(k in r.metrics for r in rows)]
+    lines = ["| method / map | " + " | ".join(METRICS[k] for k in present) + " |",
+             "|---|" + "---|" * len(present)]
+    for row in rows:
+        cells = [f"{row.metrics[k]:.3f}" if k in row.metrics else "-" for k in present]
+        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _num_parameters(model_dir: Path) -> str:
+    config_path = model_dir / "unet" / "config.json"
+    weights = sorted((model_dir / "unet").glob("*.safetensors")) if (model_dir / "unet").is_dir() else []
+    if weights:
+        try:
+            from safetensors import safe_open
+
+            total = 0
+            with safe_open(str(weights[0]), framework="np") as handle:
+                for key in handle.keys():
+                    total += int(math.prod(handle.get_slice(key).get_shape()))
+            return f"{total / 1e6:.2f}M"
+        except Exception:  # noqa: BLE001 - the count is informative only
+            logger.debug("could not count parameters in %s", weights[0], exc_info=True)
+    return "an unknown number of" if not config_path.is_file() else "(see unet/config.json)"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def make_model_card(
+    model_dir: str | os.PathLike,
+    results: Any,
+    *,
+    repo_id: Optional[str] = None,
+    category: Optional[str] = None,
+    dataset_name: Optional[str] = None,
+    dataset_type: Optional[str] = None,
+    license: Optional[str] = None,
+    seconds_per_image: Optional[Mapping[str, float]] = None,
+    extra_tags: Iterable[str] = (),
+):
+    """Render the model card of ``model_dir`` with the evaluation ``results``.
+
+    Args:
+        model_dir: a diffad model folder (``model_index.json``, ``unet/``, ``training_log.json``).
+        results: evaluation results in any shape :func:`normalize_results` accepts, or a path to a
+            JSON file holding them. Only rows of ``category`` are kept.
+        repo_id: the Hub id used in the "how to use" snippets (default ``<user>/diffad-<category>``).
+        category: the model's category (default: ``training_log.json``'s, else the results' only one).
+        dataset_name: a readable dataset name (default: from the training data folder).
+        dataset_type: the dataset id in the metadata (default ``mvtec_ad`` or ``diffad-synthetic``).
+        license: the model's license (default: ``cc-by-nc-sa-4.0`` when trained on MVTec AD, whose
+            license the weights inherit, else ``apache-2.0``).
+        seconds_per_image: ``{method_label: seconds}`` shown under the table.
+        extra_tags: added to the card's tags.
+
+    Returns:
+        A ``huggingface_hub.ModelCard``; ``card.data.eval_results`` holds one ``EvalResult`` per
+        (method, metric).
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is not a model folder.
+        ValueError: no results for the category, or the category is ambiguous.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from diffad import __version__
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+    if isinstance(results, (str, os.PathLike)):
+        results_path = Path(results)
+        if not results_path.is_file():
+            raise FileNotFoundError(f"results file {results_path} does not exist: run `diffad evaluate` first")
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"results file {results_path} is not valid JSON ({exc})") from exc
+    rows = normalize_results(results)
+
+    log = read_training_log(model_dir)
+    config = _config(log)
+    category = category or config.get("category") or log.get("category")
+    categories = sorted({r.category for r in rows})
+    if category is None:
+        if len(categories) != 1:
+            raise ValueError(f"results hold several categories {categories}: pass --category")
+        category = categories[0]
+    rows = [r for r in rows if r.category == category]
+    if not rows:
+        raise ValueError(f"no results for category {category!r} (the results hold {categories})")
+
+    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
+    is_mvtec = "mvtec" in data_dir.lower()
+    is_synthetic = "synthetic" in data_dir.lower() or str(category).startswith("synthetic")
+    if dataset_type is None:
+        dataset_type = "mvtec_ad" if is_mvtec else ("diffad-synthetic" if is_synthetic else "custom")
+    if dataset_name is None:
+        dataset_name = ("MVTec AD" if is_mvtec else "diffad synthetic default" if is_synthetic
+                        else (Path(data_dir).name or "custom dataset"))
+    if license is None:
+        license = "cc-by-nc-sa-4.0" if is_mvtec else "apache-2.0"
+    repo_id = repo_id or f"your-username/diffad-{category}"
+
+    eval_results = [
+        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_type,
+                   dataset_name=dataset_name, dataset_config=str(category), dataset_split="test",
+                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
+                   metric_config=row.method)
+        for row in rows for key, value in row.metrics.items()
+    ]
+    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
+            "diffad", "diffusers", *extra_tags]
+    if is_mvtec:
+        tags.append("mvtec-ad")
+    card_data = ModelCardData(
+        model_name=f"diffad-{category}", library_name="diffusers", license=license,
+        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
+        eval_results=eval_results)
+
+    index = _read_json(model_dir / "model_index.json")
+    has_segmenter = isinstance(index.get("segmenter"), list) and index["segmenter"][0] is not None
+    is_calibrated = isinstance(index.get("calibration"), list) and index["calibration"][0] is not None
+    unet_config = _read_json(model_dir / "unet" / "config.json")
+    resolution = config.get("resolution") or unet_config.get("sample_size", "?")
+    num_train = log.get("num_train_images") or config.get("num_train_images")
+
+    hyperparameters = _hyperparameters(config, log)
+    summary_bits = []
+    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
+    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
+    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
+        series = log.get(key, history.get(key))
+        if not isinstance(series, list):
+            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
+        if isinstance(series, list) and series and _is_number(series[-1]):
+            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
+    training_summary = ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
+    seconds = ""
+    if seconds_per_image:
+        seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in seconds_per_image.items())
+    if is_mvtec:
+        dataset_description = (f"Normal (`train/good`) images of the category `{category}` of MVTec AD "
+                               f"(Bergmann et al., CVPR 2019), from `{data_dir}`; 20% held out (seeded) for "
+                               "validation and calibration.")
+        data_license_note = ("Trained on MVTec AD, licensed CC BY-NC-SA 4.0: these weights are for "
+                             "non-commercial use and inherit that license.")
+    elif is_synthetic:
+        dataset_description = (f"The diffad embedded default: procedurally generated normal images of the "
+                               f"category `{category}` (`diffad.make_synthetic_dataset`), no download; defects "
+                               "with exact masks for testing only. A demonstration model, not a production one.")
+        data_license_note = ("A demonstration model trained on synthetic images: it says nothing about how "
+                             "the method does on real parts.")
+    else:
+        dataset_description = (f"Normal (`train/good`) images of `{category}` from `{data_dir or 'a local folder'}`, "
+                               "in MVTec AD layout; a seeded fraction held out for validation and calibration.")
+        data_license_note = ""
+
+    default_map = "learned" if has_segmenter else "multiscale"
+    return ModelCard.from_template(
+        card_data, template_path=str(template_path()),
+        model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
+        diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated,
+        target_fpr_percent=f"{100 * float(config.get('target_false_positive_rate', 0.05)):.0f}%",
+        num_train_images=num_train, data_license_note=data_license_note,
+        dataset_description=dataset_description, hyperparameters=hyperparameters,
+        training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
+        default_map=default_map)
+
+
+def write_model_card(card, model_dir: str | os.PathLike) -> Path:
+    """Write ``card`` as ``model_dir/README.md`` atomically (temporary file, then rename)."""
+    path = Path(model_dir) / "README.md"
+    tmp = path.with_name(".README.md.tmp")
+    tmp.write_text(str(card), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def register(subparsers) -> None:
+    """Add ``diffad card`` to the ``diffad`` command."""
+    parser = subparsers.add_parser(
+        "card", help="write the model card (README.md with model-index metadata) into a model folder",
+        description="Render the Hub model card of a trained model from its training_log.json and the "
+                    "evaluation results, and write it as MODEL/README.md.")
+    parser.add_argument("--model", required=True, help="the model folder")
+    parser.add_argument("--results", required=True, help="results JSON written by `diffad evaluate`")
+    parser.add_argument("--category", default=None, help="the model's category (default: from the training log)")
+    parser.add_argument("--repo-id", default=None, help="Hub id shown in the usage snippets (ORG/NAME)")
+    parser.add_argument("--license", default=None,
+                        help="model license (default: cc-by-nc-sa-4.0 for MVTec AD data, else apache-2.0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``diffad card``: exit 0, or 2 for a bad model folder or results file."""
+    card = make_model_card(args.model, args.results, repo_id=args.repo_id, category=args.category,
+                           license=args.license)
+    path = write_model_card(card, args.model)
+    print(f"model card written to {path}")
+    return 0

@@ -1,0 +1,312 @@
+"""``diffad detect``: score a folder of photos with a trained, calibrated model.
+
+For every image it writes one row of ``results.csv`` (file, score, decision, the overlay's
+name, and the error for files that could not be read) and one overlay PNG (the anomaly map
+as a heat map over the photo, with the inpainting mask's outline). Images are read and scored
+in batches of ``--batch-size`` so memory stays bounded for thousands of images; the CSV is
+appended and flushed after every batch, so an interrupted run loses at most one batch, and a
+re-run skips every file already in the CSV (delete its row to redo it).
+
+Unreadable files (truncated, not an image, permission denied) are logged on one line each,
+recorded in the CSV with ``decision = error``, and skipped: they never abort the run.
+
+Exit codes: 0 when the run completed (even with unreadable files: their count is printed);
+2 for bad input (no model, no images found, or not one readable image among them);
+1 when scoring itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CSV_FIELDS",
+    "DetectSummary",
+    "find_images",
+    "load_pipeline",
+    "detect",
+    "register",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
+RESULTS_NAME = "results.csv"
+OVERLAY_DIR = "overlays"
+# Overlays are drawn at the photo's own size, capped on the long side to keep files small.
+MAX_OVERLAY_SIDE = 512
+
+
+@dataclass
+class DetectSummary:
+    """What a :func:`detect` run did. ``scored + failed`` files were new in this run."""
+
+    results_csv: Path
+    scored: int = 0
+    defective: int = 0
+    failed: int = 0
+    skipped_done: int = 0
+    failed_files: list[str] = field(default_factory=list)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of image paths.
+
+    A folder contributes every file below it (recursively) whose extension is in
+    :data:`IMAGE_EXTENSIONS`, case-insensitively; a file named explicitly is always taken,
+    whatever its extension (it is reported later if it is not an image).
+
+    Raises:
+        FileNotFoundError: an input does not exist, or no image was found at all.
+    """
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for candidate in sorted(path.rglob("*")):
+                if candidate.is_file() and candidate.suffix.lower() in IMAGE_EXTENSIONS:
+                    found[candidate.resolve()] = None
+        elif path.is_file():
+            found[path.resolve()] = None
+        else:
+            raise FileNotFoundError(f"{path} does not exist: pass image files or folders of images")
+    if not found:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in "
+                                f"{', '.join(str(p) for p in inputs)}")
+    return list(found)
+
+
+def load_pipeline(model: str | os.PathLike):
+    """Load a ``SelfAwareInpaintPipeline`` from a local folder or a Hub repo id (``org/name``).
+
+    A Hub id needs the network (unset ``HF_HUB_OFFLINE``) or a cached copy.
+
+    Raises:
+        FileNotFoundError: ``model`` is neither an existing model folder nor a Hub id.
+        ValueError: the model is not calibrated (``diffad calibrate`` first).
+    """
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffad model folder (no model_index.json)")
+        pipe = SelfAwareInpaintPipeline.from_pretrained(path)
+    else:
+        text = str(model)
+        if text.count("/") != 1 or text.startswith((".", "/")) or path.suffix:
+            raise FileNotFoundError(f"--model {text}: no such folder, and not a Hub repo id (org/name)")
+        try:
+            pipe = SelfAwareInpaintPipeline.from_pretrained(text)
+        except OSError as exc:
+            raise FileNotFoundError(f"--model {text}: could not load it from the Hub "
+                                    f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
+                                    ) from exc
+    if not getattr(pipe, "is_calibrated", False):
+        raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    """Open ``path`` and decode it fully (so truncated files fail here), as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def _overlay_name(path: Path) -> str:
+    """A unique, stable overlay file name: the image's stem plus a short hash of its full path."""
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
+    return f"{path.stem}_{digest}.png"
+
+
+def _done_files(results_csv: Path) -> set[str]:
+    if not results_csv.is_file():
+        return set()
+    with results_csv.open(newline="", encoding="utf-8") as handle:
+        return {row["file"] for row in csv.DictReader(handle) if row.get("file")}
+
+
+def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
+             writer: csv.DictWriter) -> Iterator[list[tuple[Path, Image.Image]]]:
+    """Yield lists of up to ``batch_size`` decoded images; unreadable files are recorded and skipped."""
+    batch: list[tuple[Path, Image.Image]] = []
+    for path in paths:
+        try:
+            batch.append((path, _read_rgb(path)))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.warning("skipping unreadable file %s (%s)", path, message)
+            writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
+                             "error": message})
+            summary.failed += 1
+            summary.failed_files.append(str(path))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np.ndarray],
+                  vmax: Optional[float], out_path: Path) -> None:
+    """Draw ``anomaly_map`` (R, R) and the mask outline over ``photo`` at the photo's size (capped)."""
+    from diffad.figures import overlay
+
+    photo = photo.copy()
+    photo.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE), Image.Resampling.BILINEAR)
+    size = photo.size
+    heat = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    heat_np = np.asarray(heat, dtype=np.float32)
+    if vmax is not None and vmax > 0:
+        # Scale by the calibrated threshold so colours mean the same thing on every image:
+        # 0.5 of the colour range is the pass/fail threshold.
+        heat_np = np.clip(heat_np / (2.0 * vmax), 0.0, 1.0)
+    outline = None
+    if mask is not None:
+        mask_img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        outline = np.asarray(mask_img) > 127
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    overlay(np.asarray(photo, dtype=np.uint8), heat_np, mask_outline=outline).save(tmp, format="PNG")
+    os.replace(tmp, out_path)
+
+
+def _image_threshold(pipe, method: str, anomaly_map: str) -> Optional[float]:
+    """The calibrated image-level threshold of ``method/anomaly_map`` (None when not calibrated)."""
+    calibration = getattr(pipe, "calibration", None)
+    if calibration is None:
+        return None
+    value = calibration.threshold(f"{method}/{anomaly_map}")
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def detect(
+    model: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    anomaly_map: str = "multiscale",
+    method: str = "self_aware",
+    seed: int = 0,
+    pipe=None,
+) -> DetectSummary:
+    """Score ``inputs`` with the model, writing ``out_dir/results.csv`` and ``out_dir/overlays/*.png``.
+
+    Args:
+        model: a model folder or Hub repo id (ignored when ``pipe`` is given).
+        inputs: image files and/or folders (searched recursively).
+        out_dir: the output folder; an existing ``results.csv`` there is resumed.
+        batch_size: images decoded and scored at once (memory is bounded by it).
+        anomaly_map: ``"multiscale"`` or ``"learned"`` (needs a segmenter).
+        method: ``"self_aware"`` (default) or ``"denoise"``.
+        seed: the noise of every batch comes from ``torch.Generator().manual_seed(seed)``.
+        pipe: an already loaded pipeline (tests, the demo).
+
+    Returns:
+        A :class:`DetectSummary`.
+
+    Raises:
+        FileNotFoundError / ValueError: bad model, inputs or options.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if anomaly_map not in ("multiscale", "learned"):
+        raise ValueError(f"--anomaly-map must be 'multiscale' or 'learned', got {anomaly_map!r}")
+    if method not in ("self_aware", "denoise"):
+        raise ValueError(f"--method must be 'self_aware' or 'denoise', got {method!r}")
+    paths = find_images(inputs)
+    if pipe is None:
+        pipe = load_pipeline(model)
+    if anomaly_map == "learned" and getattr(pipe, "segmenter", None) is None:
+        raise ValueError(f"--anomaly-map learned needs a segmenter in {model}: train one with "
+                         "training/train_segmenter.py, or use --anomaly-map multiscale")
+
+    out_dir = Path(out_dir)
+    (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
+    results_csv = out_dir / RESULTS_NAME
+    summary = DetectSummary(results_csv=results_csv)
+    done = _done_files(results_csv)
+    todo = [p for p in paths if str(p) not in done]
+    summary.skipped_done = len(paths) - len(todo)
+    if summary.skipped_done:
+        logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
+    threshold = _image_threshold(pipe, method, anomaly_map)
+
+    new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
+    with results_csv.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+        for batch in _batches(todo, batch_size, summary, writer):
+            photos = [img for _, img in batch]
+            output = pipe(photos, method=method, anomaly_map=anomaly_map,
+                          generator=torch.Generator().manual_seed(seed), output_type="np")
+            for i, (path, photo) in enumerate(batch):
+                name = _overlay_name(path)
+                masks = getattr(output, "masks", None)
+                mask = None if masks is None or method == "denoise" else masks[i]
+                _save_overlay(photo, output.anomaly_maps[i], mask, threshold, out_dir / OVERLAY_DIR / name)
+                if output.is_anomalous is None:  # denoise without a calibrated threshold: score only
+                    decision = "unknown"
+                else:
+                    decision = "defect" if bool(output.is_anomalous[i]) else "ok"
+                writer.writerow({"file": str(path), "score": f"{float(output.scores[i]):.6g}",
+                                 "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
+                summary.scored += 1
+                summary.defective += decision == "defect"
+            handle.flush()
+            os.fsync(handle.fileno())
+            logger.info("scored %d/%d images", summary.scored + summary.failed, len(todo))
+        handle.flush()
+    return summary
+
+
+def register(subparsers) -> None:
+    """Add ``diffad detect`` to the ``diffad`` command."""
+    parser = subparsers.add_parser(
+        "detect", help="score photos: results.csv (file, score, decision) and an overlay PNG per image",
+        description="Score images with a trained, calibrated model. Writes OUT/results.csv and "
+                    "OUT/overlays/*.png; a re-run skips images already in the CSV; unreadable files are "
+                    "reported and skipped. Exit code 0 when the run completed (the number of unreadable "
+                    "files is printed), 2 for bad input or when no image could be read.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER",
+                        help="image files and/or folders (searched recursively)")
+    parser.add_argument("--model", required=True, help="model folder or Hub repo id (org/name)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--anomaly-map", choices=("multiscale", "learned"), default="multiscale",
+                        help="multi-scale reconstruction error, or the learned segmenter's map")
+    parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware",
+                        help="self-aware inpainting (default) or the basic denoising baseline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default: 0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``diffad detect``; see the module docstring for the exit codes."""
+    summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
+                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed)
+    print(f"scored {summary.scored} images ({summary.defective} defective), "
+          f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
+    if summary.scored == 0 and summary.skipped_done == 0:
+        from diffad.cli import report_error
+
+        return report_error("detect", f"none of the {summary.failed} input files could be read as an image")
+    return 0

@@ -1,0 +1,235 @@
+"""``diffad push``: publish a trained, calibrated model folder to the Hugging Face Hub.
+
+Steps (each a function, so scripts and tests can run them separately):
+
+1. :func:`check_publishable` refuses a folder that is not a diffad model, is not calibrated, or has no
+   model card (``README.md``, written by ``diffad card``): exit code 2 with one line saying what to run.
+2. :func:`assemble_hub_folder` copies what a Hub repo needs into a temporary folder: ``model_index.json``,
+   ``pipeline.py`` (the pipeline's code, so diffusers alone can load it), the component folders
+   (``unet/``, ``scheduler/``, ``segmenter/``, ``calibration/``: weights in safetensors, configs),
+   ``README.md`` and ``training_log.json``. Checkpoints, caches and pickles stay behind.
+3. :func:`check_loads_offline` loads that folder with ``DiffusionPipeline.from_pretrained(folder,
+   trust_remote_code=True)`` in a FRESH Python process with ``HF_HUB_OFFLINE=1``, a private
+   ``HF_HOME`` and ``diffad`` made unimportable: exactly what a Hub user with diffusers alone gets.
+4. :func:`push_model` then calls ``HfApi().create_repo`` and ``HfApi().upload_folder``;
+   ``--dry-run`` stops right before and lists what would be uploaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = [
+    "HUB_TOP_LEVEL_FILES",
+    "PushResult",
+    "check_publishable",
+    "assemble_hub_folder",
+    "check_loads_offline",
+    "push_model",
+    "register",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json")
+# Files inside component folders that are shipped; anything else (e.g. *.bin pickles, *.tmp) is not.
+_COMPONENT_SUFFIXES = (".json", ".safetensors", ".py", ".txt", ".md")
+LOAD_CHECK_TIMEOUT_S = 600
+
+_LOAD_CHECK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["diffad"] = None  # the check must pass with diffusers alone, as on a Hub user's machine
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+    components = sorted(k for k, v in pipe.components.items() if v is not None)
+    print(json.dumps({"class": type(pipe).__name__, "calibrated": bool(getattr(pipe, "is_calibrated", False)),
+                      "components": components}))
+    """
+)
+
+
+@dataclass
+class PushResult:
+    """What :func:`push_model` did: the files it (would have) uploaded, and the repo URL when uploaded."""
+
+    repo_id: str
+    files: list[str] = field(default_factory=list)
+    uploaded: bool = False
+    url: Optional[str] = None
+    load_check: dict = field(default_factory=dict)
+
+
+def _model_index(model_dir: Path) -> dict:
+    path = model_dir / "model_index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _components(index: dict) -> list[str]:
+    """Component names of a model_index.json (entries ``[library, class]`` whose library is set)."""
+    return sorted(k for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None)
+
+
+def check_publishable(model_dir: str | os.PathLike) -> dict:
+    """Refuse folders that must not go to the Hub; return their model_index.json.
+
+    Raises:
+        FileNotFoundError: no model folder, no ``pipeline.py``, a component folder missing.
+        ValueError: not calibrated (``diffad calibrate``) or no model card (``diffad card``).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir} does not exist")
+    index = _model_index(model_dir)
+    if "calibration" not in _components(index):
+        raise ValueError(f"{model_dir} is not calibrated: run `diffad calibrate --model {model_dir} --data DIR "
+                         "--category C` before pushing (a Hub model must answer pass/fail out of the box)")
+    if not (model_dir / "README.md").is_file():
+        raise ValueError(f"{model_dir} has no model card (README.md): run `diffad card --model {model_dir} "
+                         "--results RESULTS.json` before pushing")
+    if not (model_dir / "pipeline.py").is_file():
+        raise FileNotFoundError(f"{model_dir} has no pipeline.py: re-save it with "
+                                "SelfAwareInpaintPipeline.from_pretrained(dir).save_pretrained(dir)")
+    for name in _components(index):
+        if not (model_dir / name).is_dir():
+            raise FileNotFoundError(f"{model_dir}/model_index.json names component {name!r} but {model_dir / name} "
+                                    "does not exist")
+    return index
+
+
+def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the files a Hub repo needs from ``model_dir`` into ``dest`` (created); return their relative paths."""
+    model_dir, dest = Path(model_dir), Path(dest)
+    index = check_publishable(model_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    for name in HUB_TOP_LEVEL_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, dest / name)
+            files.append(name)
+    for component in _components(index):
+        for path in sorted((model_dir / component).rglob("*")):
+            if path.is_file() and path.suffix in _COMPONENT_SUFFIXES and "__pycache__" not in path.parts:
+                rel = path.relative_to(model_dir)
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / rel)
+                files.append(rel.as_posix())
+    return sorted(files)
+
+
+def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHECK_TIMEOUT_S) -> dict:
+    """Load ``folder`` with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` in a fresh,
+    offline process where ``diffad`` cannot be imported; return what it reported.
+
+    Raises:
+        RuntimeError: the folder does not load (the child's last error line is in the message),
+            or it loads as an uncalibrated pipeline.
+    """
+    with tempfile.TemporaryDirectory(prefix="diffad-load-check-") as hf_home:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=hf_home, HF_DATASETS_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1")
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK_SCRIPT, str(Path(folder).resolve())],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"the Hub folder does not load with diffusers alone: {lines[-1] if lines else proc.returncode}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not report.get("calibrated"):
+        raise RuntimeError("the Hub folder loads but its pipeline is not calibrated")
+    return report
+
+
+def push_model(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: Optional[str] = None,
+    dry_run: bool = False,
+    commit_message: Optional[str] = None,
+) -> PushResult:
+    """Assemble, check and upload ``model_dir`` as the Hub model repo ``repo_id``.
+
+    Args:
+        model_dir: a calibrated model folder with a model card.
+        repo_id: ``ORG/NAME`` (or ``NAME`` for the token's user).
+        private: create the repo private.
+        token: a Hub token (default: ``huggingface_hub``'s, from ``HF_TOKEN`` or ``hf auth login``).
+        dry_run: stop before ``create_repo``/``upload_folder``; the result lists what would be uploaded.
+        commit_message: the upload's commit message.
+
+    Raises:
+        ValueError / FileNotFoundError: a bad repo id or a model that may not be published.
+        RuntimeError: the assembled folder does not load offline.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from exc
+    result = PushResult(repo_id=repo_id)
+    with tempfile.TemporaryDirectory(prefix="diffad-hub-") as tmp:
+        folder = Path(tmp) / "repo"
+        result.files = assemble_hub_folder(model_dir, folder)
+        logger.info("checking that %s loads with diffusers alone, offline, in a fresh process", folder)
+        result.load_check = check_loads_offline(folder)
+        if dry_run:
+            return result
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise ValueError("HF_HUB_OFFLINE is set: unset it to push (the Makefile sets it for tests)")
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message=commit_message or f"Upload diffad model from {Path(model_dir).name}")
+        result.uploaded = True
+        result.url = str(repo_url)
+    return result
+
+
+def register(subparsers) -> None:
+    """Add ``diffad push`` to the ``diffad`` command."""
+    parser = subparsers.add_parser(
+        "push", help="publish a calibrated model with its card to the Hugging Face Hub",
+        description="Assemble the Hub folder (weights, calibration, model_index.json, pipeline.py, README.md), "
+                    "check it loads with diffusers alone in a fresh offline process, then upload it. Refuses an "
+                    "uncalibrated model or one without a model card (exit 2).")
+    parser.add_argument("--model", required=True, help="the model folder")
+    parser.add_argument("--repo-id", required=True, help="the Hub model repo, ORG/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--dry-run", action="store_true", help="assemble and check, list the files, upload nothing")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``diffad push``: exit 0, 2 for a model that may not be published, 1 when the check or upload fails."""
+    result = push_model(args.model, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
+    if not result.uploaded:
+        print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
+              f"({'private' if args.private else 'public'}); the folder loads with diffusers alone "
+              f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}):")
+        for name in result.files:
+            print(f"  {name}")
+    else:
+        print(f"uploaded {len(result.files)} files to {result.url}")
+    return 0

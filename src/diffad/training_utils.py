@@ -1,0 +1,342 @@
+"""What diffad's training scripts share: crash-safe writes, checkpoint discovery and rotation,
+the training log, seeded augmentations, and turning user errors into one clear line.
+
+Crash safety: every file or folder that a later run reads back is first written under a
+temporary name in the same directory and then renamed (``os.replace``, atomic on POSIX), so a
+run killed at any instant (SIGKILL, power loss) leaves either the old or the new version, never a
+half-written one. Checkpoint folders carry a marker file written last
+(:data:`CHECKPOINT_MARKER`); :func:`latest_checkpoint` only takes folders that have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CHECKPOINT_MARKER",
+    "OneLineArgumentParser",
+    "TrainingLog",
+    "atomic_write_json",
+    "augment_batch",
+    "checkpoint_step",
+    "commit_directory",
+    "incomplete_path",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "parse_int_list",
+    "remove_incomplete",
+    "rotate_checkpoints",
+    "run_with_clear_errors",
+    "seeded_generator",
+    "to_jsonable",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINT_MARKER = "diffad_training_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+_INCOMPLETE_SUFFIX = ".incomplete"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` with tuples, paths, numpy/torch scalars and tensors turned into JSON types."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the new one, never a
+    partial one: write a temporary file in the same folder, flush it to disk, then ``os.replace``.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(to_jsonable(obj), f, indent=indent)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def incomplete_path(dest: PathLike) -> Path:
+    """The temporary sibling under which ``dest`` is written before :func:`commit_directory`:
+    ``<parent>/.<name>.incomplete``. Deterministic, so that every rank of a distributed run
+    writes its share of a checkpoint into the same folder."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}{_INCOMPLETE_SUFFIX}"
+
+
+def commit_directory(tmp: PathLike, dest: PathLike) -> Path:
+    """Move a fully written folder ``tmp`` to ``dest`` by renaming it.
+
+    If ``dest`` already exists it is first renamed aside and deleted only after the new folder
+    is in place, so at every instant one complete version exists on disk.
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    if not tmp.is_dir():
+        raise FileNotFoundError(f"cannot commit {tmp}: it is not a folder")
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def remove_incomplete(output_dir: PathLike) -> List[Path]:
+    """Delete leftovers of interrupted writes in ``output_dir`` (``.*.incomplete`` folders and
+    ``.*.old-*`` folders). Call it on one process, before any process starts writing.
+
+    Returns:
+        The removed paths.
+    """
+    output_dir = Path(output_dir)
+    removed = []
+    if not output_dir.is_dir():
+        return removed
+    for p in output_dir.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(_INCOMPLETE_SUFFIX) or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: PathLike) -> Optional[int]:
+    """The optimiser step of a checkpoint folder named ``checkpoint-<step>``, else ``None``."""
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(output_dir: PathLike) -> List[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (lowest step) first.
+
+    A checkpoint is complete when its folder is named ``checkpoint-<step>`` and holds
+    :data:`CHECKPOINT_MARKER` (written last, before the folder is renamed into place).
+    Anything else (a temporary ``.checkpoint-N.incomplete``, or a ``checkpoint-N`` folder without
+    the marker, e.g. copied by hand or written by another tool) is skipped with a warning.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        step = checkpoint_step(p)
+        if step is None or not p.is_dir():
+            continue
+        if not (p / CHECKPOINT_MARKER).is_file():
+            logger.warning("ignoring %s: it has no %s (a half-written checkpoint)", p, CHECKPOINT_MARKER)
+            continue
+        found.append((step, p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The complete checkpoint with the highest step in ``output_dir``, or ``None`` when there is none."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def rotate_checkpoints(output_dir: PathLike, total_limit: Optional[int]) -> List[Path]:
+    """Delete the oldest complete checkpoints so that at most ``total_limit`` remain.
+
+    Call it after a new checkpoint has been committed (so the newest is never at risk).
+    ``None`` or 0 keeps everything.
+
+    Returns:
+        The deleted checkpoint folders.
+    """
+    if not total_limit:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    doomed = checkpoints[: max(0, len(checkpoints) - int(total_limit))]
+    for p in doomed:
+        logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", p, total_limit)
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------- the training log
+
+
+class TrainingLog:
+    """The ``training_log.json`` of a run: configuration, one record per epoch, and a summary.
+
+    Each epoch record is a dict (e.g. ``{"epoch": 3, "step": 120, "train_loss": 0.08,
+    "val_loss": 0.07, ...}``). The log is part of a checkpoint's state (``state_dict`` /
+    ``load_state_dict``) so a resumed run continues it instead of starting over.
+    """
+
+    def __init__(self, config: Optional[Dict[str, Any]] = None):
+        self.config: Dict[str, Any] = dict(config or {})
+        self.epochs: List[Dict[str, Any]] = []
+        self.summary: Dict[str, Any] = {}
+
+    def add_epoch(self, record: Dict[str, Any]) -> None:
+        """Append (or, for an epoch that was recorded before a resume, replace) one epoch record."""
+        record = to_jsonable(record)
+        self.epochs = [e for e in self.epochs if e.get("epoch") != record.get("epoch")]
+        self.epochs.append(record)
+        self.epochs.sort(key=lambda e: e.get("epoch", 0))
+
+    def column(self, key: str) -> List[Any]:
+        """Values of ``key`` over the recorded epochs (e.g. ``log.column("val_loss")``)."""
+        return [e.get(key) for e in self.epochs]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"config": to_jsonable(self.config), "epochs": list(self.epochs), "summary": to_jsonable(self.summary)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epochs = list(state.get("epochs", []))
+        self.summary = dict(state.get("summary", {}))
+
+    def save(self, path: PathLike) -> Path:
+        """Write the log atomically to ``path``."""
+        return atomic_write_json(path, self.state_dict())
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def seeded_generator(seed: int, *stream: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded from ``seed`` and a stream index (e.g. epoch, batch, rank).
+
+    Deriving each batch's generator from its position makes a resumed run draw exactly the
+    noise, timesteps and augmentations the uninterrupted run would have drawn, with no RNG
+    state to save.
+    """
+    value = int(seed) & 0xFFFFFFFF
+    for s in stream:
+        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    flip: bool = False,
+    rot90: bool = False,
+) -> torch.Tensor:
+    """Per-sample random horizontal/vertical flips and 90-degree rotations, drawn from ``generator``.
+
+    Off by default in training: many industrial parts are not symmetric (a transistor's
+    legs, a screw's thread), so a flipped good part can look like a defect.
+
+    Args:
+        images: ``(B, C, H, W)`` with ``H == W`` when ``rot90``; any range.
+        generator: a CPU ``torch.Generator``.
+        flip: flip each image left-right and (independently) up-down with probability 0.5.
+        rot90: rotate each image by k * 90 degrees, k uniform in {0, 1, 2, 3}.
+
+    Returns:
+        A new tensor of the same shape, dtype and device.
+    """
+    if not (flip or rot90):
+        return images
+    if rot90 and images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"rot90 needs square images, got {tuple(images.shape[-2:])}")
+    b = images.shape[0]
+    hflip = torch.rand(b, generator=generator) < 0.5
+    vflip = torch.rand(b, generator=generator) < 0.5
+    turns = torch.randint(0, 4, (b,), generator=generator)
+    out = []
+    for i in range(b):
+        x = images[i]
+        if flip and hflip[i]:
+            x = x.flip(-1)
+        if flip and vflip[i]:
+            x = x.flip(-2)
+        if rot90 and turns[i]:
+            x = torch.rot90(x, int(turns[i]), dims=(-2, -1))
+        out.append(x)
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``<prog>: error: <message> (see --help)``,
+    with exit status 2, instead of the full usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_with_clear_errors(fn: Callable[[], Any], prog: str) -> int:
+    """Run ``fn()``; a ``ValueError`` or ``FileNotFoundError`` (a bad flag, a bad data folder)
+    becomes one line on stderr, ``<prog>: error: <message>``, and exit status 2.
+
+    Set ``DIFFAD_DEBUG=1`` to get the full traceback instead. Other exceptions propagate
+    (they are bugs, and their traceback is what a bug report needs).
+
+    Returns:
+        The exit status: 0 on success, 2 on a user error.
+    """
+    try:
+        fn()
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("DIFFAD_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in message:
+            message = f"{message}: {err.filename}"
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
+    """``"16,32,64"`` (or ``"16 32 64"``, or a sequence) -> ``(16, 32, 64)``; for argparse ``type=``."""
+    if not isinstance(text, str):
+        return tuple(int(v) for v in text)
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

@@ -1,0 +1,170 @@
+"""`diffad evaluate` end to end on a tiny random-weight pipeline, the figures, and the 2-process run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffad.evaluation import evaluate_pipeline, image_seed, main, markdown_table, resolve_model_dir
+from diffad.figures import FigureRow, inspection_figure, overlay
+
+CATEGORY = "weave"
+
+
+def _tiny_pipeline():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffad import SelfAwareInpaintPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = SelfAwareInpaintPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_model(synthetic_root, tmp_path_factory) -> Path:
+    """A tiny random-weight pipeline, calibrated on the synthetic validation split and saved as <dir>/weave."""
+    from diffad import load_mvtec
+
+    pipe = _tiny_pipeline()
+    validation = load_mvtec(synthetic_root, CATEGORY, resolution=32)["validation"]
+    pipe.calibrate([row["image"] for row in validation], mask_timesteps=(300, 302),
+                   generator=torch.Generator().manual_seed(0))
+    models = tmp_path_factory.mktemp("models")
+    pipe.save_pretrained(models / CATEGORY)
+    return models
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model, synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval_1proc")
+    rc = main(["--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
+               "--out", str(out), "--batch-size", "4", "--seed", "3"])
+    assert rc == 0
+    return out
+
+
+def test_outputs_written(one_process_run, synthetic_root):
+    out = one_process_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    cat = metrics["categories"][CATEGORY]
+    assert set(cat) == {"self_aware/multiscale", "denoise/multiscale"}
+    for values in cat.values():
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold",
+                    "seconds_per_image", "unet_passes_per_image"):
+            assert np.isfinite(values[key])
+        assert 0.0 <= values["image_auroc"] <= 1.0 and 0.0 <= values["aupro"] <= 1.0
+        assert values["seconds_per_image"] > 0
+    assert cat["self_aware/multiscale"]["unet_passes_per_image"] > 0
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    n_test = len(list((synthetic_root / CATEGORY / "test").rglob("*.png")))
+    assert len(rows) == 2 * n_test
+    assert set(rows[0]) == {"file", "category", "defect_type", "label", "method", "map", "score", "decision"}
+    assert {r["decision"] for r in rows} <= {"defect", "ok", "unknown"}
+    # the CSV reproduces the JSON: recompute image AUROC from its scores
+    from diffad.metrics import image_auroc
+
+    sa = [r for r in rows if r["method"] == "self_aware"]
+    assert image_auroc([float(r["score"]) for r in sa], [int(r["label"]) for r in sa]) == pytest.approx(
+        cat["self_aware/multiscale"]["image_auroc"])
+    table = (out / "table.md").read_text()
+    assert f"| {CATEGORY} |" in table and "**mean**" in table
+    assert json.loads((out / "metrics" / f"{CATEGORY}.json").read_text())["metrics"] == cat
+    with Image.open(out / "figures" / f"{CATEGORY}.png") as fig:
+        assert fig.size[0] > 400 and fig.size[1] > 200
+
+
+def test_same_numbers_with_other_batching(tiny_model, synthetic_root, one_process_run):
+    """Per-image seeds: the batch size does not change any score."""
+    from diffad import SelfAwareInpaintPipeline, load_mvtec
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained(tiny_model / CATEGORY)
+    split = load_mvtec(synthetic_root, CATEGORY, resolution=32)["test"]
+    result = evaluate_pipeline(pipe, split, methods=["self_aware"], batch_size=7, seed=3, progress=False)
+    rows = [r for r in csv.DictReader((one_process_run / "per_image.csv").open()) if r["method"] == "self_aware"]
+    assert [float(r["score"]) for r in result.records] == pytest.approx([float(r["score"]) for r in rows], rel=1e-6)
+
+
+def test_two_processes_give_exactly_one_process_metrics(tiny_model, synthetic_root, one_process_run, tmp_path):
+    out = tmp_path / "eval_2proc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "-m", "diffad.evaluation",
+           "--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
+           "--out", str(out), "--batch-size", "4", "--seed", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((out / "metrics.json").read_text())
+    one = json.loads((one_process_run / "metrics.json").read_text())
+    assert two["settings"]["num_processes"] == 2  # a real two-rank run, not two independent ones
+    for key, values in one["categories"][CATEGORY].items():
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold"):
+            assert two["categories"][CATEGORY][key][metric] == values[metric], (key, metric)
+    one_csv = (one_process_run / "per_image.csv").read_text()
+    assert (out / "per_image.csv").read_text() == one_csv
+
+
+def test_user_errors(tiny_model, synthetic_root, tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "--data", str(synthetic_root), "--category", CATEGORY,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
+                 "--anomaly-maps", "learned", "--out", str(tmp_path / "o")]) == 2
+    assert "needs a segmenter" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="one model per category"):
+        resolve_model_dir(tiny_model / CATEGORY, "nut", 2)
+    assert resolve_model_dir(tiny_model, CATEGORY, 2) == tiny_model / CATEGORY
+    assert resolve_model_dir(tiny_model / CATEGORY, CATEGORY, 1) == tiny_model / CATEGORY
+
+
+def test_image_seed_depends_on_index_only():
+    assert image_seed(0, 5) == image_seed(0, 5)
+    assert len({image_seed(0, i) for i in range(100)} | {image_seed(1, i) for i in range(100)}) == 200
+
+
+def test_markdown_table_form():
+    per_category = {
+        "bottle": {"self_aware/multiscale": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7,
+                                             "seconds_per_image": 1.0, "unet_passes_per_image": 23.0}},
+        "nut": {"self_aware/multiscale": {"image_auroc": 0.7, "pixel_auroc": 0.6, "aupro": 0.5,
+                                          "seconds_per_image": 3.0, "unet_passes_per_image": 23.0}},
+    }
+    table = markdown_table(per_category)
+    assert "| bottle | 0.900 (0.800 / 0.700) |" in table
+    assert "| **mean** | **0.800 (0.700 / 0.600)** |" in table
+    assert "| nut | 3.000 (23) |" in table
+
+
+def test_overlay_and_figure(tmp_path):
+    photo = np.full((40, 60, 3), 128, np.uint8)
+    heat = np.zeros((20, 30), np.float32)
+    heat[5:10, 5:10] = 1.0
+    mask = np.zeros((20, 30), bool)
+    mask[2:12, 2:12] = True
+    img = overlay(photo, heat, mask_outline=mask)
+    arr = np.asarray(img)
+    assert img.size == (60, 40) and img.mode == "RGB"
+    assert (arr[0, 0] != arr[15, 15]).any()  # hot pixels differ from cold ones
+    assert tuple(arr[4, 10]) == (255, 255, 255)  # the outline (mask boundary at row 4 after upsampling)
+    assert tuple(arr[12, 12]) != (255, 255, 255)  # inside the mask, not its boundary
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(photo.astype(np.float32), heat)
+    rows = [FigureRow(image=photo[:20, :20], reconstruction=photo[:20, :20] / 255.0, inpainting_mask=mask[:, :20],
+                      multiscale_map=heat[:, :20], learned_map=None, ground_truth=mask[:, :20], title="x")] * 2
+    inspection_figure(rows, tmp_path / "fig.png", suptitle="test")
+    with Image.open(tmp_path / "fig.png") as fig:
+        assert fig.size == (500, 400 + 40)  # 5 columns (no learned map) x 2 rows of 2 inches at 100 dpi

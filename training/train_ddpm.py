@@ -1,0 +1,634 @@
+#!/usr/bin/env python
+"""Train diffad's self-conditioned DDPM on photos of good parts, with Hugging Face Accelerate.
+
+The method (Semchyshyn 2023, "Automated visual inspection in the industrial setup via deep
+learning"; see DESIGN.md §1): a stock ``UNet2DModel`` with 6 input channels predicts the noise
+of ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, epsilon loss) under
+diffusers' ``DDPMScheduler(1000, beta_schedule="sigmoid")``. Self-conditioning (Chen et al.,
+"Analog Bits", 2022, https://arxiv.org/abs/2208.04202): half of the batches first estimate
+``x0_hat`` with a no-grad pass and feed it back as the extra 3 input channels; the other half
+get zeros. Validation: the held-out 20% of ``train/good``, with the same timesteps and noise
+every epoch; the weights with the lowest validation loss are what is saved.
+
+Run it (see ``--help`` for every flag)::
+
+    # one process (2 CPU threads here), or plain `python training/train_ddpm.py ...`
+    accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --num_cpu_threads_per_process 2 training/train_ddpm.py \\
+        --data_dir ../shared/data/mvtec_subset --category bottle --preset small --output_dir ddpm-bottle
+
+    # two ranks on CPU (gloo): the same code path as 8 GPUs or several nodes
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --num_cpu_threads_per_process 1 training/train_ddpm.py ... --expect_world_size 2
+
+The output folder is a ``SelfAwareInpaintPipeline`` in diffusers' layout (``unet/``,
+``scheduler/``, ``model_index.json``) plus ``training_log.json``; stock diffusers loads
+``UNet2DModel.from_pretrained(out, subfolder="unet")``. Checkpoints (``checkpoint-<step>/``)
+are written to a temporary name and renamed, so ``--resume_from_checkpoint latest`` never picks
+a half-written one after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, predict_noise
+from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
+from diffad.training_utils import (
+    CHECKPOINT_MARKER,
+    OneLineArgumentParser,
+    TrainingLog,
+    atomic_write_json,
+    augment_batch,
+    commit_directory,
+    incomplete_path,
+    latest_checkpoint,
+    parse_int_list,
+    remove_incomplete,
+    rotate_checkpoints,
+    run_with_clear_errors,
+    seeded_generator,
+)
+
+PROG = "train_ddpm.py"
+logger = get_logger(__name__, log_level="INFO")
+
+# Flags whose default comes from the preset (None on the command line = "use the preset's").
+_PRESET_FLAGS = (
+    "resolution", "train_batch_size", "learning_rate", "num_epochs", "optimizer", "lr_warmup_steps",
+    "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups",
+)
+_BEST_WEIGHTS = "best_unet.safetensors"
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """Parse the command line (``argv``, default ``sys.argv[1:]``) and fill preset defaults.
+
+    Raises:
+        SystemExit(2): a malformed flag (one line on stderr).
+        ValueError: flags that are well-formed but inconsistent (see :func:`check_args`).
+    """
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", type=str, default=None,
+                   help="MVTec-AD-layout root (<data_dir>/<category>/train/good/...) or a Hub dataset id. "
+                        "Default: the embedded synthetic dataset, written to <output_dir>/synthetic_data.")
+    g.add_argument("--category", type=str, default=None,
+                   help="Category folder under --data_dir (default: the only one there, or the first synthetic one).")
+    g.add_argument("--validation_fraction", type=float, default=0.2,
+                   help="Share of train/good held out (seeded) for the per-epoch validation loss.")
+    g.add_argument("--random_flip", action="store_true",
+                   help="Random horizontal/vertical flips (off by default: many parts are not symmetric).")
+    g.add_argument("--random_rot90", action="store_true", help="Random 90-degree rotations (off by default).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+
+    g = p.add_argument_group("model (preset values unless given)")
+    g.add_argument("--preset", choices=PRESET_NAMES, default="thesis",
+                   help="UNet size and training defaults: thesis (~275M params, 256 px, needs a GPU), "
+                        "small (6.3M, 64 px, CPU in an hour or two), tiny (0.69M, 32 px, tests and demos).")
+    g.add_argument("--resolution", type=int, default=None, help="Square image size R (images are resized to R x R).")
+    g.add_argument("--block_out_channels", type=parse_int_list, default=None,
+                   help="UNet widths per level, e.g. 16,32,64.")
+    g.add_argument("--layers_per_block", type=int, default=None, help="ResNet blocks per UNet level.")
+    g.add_argument("--attention_resolutions", type=parse_int_list, default=None,
+                   help="Feature-map sizes (px) whose UNet level gets self-attention, e.g. 32,16.")
+    g.add_argument("--norm_num_groups", type=int, default=None, help="GroupNorm groups (widths must divide by it).")
+    g.add_argument("--num_train_timesteps", type=int, default=1000, help="DDPM diffusion steps.")
+    g.add_argument("--self_condition_prob", type=float, default=0.5,
+                   help="Probability that a batch is self-conditioned (no-grad x0 estimate fed back).")
+
+    g = p.add_argument_group("optimisation (preset values unless given)")
+    g.add_argument("--train_batch_size", type=int, default=None, help="Images per process per step.")
+    g.add_argument("--eval_batch_size", type=int, default=16, help="Images per validation forward pass.")
+    g.add_argument("--num_epochs", type=int, default=None, help="Epochs (the thesis: 500).")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Total optimiser steps; overrides --num_epochs when given.")
+    g.add_argument("--max_train_minutes", type=float, default=None,
+                   help="Stop after this many minutes of training (summed over resumed runs); the best "
+                        "weights so far are saved.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimiser step.")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default=None, help="Adam (the thesis) or AdamW.")
+    g.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate (the thesis: 2e-5).")
+    g.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                   help='diffusers.optimization.get_scheduler name: "constant_with_warmup", "cosine", "linear", ...')
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up optimiser steps.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Keep an exponential moving average of the weights; it is what gets validated and saved.")
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse multiplicative factor.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power.")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA maximum decay.")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="Overrides accelerate's config; bf16 on recent GPUs (fp16 needs a GPU).")
+    g.add_argument("--seed", type=int, default=0, help="Seeds initialisation, split, noise, timesteps, augmentations.")
+
+    g = p.add_argument_group("output, checkpoints, logging")
+    g.add_argument("--output_dir", type=str, default="ddpm-model", help="Pipeline folder, checkpoints and logs.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Allow a fresh run in a folder that already holds a trained pipeline.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='"latest" (a fresh start when there is none) or a checkpoint folder.')
+    g.add_argument("--report_to", type=str, default="tensorboard" if _tensorboard_available() else "none",
+                   help='Accelerate trackers: "tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    g.add_argument("--expect_world_size", type=int,
+                   default=int(os.environ["DIFFAD_EXPECT_WORLD_SIZE"]) if os.environ.get("DIFFAD_EXPECT_WORLD_SIZE") else None,
+                   help="Fail unless the run has exactly this many processes (env DIFFAD_EXPECT_WORLD_SIZE).")
+    args = p.parse_args(argv)
+
+    defaults = preset_defaults(args.preset)
+    for key in _PRESET_FLAGS:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent flag values with a ``ValueError`` naming the flag and the rule."""
+    positive = ("resolution", "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                "checkpointing_steps", "num_train_timesteps", "layers_per_block", "norm_num_groups")
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ("max_train_steps", "max_train_minutes", "checkpoints_total_limit", "expect_world_size"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{key} must be positive, got {value}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not 0.0 <= args.self_condition_prob <= 1.0:
+        raise ValueError(f"--self_condition_prob must be in [0, 1], got {args.self_condition_prob}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise ValueError(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    # Fails early, with the rule, on widths/resolution that do not fit together.
+    from diffad.presets import unet_kwargs
+
+    unet_kwargs(args.preset, **{k: getattr(args, k) for k in
+                                ("resolution", "block_out_channels", "layers_per_block",
+                                 "attention_resolutions", "norm_num_groups")})
+
+
+# --------------------------------------------------------------------------- diffusion maths
+
+
+def estimate_x0(x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
+                alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al. 2020, eq. 15), clipped to [-1, 1].
+
+    Args:
+        x_t: ``(B, 3, R, R)`` noisy images; eps: ``(B, 3, R, R)`` predicted noise;
+        timesteps: ``(B,)`` integer timesteps; alphas_cumprod: ``(T,)`` on the same device.
+    """
+    abar = alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
+    return ((x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()).clamp(-1.0, 1.0)
+
+
+def self_conditioned_eps(unet: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,
+                         alphas_cumprod: torch.Tensor, self_condition: bool) -> torch.Tensor:
+    """The training-time noise prediction: with ``self_condition``, a first no-grad pass gives
+    ``x0_hat`` (the estimate is a fixed input, as in Chen et al. 2022: no gradient flows through it),
+    and the second pass conditions on it; otherwise one pass conditioned on zeros."""
+    x0_prev = None
+    if self_condition:
+        with torch.no_grad():
+            x0_prev = estimate_x0(x_t, predict_noise(unet, x_t, timesteps), timesteps, alphas_cumprod).to(x_t.dtype)
+    return predict_noise(unet, x_t, timesteps, x0_prev)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _stack_pixels(batch: Dict[str, Any]) -> torch.Tensor:
+    pixels = batch["pixel_values"]
+    return torch.stack(list(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+
+
+def load_data(args: argparse.Namespace, accelerator: Accelerator):
+    """The train split (a transformed ``datasets.Dataset``) and the validation images
+    ``(V, 3, R, R)`` in [-1, 1] (V may be 0)."""
+    from diffad.data import load_mvtec, make_transform
+
+    data_dir, category = args.data_dir, args.category
+    if data_dir is None:  # the embedded default: procedural parts in MVTec layout
+        from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
+
+        data_dir = os.path.join(args.output_dir, "synthetic_data")
+        category = category or SYNTHETIC_CATEGORIES[0]
+        if accelerator.is_main_process and not (Path(data_dir) / category / "train").is_dir():
+            make_synthetic_dataset(data_dir, seed=args.seed, resolution=max(64, args.resolution))
+        accelerator.wait_for_everyone()
+    splits = load_mvtec(data_dir, category, resolution=args.resolution,
+                        validation_fraction=args.validation_fraction, seed=args.seed)
+    train = splits["train"]
+    if category is None and len(train) and "category" in train.column_names:
+        category = train[0]["category"]  # load_mvtec resolved the only category there
+    args.category, args.resolved_data_dir = category, str(data_dir)
+    transform = make_transform(args.resolution)
+    if len(train) == 0:
+        raise ValueError(f"no training images in {data_dir}/{category}/train/good")
+    if "validation" in splits and len(splits["validation"]) > 0:
+        validation = _stack_pixels(splits["validation"].with_transform(transform)[:]).float()
+    else:
+        validation = torch.zeros(0, 3, args.resolution, args.resolution)
+    return train.with_transform(transform), validation
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, accelerator: Accelerator, batch_size: int) -> Tuple[float, float]:
+    """Mean epsilon-MSE over the validation images with their fixed noise and timesteps.
+
+    Each process evaluates every ``world_size``-th image, and the sums are reduced, so the
+    figure does not depend on the number of processes.
+
+    Returns:
+        ``(self_conditioned, unconditioned)``: the loss with the two-pass self-conditioned
+        prediction (as in sampling; the model is selected on it) and with zeros as ``x0_prev``.
+    """
+    device = accelerator.device
+    idx = torch.arange(accelerator.process_index, images.shape[0], accelerator.num_processes)
+    sums = torch.zeros(3, device=device)
+    acp = alphas_cumprod.to(device)
+    for chunk in idx.split(batch_size):
+        x0, eps, t = images[chunk].to(device), noise[chunk].to(device), timesteps[chunk].to(device)
+        x_t = (acp[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - acp[t]).sqrt().view(-1, 1, 1, 1) * eps)
+        with accelerator.autocast():
+            plain = predict_noise(unet, x_t, t)
+            x0_hat = estimate_x0(x_t, plain, t, acp).to(x_t.dtype)
+            cond = predict_noise(unet, x_t, t, x0_hat)
+        sums[0] += F.mse_loss(cond.float(), eps, reduction="none").mean(dim=(1, 2, 3)).sum()
+        sums[1] += F.mse_loss(plain.float(), eps, reduction="none").mean(dim=(1, 2, 3)).sum()
+        sums[2] += len(chunk)
+    sums = accelerator.reduce(sums, reduction="sum")
+    n = max(float(sums[2]), 1.0)
+    return float(sums[0]) / n, float(sums[1]) / n
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: Dict[str, Any],
+                    best_weights: Optional[Dict[str, torch.Tensor]], total_limit: Optional[int]) -> Path:
+    """Save a resumable checkpoint ``output_dir/checkpoint-<step>`` crash-safely.
+
+    Every process writes its share (``accelerator.save_state``: model, optimiser, lr scheduler,
+    EMA, RNG states) into ``.checkpoint-<step>.incomplete``; then the main process adds the best
+    weights and the training state (the marker file, written last) and renames the folder.
+    """
+    dest = output_dir / f"checkpoint-{step}"
+    tmp = incomplete_path(dest)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if best_weights is not None:
+            save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / _BEST_WEIGHTS))
+        atomic_write_json(tmp / CHECKPOINT_MARKER, state)
+        commit_directory(tmp, dest)
+        rotate_checkpoints(output_dir, total_limit)
+        logger.info(f"saved checkpoint {dest}")
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def resolve_resume(args: argparse.Namespace, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or ``None`` for a fresh start."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logging.getLogger(__name__).info("no complete checkpoint in %s: starting a new training run", output_dir)
+        return path
+    path = Path(args.resume_from_checkpoint)
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder "
+                                f"(no {CHECKPOINT_MARKER}); pass 'latest' or a checkpoint-<step> folder")
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder."""
+    start_time = time.time()
+    output_dir = Path(args.output_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # a real multi-rank gloo run on CPU needs cpu=True
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.expect_world_size is not None and world != args.expect_world_size:
+        raise ValueError(
+            f"expected world size {args.expect_world_size} but this run has {world} process(es); on CPU launch "
+            f"`accelerate launch --multi_gpu --num_processes {args.expect_world_size} --num_cpu_threads_per_process 1 ...`")
+    logger.info(f"world size {world} ({accelerator.distributed_type}), device {accelerator.device}")
+
+    resume_path = resolve_resume(args, output_dir)
+    if (accelerator.is_main_process and resume_path is None and (output_dir / "model_index.json").exists()
+            and not args.overwrite_output_dir):
+        raise ValueError(f"{output_dir} already holds a trained pipeline; pass --overwrite_output_dir, "
+                         f"--resume_from_checkpoint latest, or another --output_dir")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+    accelerator.wait_for_everyone()
+
+    # 1. data
+    train_dataset, val_images = load_data(args, accelerator)
+
+    # 2. model, scheduler, optimiser (same initial weights on every rank)
+    set_seed(args.seed)
+    unet = make_unet(args.preset, resolution=args.resolution, block_out_channels=args.block_out_channels,
+                     layers_per_block=args.layers_per_block, attention_resolutions=args.attention_resolutions,
+                     norm_num_groups=args.norm_num_groups)
+    num_params = count_parameters(unet)
+    logger.info(f"UNet2DModel ({args.preset} preset): {num_params:,} parameters ({num_params / 1e6:.2f}M) "
+                f"at {args.resolution} px")
+    noise_scheduler = make_scheduler(args.num_train_timesteps)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed))
+
+    # Steps: the prepared dataloader yields this process's share of the batches.
+    num_batches = math.ceil(len(train_dataset) / (args.train_batch_size * world))
+    steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared lr scheduler steps once per process per optimiser step (accelerate's convention).
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=max_train_steps * world)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
+        raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
+
+    # Fixed validation noise and timesteps: the same draw every epoch, so the curve is comparable.
+    gval = torch.Generator().manual_seed(args.seed + 10_007)
+    val_noise = torch.randn(val_images.shape, generator=gval)
+    val_timesteps = torch.randint(0, args.num_train_timesteps, (val_images.shape[0],), generator=gval)
+
+    config = {k: v for k, v in vars(args).items()}
+    config.update(num_parameters=num_params, world_size=world, unet_config=dict(unet_unwrapped_config(accelerator, unet)),
+                  num_train_images=len(train_dataset), num_validation_images=int(val_images.shape[0]),
+                  steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps, num_epochs_planned=num_epochs,
+                  total_batch_size=args.train_batch_size * world * args.gradient_accumulation_steps,
+                  distributed_type=str(accelerator.distributed_type), mixed_precision=accelerator.mixed_precision)
+    log = TrainingLog(config)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_ddpm", config={k: v for k, v in config.items()
+                                                        if isinstance(v, (int, float, str, bool))})
+
+    # 3. resume
+    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
+                             "epoch_batches": 0, "epoch_samples": 0, "epoch_seconds": 0.0, "train_seconds": 0.0,
+                             "best_val_loss": None, "best_epoch": None, "step_losses": [], "resumed_from": []}
+    best_weights: Optional[Dict[str, torch.Tensor]] = None
+    if resume_path is not None:
+        logger.info(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
+        state.update(saved["state"])
+        log.load_state_dict(saved["log"])
+        state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
+                                                                "global_step": state["global_step"]}]
+        if (resume_path / _BEST_WEIGHTS).is_file():
+            best_weights = load_file(str(resume_path / _BEST_WEIGHTS))
+        if saved.get("steps_per_epoch") != steps_per_epoch:
+            raise ValueError(f"{resume_path} was written with {saved.get('steps_per_epoch')} steps per epoch, this run "
+                             f"has {steps_per_epoch}: resume with the same batch size, data and number of processes")
+
+    # 4. train
+    progress = tqdm(total=max_train_steps, initial=state["global_step"], desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
+    time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
+    first_epoch = state["epoch"]
+    stopped = False
+    for epoch in range(first_epoch, num_epochs):
+        if stopped or (epoch != first_epoch and state["global_step"] >= max_train_steps):
+            break
+        unet.train()
+        if epoch != state["epoch"]:  # a new epoch (not the one a resume continues)
+            state.update(epoch=epoch, batches_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0, epoch_samples=0,
+                         epoch_seconds=0.0)
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if state["batches_in_epoch"]:
+            loader = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
+            loader.set_epoch(epoch)
+        tick = time.time()
+        for batch_index, batch in enumerate(loader, start=state["batches_in_epoch"]):
+            if state["global_step"] >= max_train_steps:  # e.g. resumed from the very last checkpoint
+                stopped = True
+                break
+            clean = batch["pixel_values"].float()
+            g = seeded_generator(args.seed, epoch, batch_index, rank)  # the same draws after a resume
+            clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
+            noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
+            timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), generator=g).to(accelerator.device)
+            self_condition = bool(torch.rand((), generator=g) < args.self_condition_prob)
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+
+            with accelerator.accumulate(unet):
+                # 1. predict noise (self-conditioned on a no-grad x0 estimate half of the time)
+                eps = self_conditioned_eps(unet, noisy, timesteps, alphas_cumprod, self_condition)
+                # 2. epsilon loss (Ho et al. 2020, eq. 14)
+                loss = F.mse_loss(eps.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            state["batches_in_epoch"] = batch_index + 1
+            state["epoch_loss_sum"] += float(loss.detach())
+            state["epoch_batches"] += 1
+            state["epoch_samples"] += int(clean.shape[0])
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unet.parameters())
+            state["global_step"] += 1
+            step_loss = float(loss.detach())
+            state["step_losses"].append(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if args.report_to != "none":
+                accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
+
+            now = time.time()
+            state["epoch_seconds"] += now - tick
+            state["train_seconds"] += now - tick
+            tick = now
+            if state["global_step"] >= max_train_steps:
+                stopped = True
+            elif time_budget is not None:
+                over = torch.tensor([float(state["train_seconds"] >= time_budget)], device=accelerator.device)
+                if float(accelerator.reduce(over, reduction="sum")) > 0:  # every rank stops at the same step
+                    stopped, stop_reason = True, "max_train_minutes"
+            if state["global_step"] % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, state["global_step"],
+                                {"state": state, "log": log.state_dict(), "steps_per_epoch": steps_per_epoch},
+                                best_weights, args.checkpoints_total_limit)
+                tick = time.time()  # checkpoint I/O is not training time
+            if stopped:
+                break
+
+        # 5. validate once per epoch (also after a partial last epoch) and keep the best weights
+        samples = accelerator.gather(torch.tensor([state["epoch_samples"]], device=accelerator.device)).tolist()
+        loss_stats = accelerator.reduce(torch.tensor([state["epoch_loss_sum"], state["epoch_batches"]],
+                                                     dtype=torch.float64, device=accelerator.device), reduction="sum")
+        train_loss = float(loss_stats[0] / max(float(loss_stats[1]), 1.0))
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        val_loss = val_loss_plain = None
+        if val_images.shape[0] > 0:
+            if ema is not None:
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+            val_loss, val_loss_plain = validation_losses(model, val_images, val_noise, val_timesteps, alphas_cumprod,
+                                                         accelerator, args.eval_batch_size)
+            if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+                state["best_val_loss"], state["best_epoch"] = val_loss, epoch
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if ema is not None:
+                ema.restore(model.parameters())
+        model.train()
+        epoch_images = sum(samples)
+        record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": train_loss, "val_loss": val_loss,
+                  "val_loss_no_self_cond": val_loss_plain, "lr": lr_scheduler.get_last_lr()[0],
+                  "epoch_seconds": state["epoch_seconds"], "images": epoch_images,
+                  "images_per_second": epoch_images / max(state["epoch_seconds"], 1e-9),
+                  "samples_per_rank": samples, "partial": state["batches_in_epoch"] < num_batches}
+        log.add_epoch(record)
+        logger.info(f"epoch {epoch}: step {state['global_step']} train_loss {train_loss:.4f} "
+                    + (f"val_loss {val_loss:.4f}" if val_loss is not None else "(no validation images)"))
+        if args.report_to != "none":
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["global_step"])
+        if accelerator.is_main_process:
+            log.save(output_dir / "training_log.json")
+
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # 6. save the pipeline: the best-by-validation weights (EMA ones with --use_ema), else the last
+    if accelerator.is_main_process:
+        final = make_unet(args.preset, resolution=args.resolution, block_out_channels=args.block_out_channels,
+                          layers_per_block=args.layers_per_block, attention_resolutions=args.attention_resolutions,
+                          norm_num_groups=args.norm_num_groups)
+        if best_weights is not None:
+            final.load_state_dict(best_weights)
+            weights = "best validation" + (" (EMA)" if ema is not None else "")
+        else:
+            final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+            if ema is not None:
+                ema.copy_to(final.parameters())
+            weights = "last" + (" (EMA)" if ema is not None else "")
+        pipeline = SelfAwareInpaintPipeline(unet=final, scheduler=make_scheduler(args.num_train_timesteps))
+        save_pipeline(pipeline, output_dir)
+
+        wall = time.time() - start_time
+        total_images = sum(e["images"] for e in log.epochs)
+        total_seconds = sum(e["epoch_seconds"] for e in log.epochs)
+        log.summary = {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+                       "saved_weights": weights, "total_optimizer_steps": state["global_step"],
+                       "max_train_steps": max_train_steps, "stopped_by": stop_reason,
+                       "train_seconds": state["train_seconds"], "wall_seconds_this_run": wall,
+                       "images_per_second": total_images / max(total_seconds, 1e-9),
+                       "num_parameters": num_params, "world_size": world, "resumed_from": state["resumed_from"],
+                       "step_losses": state["step_losses"]}
+        log.save(output_dir / "training_log.json")
+        logger.info(f"saved {weights} weights to {output_dir} (best epoch {state['best_epoch']}, "
+                    f"{state['global_step']} optimiser steps, {log.summary['images_per_second']:.1f} images/s)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+def unet_unwrapped_config(accelerator: Accelerator, unet: torch.nn.Module) -> Dict[str, Any]:
+    """The UNet's diffusers config as a plain dict (for the training log)."""
+    return {k: v for k, v in accelerator.unwrap_model(unet).config.items() if not k.startswith("_")}
+
+
+def save_pipeline(pipeline: SelfAwareInpaintPipeline, output_dir: Path) -> None:
+    """``pipeline.save_pretrained`` into a temporary folder, then each saved entry renamed into
+    ``output_dir`` (beside the checkpoints and logs), so a crash never leaves a torn ``unet/``."""
+    tmp = incomplete_path(output_dir / "pipeline")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(str(tmp), safe_serialization=True)
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")  # the index last
+    for entry in entries:
+        if entry.is_dir():
+            commit_directory(entry, output_dir / entry.name)
+        else:
+            os.replace(entry, output_dir / entry.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_with_clear_errors(lambda: main(parse_args()), PROG))

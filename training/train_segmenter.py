@@ -1,0 +1,777 @@
+#!/usr/bin/env python
+"""Train diffad's learned anomaly map: a DRAEM-style segmenter added to a trained, calibrated pipeline.
+
+The method (DESIGN.md §1, "Anomaly map, learned"; Zavrtanik et al., "DRAEM", ICCV 2021,
+https://arxiv.org/abs/2108.07610): synthetic anomalies (a thresholded Perlin-noise mask filled
+with an augmented foreign texture, :mod:`diffad.anomalies`) are pasted into the category's
+normal *training* images; the frozen DDPM reconstructs each of them by self-aware inpainting
+(the pipeline's own ``__call__``, exactly as at inference); a stock ``UNet2DModel`` (6 in, 1 out,
+called at timestep 0 through the pipeline's :func:`segmenter_logits`) learns to predict the
+synthetic mask from ``cat[image, reconstruction]`` with focal loss (Lin et al. 2017,
+https://arxiv.org/abs/1708.02002) plus binary cross-entropy. Thesis defaults: batch 32, lr 1e-3,
+50 epochs.
+
+The reconstructions are the expensive part (one full self-aware pass per synthetic image), so
+they are computed once and cached on disk as a ``datasets`` dataset (``save_to_disk``). The
+cache key hashes everything the reconstructions depend on: the UNet weight files, the
+scheduler config, the calibration's threshold map ``Q_p`` and mask timesteps, the pipeline's
+inference settings (mode and its levers), the synthesis settings (textures, probabilities,
+seed, number of samples) and the normal training images themselves. A rerun with the same
+inputs reuses the cache (and logs so); any change gives a new key. The cache is written in
+shards, each renamed into place when complete, so an interrupted build resumes where it
+stopped; with several processes each rank reconstructs its share of the shards.
+
+Run it (see ``--help`` for every flag)::
+
+    python training/train_segmenter.py --model_dir ddpm-bottle \\
+        --data_dir ../shared/data/mvtec_subset --category bottle --textures_dir ../shared/data/textures
+
+    # or through accelerate (same flags), e.g. 2 CPU threads:
+    accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --num_cpu_threads_per_process 2 training/train_segmenter.py --model_dir ddpm-bottle
+
+``--data_dir``, ``--category`` and the validation split default to what ``train_ddpm.py``
+recorded in ``<model_dir>/training_log.json``, so the segmenter sees the same training images
+and its threshold is calibrated on the same held-out normal images. The segmenter is saved
+INTO ``--model_dir`` as the pipeline component ``segmenter`` (each saved entry written under a
+temporary name and renamed), with the learned map's own pass/fail threshold calibrated on the
+validation split; ``segmenter_log.json`` records the run. Afterwards::
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained("ddpm-bottle")
+    out = pipe(images, anomaly_map="learned")   # maps (B, R, R) in [0, 1], scores, decisions
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffad.anomalies import AnomalySynthesizer
+from diffad.pipelines.self_aware_inpaint.pipeline import (
+    FAST_SETTINGS,
+    REFERENCE_SETTINGS,
+    SelfAwareInpaintPipeline,
+    segmenter_logits,
+)
+from diffad.presets import count_parameters, make_segmenter
+from diffad.training.train_ddpm import resolve_resume, save_checkpoint, save_pipeline
+from diffad.training_utils import (
+    CHECKPOINT_MARKER,
+    OneLineArgumentParser,
+    TrainingLog,
+    commit_directory,
+    incomplete_path,
+    parse_int_list,
+    remove_incomplete,
+    run_with_clear_errors,
+    seeded_generator,
+)
+
+PROG = "train_segmenter.py"
+logger = get_logger(__name__, log_level="INFO")
+
+#: Bump when the cached dataset's layout or the way it is computed changes (part of the cache key).
+CACHE_FORMAT_VERSION = 1
+#: Environment variable that sets the default ``--cache_dir``.
+CACHE_ENV = "DIFFAD_CACHE_DIR"
+#: The run's log, written into ``--model_dir``.
+LOG_NAME = "segmenter_log.json"
+#: Default folder (inside ``--model_dir``) for resumable segmenter checkpoints.
+CHECKPOINT_SUBDIR = "segmenter_checkpoints"
+_STREAM_SYNTHESIS, _STREAM_RECONSTRUCTION, _STREAM_CALIBRATION = 1, 2, 3
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line (``argv``, default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit(2): a malformed flag (one line on stderr).
+        ValueError: flags that are well-formed but out of range (see :func:`check_args`).
+    """
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model_dir", type=str, required=True,
+                   help="A trained AND calibrated SelfAwareInpaintPipeline folder (train_ddpm.py, then "
+                        "`diffad calibrate`); the segmenter is saved into it.")
+    g.add_argument("--data_dir", type=str, default=None,
+                   help="MVTec-AD-layout root or Hub dataset id. Default: the data train_ddpm.py recorded in "
+                        "<model_dir>/training_log.json.")
+    g.add_argument("--category", type=str, default=None,
+                   help="Category under --data_dir. Default: the one recorded in training_log.json.")
+    g.add_argument("--validation_fraction", type=float, default=None,
+                   help="Share of train/good held out for calibration. Default: the DDPM's (training_log.json), "
+                        "else 0.2. Keep the DDPM's value, so the threshold is fitted on images the DDPM never saw.")
+    g.add_argument("--split_seed", type=int, default=None,
+                   help="Seed of the train/validation split. Default: the DDPM's --seed (training_log.json), else 0.")
+
+    g = p.add_argument_group("synthetic anomalies (part of the cache key)")
+    g.add_argument("--textures_dir", type=str, default=None,
+                   help="Folder of texture photos (e.g. DTD) as the anomaly source. Default: diffad's built-in "
+                        "procedural textures (no download).")
+    g.add_argument("--num_synthetic", type=int, default=None,
+                   help="Synthetic samples (each a training image with or without a pasted anomaly). "
+                        "Default: 4 x the number of normal training images.")
+    g.add_argument("--normal_probability", type=float, default=0.5,
+                   help="Share of synthetic samples left normal with an empty mask (DRAEM: 0.5).")
+
+    g = p.add_argument_group("reconstructions and their cache")
+    g.add_argument("--cache_dir", type=str, default=None,
+                   help=f"Where reconstructed training sets are cached (datasets.save_to_disk). Default: "
+                        f"${CACHE_ENV} when set, else <parent of model_dir>/.diffad_cache.")
+    g.add_argument("--overwrite_cache", action="store_true", help="Recompute the reconstructions even if cached.")
+    g.add_argument("--mode", choices=("fast", "reference"), default=None,
+                   help="Pipeline mode for the reconstructions and the threshold. Default: the calibration's mode.")
+    g.add_argument("--reconstruction_batch_size", type=int, default=16, help="Images per DDPM reconstruction batch.")
+    g.add_argument("--cache_shard_size", type=int, default=64,
+                   help="Samples per cache shard (the unit of resumption when the reconstruction is interrupted).")
+
+    g = p.add_argument_group("segmenter (make_segmenter defaults unless given)")
+    g.add_argument("--segmenter_block_out_channels", type=parse_int_list, default=None,
+                   help="Segmenter UNet widths per level, e.g. 32,64,128.")
+    g.add_argument("--segmenter_layers_per_block", type=int, default=None, help="ResNet blocks per level.")
+    g.add_argument("--segmenter_norm_num_groups", type=int, default=None, help="GroupNorm groups.")
+    g.add_argument("--segmenter_attention_resolutions", type=parse_int_list, default=None,
+                   help="Feature-map sizes (px) whose level gets self-attention (default: none).")
+
+    g = p.add_argument_group("optimisation (thesis defaults)")
+    g.add_argument("--train_batch_size", type=int, default=32, help="Samples per process per step (thesis: 32).")
+    g.add_argument("--num_epochs", type=int, default=50, help="Epochs over the synthetic set (thesis: 50).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_epochs.")
+    g.add_argument("--max_train_minutes", type=float, default=None,
+                   help="Stop training after this many minutes (summed over resumed runs; the cache build and the "
+                        "threshold calibration are not counted).")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (thesis: 1e-3).")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help='diffusers.optimization.get_scheduler name: "constant", "cosine", "linear", ...')
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimiser steps.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="Focal-loss focusing parameter (DRAEM: 2).")
+    g.add_argument("--focal_alpha", type=float, default=None,
+                   help="Focal-loss weight of the defect class in (0, 1) (default: none, as DRAEM).")
+    g.add_argument("--bce_weight", type=float, default=1.0,
+                   help="Weight of the binary cross-entropy added to the focal loss (0 = focal only).")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Seeds the synthesis, the reconstruction noise, initialisation, shuffling, calibration.")
+
+    g = p.add_argument_group("checkpoints, calibration, logging")
+    g.add_argument("--checkpoint_dir", type=str, default=None,
+                   help=f"Resumable checkpoints (checkpoint-<step>/). Default: <model_dir>/{CHECKPOINT_SUBDIR}.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='"latest" (a fresh start when there is none) or a checkpoint folder.')
+    g.add_argument("--target_false_positive_rate", type=float, default=None,
+                   help="Share of normal validation images the learned map's threshold flags. Default: the "
+                        "calibration's.")
+    g.add_argument("--calibration_batch_size", type=int, default=16, help="Images per batch when calibrating.")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject out-of-range flag values with a ``ValueError`` naming the flag and the rule."""
+    for key in ("train_batch_size", "num_epochs", "checkpointing_steps", "reconstruction_batch_size",
+                "cache_shard_size", "calibration_batch_size"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ("max_train_steps", "max_train_minutes", "checkpoints_total_limit", "num_synthetic",
+                "segmenter_layers_per_block", "segmenter_norm_num_groups"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{key} must be positive, got {value}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if not 0.0 <= args.normal_probability < 1.0:
+        raise ValueError(f"--normal_probability must be in [0, 1), got {args.normal_probability}")
+    if args.validation_fraction is not None and not 0.0 < args.validation_fraction < 1.0:
+        raise ValueError(f"--validation_fraction must be in (0, 1) (the threshold needs validation images), "
+                         f"got {args.validation_fraction}")
+    if args.focal_gamma < 0:
+        raise ValueError(f"--focal_gamma must be >= 0, got {args.focal_gamma}")
+    if args.focal_alpha is not None and not 0.0 < args.focal_alpha < 1.0:
+        raise ValueError(f"--focal_alpha must be in (0, 1), got {args.focal_alpha}")
+    if args.bce_weight < 0:
+        raise ValueError(f"--bce_weight must be >= 0, got {args.bce_weight}")
+    if args.target_false_positive_rate is not None and not 0.0 < args.target_false_positive_rate < 1.0:
+        raise ValueError(f"--target_false_positive_rate must be in (0, 1), got {args.target_false_positive_rate}")
+    if args.textures_dir is not None and not Path(args.textures_dir).is_dir():
+        raise FileNotFoundError(f"--textures_dir {args.textures_dir} is not a folder: pass a folder of texture "
+                                "images (e.g. DTD) or omit it for the built-in procedural textures")
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0,
+               alpha: Optional[float] = None) -> torch.Tensor:
+    """Binary focal loss (Lin et al. 2017), mean over all pixels.
+
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``p_t`` the predicted probability of the true
+    class; ``gamma = 0`` and no ``alpha`` is plain binary cross-entropy. Computed from logits
+    (``log p_t = -BCE-with-logits``), so it is stable for confident predictions.
+
+    Args:
+        logits: ``(B, 1, R, R)`` (any shape) raw segmenter outputs.
+        targets: same shape, in {0, 1} (1 = defect pixel).
+        gamma: focusing parameter >= 0 (DRAEM: 2).
+        alpha: optional weight in (0, 1) of the defect class (``1 - alpha`` for normal pixels).
+
+    Returns:
+        A scalar tensor.
+    """
+    logits, targets = logits.float(), targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = torch.exp(-bce)
+    loss = (1.0 - p_t).pow(gamma) * bce
+    if alpha is not None:
+        loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+    return loss.mean()
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0,
+                      alpha: Optional[float] = None, bce_weight: float = 1.0) -> Dict[str, torch.Tensor]:
+    """Focal loss plus ``bce_weight`` x binary cross-entropy (the thesis: focal + cross-entropy).
+
+    Args:
+        logits: ``(B, 1, R, R)`` segmenter logits; targets: ``(B, 1, R, R)`` in {0, 1}.
+
+    Returns:
+        ``{"loss": total, "focal": ..., "bce": ...}``, scalar tensors (``loss`` carries the gradient).
+    """
+    focal = focal_loss(logits, targets, gamma=gamma, alpha=alpha)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+    return {"loss": focal + bce_weight * bce, "focal": focal, "bce": bce}
+
+
+# --------------------------------------------------------------------------- model folder and data
+
+
+def read_ddpm_config(model_dir: Path) -> Dict[str, Any]:
+    """The configuration train_ddpm.py recorded in ``<model_dir>/training_log.json`` ({} when absent)."""
+    path = model_dir / "training_log.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("config", {}))
+    except (json.JSONDecodeError, AttributeError):
+        logger.warning(f"could not read {path}; pass --data_dir, --category and the split flags explicitly")
+        return {}
+
+
+def load_calibrated_pipeline(model_dir: Path) -> SelfAwareInpaintPipeline:
+    """Load the pipeline folder and check that it is calibrated (``Q_p`` stored).
+
+    Raises:
+        FileNotFoundError: no pipeline folder (no ``model_index.json``) at ``model_dir``.
+        ValueError: the pipeline is not calibrated.
+    """
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"--model_dir {model_dir} is not a pipeline folder (no model_index.json): pass the "
+                                "output folder of train_ddpm.py")
+    pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
+    if not pipe.is_calibrated:
+        raise ValueError(f"the pipeline in {model_dir} is not calibrated: calibrate it on normal validation images "
+                         "first (`diffad calibrate` or pipe.calibrate(images) + save_pretrained), then train the "
+                         "segmenter")
+    return pipe
+
+
+def resolve_data(args: argparse.Namespace, model_dir: Path) -> Dict[str, Any]:
+    """Fill ``data_dir``, ``category``, ``validation_fraction`` and ``split_seed`` from the flags, else from the
+    DDPM's ``training_log.json``, else defaults. Returns the resolved values."""
+    ddpm = read_ddpm_config(model_dir)
+    if args.data_dir:
+        data_dir, category = args.data_dir, args.category
+    else:
+        data_dir = ddpm.get("resolved_data_dir") or ddpm.get("data_dir")
+        category = args.category or ddpm.get("category")
+        if data_dir is None:
+            raise ValueError(f"--data_dir is required: {model_dir}/training_log.json does not record the DDPM's data")
+    fraction = args.validation_fraction if args.validation_fraction is not None else ddpm.get("validation_fraction", 0.2)
+    split_seed = args.split_seed if args.split_seed is not None else ddpm.get("seed", 0)
+    if not fraction or fraction <= 0:
+        raise ValueError(f"the DDPM was trained without a validation split (validation_fraction={fraction}); pass "
+                         "--validation_fraction > 0 to hold out normal images for the learned map's threshold")
+    return {"data_dir": str(data_dir), "category": category, "validation_fraction": float(fraction),
+            "split_seed": int(split_seed)}
+
+
+def load_normal_images(data: Dict[str, Any], resolution: int) -> Tuple[torch.Tensor, torch.Tensor, List[str], str]:
+    """Normal training and validation images of the category.
+
+    Returns:
+        ``(train (N, 3, R, R), validation (V, 3, R, R))`` float32 in [-1, 1], the training images' file names
+        and the category's name.
+
+    Raises:
+        ValueError: no training images, or fewer than 2 validation images (the threshold needs them).
+    """
+    from diffad.data import images_to_tensor, list_categories, load_mvtec
+
+    category = data["category"]
+    if category is None and Path(data["data_dir"]).is_dir():
+        categories = list_categories(data["data_dir"])
+        if len(categories) != 1:
+            raise ValueError(f"--category is required: {data['data_dir']} holds {len(categories)} categories "
+                             f"({', '.join(categories) or 'none'})")
+        category = categories[0]
+    splits = load_mvtec(data["data_dir"], category, resolution=resolution,
+                        validation_fraction=data["validation_fraction"], seed=data["split_seed"])
+    train, val = splits["train"], splits["validation"]
+    if len(train) == 0:
+        raise ValueError(f"no normal training images in {data['data_dir']} (category {category})")
+    if len(val) < 2:
+        raise ValueError(f"the validation split of {data['data_dir']} (category {category}) has {len(val)} image(s); "
+                         "the learned map's threshold needs at least 2: raise --validation_fraction")
+    names = list(train["file_name"]) if "file_name" in train.column_names else [str(i) for i in range(len(train))]
+    name = train[0]["category"] if "category" in train.column_names else str(category)
+    return images_to_tensor(train["image"], resolution), images_to_tensor(val["image"], resolution), names, name
+
+
+# --------------------------------------------------------------------------- the reconstruction cache
+
+
+def _sha256_files(folder: Path) -> str:
+    """sha256 over the names and bytes of every file under ``folder`` (sorted), e.g. a component's weights."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_tensor(tensor: torch.Tensor) -> str:
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+
+
+def inference_settings(pipe: SelfAwareInpaintPipeline, mode: str) -> Dict[str, Any]:
+    """What the reconstructions depend on besides the weights and the inputs: the method, the mode and the
+    mode's levers as the pipeline defines them (so a change of the pipeline's defaults changes the key)."""
+    levers = dict(FAST_SETTINGS if mode == "fast" else REFERENCE_SETTINGS)
+    levers.pop("channels_last", None)  # memory layout only
+    return {"method": "self_aware", "mode": mode, "inpaint_timesteps": 50, "levers": levers}
+
+
+def reconstruction_cache_key(
+    pipe: SelfAwareInpaintPipeline,
+    model_dir: Path,
+    *,
+    synthesis: Dict[str, Any],
+    inference: Dict[str, Any],
+    train_images: torch.Tensor,
+    train_file_names: Sequence[str],
+) -> Tuple[str, Dict[str, Any]]:
+    """The cache key of a reconstructed synthetic training set.
+
+    It hashes: the UNet's files (``<model_dir>/unet``: weights and config), the scheduler's config, the
+    calibration parts that shape the inpainting mask (``Q_p``, percentile, mask timesteps, resolution; not the
+    image thresholds, which adding a segmenter changes), ``inference`` (:func:`inference_settings`),
+    ``synthesis`` (synthesiser config, seed, number of samples) and the normal training images (file names and
+    pixel values as loaded, so a resized or edited image changes it).
+
+    Returns:
+        ``(key, payload)``: a 20-hex-digit key and the JSON-able description it was hashed from.
+    """
+    cal = pipe.calibration
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "unet_sha256": _sha256_files(model_dir / "unet"),
+        "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        "calibration": {
+            "q_threshold_sha256": _sha256_tensor(cal.q_threshold),
+            **{k: cal.config[k] for k in ("resolution", "percentile", "mask_timesteps")},
+        },
+        "inference": inference,
+        "synthesis": synthesis,
+        "data": {"file_names_sha256": hashlib.sha256("\n".join(train_file_names).encode()).hexdigest(),
+                 "pixels_sha256": _sha256_tensor(train_images), "num_images": int(train_images.shape[0])},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], payload
+
+
+def default_cache_dir(model_dir: Path) -> Path:
+    """``$DIFFAD_CACHE_DIR`` when set, else ``<parent of model_dir>/.diffad_cache``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else model_dir.resolve().parent / ".diffad_cache"
+
+
+def cache_features(resolution: int) -> datasets.Features:
+    """Columns of the cached set: ``image`` (3, R, R) float32 in [-1, 1] (the synthetic anomalous image),
+    ``reconstruction`` (3, R, R) float32 in [-1, 1] (its self-aware reconstruction), ``mask`` (1, R, R) uint8 in
+    {0, 1}, ``index`` (the sample's number) and ``source_index`` (the normal training image it was made from)."""
+    r = int(resolution)
+    return datasets.Features({
+        "index": datasets.Value("int64"),
+        "source_index": datasets.Value("int64"),
+        "image": datasets.Array3D(shape=(3, r, r), dtype="float32"),
+        "reconstruction": datasets.Array3D(shape=(3, r, r), dtype="float32"),
+        "mask": datasets.Array3D(shape=(1, r, r), dtype="uint8"),
+    })
+
+
+def synthesize(synthesizer: AnomalySynthesizer, train_images: torch.Tensor, indices: Sequence[int],
+               seed: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Synthetic samples ``indices``: sample ``i`` pastes an anomaly into training image ``i mod N`` with a
+    generator derived from ``(seed, i)``, so every sample is the same however the work is split.
+
+    Returns:
+        ``(images (n, 3, R, R) in [-1, 1], masks (n, 1, R, R) in {0, 1}, source indices)``.
+    """
+    n = train_images.shape[0]
+    images, masks, sources = [], [], []
+    for i in indices:
+        src = int(i) % n
+        image, mask = synthesizer(train_images[src], generator=seeded_generator(seed, _STREAM_SYNTHESIS, int(i)))
+        images.append(image)
+        masks.append(mask)
+        sources.append(src)
+    return torch.stack(images), torch.stack(masks), sources
+
+
+def reconstruct(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, generators: List[torch.Generator], *,
+                mode: str, batch_size: int) -> torch.Tensor:
+    """Self-aware reconstructions with the frozen DDPM: the pipeline's own ``__call__``, as at inference.
+
+    Args:
+        images: ``(B, 3, R, R)`` in [-1, 1]; generators: one per image.
+
+    Returns:
+        ``(B, 3, R, R)`` float32 in [-1, 1], on the CPU.
+    """
+    out = pipe(images, method="self_aware", anomaly_map="multiscale", mode=mode, generator=generators,
+               batch_size=batch_size, output_type="pt", _skip_decision=True)
+    return (out.reconstructions.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+
+def build_reconstruction_cache(
+    pipe: SelfAwareInpaintPipeline,
+    accelerator: Accelerator,
+    cache_path: Path,
+    *,
+    synthesizer: AnomalySynthesizer,
+    train_images: torch.Tensor,
+    num_synthetic: int,
+    seed: int,
+    mode: str,
+    batch_size: int,
+    shard_size: int,
+    key_payload: Dict[str, Any],
+) -> None:
+    """Synthesise ``num_synthetic`` samples, reconstruct them and save them at ``cache_path`` (``save_to_disk``).
+
+    Shards of ``shard_size`` samples are written to ``<cache_path>.partial/shard-<k>`` (each under a temporary
+    name, then renamed) and skipped when a rerun finds them complete, so an interrupted build resumes. Rank ``r``
+    of ``W`` processes computes shards ``r, r + W, ...``; the main process then joins the shards into the final
+    dataset (again written under a temporary name and renamed) and removes the partial folder.
+    """
+    partial = cache_path.parent / f"{cache_path.name}.partial"
+    num_shards = math.ceil(num_synthetic / shard_size)
+    features = cache_features(train_images.shape[-1])
+    if accelerator.is_main_process:
+        partial.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(partial)
+        (partial / "key.json").write_text(json.dumps(key_payload, indent=2, sort_keys=True, default=str))
+    accelerator.wait_for_everyone()
+    mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
+    todo = [k for k in mine if not (partial / f"shard-{k:05d}").is_dir()]
+    if len(todo) < len(mine):
+        logger.info(f"resuming the reconstruction cache: {len(mine) - len(todo)} of {len(mine)} shard(s) done",
+                    main_process_only=False)
+    n_todo = sum(min(shard_size, num_synthetic - k * shard_size) for k in todo)
+    progress = tqdm(total=n_todo, desc="reconstructing synthetic anomalies", unit="img",
+                    disable=not accelerator.is_local_main_process)
+    pipe.set_progress_bar_config(disable=True)
+    for k in todo:
+        indices = list(range(k * shard_size, min((k + 1) * shard_size, num_synthetic)))
+        columns: Dict[str, List[Any]] = {name: [] for name in features}
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images, masks, sources = synthesize(synthesizer, train_images, chunk, seed)
+            gens = [seeded_generator(seed, _STREAM_RECONSTRUCTION, i) for i in chunk]
+            recs = reconstruct(pipe, images.to(pipe.device), gens, mode=mode, batch_size=batch_size)
+            columns["index"] += chunk
+            columns["source_index"] += sources
+            columns["image"] += list(images.float().cpu().numpy())
+            columns["reconstruction"] += list(recs.numpy())
+            columns["mask"] += list(masks.cpu().numpy().astype(np.uint8))
+            progress.update(len(chunk))
+        shard = datasets.Dataset.from_dict(columns, features=features)
+        dest = partial / f"shard-{k:05d}"
+        tmp = incomplete_path(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shard.save_to_disk(str(tmp))
+        commit_directory(tmp, dest)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shards = [datasets.load_from_disk(str(partial / f"shard-{k:05d}")) for k in range(num_shards)]
+        full = datasets.concatenate_datasets(shards)
+        tmp = incomplete_path(cache_path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        full.save_to_disk(str(tmp))
+        (tmp / "diffad_cache_key.json").write_text(json.dumps(key_payload, indent=2, sort_keys=True, default=str))
+        commit_directory(tmp, cache_path)
+        del shards, full
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    names = {"segmenter_block_out_channels": "block_out_channels", "segmenter_layers_per_block": "layers_per_block",
+             "segmenter_norm_num_groups": "norm_num_groups",
+             "segmenter_attention_resolutions": "attention_resolutions"}
+    return {v: getattr(args, k) for k, v in names.items() if getattr(args, k) is not None}
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Build (or reuse) the reconstructed synthetic set, train the segmenter, calibrate its threshold and save it
+    into ``args.model_dir``; return that folder."""
+    start_time = time.time()
+    model_dir = Path(args.model_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else model_dir / CHECKPOINT_SUBDIR
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        project_config=ProjectConfiguration(project_dir=str(model_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    # 1. the frozen, calibrated pipeline and the category's normal images
+    pipe = load_calibrated_pipeline(model_dir).to(accelerator.device)
+    pipe.unet.requires_grad_(False)
+    cal = pipe.calibration
+    mode = args.mode or str(cal.config.mode)
+    fpr = args.target_false_positive_rate or float(cal.config.target_false_positive_rate)
+    resolution = pipe.resolution
+    if pipe.segmenter is not None:
+        logger.info(f"{model_dir} already has a segmenter: it will be replaced")
+    data = resolve_data(args, model_dir)
+    train_images, val_images, file_names, category = load_normal_images(data, resolution)
+    num_synthetic = args.num_synthetic or 4 * train_images.shape[0]
+    logger.info(f"{category}: {train_images.shape[0]} normal training images -> {num_synthetic} synthetic samples, "
+                f"{val_images.shape[0]} validation images; resolution {resolution}, mode {mode!r}, world size {world}")
+
+    # 2. the reconstructed synthetic set: reuse the cache or build it once
+    synthesizer = AnomalySynthesizer(args.textures_dir, normal_probability=args.normal_probability)
+    synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
+                 "sample_rule": "image i mod N, generator seeded_generator(seed, 1, i)"}
+    inference = inference_settings(pipe, mode)
+    key, payload = reconstruction_cache_key(pipe, model_dir, synthesis=synthesis, inference=inference,
+                                            train_images=train_images, train_file_names=file_names)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(model_dir)
+    cache_path = cache_dir / f"segmenter-reconstructions-{key}"
+    if accelerator.is_main_process and args.overwrite_cache and cache_path.exists():
+        shutil.rmtree(cache_path)
+    accelerator.wait_for_everyone()
+    cache_hit = cache_path.is_dir() and (cache_path / "diffad_cache_key.json").is_file()
+    tick = time.time()
+    if cache_hit:
+        logger.info(f"reusing cached reconstructions {cache_path} (cache key {key})")
+    else:
+        logger.info(f"computing {num_synthetic} self-aware reconstructions once (cache key {key}) into {cache_path}")
+        build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer, train_images=train_images,
+                                   num_synthetic=num_synthetic, seed=args.seed, mode=mode,
+                                   batch_size=args.reconstruction_batch_size, shard_size=args.cache_shard_size,
+                                   key_payload=payload)
+    cache_seconds = time.time() - tick
+    train_set = datasets.load_from_disk(str(cache_path)).with_format("torch", columns=["image", "reconstruction",
+                                                                                         "mask"])
+    if len(train_set) != num_synthetic:  # internal invariant: the key covers num_synthetic
+        raise RuntimeError(f"cache {cache_path} holds {len(train_set)} samples, expected {num_synthetic}")
+    masks = train_set[:]["mask"].float()
+    mask_share = float(masks.mean())  # share of defect pixels over the synthetic set
+
+    # 3. the segmenter, optimiser and data (same initial weights on every rank)
+    set_seed(args.seed)
+    segmenter = make_segmenter(resolution, **_segmenter_kwargs(args))
+    num_params = count_parameters(segmenter)
+    optimizer = torch.optim.Adam(segmenter.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
+                                                   generator=torch.Generator().manual_seed(args.seed))
+    num_batches = math.ceil(len(train_set) / (args.train_batch_size * world))
+    max_train_steps = args.max_train_steps or args.num_epochs * num_batches
+    num_epochs = math.ceil(max_train_steps / num_batches)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                 num_training_steps=max_train_steps * world)
+    segmenter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(segmenter, optimizer, train_dataloader,
+                                                                               lr_scheduler)
+    if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
+        raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
+
+    config = {k: v for k, v in vars(args).items()}
+    config.update(resolved_data=data, category=category, mode=mode, cache_key=key, cache_path=str(cache_path),
+                  num_synthetic=num_synthetic, num_train_images=int(train_images.shape[0]),
+                  num_validation_images=int(val_images.shape[0]), synthetic_mask_share=mask_share,
+                  num_parameters=num_params, world_size=world, steps_per_epoch=num_batches,
+                  max_train_steps=max_train_steps, total_batch_size=args.train_batch_size * world,
+                  segmenter_config={k: v for k, v in accelerator.unwrap_model(segmenter).config.items()
+                                    if not k.startswith("_")})
+    log = TrainingLog(config)
+
+    # 4. resume
+    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
+                             "epoch_focal_sum": 0.0, "epoch_bce_sum": 0.0, "epoch_batches": 0, "epoch_seconds": 0.0,
+                             "train_seconds": 0.0, "step_losses": [], "resumed_from": []}
+    resume_path = resolve_resume(args, checkpoint_dir)
+    if accelerator.is_main_process:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(checkpoint_dir)
+        remove_incomplete(model_dir)
+    accelerator.wait_for_everyone()
+    if resume_path is not None:
+        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
+        if saved.get("cache_key") != key or saved.get("steps_per_epoch") != num_batches:
+            raise ValueError(f"{resume_path} was written for another training set or batch size (cache key "
+                             f"{saved.get('cache_key')}, {saved.get('steps_per_epoch')} steps per epoch; this run: "
+                             f"{key}, {num_batches}): resume with the same flags or start without --resume_from_checkpoint")
+        logger.info(f"resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        state.update(saved["state"])
+        log.load_state_dict(saved["log"])
+        state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
+                                                                "global_step": state["global_step"]}]
+
+    # 5. train: focal + BCE on segmenter_logits(image, reconstruction) -> synthetic mask
+    progress = tqdm(total=max_train_steps, initial=state["global_step"], desc="segmenter steps",
+                    disable=not accelerator.is_local_main_process)
+    stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
+    time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
+    first_epoch, stopped = state["epoch"], state["global_step"] >= max_train_steps
+    for epoch in range(first_epoch, num_epochs):
+        if stopped:
+            break
+        segmenter.train()
+        if epoch != state["epoch"]:
+            state.update(epoch=epoch, batches_in_epoch=0, epoch_loss_sum=0.0, epoch_focal_sum=0.0, epoch_bce_sum=0.0,
+                         epoch_batches=0, epoch_seconds=0.0)
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if state["batches_in_epoch"]:
+            loader = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
+            loader.set_epoch(epoch)
+        tick = time.time()
+        for batch_index, batch in enumerate(loader, start=state["batches_in_epoch"]):
+            images, recs = batch["image"].float(), batch["reconstruction"].float()
+            targets = batch["mask"].float()
+            logits = segmenter_logits(segmenter, images, recs)
+            losses = segmentation_loss(logits, targets, gamma=args.focal_gamma, alpha=args.focal_alpha,
+                                       bce_weight=args.bce_weight)
+            accelerator.backward(losses["loss"])
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(segmenter.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = float(losses["loss"].detach())
+            state["global_step"] += 1
+            state["batches_in_epoch"] = batch_index + 1
+            state["epoch_loss_sum"] += step_loss
+            state["epoch_focal_sum"] += float(losses["focal"].detach())
+            state["epoch_bce_sum"] += float(losses["bce"].detach())
+            state["epoch_batches"] += 1
+            state["step_losses"].append(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            now = time.time()
+            state["epoch_seconds"] += now - tick
+            state["train_seconds"] += now - tick
+            tick = now
+            if state["global_step"] >= max_train_steps:
+                stopped = True
+            elif time_budget is not None:
+                over = torch.tensor([float(state["train_seconds"] >= time_budget)], device=accelerator.device)
+                if float(accelerator.reduce(over, reduction="sum")) > 0:  # every rank stops at the same step
+                    stopped, stop_reason = True, "max_train_minutes"
+            if state["global_step"] % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, checkpoint_dir, state["global_step"],
+                                {"state": state, "log": log.state_dict(), "steps_per_epoch": num_batches,
+                                 "cache_key": key}, None, args.checkpoints_total_limit)
+                tick = time.time()  # checkpoint I/O is not training time
+            if stopped:
+                break
+        stats = accelerator.reduce(torch.tensor([state["epoch_loss_sum"], state["epoch_focal_sum"],
+                                                 state["epoch_bce_sum"], state["epoch_batches"]],
+                                                dtype=torch.float64, device=accelerator.device), reduction="sum")
+        n = max(float(stats[3]), 1.0)
+        record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": float(stats[0]) / n,
+                  "focal_loss": float(stats[1]) / n, "bce_loss": float(stats[2]) / n,
+                  "lr": lr_scheduler.get_last_lr()[0], "epoch_seconds": state["epoch_seconds"],
+                  "partial": state["batches_in_epoch"] < num_batches}
+        log.add_epoch(record)
+        logger.info(f"epoch {epoch}: step {state['global_step']} loss {record['train_loss']:.4f} "
+                    f"(focal {record['focal_loss']:.4f}, bce {record['bce_loss']:.4f})")
+        if accelerator.is_main_process:
+            log.save(model_dir / LOG_NAME)
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # 6. add the segmenter to the pipeline, calibrate the learned map's threshold, save into model_dir
+    if accelerator.is_main_process:
+        final = make_segmenter(resolution, **_segmenter_kwargs(args))
+        final.load_state_dict(accelerator.unwrap_model(segmenter).state_dict())
+        final.eval().requires_grad_(False)
+        pipe.register_modules(segmenter=final.to(pipe.device))
+        pipe.set_progress_bar_config(disable=True)
+        tick = time.time()
+        pipe.calibrate_threshold(val_images, anomaly_map="learned", method="self_aware", target_false_positive_rate=fpr,
+                                 mode=mode, generator=seeded_generator(args.seed, _STREAM_CALIBRATION),
+                                 batch_size=args.calibration_batch_size)
+        calibration_seconds = time.time() - tick
+        threshold = pipe.calibration.threshold("self_aware/learned")
+        pipe.to("cpu")
+        save_pipeline(pipe, model_dir)
+        log.summary = {"total_optimizer_steps": state["global_step"], "max_train_steps": max_train_steps,
+                       "stopped_by": stop_reason, "final_train_loss": (log.epochs[-1]["train_loss"] if log.epochs
+                                                                       else None),
+                       "train_seconds": state["train_seconds"], "cache_hit": cache_hit,
+                       "cache_seconds_this_run": cache_seconds, "calibration_seconds": calibration_seconds,
+                       "learned_threshold": threshold, "target_false_positive_rate": fpr,
+                       "wall_seconds_this_run": time.time() - start_time, "num_parameters": num_params,
+                       "resumed_from": state["resumed_from"], "step_losses": state["step_losses"]}
+        log.save(model_dir / LOG_NAME)
+        logger.info(f"saved the segmenter into {model_dir} ({state['global_step']} steps, learned-map threshold "
+                    f"{threshold:.4f} at {fpr:.0%} target false positives)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return model_dir
+
+
+if __name__ == "__main__":
+    sys.exit(run_with_clear_errors(lambda: main(parse_args()), PROG))
