@@ -23,3 +23,7 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests
+
+# Eyeball the DRAEM-style synthetic anomalies: a 4x4 grid of samples.
+anomaly-samples: venv
+	$(PY) benchmarks/anomaly_samples.py --out bench_output/anomaly_samples.png

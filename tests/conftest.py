@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Set before huggingface_hub / datasets are imported anywhere: they read these at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("DIFFAD_REAL_DATA", REPO_ROOT.parent / "shared" / "data"))
 REAL_SUBSET = REAL_DATA / "mvtec_subset"

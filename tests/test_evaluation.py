@@ -18,6 +18,9 @@ from diffad.evaluation import evaluate_pipeline, image_seed, main, markdown_tabl
 from diffad.figures import FigureRow, inspection_figure, overlay
 
 CATEGORY = "weave"
+# few UNet passes per image, so that the tests stay fast on a busy 2-core CPU
+FAST = ["--num-inpaint-steps", "2", "--resample-steps", "1", "--num-mask-timesteps", "2", "--denoise-steps", "2"]
+PIPE_KWARGS = {"num_inpaint_steps": 2, "resample_steps": 1, "num_mask_timesteps": 2, "denoise_steps": 2}
 
 
 def _tiny_pipeline():
@@ -35,13 +38,32 @@ def _tiny_pipeline():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(synthetic_root, tmp_path_factory) -> Path:
-    """A tiny random-weight pipeline, calibrated on the synthetic validation split and saved as <dir>/weave."""
+def small_data(synthetic_root, tmp_path_factory) -> Path:
+    """A few files of the synthetic weave category in MVTec layout: 6 train, 3 good and 1 per defect type in test."""
+    import shutil
+
+    src, dst = synthetic_root / CATEGORY, tmp_path_factory.mktemp("small") / CATEGORY
+    picks = sorted((src / "train" / "good").glob("*.png"))[:6] + sorted((src / "test" / "good").glob("*.png"))[:3]
+    for defect in sorted(p for p in (src / "test").iterdir() if p.name != "good"):
+        first = sorted(defect.glob("*.png"))[0]
+        picks += [first, src / "ground_truth" / defect.name / f"{first.stem}_mask.png"]
+    for path in picks:
+        (dst / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dst / path.relative_to(src))
+    return dst.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(small_data, tmp_path_factory) -> Path:
+    """A tiny random-weight pipeline, calibrated on the synthetic validation split and saved as <dir>/weave.
+
+    Only ``self_aware`` gets an image threshold, so ``denoise`` decisions are ``unknown``.
+    """
     from diffad import load_mvtec
 
     pipe = _tiny_pipeline()
-    validation = load_mvtec(synthetic_root, CATEGORY, resolution=32)["validation"]
-    pipe.calibrate([row["image"] for row in validation], mask_timesteps=(300, 302),
+    train_good = load_mvtec(small_data, CATEGORY, resolution=32, validation_fraction=0.5)["validation"]
+    pipe.calibrate([row["image"] for row in train_good], mask_timesteps=(300, 302), methods=("self_aware",),
                    generator=torch.Generator().manual_seed(0))
     models = tmp_path_factory.mktemp("models")
     pipe.save_pretrained(models / CATEGORY)
@@ -49,15 +71,15 @@ def tiny_model(synthetic_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tiny_model, synthetic_root, tmp_path_factory) -> Path:
+def one_process_run(tiny_model, small_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval_1proc")
-    rc = main(["--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
-               "--out", str(out), "--batch-size", "4", "--seed", "3"])
+    rc = main(["--model", str(tiny_model), "--data", str(small_data), "--category", CATEGORY,
+               "--out", str(out), "--batch-size", "2", "--seed", "3", *FAST])
     assert rc == 0
     return out
 
 
-def test_outputs_written(one_process_run, synthetic_root):
+def test_outputs_written(one_process_run, small_data):
     out = one_process_run
     metrics = json.loads((out / "metrics.json").read_text())
     cat = metrics["categories"][CATEGORY]
@@ -70,10 +92,11 @@ def test_outputs_written(one_process_run, synthetic_root):
         assert values["seconds_per_image"] > 0
     assert cat["self_aware/multiscale"]["unet_passes_per_image"] > 0
     rows = list(csv.DictReader((out / "per_image.csv").open()))
-    n_test = len(list((synthetic_root / CATEGORY / "test").rglob("*.png")))
+    n_test = len(list((small_data / CATEGORY / "test").rglob("*.png")))
     assert len(rows) == 2 * n_test
     assert set(rows[0]) == {"file", "category", "defect_type", "label", "method", "map", "score", "decision"}
-    assert {r["decision"] for r in rows} <= {"defect", "ok", "unknown"}
+    assert {r["decision"] for r in rows if r["method"] == "self_aware"} <= {"defect", "ok"}
+    assert {r["decision"] for r in rows if r["method"] == "denoise"} == {"unknown"}  # no threshold calibrated
     # the CSV reproduces the JSON: recompute image AUROC from its scores
     from diffad.metrics import image_auroc
 
@@ -87,25 +110,26 @@ def test_outputs_written(one_process_run, synthetic_root):
         assert fig.size[0] > 400 and fig.size[1] > 200
 
 
-def test_same_numbers_with_other_batching(tiny_model, synthetic_root, one_process_run):
+def test_same_numbers_with_other_batching(tiny_model, small_data, one_process_run):
     """Per-image seeds: the batch size does not change any score."""
     from diffad import SelfAwareInpaintPipeline, load_mvtec
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(tiny_model / CATEGORY)
-    split = load_mvtec(synthetic_root, CATEGORY, resolution=32)["test"]
-    result = evaluate_pipeline(pipe, split, methods=["self_aware"], batch_size=7, seed=3, progress=False)
+    split = load_mvtec(small_data, CATEGORY, resolution=32)["test"]
+    result = evaluate_pipeline(pipe, split, methods=["self_aware"], batch_size=3, seed=3, progress=False,
+                               pipeline_kwargs=PIPE_KWARGS)
     rows = [r for r in csv.DictReader((one_process_run / "per_image.csv").open()) if r["method"] == "self_aware"]
     assert [float(r["score"]) for r in result.records] == pytest.approx([float(r["score"]) for r in rows], rel=1e-6)
 
 
-def test_two_processes_give_exactly_one_process_metrics(tiny_model, synthetic_root, one_process_run, tmp_path):
+def test_two_processes_give_exactly_one_process_metrics(tiny_model, small_data, one_process_run, tmp_path):
     out = tmp_path / "eval_2proc"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--num_cpu_threads_per_process", "1", "-m", "diffad.evaluation",
-           "--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
-           "--out", str(out), "--batch-size", "4", "--seed", "3"]
+           "--model", str(tiny_model), "--data", str(small_data), "--category", CATEGORY,
+           "--out", str(out), "--batch-size", "2", "--seed", "3", *FAST]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((out / "metrics.json").read_text())
@@ -118,11 +142,11 @@ def test_two_processes_give_exactly_one_process_metrics(tiny_model, synthetic_ro
     assert (out / "per_image.csv").read_text() == one_csv
 
 
-def test_user_errors(tiny_model, synthetic_root, tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nope"), "--data", str(synthetic_root), "--category", CATEGORY,
+def test_user_errors(tiny_model, small_data, tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "--data", str(small_data), "--category", CATEGORY,
                  "--out", str(tmp_path / "o")]) == 2
     assert "model folder not found" in capsys.readouterr().err
-    assert main(["--model", str(tiny_model), "--data", str(synthetic_root), "--category", CATEGORY,
+    assert main(["--model", str(tiny_model), "--data", str(small_data), "--category", CATEGORY,
                  "--anomaly-maps", "learned", "--out", str(tmp_path / "o")]) == 2
     assert "needs a segmenter" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="one model per category"):
@@ -167,4 +191,28 @@ def test_overlay_and_figure(tmp_path):
                       multiscale_map=heat[:, :20], learned_map=None, ground_truth=mask[:, :20], title="x")] * 2
     inspection_figure(rows, tmp_path / "fig.png", suptitle="test")
     with Image.open(tmp_path / "fig.png") as fig:
-        assert fig.size == (500, 400 + 40)  # 5 columns (no learned map) x 2 rows of 2 inches at 100 dpi
+        assert fig.size == (1000, 400 + 40)  # 5 columns (no learned map) x 2 rows of 2 inches at 100 dpi
+
+
+def test_learned_map_columns(tiny_model, small_data, tmp_path):
+    """With a segmenter, the learned map is evaluated beside the multi-scale one and gets its figure column."""
+    from diffusers import UNet2DModel
+
+    from diffad import SelfAwareInpaintPipeline, load_mvtec
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained(tiny_model / CATEGORY)
+    torch.manual_seed(1)
+    pipe.register_modules(segmenter=UNet2DModel(
+        sample_size=32, in_channels=6, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")))
+    split = load_mvtec(small_data, CATEGORY, resolution=32)["test"]
+    result = evaluate_pipeline(pipe, split, methods=["denoise"], batch_size=4, seed=3, progress=False,
+                               pipeline_kwargs=PIPE_KWARGS, num_figure_rows=2)
+    assert set(result.metrics) == {"denoise/multiscale", "denoise/learned"}
+    assert {r["map"] for r in result.records} == {"multiscale", "learned"}
+    assert len(result.figure_rows) == 2
+    learned = result.figure_rows[0].learned_map
+    assert learned.shape == (32, 32) and 0.0 <= learned.min() and learned.max() <= 1.0  # mean-filtered probabilities
+    inspection_figure(result.figure_rows, tmp_path / "fig.png")
+    with Image.open(tmp_path / "fig.png") as fig:
+        assert fig.size == (1200, 400)  # 6 columns: the learned map is there

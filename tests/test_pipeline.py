@@ -212,6 +212,8 @@ def test_segmenter_learned_map_and_threshold():
     x = images(2, seed=2)
     out = pipe(x, anomaly_map="learned", **QUICK)
     assert out.anomaly_maps.shape == (2, 32, 32) and 0 <= out.anomaly_maps.min() and out.anomaly_maps.max() <= 1
+    no_threshold = make_pipe().calibrate(images(3, seed=1), mask_timesteps=(300, 301), methods=())
+    assert no_threshold(x, **QUICK).is_anomalous is None  # Q_p but no image threshold: maps and scores only
     q_before = pipe.calibration.q_threshold.clone()
     pipe.calibrate_threshold(images(4, seed=3), anomaly_map="learned", target_false_positive_rate=0.5)
     assert torch.equal(pipe.calibration.q_threshold, q_before)
@@ -280,3 +282,38 @@ def test_progress_bar_disabled(calibrated, capsys):
     calibrated(images(1), **QUICK)
     captured = capsys.readouterr()
     assert "it/s" not in captured.err and "%|" not in captured.err
+
+
+@pytest.mark.slow
+def test_trained_tiny_model_on_synthetic_default(synthetic_root, tmp_path):
+    """End to end on the embedded default: train briefly, calibrate on validation, score the test split.
+
+    The quality figures (self_aware against denoise) come from ``benchmarks/pipeline_quality.py`` with longer
+    training; here the trained folder must load, calibrate, and give finite, ranked scores and exact invariants.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from diffad.data import load_mvtec
+    from diffad.training.train_ddpm import main, parse_args
+
+    out = main(parse_args(["--data_dir", str(synthetic_root), "--category", "nut", "--output_dir",
+                           str(tmp_path / "model"), "--preset", "tiny", "--resolution", "32", "--max_train_steps",
+                           "40", "--report_to", "none"]))
+    pipe = SelfAwareInpaintPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    data = load_mvtec(synthetic_root, "nut", resolution=32)
+    val = pipe.preprocess([row["image"] for row in data["validation"]])
+    test = data["test"]
+    x = pipe.preprocess([row["image"] for row in test])
+    labels = np.array(test["label"])
+    pipe.calibrate(val, generator=torch.Generator().manual_seed(0))
+    aurocs = {}
+    for method in ("self_aware", "denoise"):
+        res = pipe(x, method=method, generator=torch.Generator().manual_seed(0), output_type="pt")
+        assert torch.isfinite(res.scores).all() and res.is_anomalous is not None
+        if method == "self_aware":
+            keep = ~res.masks.unsqueeze(1).expand_as(x)
+            assert torch.equal(res.reconstructions[keep], ((x / 2 + 0.5).clamp(0, 1))[keep])
+            assert res.num_unet_passes <= 25
+        aurocs[method] = roc_auc_score(labels, res.scores.numpy())
+    assert all(0.0 <= v <= 1.0 for v in aurocs.values()), aurocs

@@ -21,7 +21,7 @@ import torch
 
 from diffad.presets import (UNET_PRESETS, count_parameters, make_scheduler, make_segmenter, make_unet,
                             preset_defaults, unet_kwargs)
-from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch,
+from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch, checkpoint_step,
                                    commit_directory, incomplete_path, latest_checkpoint, list_checkpoints,
                                    remove_incomplete, rotate_checkpoints, run_with_clear_errors, seeded_generator)
 from diffad.training.train_ddpm import PROG, estimate_x0, parse_args, resolve_resume, self_conditioned_eps
@@ -293,7 +293,7 @@ pipe = SelfAwareInpaintPipeline.from_pretrained(out)
 assert torch.equal(pipe.unet.conv_in.weight, unet.conv_in.weight)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=_env(HF_HUB_OFFLINE="1"), cwd=str(trained_tiny_pipeline.parent))
+                          env=_env(), cwd=str(trained_tiny_pipeline.parent))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.strip().splitlines()[-1]) > 0
     index = json.loads((trained_tiny_pipeline / "model_index.json").read_text())
@@ -301,10 +301,10 @@ assert torch.equal(pipe.unet.conv_in.weight, unet.conv_in.weight)
 
 
 @pytest.mark.slow
-def test_kill_and_resume_reaches_the_same_step_count(synthetic_root, tmp_path):
+def test_kill_and_resume_matches_the_uninterrupted_run(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    cmd = _train_cmd(synthetic_root, out, "--max_train_steps", "40", "--checkpointing_steps", "8",
-                     "--checkpoints_total_limit", "2", "--use_ema")
+    flags = ("--max_train_steps", "40", "--checkpointing_steps", "8", "--checkpoints_total_limit", "2", "--use_ema")
+    cmd = _train_cmd(synthetic_root, out, *flags)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -319,17 +319,36 @@ def test_kill_and_resume_reaches_the_same_step_count(synthetic_root, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not (out / "model_index.json").exists()
+    # Debris a crash could leave (or a hand-copied folder): never taken as the latest checkpoint.
+    (out / "checkpoint-999").mkdir()
+    (out / "checkpoint-999" / "model.safetensors").write_bytes(b"torn")
+    incomplete_path(out / "checkpoint-1000").mkdir()
     resumed = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], env=_env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = json.loads((out / "training_log.json").read_text())
     s = log["summary"]
     assert s["total_optimizer_steps"] == 40 and len(s["step_losses"]) == 40
-    assert len(s["resumed_from"]) == 1 and s["resumed_from"][0]["global_step"] >= 8
+    assert len(s["resumed_from"]) == 1 and s["resumed_from"][0]["global_step"] >= checkpoint_step(killed_after)
+    assert Path(s["resumed_from"][0]["checkpoint"]).name != "checkpoint-999"
     assert [e["epoch"] for e in log["epochs"]] == list(range(5))  # 8 steps per epoch, none lost or repeated
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-32", "checkpoint-40"]  # rotation kept 2
     assert not [p for p in out.iterdir() if p.name.endswith(".incomplete")]
     assert s["saved_weights"] == "best validation (EMA)"
+
+    # The resumed run is the uninterrupted run: per-batch seeded noise, restored optimiser/EMA/sampler.
+    straight = tmp_path / "straight"
+    proc = subprocess.run(_train_cmd(synthetic_root, straight, *flags), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads((straight / "training_log.json").read_text())
+    assert ref["summary"]["step_losses"] == s["step_losses"]
+    assert [e["val_loss"] for e in ref["epochs"]] == [e["val_loss"] for e in log["epochs"]]
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

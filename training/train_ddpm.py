@@ -377,8 +377,8 @@ def main(args: argparse.Namespace) -> Path:
     logger.info(f"world size {world} ({accelerator.distributed_type}), device {accelerator.device}")
 
     resume_path = resolve_resume(args, output_dir)
-    if (accelerator.is_main_process and resume_path is None and (output_dir / "model_index.json").exists()
-            and not args.overwrite_output_dir):
+    # Checked on every rank (an error on one rank only would leave the others waiting).
+    if resume_path is None and (output_dir / "model_index.json").exists() and not args.overwrite_output_dir:
         raise ValueError(f"{output_dir} already holds a trained pipeline; pass --overwrite_output_dir, "
                          f"--resume_from_checkpoint latest, or another --output_dir")
     if accelerator.is_main_process:

@@ -63,6 +63,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from diffad.anomalies import AnomalySynthesizer
@@ -295,7 +296,13 @@ def load_calibrated_pipeline(model_dir: Path) -> SelfAwareInpaintPipeline:
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"--model_dir {model_dir} is not a pipeline folder (no model_index.json): pass the "
                                 "output folder of train_ddpm.py")
-    pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a bar for loading two small components is noise
+    try:
+        pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     if not pipe.is_calibrated:
         raise ValueError(f"the pipeline in {model_dir} is not calibrated: calibrate it on normal validation images "
                          "first (`diffad calibrate` or pipe.calibrate(images) + save_pretrained), then train the "
@@ -605,10 +612,16 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"reusing cached reconstructions {cache_path} (cache key {key})")
     else:
         logger.info(f"computing {num_synthetic} self-aware reconstructions once (cache key {key}) into {cache_path}")
-        build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer, train_images=train_images,
-                                   num_synthetic=num_synthetic, seed=args.seed, mode=mode,
-                                   batch_size=args.reconstruction_batch_size, shard_size=args.cache_shard_size,
-                                   key_payload=payload)
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # one bar (ours) instead of one per saved shard
+        try:
+            build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer,
+                                       train_images=train_images, num_synthetic=num_synthetic, seed=args.seed,
+                                       mode=mode, batch_size=args.reconstruction_batch_size,
+                                       shard_size=args.cache_shard_size, key_payload=payload)
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     cache_seconds = time.time() - tick
     train_set = datasets.load_from_disk(str(cache_path)).with_format("torch", columns=["image", "reconstruction",
                                                                                          "mask"])

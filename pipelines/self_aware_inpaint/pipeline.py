@@ -59,6 +59,7 @@ REFERENCE_SETTINGS: Dict[str, Any] = {
     "skip_empty_masks": False,
     "self_condition_init": "zeros",
     "channels_last": False,
+    "autocast": False,
     "denoise_steps": None,  # one step per timestep
 }
 
@@ -72,6 +73,7 @@ FAST_SETTINGS: Dict[str, Any] = {
     "skip_empty_masks": True,  # an empty mask returns the input exactly: no inpainting needed
     "self_condition_init": "mask_x0",  # the mask stage's x0 estimate, known pixels pasted in
     "channels_last": True,
+    "autocast": True,  # bf16 autocast, on CUDA only (a no-op on CPU)
     "denoise_steps": 10,
 }
 
@@ -187,13 +189,15 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         self,
         resolution: int = 64,
         percentile: float = 0.8,
-        mask_timesteps: Tuple[int, ...] = tuple(range(300, 351)),
+        mask_timesteps: List[int] = tuple(range(300, 351)),
         mean_filter_size: int = 9,
-        threshold_names: Tuple[str, ...] = (),
+        threshold_names: List[str] = (),
         target_false_positive_rate: float = 0.05,
         mode: str = "fast",
     ):
         super().__init__()
+        self.register_to_config(mask_timesteps=[int(t) for t in mask_timesteps],
+                                threshold_names=[str(n) for n in threshold_names])
         self.register_buffer("q_threshold", torch.zeros(resolution, resolution))
         self.register_buffer("thresholds", torch.zeros(len(threshold_names)))
 
@@ -211,7 +215,7 @@ class SelfAwareInpaintPipelineOutput(BaseOutput):
         anomaly_maps: ``(B, R, R)`` float32, higher = more anomalous.
         scores: ``(B,)`` float32, the maximum of each map.
         is_anomalous: ``(B,)`` bool, ``scores > threshold``; None when no threshold is calibrated for this
-            method and map (only possible for ``method="denoise"``).
+            method and map (see ``__call__``).
         masks: ``(B, R, R)`` bool, the inpainting masks (1 = redrawn); all False for ``method="denoise"``.
         reconstructions: ``"np"``: ``(B, R, R, 3)`` in [0, 1]; ``"pt"``: ``(B, 3, R, R)`` in [0, 1].
         num_unet_passes: denoiser-UNet passes per image (a batched forward counts once per image in it); the most
@@ -558,7 +562,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         n_mask = s["num_mask_timesteps"]
         if n_mask is not None and (not isinstance(n_mask, int) or n_mask < 1):
             raise ValueError(f"num_mask_timesteps must be None (all calibrated timesteps) or an int >= 1; got {n_mask!r}")
-        for key in ("skip_empty_masks", "channels_last"):
+        for key in ("skip_empty_masks", "channels_last", "autocast"):
             if not isinstance(s[key], bool):
                 raise ValueError(f"{key} must be True or False; got {s[key]!r}")
         return s
@@ -646,8 +650,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
         def make(names: Tuple[str, ...], values: Sequence[float]) -> AnomalyCalibration:
             cal = AnomalyCalibration(resolution=self.resolution, percentile=float(percentile),
-                                     mask_timesteps=tuple(timesteps), mean_filter_size=int(filter_size),
-                                     threshold_names=names, target_false_positive_rate=float(target_false_positive_rate),
+                                     mask_timesteps=list(timesteps), mean_filter_size=int(filter_size),
+                                     threshold_names=list(names), target_false_positive_rate=float(target_false_positive_rate),
                                      mode=mode)
             cal.q_threshold.copy_(q_threshold)
             cal.thresholds.copy_(torch.tensor(list(values), dtype=torch.float32))
@@ -701,7 +705,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             names.append(name)
             values.append(value)
         keep = ("resolution", "percentile", "mask_timesteps", "mean_filter_size", "target_false_positive_rate", "mode")
-        new = AnomalyCalibration(**{k: cal.config[k] for k in keep}, threshold_names=tuple(names))
+        new = AnomalyCalibration(**{k: cal.config[k] for k in keep}, threshold_names=list(names))
         new.q_threshold.copy_(cal.q_threshold)
         new.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
         self.register_modules(calibration=new.to(self.device))
@@ -741,6 +745,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         skip_empty_masks: Optional[bool] = None,
         self_condition_init: Optional[Literal["zeros", "mask_x0"]] = None,
         channels_last: Optional[bool] = None,
+        autocast: Optional[bool] = None,
         denoise_steps: Optional[int] = None,
         mean_filter_size: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -768,6 +773,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             self_condition_init: first ``x0_prev`` of inpainting: ``"zeros"`` or ``"mask_x0"`` (the mask stage's mean
                 estimate with the known pixels pasted).
             channels_last: run the UNet in channels-last memory format (restored afterwards).
+            autocast: on CUDA, run the UNet under bf16 autocast (the diffusion arithmetic stays float32); ignored
+                on CPU.
             denoise_steps: strided steps of ``method="denoise"`` (reference: ``T``; fast: 10).
             mean_filter_size: odd mean-filter size of the map (default: the calibration's, else
                 :func:`default_mean_filter_size`).
@@ -778,8 +785,10 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             return_dict: return a :class:`SelfAwareInpaintPipelineOutput` (else a tuple in its field order).
 
         Decisions: ``is_anomalous = score > threshold`` with the threshold calibrated for this method and map.
-        ``method="self_aware"`` without calibration raises ``ValueError``; ``method="denoise"`` returns maps and
-        scores without calibration, with ``is_anomalous=None`` (and a warning) when no threshold exists for it.
+        ``method="self_aware"`` without calibration (no ``Q_p``) raises ``ValueError``; ``method="denoise"`` needs no
+        calibration for maps and scores. When no image threshold exists for the method and map (e.g. ``denoise`` on
+        an uncalibrated pipeline, or a segmenter added after :meth:`calibrate`), maps and scores are returned with
+        ``is_anomalous=None`` and a logged warning naming :meth:`calibrate_threshold`.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -792,7 +801,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         s = self._settings(mode, {
             "num_inpaint_steps": num_inpaint_steps, "resample_steps": resample_steps, "renoise": renoise,
             "num_mask_timesteps": num_mask_timesteps, "skip_empty_masks": skip_empty_masks,
-            "self_condition_init": self_condition_init, "channels_last": channels_last,
+            "self_condition_init": self_condition_init, "channels_last": channels_last, "autocast": autocast,
             "denoise_steps": denoise_steps}, inpaint_timesteps)
         cal = self._check_calibration() if method == "self_aware" else self.calibration
         if mean_filter_size is None:
@@ -819,30 +828,33 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             if hasattr(self.unet, "conv_in") else False
         if s["channels_last"] and not was_channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        use_autocast = s["autocast"] and x.device.type == "cuda"
         try:
-            for idx in self._chunks(b, batch_size):
-                xb, gens = x[idx], [generators[i] for i in idx]
-                if s["channels_last"]:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                if method == "denoise":
-                    recs[idx] = self._denoise(xb, inpaint_timesteps=inpaint_timesteps, num_steps=s["denoise_steps"],
-                                              generators=gens, counter=counter, index=idx)
-                    continue
-                q, x0_mask = self._noise_error(xb, mask_ts, gens, counter, idx)
-                mb = (q > cal.q_threshold.to(q.device)).float().unsqueeze(1)
-                masks[idx] = mb
-                recs[idx] = xb
-                todo = np.arange(len(idx))
-                if s["skip_empty_masks"]:
-                    todo = todo[mb.flatten(1).amax(dim=1).cpu().numpy() > 0]
-                if len(todo) == 0:
-                    continue
-                known = 1.0 - mb[todo]
-                x0_init = None if s["self_condition_init"] == "zeros" else known * xb[todo] + mb[todo] * x0_mask[todo]
-                recs[idx[todo]] = self._inpaint(
-                    xb[todo], mb[todo], x0_init, inpaint_timesteps=inpaint_timesteps,
-                    num_inpaint_steps=s["num_inpaint_steps"], resample_steps=s["resample_steps"],
-                    renoise=s["renoise"], generators=[gens[i] for i in todo], counter=counter, index=idx[todo])
+            # bf16 autocast for the UNet on CUDA only; the diffusion arithmetic casts eps back to float32
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                for idx in self._chunks(b, batch_size):
+                    xb, gens = x[idx], [generators[i] for i in idx]
+                    if s["channels_last"]:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    if method == "denoise":
+                        recs[idx] = self._denoise(xb, inpaint_timesteps=inpaint_timesteps, num_steps=s["denoise_steps"],
+                                                  generators=gens, counter=counter, index=idx)
+                        continue
+                    q, x0_mask = self._noise_error(xb, mask_ts, gens, counter, idx)
+                    mb = (q > cal.q_threshold.to(q.device)).float().unsqueeze(1)
+                    masks[idx] = mb
+                    recs[idx] = xb
+                    todo = np.arange(len(idx))
+                    if s["skip_empty_masks"]:
+                        todo = todo[mb.flatten(1).amax(dim=1).cpu().numpy() > 0]
+                    if len(todo) == 0:
+                        continue
+                    known = 1.0 - mb[todo]
+                    x0_init = None if s["self_condition_init"] == "zeros" else known * xb[todo] + mb[todo] * x0_mask[todo]
+                    recs[idx[todo]] = self._inpaint(
+                        xb[todo], mb[todo], x0_init, inpaint_timesteps=inpaint_timesteps,
+                        num_inpaint_steps=s["num_inpaint_steps"], resample_steps=s["resample_steps"],
+                        renoise=s["renoise"], generators=[gens[i] for i in todo], counter=counter, index=idx[todo])
         finally:
             if s["channels_last"] and not was_channels_last:
                 self.unet.to(memory_format=torch.contiguous_format)
@@ -857,11 +869,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         if not _skip_decision:
             threshold = cal.threshold(f"{method}/{anomaly_map}") if cal is not None else None
             if threshold is None:
-                if method == "self_aware":
-                    raise ValueError(f"no image threshold calibrated for method={method!r}, anomaly_map={anomaly_map!r}: "
-                                     f"call pipe.calibrate_threshold(normal_images, anomaly_map={anomaly_map!r})")
                 logger.warning(f"no image threshold calibrated for method={method!r}, anomaly_map={anomaly_map!r}: "
-                               "is_anomalous is None; call pipe.calibrate(...) to get decisions")
+                               f"is_anomalous is None; call pipe.calibrate_threshold(normal_images, method={method!r}, "
+                               f"anomaly_map={anomaly_map!r}) to get decisions")
             else:
                 decisions = scores > threshold
 

@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_mvtec": "diffad.data",
+    "list_categories": "diffad.data",
+    "MVTecDataError": "diffad.data",
     "make_synthetic_dataset": "diffad.synthetic",
     "SelfAwareInpaintPipeline": "diffad.pipelines.self_aware_inpaint",
     "SelfAwareInpaintPipelineOutput": "diffad.pipelines.self_aware_inpaint",

@@ -13,7 +13,9 @@ reconstruction embedding for surface anomaly detection", ICCV 2021
   ``I_a = (1 - M) I + (1 - beta) (M I) + beta (M A)`` (the formula of diffad's DESIGN.md);
 * a share of the samples (``normal_probability``, 0.5 as in DRAEM) stays normal, mask empty.
 
-Every draw comes from a ``torch.Generator`` (or an int seed): nothing uses global RNG state.
+Every draw comes from the ``generator`` argument (a ``torch.Generator`` or an int seed; one
+int64 drawn from it seeds a numpy ``Generator`` for the whole sample). ``generator=None`` falls
+back to torch's default generator, as diffusers does.
 """
 
 from __future__ import annotations

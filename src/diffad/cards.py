@@ -114,7 +114,10 @@ def normalize_results(results: Any) -> list[ResultRow]:
             elif isinstance(value, (Mapping, list)):
                 walk(value, path + (str(key),))
 
-    walk(results, ())
+    if isinstance(results, Mapping) and isinstance(results.get("category"), str) and "metrics" in results:
+        walk(results["metrics"], (results["category"],))  # diffad evaluate's metrics/<category>.json
+    else:
+        walk(results, ())
     # "mean"/"average" rows are summaries, not a category of their own
     rows = [r for r in rows if r.category.lower() not in ("mean", "average", "avg")]
     if not rows:

@@ -7,7 +7,9 @@ diffad.evaluation ...`` runs it on several processes) writes, under ``--out``:
 * ``per_image.csv``: ``file, category, defect_type, label, method, map, score, decision``
   (decision ``defect`` / ``ok``, or ``unknown`` where no threshold was calibrated);
 * ``metrics.json``: per category and ``<method>/<map>``: image AUROC, image F1-max and its
-  threshold, pixel AUROC, AUPRO, seconds per image, UNet passes per image; plus the mean;
+  threshold, pixel AUROC, AUPRO, seconds per image (pipeline compute time summed over all
+  processes, divided by the number of images: the cost of one image on one worker), UNet
+  passes per image; plus the unweighted mean over categories;
   and ``metrics/<category>.json`` with one category each;
 * ``table.md``: the thesis's Table 4.1 form (rows: categories and the mean; columns: methods;
   each cell ``image AUROC (pixel AUROC / AUPRO)``) and a seconds-per-image table;
@@ -415,7 +417,10 @@ def evaluate_folder(
     if not categories:
         raise FileNotFoundError(f"no MVTec AD category folders under {data} (expected <category>/test/...)")
     model_dirs = {c: resolve_model_dir(model, c, len(categories)) for c in categories}
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    if accelerator is not None:
+        device = accelerator.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for c in categories:
         pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
@@ -460,6 +465,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("fast", "reference"), default=None,
                         help="the pipeline's mode (default: the pipeline's default, 'fast')")
     parser.add_argument("--figure-rows", type=int, default=4, help="defective images in each figure (default: 4)")
+    cost = parser.add_argument_group("pipeline levers (default: the mode's values; fewer steps = faster, cruder)")
+    cost.add_argument("--inpaint-timesteps", type=int, default=None,
+                      help="noise level T that inpainting and denoising start from (pipeline default: 50)")
+    cost.add_argument("--num-inpaint-steps", type=int, default=None, help="strided inpainting steps")
+    cost.add_argument("--resample-steps", type=int, default=None, help="UNet passes per inpainting step")
+    cost.add_argument("--num-mask-timesteps", type=int, default=None, help="timesteps of the mask stage")
+    cost.add_argument("--denoise-steps", type=int, default=None, help="strided steps of method 'denoise'")
 
 
 def register(subparsers) -> None:
@@ -475,8 +487,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad evaluate``; returns the exit code. User errors raise ValueError / FileNotFoundError."""
-    from accelerate import Accelerator
-
     methods = _csv_list(args.methods)
     maps = None if args.anomaly_maps is None else _csv_list(args.anomaly_maps)
     for m in methods:
@@ -487,13 +497,18 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--anomaly-maps: unknown map {a!r}; choose from {', '.join(MAP_KINDS)}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    kwargs = {} if args.mode is None else {"mode": args.mode}
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
+        from accelerate import Accelerator
+
+        # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    levers = ("mode", "inpaint_timesteps", "num_inpaint_steps", "resample_steps", "num_mask_timesteps", "denoise_steps")
+    kwargs = {k: getattr(args, k) for k in levers if getattr(args, k) is not None}
     results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
                               batch_size=args.batch_size, seed=args.seed, num_figure_rows=args.figure_rows,
                               pipeline_kwargs=kwargs, accelerator=accelerator)
-    if accelerator.is_main_process:
+    if accelerator is None or accelerator.is_main_process:
         per_category = {r.category: r.metrics for r in results}
         sys.stdout.write(markdown_table(per_category))
         sys.stdout.write(f"results in {args.out}\n")

@@ -187,6 +187,9 @@ def push_model(
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from exc
+    if not dry_run and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ValueError("HF_HUB_OFFLINE is set: unset it to push (the Makefile sets it for tests), "
+                         "or pass --dry-run")
     result = PushResult(repo_id=repo_id)
     with tempfile.TemporaryDirectory(prefix="diffad-hub-") as tmp:
         folder = Path(tmp) / "repo"
@@ -195,8 +198,6 @@ def push_model(
         result.load_check = check_loads_offline(folder)
         if dry_run:
             return result
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-            raise ValueError("HF_HUB_OFFLINE is set: unset it to push (the Makefile sets it for tests)")
         api = HfApi(token=token)
         repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",

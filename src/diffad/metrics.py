@@ -104,7 +104,7 @@ def image_f1_max(scores: Any, labels: Any) -> tuple[float, float]:
 
     Returns:
         ``(f1_max, threshold)``; the threshold is one of the given scores (the lowest one
-        among equally good choices is the first reached by scikit-learn's curve).
+        when several give the same F1).
     """
     scores, labels = _as_scores_labels(scores, labels)
     precision, recall, thresholds = precision_recall_curve(labels, scores)

@@ -1,0 +1,378 @@
+"""``diffad demo`` (and ``make demo``): the whole method on the embedded default, in about 15 CPU minutes.
+
+On a fresh machine with no download it:
+
+1. writes the synthetic default dataset (every category of :data:`diffad.synthetic.SYNTHETIC_CATEGORIES`,
+   MVTec AD layout) under ``<out>/data``;
+2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, bounded by
+   ``--max_train_minutes``) into ``<out>/models/<category>``;
+3. calibrates it on the held-out normal images (:func:`diffad.cli.calibrate_model`);
+4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded);
+5. evaluates ``self_aware`` (multi-scale and learned maps) and ``denoise`` on the test splits
+   (:func:`diffad.evaluation.evaluate_folder`: metrics, Table 4.1, Fig. 4.4 panels);
+6. writes a model card (README.md) into each model folder (:mod:`diffad.cards`);
+7. writes ``<out>/report.md``: the table, the figures, seconds per image, the time each step took, and
+   the commands to run the same on one's own images.
+
+Every step is skipped when its output exists (a re-run only rewrites the cards and the report), and the
+training steps resume from their last checkpoint after an interruption. The training budget
+(``--minutes-per-category``) is split 3:1 between the DDPM and the segmenter; the other steps
+(data, calibration, reconstructions for the segmenter, evaluation) are bounded by the dataset sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["DemoConfig", "run_demo", "write_report", "register", "run"]
+
+logger = logging.getLogger(__name__)
+
+# Default training minutes for all categories together (DDPM + segmenter); with data generation,
+# calibration, reconstructions and evaluation the whole demo stays under 15 minutes on 2 CPU cores.
+DEFAULT_TRAIN_MINUTES_TOTAL = 9.0
+DDPM_SHARE = 0.75
+
+
+@dataclass
+class DemoConfig:
+    """Settings of a demo run (recorded in ``<out>/demo_log.json``).
+
+    Attributes:
+        out: the output folder.
+        minutes_per_category: training minutes per category (DDPM + segmenter).
+        seed: seeds the data, the training runs, calibration and evaluation noise.
+        categories: synthetic categories (default: all).
+        resolution: image side R in pixels.
+        num_train / num_test_good / num_test_defect_per_type: synthetic dataset sizes per category.
+        num_synthetic: synthetic-anomaly samples for the segmenter (reconstructed once, cached).
+        eval_batch_size: images per pipeline call in evaluation.
+    """
+
+    out: str = "demo_output"
+    minutes_per_category: Optional[float] = None
+    seed: int = 0
+    categories: Optional[list[str]] = None
+    resolution: int = 32
+    num_train: int = 100
+    num_test_good: int = 20
+    num_test_defect_per_type: int = 6
+    num_synthetic: int = 160
+    eval_batch_size: int = 16
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def resolved_categories(self) -> list[str]:
+        from diffad.synthetic import SYNTHETIC_CATEGORIES
+
+        cats = list(self.categories) if self.categories else list(SYNTHETIC_CATEGORIES)
+        unknown = [c for c in cats if c not in SYNTHETIC_CATEGORIES]
+        if unknown:
+            raise ValueError(f"unknown synthetic categories {unknown}; choose from {list(SYNTHETIC_CATEGORIES)}")
+        return cats
+
+    def minutes(self) -> float:
+        if self.minutes_per_category is not None:
+            if self.minutes_per_category <= 0:
+                raise ValueError(f"--minutes-per-category must be positive, got {self.minutes_per_category}")
+            return float(self.minutes_per_category)
+        return DEFAULT_TRAIN_MINUTES_TOTAL / len(self.resolved_categories())
+
+
+# A budget small enough for a slow test (~3 minutes on 2 cores): tiny data, a few seconds of training.
+TINY_BUDGET = dict(minutes_per_category=0.25, num_train=16, num_test_good=4, num_test_defect_per_type=1,
+                   num_synthetic=16, resolution=32)
+
+
+class _Steps:
+    """Times each step and records it in ``demo_log.json`` (so the report can show where time went)."""
+
+    def __init__(self, config: DemoConfig, log_path: Path):
+        self.config, self.log_path = config, log_path
+        previous = json.loads(log_path.read_text()) if log_path.is_file() else {}
+        self.times: dict[str, Any] = previous.get("steps", {})
+
+    def run(self, name: str, done: bool, fn) -> None:
+        if done:
+            logger.info("demo: %s already done, skipped", name)
+            self.times.setdefault(name, {"seconds": None})
+            self.times[name]["skipped_last_run"] = True
+            return
+        logger.info("demo: %s ...", name)
+        start = time.time()
+        fn()
+        self.times[name] = {"seconds": round(time.time() - start, 1), "skipped_last_run": False}
+        self.save()
+
+    def save(self) -> None:
+        from diffad.training_utils import atomic_write_json
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.log_path, {"config": {k: v for k, v in asdict(self.config).items() if k != "steps"},
+                                          "steps": self.times, "python": platform.python_version(),
+                                          "cpu_count": os.cpu_count()})
+
+
+def _model_index(model_dir: Path) -> dict:
+    path = model_dir / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _has_component(model_dir: Path, name: str) -> bool:
+    entry = _model_index(model_dir).get(name)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tuple[bool, Any]:
+    from diffad.synthetic import make_synthetic_dataset
+
+    settings = {"seed": config.seed, "resolution": config.resolution, "num_train": config.num_train,
+                "num_test_good": config.num_test_good, "num_test_defect_per_type": config.num_test_defect_per_type,
+                "categories": categories}
+    marker = data_dir / ".diffad-demo-data.json"
+    done = marker.is_file() and json.loads(marker.read_text()) == settings
+
+    def make() -> None:
+        from diffad.training_utils import atomic_write_json
+
+        make_synthetic_dataset(data_dir, **settings)
+        atomic_write_json(marker, settings)
+
+    return done, make
+
+
+def _train_ddpm(config: DemoConfig, data_dir: Path, category: str, model_dir: Path, minutes: float) -> None:
+    from diffad.training import train_ddpm
+
+    argv = ["--data_dir", str(data_dir), "--category", category, "--output_dir", str(model_dir),
+            "--preset", "tiny", "--resolution", str(config.resolution), "--train_batch_size", "16",
+            "--num_epochs", "100000", "--max_train_minutes", f"{minutes:.3f}", "--seed", str(config.seed),
+            "--report_to", "none", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
+            "--resume_from_checkpoint", "latest", "--use_ema"]
+    train_ddpm.main(train_ddpm.parse_args(argv))
+
+
+def _train_segmenter(config: DemoConfig, model_dir: Path, minutes: float) -> None:
+    from diffad.training import train_segmenter
+
+    argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
+            "--num_epochs", "100000", "--max_train_minutes", f"{minutes:.3f}", "--train_batch_size", "16",
+            "--seed", str(config.seed), "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
+            "--resume_from_checkpoint", "latest"]
+    train_segmenter.main(train_segmenter.parse_args(argv))
+
+
+def _evaluation_is_current(eval_dir: Path, model_dirs: Sequence[Path]) -> bool:
+    metrics = eval_dir / "metrics.json"
+    if not metrics.is_file():
+        return False
+    newest_model = max((d / "model_index.json").stat().st_mtime for d in model_dirs)
+    return metrics.stat().st_mtime > newest_model
+
+
+def _evaluation_category(data_dir: Path, categories: list[str]) -> str:
+    """``evaluate_folder``'s category argument: ``"all"`` when the data folder holds exactly ours."""
+    from diffad.data import list_categories
+
+    found = set(list_categories(data_dir))
+    if found == set(categories):
+        return "all"
+    if len(categories) == 1:
+        return categories[0]
+    raise ValueError(f"{data_dir} holds categories {sorted(found)}, not the demo's {categories}: "
+                     "use another --out or delete it")
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run the demo (module docstring) and return the path of ``report.md``."""
+    import torch
+
+    from diffad.cards import make_model_card, write_model_card
+    from diffad.cli import calibrate_model
+    from diffad.evaluation import evaluate_folder
+
+    categories = config.resolved_categories()
+    minutes = config.minutes()
+    out = Path(config.out)
+    data_dir, models_dir, eval_dir = out / "data", out / "models", out / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(config, out / "demo_log.json")
+    logger.info("demo: categories %s, %.2f training minutes per category, resolution %d, %d torch threads",
+                categories, minutes, config.resolution, torch.get_num_threads())
+
+    done, make = _data_step(config, data_dir, categories)
+    steps.run("synthetic data", done, make)
+    for category in categories:
+        model_dir = models_dir / category
+        steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
+                  lambda: _train_ddpm(config, data_dir, category, model_dir, minutes * DDPM_SHARE))
+        steps.run(f"{category}: calibrate", _has_component(model_dir, "calibration"),
+                  lambda: calibrate_model(model_dir, data_dir, category, seed=config.seed,
+                                          batch_size=config.eval_batch_size))
+        steps.run(f"{category}: train segmenter", _has_component(model_dir, "segmenter"),
+                  lambda: _train_segmenter(config, model_dir, minutes * (1 - DDPM_SHARE)))
+    model_dirs = [models_dir / c for c in categories]
+    steps.run("evaluate", _evaluation_is_current(eval_dir, model_dirs),
+              lambda: evaluate_folder(models_dir, data_dir, _evaluation_category(data_dir, categories), eval_dir,
+                                      methods=("self_aware", "denoise"), batch_size=config.eval_batch_size,
+                                      seed=config.seed))
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    for category in categories:
+        card = make_model_card(models_dir / category, {"category": category,
+                                                       "metrics": metrics["categories"][category]},
+                               repo_id=f"your-username/diffad-demo-{category}",
+                               seconds_per_image={k: v["seconds_per_image"]
+                                                  for k, v in metrics["categories"][category].items()
+                                                  if "seconds_per_image" in v})
+        write_model_card(card, models_dir / category)
+    steps.save()
+    return write_report(config, out, metrics, steps.times)
+
+
+def _target_line(metrics: dict[str, Any], target: float = 0.90) -> str:
+    lines = []
+    for category, per_method in sorted(metrics["categories"].items()):
+        best = {k: v.get("image_auroc") for k, v in per_method.items() if k.startswith("self_aware/")}
+        if not best:
+            continue
+        key = max(best, key=lambda k: best[k] if best[k] is not None else -1)
+        value = best[key]
+        verdict = "meets" if value is not None and value >= target else "is below"
+        lines.append(f"- `{category}`: best self-aware image AUROC {value:.3f} ({key}), which {verdict} the "
+                     f"{target:.2f} target.")
+    return "\n".join(lines)
+
+
+def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_times: dict[str, Any]) -> Path:
+    """Write ``<out>/report.md``: results, figures (relative links), timings, and what to do next."""
+    from diffad import __version__
+
+    eval_dir = out / "evaluation"
+    table = (eval_dir / "table.md").read_text(encoding="utf-8") if (eval_dir / "table.md").is_file() else ""
+    figures = sorted((eval_dir / "figures").glob("*.png")) if (eval_dir / "figures").is_dir() else []
+    total = sum(t["seconds"] for t in step_times.values() if isinstance(t, dict) and t.get("seconds"))
+    timing_rows = "\n".join(
+        f"| {name} | {('%.0f s' % t['seconds']) if t.get('seconds') is not None else '-'}"
+        f"{' (skipped this run)' if t.get('skipped_last_run') else ''} |"
+        for name, t in step_times.items())
+    figure_md = "\n\n".join(f"### {f.stem}\n\n![{f.stem}: original, reconstruction, inpainting mask, maps, ground "
+                            f"truth]({f.relative_to(out).as_posix()})" for f in figures)
+    cards = "\n".join(f"- [`models/{c}/README.md`](models/{c}/README.md)" for c in config.resolved_categories())
+    one = config.resolved_categories()[0]
+    text = f"""# diffad demo report
+
+diffad {__version__}: self-aware inpainting with a self-conditioned DDPM (Semchyshyn, 2023), on the embedded
+synthetic default (no download). Categories: {', '.join(f'`{c}`' for c in config.resolved_categories())};
+resolution {config.resolution} px; tiny UNet preset; {config.minutes():.2f} training minutes per category
+({DDPM_SHARE:.0%} DDPM, {1 - DDPM_SHARE:.0%} segmenter); seed {config.seed}.
+
+This is a demonstration at toy scale on synthetic parts: it shows the workflow and the outputs, not what
+the method reaches on real images with a model trained for hours (see the project README for benchmarks).
+
+## Results (test split, Table 4.1 form)
+
+Methods: `denoise` is the thesis's basic baseline (noise to t = 50 and denoise, no mask); `self_aware` is
+self-aware inpainting (calibrated noise-error mask, then resampled inpainting). Maps: `multiscale`
+(reconstruction error at 4 scales) and `learned` (the DRAEM-style segmenter).
+
+{table}
+Target: image AUROC >= 0.90 for `self_aware` on each synthetic category.
+
+{_target_line(metrics)}
+
+Per-image scores: [`evaluation/per_image.csv`](evaluation/per_image.csv); all metrics:
+[`evaluation/metrics.json`](evaluation/metrics.json).
+
+## Figures (thesis Fig. 4.4 style)
+
+{figure_md or 'No figure was written.'}
+
+## Model cards
+
+{cards}
+
+## Where the time went
+
+| step | wall time |
+|---|---|
+{timing_rows}
+| **total (this and earlier runs)** | **{total / 60:.1f} min** |
+
+Re-running `make demo` skips every step whose output exists; delete `{out.as_posix()}/` to start over.
+
+## What to do next with your own images
+
+Put your photos in the MVTec AD layout: `my_parts/<category>/train/good/*.png` (defect-free photos only),
+and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<defect>/` with masks in
+`my_parts/<category>/ground_truth/<defect>/<name>_mask.png`. Then:
+
+```bash
+# 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
+diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
+    --max_train_minutes 30
+# 2. calibrate the inpainting mask and the pass/fail threshold on held-out good photos
+diffad calibrate --model models/{one} --data my_parts --category {one}
+# 3. (optional) the learned anomaly map
+python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
+# 4. inspect new photos: results.csv (file, score, decision) and an overlay per image
+diffad detect --model models/{one} new_photos/ --out inspection/
+# 5. measure on your labelled test split: Table 4.1, figures, seconds per image
+diffad evaluate --model models/{one} --data my_parts --category {one} --out evaluation/
+# 6. write the model card, then publish (check with --dry-run first)
+diffad card --model models/{one} --results evaluation/metrics.json
+diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
+```
+
+Anyone can then load it with diffusers alone:
+`DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
+"""
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def register(subparsers) -> None:
+    """Add ``diffad demo`` to the ``diffad`` command."""
+    parser = subparsers.add_parser(
+        "demo", help="the whole method on the built-in synthetic data, in about 15 CPU minutes",
+        description="Generate the synthetic default, train a tiny DDPM and segmenter per category, calibrate, "
+                    "evaluate, write model cards and OUT/report.md. Steps whose outputs exist are skipped.")
+    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("--minutes-per-category", type=float, default=None,
+                        help=f"training minutes per category, DDPM + segmenter (default: "
+                             f"{DEFAULT_TRAIN_MINUTES_TOTAL:g} / number of categories)")
+    parser.add_argument("--categories", default=None, help="comma-separated synthetic categories (default: all)")
+    parser.add_argument("--resolution", type=int, default=DemoConfig.resolution,
+                        help=f"image side in pixels (default: {DemoConfig.resolution})")
+    parser.add_argument("--tiny-budget", action="store_true",
+                        help="a smoke run in about 3 minutes: tiny data and seconds of training (numbers meaningless)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and noise (default: 0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``diffad demo``; prints where the report is."""
+    kwargs: dict[str, Any] = dict(TINY_BUDGET) if args.tiny_budget else {}
+    if args.minutes_per_category is not None:
+        kwargs["minutes_per_category"] = args.minutes_per_category
+    if args.resolution != DemoConfig.resolution or "resolution" not in kwargs:
+        kwargs["resolution"] = args.resolution
+    if args.resolution < 32:
+        raise ValueError(f"--resolution must be at least 32, got {args.resolution}")
+    config = DemoConfig(out=args.out, seed=args.seed,
+                        categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories
+                        else None, **kwargs)
+    start = time.time()
+    report = run_demo(config)
+    print(f"demo finished in {(time.time() - start) / 60:.1f} min; open {report}")
+    return 0

@@ -1,0 +1,141 @@
+"""Model cards: the template renders, and huggingface_hub parses back the metrics we put in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffad.cli import main
+
+RESULTS = [
+    {"category": "weave", "method": "self_aware", "anomaly_map": "multiscale",
+     "image_auroc": 0.9125, "pixel_auroc": 0.883, "aupro": 0.71, "image_f1_max": 0.87},
+    {"category": "weave", "method": "self_aware", "anomaly_map": "learned", "image_auroc": 0.95, "pixel_auroc": 0.93},
+    {"category": "weave", "method": "denoise", "anomaly_map": "multiscale", "image_auroc": 0.8},
+    {"category": "nut", "method": "self_aware", "anomaly_map": "multiscale", "image_auroc": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved (uncalibrated) tiny pipeline with a training_log.json as train_ddpm.py writes it."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    folder = tmp_path_factory.mktemp("cards") / "model"
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")).save_pretrained(folder)
+    log = {"config": {"data_dir": "/data/synthetic", "category": "weave", "preset": "tiny", "resolution": 32,
+                      "learning_rate": 2e-4, "train_batch_size": 16, "seed": 0},
+           "epochs": [{"epoch": 0, "train_loss": 0.5, "val_loss": 0.4}, {"epoch": 1, "train_loss": 0.2, "val_loss": 0.25}],
+           "summary": {"best_epoch": 1, "best_val_loss": 0.25, "total_optimizer_steps": 40}}
+    (folder / "training_log.json").write_text(json.dumps(log))
+    return folder
+
+
+def test_card_metadata_round_trips_through_huggingface_hub(model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from diffad.cards import make_model_card
+
+    card = make_model_card(model_dir, RESULTS, repo_id="acme/diffad-weave")
+    path = tmp_path / "README.md"
+    card.save(path)
+    loaded = ModelCard.load(path)
+    assert loaded.data.library_name == "diffusers"
+    assert loaded.data.license == "apache-2.0"
+    assert {"anomaly-detection", "diffusion"} <= set(loaded.data.tags)
+    name, evals = model_index_to_eval_results(loaded.data.to_dict()["model-index"])
+    assert name == "diffad-weave"
+    got = {(e.metric_config, e.metric_type): e.metric_value for e in evals}
+    # only the model's category ("weave" from training_log.json), every metric we put in
+    assert got == {
+        ("self_aware/multiscale", "image_auroc"): 0.9125, ("self_aware/multiscale", "pixel_auroc"): 0.883,
+        ("self_aware/multiscale", "aupro"): 0.71, ("self_aware/multiscale", "image_f1_max"): 0.87,
+        ("self_aware/learned", "image_auroc"): 0.95, ("self_aware/learned", "pixel_auroc"): 0.93,
+        ("denoise", "image_auroc"): 0.8,
+    }
+    assert {e.dataset_config for e in evals} == {"weave"} and {e.dataset_split for e in evals} == {"test"}
+    assert {e.task_type for e in evals} == {"anomaly-detection"}
+    text = loaded.text
+    assert 'DiffusionPipeline.from_pretrained("acme/diffad-weave", trust_remote_code=True)' in text
+    assert 'SelfAwareInpaintPipeline.from_pretrained("acme/diffad-weave")' in text
+    assert "| learning_rate | 0.0002 |" in text and "| best_val_loss | 0.25 |" in text
+    assert "| self_aware/multiscale | 0.912 | 0.883 | 0.710 | 0.870 |" in text
+    assert "Semchyshyn" in text and "## Intended use and limits" in text
+
+
+def test_card_license_follows_mvtec_data(model_dir, tmp_path):
+    from diffad.cards import make_model_card
+
+    log = json.loads((model_dir / "training_log.json").read_text())
+    other = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(model_dir, other)
+    log["config"]["data_dir"] = "/data/mvtec_subset"
+    (other / "training_log.json").write_text(json.dumps(log))
+    card = make_model_card(other, RESULTS)
+    assert card.data.license == "cc-by-nc-sa-4.0" and "mvtec-ad" in card.data.tags
+    assert "non-commercial" in card.text
+
+
+def test_normalize_results_accepts_nested_mappings():
+    from diffad.cards import normalize_results
+
+    rows = normalize_results({"metrics": {"weave": {"self_aware/multiscale": {"image_auroc": 0.9},
+                                                    "denoise": {"image_auroc": 0.7, "pixel_auroc": 0.6}},
+                                          "mean": {"denoise": {"image_auroc": 0.7}}}})
+    assert {(r.category, r.method): r.metrics for r in rows} == {
+        ("weave", "self_aware/multiscale"): {"image_auroc": 0.9},
+        ("weave", "denoise"): {"image_auroc": 0.7, "pixel_auroc": 0.6}}
+    with pytest.raises(ValueError, match="no metrics"):
+        normalize_results({"weave": {"x": 1}})
+
+
+def test_card_command_writes_readme(model_dir, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    assert main(["card", "--model", str(model_dir), "--results", str(results)]) == 0
+    readme = model_dir / "README.md"
+    assert readme.is_file() and readme.read_text().startswith("---\n")
+    assert not list(model_dir.glob(".README*"))  # no temporary file left behind
+
+
+def test_card_command_bad_input(model_dir, tmp_path, capsys):
+    assert main(["card", "--model", str(model_dir), "--results", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffad card: error: results file") and "diffad evaluate" in err[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["card", "--model", str(model_dir), "--results", str(bad)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps(RESULTS))
+    assert main(["card", "--model", str(model_dir), "--results", str(ok), "--category", "screw"]) == 2
+    assert "no results for category 'screw'" in capsys.readouterr().err
+    assert main(["card", "--model", str(tmp_path), "--results", str(ok)]) == 2
+    assert "not a diffad model folder" in capsys.readouterr().err
+
+
+def test_normalize_results_reads_diffad_evaluate_files():
+    from diffad.cards import normalize_results
+
+    per_category = {"category": "nut", "metrics": {"self_aware/learned": {"image_auroc": 0.93, "seconds_per_image": 0.2,
+                                                                          "num_images": 50}},
+                    "settings": {"seed": 0}}
+    rows = normalize_results(per_category)
+    assert [(r.category, r.method, r.metrics) for r in rows] == [("nut", "self_aware/learned", {"image_auroc": 0.93})]
+    whole = {"categories": {"nut": {"denoise/multiscale": {"image_auroc": 0.8, "aupro": 0.5}},
+                            "weave": {"self_aware/multiscale": {"image_auroc": 0.9}}},
+             "mean": {"denoise/multiscale": {"image_auroc": 0.8}}, "settings": {"methods": ["denoise"]}}
+    assert sorted((r.category, r.method) for r in normalize_results(whole)) == [
+        ("nut", "denoise/multiscale"), ("weave", "self_aware/multiscale")]

@@ -1,0 +1,168 @@
+"""The `diffad` command: --help everywhere, exit codes, one-line errors, train forwarding, calibrate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffad.cli import accelerate_launch_command, main, report_error
+
+SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's --help and usage errors
+        return int(exc.code or 0)
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+    assert "unavailable" not in out  # every subcommand module imports
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help_exits_0(name, capsys):
+    assert _exit_code([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--" in out
+
+
+def test_train_help_is_the_training_scripts(capsys):
+    assert _exit_code(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--num-processes" in out and "--data_dir" in out and "--max_train_minutes" in out
+
+
+def test_console_script_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "diffad.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("diffad ")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "the following arguments are required: <command>"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["detect", "x.png"], "the following arguments are required: --model, --out"),
+    (["card", "--model", "m"], "the following arguments are required: --results"),
+    (["detect", "--model", "m", "--out", "o", "x.png", "--batch-size", "two"], "invalid int value: 'two'"),
+    (["push", "--model", "m", "--repo-id", "a/b", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, fragment, capsys):
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and ": error: " in err[0]
+
+
+def test_missing_inputs_are_one_line_exit_2(tmp_path, capsys):
+    cases = [
+        (["detect", "--model", str(tmp_path), str(tmp_path / "nope.png"), "--out", str(tmp_path / "o")],
+         "diffad detect: error: "),
+        (["calibrate", "--model", str(tmp_path), "--data", str(tmp_path), "--category", "weave"],
+         "diffad calibrate: error: "),
+        (["card", "--model", str(tmp_path), "--results", str(tmp_path / "r.json")], "diffad card: error: "),
+        (["push", "--model", str(tmp_path / "m"), "--repo-id", "a/b", "--dry-run"], "diffad push: error: "),
+        (["train", "--num-processes", "0"], "diffad train: error: --num-processes must be >= 1"),
+    ]
+    for argv, prefix in cases:
+        assert _exit_code(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(prefix), (argv, err)
+        assert "Traceback" not in err[0]
+
+
+def test_unexpected_failure_is_one_line_exit_1(monkeypatch, capsys):
+    import diffad.cards
+
+    def boom(args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(diffad.cards, "run", boom)
+    assert main(["card", "--model", "m", "--results", "r"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["diffad card: error: RuntimeError: disk on fire (set DIFFAD_DEBUG=1 for the traceback)"]
+
+
+def test_report_error_folds_newlines(capsys):
+    assert report_error("detect", "line one\nline two", 2) == 2
+    assert capsys.readouterr().err == "diffad detect: error: line one line two\n"
+
+
+def test_train_forwards_flags_in_process(monkeypatch, tmp_path, capsys):
+    from diffad.training import train_ddpm
+
+    seen = {}
+    monkeypatch.setattr(train_ddpm, "main", lambda args: seen.setdefault("args", args) and tmp_path)
+    code = main(["train", "--data_dir", str(tmp_path), "--category", "weave", "--preset", "tiny",
+                 "--output_dir", str(tmp_path / "m"), "--max_train_steps", "3"])
+    assert code == 0
+    args = seen["args"]
+    assert (args.category, args.preset, args.max_train_steps) == ("weave", "tiny", 3)
+    assert args.output_dir == str(tmp_path / "m")
+    assert _exit_code(["train", "--preset", "nonsense"]) == 2
+    assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_train_relaunches_through_accelerate(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["train", "--num-processes", "2", "--data_dir", str(tmp_path), "--preset", "tiny"]) == 0
+    (cmd,) = calls
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    script = next(c for c in cmd if c.endswith("train_ddpm.py"))
+    assert cmd[cmd.index(script) + 1:] == ["--data_dir", str(tmp_path), "--preset", "tiny", "--expect_world_size", "2"]
+
+
+def test_accelerate_flags_cpu_and_gpu():
+    cpu2 = accelerate_launch_command(2, "t.py", [], use_gpu=False)
+    # on CPU, `--cpu --num_processes 2` starts ONE process: a real 2-rank run needs --multi_gpu
+    assert "--multi_gpu" in cpu2 and "--cpu" not in cpu2 and "--num_cpu_threads_per_process" in cpu2
+    cpu1 = accelerate_launch_command(1, "t.py", [], use_gpu=False)
+    assert "--cpu" in cpu1 and "--multi_gpu" not in cpu1 and cpu1[cpu1.index("--num_processes") + 1] == "1"
+    gpu4 = accelerate_launch_command(4, "t.py", ["--mixed_precision", "bf16"], use_gpu=True)
+    assert "--multi_gpu" in gpu4 and "--cpu" not in gpu4 and gpu4.count("--mixed_precision") == 1
+    with pytest.raises(ValueError, match="--num-processes must be >= 1"):
+        accelerate_launch_command(0, "t.py", [])
+
+
+def test_calibrate_command_calibrates_and_keeps_training_files(synthetic_root, tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    model = tmp_path / "model"
+    SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")).save_pretrained(model)
+    (model / "training_log.json").write_text(json.dumps({"config": {"category": "weave"}}))
+    code = main(["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave",
+                 "--percentile", "0.9", "--target-fpr", "0.1"])
+    assert code == 0, capsys.readouterr().err
+    assert (model / "training_log.json").is_file()  # kept beside the re-saved pipeline
+    pipe = SelfAwareInpaintPipeline.from_pretrained(model)
+    assert pipe.is_calibrated
+    cal = pipe.calibration
+    assert cal.config.percentile == pytest.approx(0.9) and cal.config.target_false_positive_rate == pytest.approx(0.1)
+    assert tuple(cal.q_threshold.shape) == (32, 32) and float(cal.q_threshold.min()) > 0
+    assert cal.threshold("self_aware/multiscale") is not None
+    assert main(["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave",
+                 "--percentile", "1.5"]) == 2
+    assert "--percentile must be in (0, 1)" in capsys.readouterr().err

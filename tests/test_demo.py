@@ -1,0 +1,64 @@
+"""`diffad demo`: option checks (fast) and the whole demo at a tiny budget (slow, ~2-3 minutes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from diffad.cli import main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--minutes-per-category", "0"], "--minutes-per-category must be positive"),
+    (["--categories", "weave,teapot"], "unknown synthetic categories ['teapot']"),
+    (["--resolution", "16"], "--resolution must be at least 32"),
+])
+def test_demo_bad_options_exit_2(tmp_path, capsys, argv, message):
+    code = main(["demo", "--out", str(tmp_path / "d"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("diffad demo: error: ") and message in err[0]
+
+
+def test_default_budget_is_split_across_categories():
+    from diffad.demo import DEFAULT_TRAIN_MINUTES_TOTAL, DemoConfig
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+
+    assert DemoConfig().minutes() == pytest.approx(DEFAULT_TRAIN_MINUTES_TOTAL / len(SYNTHETIC_CATEGORIES))
+    assert DemoConfig(categories=["weave"]).minutes() == pytest.approx(DEFAULT_TRAIN_MINUTES_TOTAL)
+    assert DemoConfig(minutes_per_category=2).minutes() == 2.0
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+
+    out = tmp_path / "demo_output"
+    assert main(["demo", "--out", str(out), "--tiny-budget"]) == 0
+    report = (out / "report.md").read_text()
+    # the table, one row per category, and every image link resolves
+    for category in SYNTHETIC_CATEGORIES:
+        assert re.search(rf"\| {category} \| \d\.\d{{3}} \(", report), category
+        pipe = SelfAwareInpaintPipeline.from_pretrained(out / "models" / category)
+        assert pipe.is_calibrated and pipe.segmenter is not None
+        card = ModelCard.load(out / "models" / category / "README.md")
+        evals = card.data.eval_results
+        assert {e.metric_config for e in evals} >= {"self_aware/multiscale", "self_aware/learned", "denoise/multiscale"}
+        assert all(0.0 <= e.metric_value <= 1.0 for e in evals)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) == len(SYNTHETIC_CATEGORIES) and all((out / link).is_file() for link in links)
+    assert "diffad detect --model" in report and "diffad push --model" in report
+    log = json.loads((out / "demo_log.json").read_text())
+    assert all(not step["skipped_last_run"] for step in log["steps"].values())
+
+    start = time.time()
+    assert main(["demo", "--out", str(out), "--tiny-budget"]) == 0
+    assert time.time() - start < 60  # every step skipped: only the cards and the report are rewritten
+    log = json.loads((out / "demo_log.json").read_text())
+    assert all(step["skipped_last_run"] for step in log["steps"].values())

@@ -1,0 +1,171 @@
+"""Saving and loading SelfAwareInpaintPipeline: natively with diffad, and as remote code where diffad is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+
+from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+from test_pipeline import QUICK, images, make_pipe
+
+PIPELINE_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
+
+# Run in a fresh interpreter where `import diffad` fails: only diffusers and the folder's pipeline.py are available.
+REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["diffad"] = None  # the editable install stays on sys.path: block the package itself
+    try:
+        import diffad  # noqa: F401
+        raise SystemExit("diffad must not be importable here")
+    except ImportError:
+        pass
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+    torch.set_num_threads(1)
+    folder, resaved, x_path, out_path = sys.argv[1:5]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__name__ == "SelfAwareInpaintPipeline", type(pipe)
+    assert not type(pipe).__module__.startswith("diffad"), type(pipe).__module__
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.from_numpy(np.load(x_path))
+    out = pipe(x, generator=torch.Generator().manual_seed(5), inpaint_timesteps=6, num_inpaint_steps=3,
+               resample_steps=2, num_mask_timesteps=2)
+    pipe.save_pretrained(resaved)
+    again = DiffusionPipeline.from_pretrained(resaved, trust_remote_code=True)
+    again.set_progress_bar_config(disable=True)
+    out2 = again(x, generator=torch.Generator().manual_seed(5), inpaint_timesteps=6, num_inpaint_steps=3,
+                 resample_steps=2, num_mask_timesteps=2)
+    np.savez(out_path, maps=out.anomaly_maps, scores=out.scores, decisions=out.is_anomalous, masks=out.masks,
+             maps2=out2.anomaly_maps, has_segmenter=again.segmenter is not None)
+""")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A calibrated pipeline with a segmenter, saved."""
+    torch.set_num_threads(1)
+    pipe = make_pipe(segmenter=True).calibrate(images(4, seed=1), mask_timesteps=(300, 302),
+                                                methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    folder = tmp_path_factory.mktemp("saved") / "pipe"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def expected_outputs(folder: Path):
+    pipe = SelfAwareInpaintPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(images(2, seed=8), generator=torch.Generator().manual_seed(5), **QUICK)
+
+
+def test_saved_folder_is_hub_ready(saved):
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "SelfAwareInpaintPipeline"]
+    assert index["calibration"] == ["pipeline", "AnomalyCalibration"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["segmenter"] == ["diffusers", "UNet2DModel"]
+    assert "_name_or_path" not in index
+    assert (saved / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
+    assert (saved / "calibration" / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
+    assert (saved / "calibration" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(saved.rglob("*.bin")) and not list(saved.rglob("*.pkl"))
+
+
+def test_native_round_trip_keeps_calibration_and_outputs(saved, tmp_path):
+    original = make_pipe(segmenter=True).calibrate(images(4, seed=1), mask_timesteps=(300, 302),
+                                                    methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    loaded = SelfAwareInpaintPipeline.from_pretrained(saved)
+    assert type(loaded) is SelfAwareInpaintPipeline and loaded.is_calibrated
+    assert torch.equal(loaded.calibration.q_threshold, original.calibration.q_threshold)
+    assert torch.equal(loaded.calibration.thresholds, original.calibration.thresholds)
+    for key in ("resolution", "percentile", "mask_timesteps", "mean_filter_size", "threshold_names", "mode",
+                "target_false_positive_rate"):
+        assert loaded.calibration.config[key] == original.calibration.config[key], key
+    loaded.set_progress_bar_config(disable=True)
+    x, kw = images(2, seed=8), dict(QUICK)
+    a = original(x, generator=torch.Generator().manual_seed(5), **kw)
+    b = loaded(x, generator=torch.Generator().manual_seed(5), **kw)
+    np.testing.assert_allclose(a.anomaly_maps, b.anomaly_maps, atol=1e-6)
+    c = loaded(x, anomaly_map="learned", generator=torch.Generator().manual_seed(5), **kw)
+    assert c.is_anomalous is not None
+    # save again from the loaded pipeline: still Hub-ready and loadable
+    loaded.save_pretrained(tmp_path / "again")
+    again = SelfAwareInpaintPipeline.from_pretrained(tmp_path / "again")
+    assert torch.equal(again.calibration.q_threshold, original.calibration.q_threshold)
+
+
+def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
+    expected = expected_outputs(saved)
+    x_path, out_path = tmp_path / "x.npy", tmp_path / "out.npz"
+    np.save(x_path, images(2, seed=8).numpy())
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, str(saved), str(tmp_path / "resaved"),
+                             str(x_path), str(out_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = np.load(out_path)
+    np.testing.assert_allclose(got["maps"], expected.anomaly_maps, atol=1e-6)
+    np.testing.assert_array_equal(got["masks"], expected.masks)
+    np.testing.assert_array_equal(got["decisions"], expected.is_anomalous)
+    np.testing.assert_allclose(got["maps2"], expected.anomaly_maps, atol=1e-6)
+    assert bool(got["has_segmenter"])
+    # the folder re-saved by the remote-code pipeline is Hub-ready and loads natively too
+    resaved = tmp_path / "resaved"
+    index = json.loads((resaved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "SelfAwareInpaintPipeline"]
+    assert index["calibration"] == ["pipeline", "AnomalyCalibration"]
+    assert (resaved / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
+    native = SelfAwareInpaintPipeline.from_pretrained(resaved)
+    native.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(native(images(2, seed=8), generator=torch.Generator().manual_seed(5),
+                                      **QUICK).anomaly_maps, expected.anomaly_maps, atol=1e-6)
+
+
+def test_remote_code_in_process(saved):
+    pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
+    assert type(pipe).__name__ == "SelfAwareInpaintPipeline" and pipe.is_calibrated
+
+
+def test_uncalibrated_training_style_save(tmp_path):
+    pipe = make_pipe()
+    SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "SelfAwareInpaintPipeline"]
+    assert index["calibration"] == [None, None] and index["segmenter"] == [None, None]
+    unet = UNet2DModel.from_pretrained(tmp_path / "out", subfolder="unet")
+    assert unet.config.in_channels == 6
+    loaded = SelfAwareInpaintPipeline.from_pretrained(tmp_path / "out")
+    assert not loaded.is_calibrated and loaded.segmenter is None
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert not remote.is_calibrated
+    # calibrate the loaded pipeline, save over it: now carries the calibration
+    loaded.set_progress_bar_config(disable=True)
+    loaded.calibrate(images(3, seed=1), mask_timesteps=(300, 301), methods=("denoise",))
+    loaded.save_pretrained(tmp_path / "out")
+    assert SelfAwareInpaintPipeline.from_pretrained(tmp_path / "out").calibration.threshold("denoise/multiscale") \
+        == pytest.approx(loaded.calibration.threshold("denoise/multiscale"))
+
+
+def test_unsupported_save_options(tmp_path):
+    with pytest.raises(ValueError, match="push_to_hub"):
+        make_pipe().save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(ValueError, match="safetensors"):
+        make_pipe().save_pretrained(tmp_path / "x", safe_serialization=False)

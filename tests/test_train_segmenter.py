@@ -1,0 +1,194 @@
+"""training/train_segmenter.py: the learned anomaly map added to a trained, calibrated tiny pipeline.
+
+End to end on the session's tiny DDPM (``trained_tiny_pipeline``, 32 px, synthetic default):
+calibrated here cheaply (3 mask timesteps), then a segmenter trained for a few steps on 8
+synthetic anomalies. The loss functions and the cache key are checked without any training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffad.training import train_segmenter as ts
+
+NUM_SYNTHETIC = 8
+
+
+def _args(model_dir: Path, cache_dir: Path, *extra: str):
+    return ts.parse_args([
+        "--model_dir", str(model_dir), "--cache_dir", str(cache_dir), "--num_synthetic", str(NUM_SYNTHETIC),
+        "--max_train_steps", "3", "--train_batch_size", "4", "--reconstruction_batch_size", "8",
+        "--cache_shard_size", "4", "--checkpointing_steps", "1000", "--seed", "0", *extra])
+
+
+def _validation_images(model_dir: Path, resolution: int) -> torch.Tensor:
+    data = ts.resolve_data(ts.parse_args(["--model_dir", str(model_dir)]), model_dir)
+    return ts.load_normal_images(data, resolution)[1]
+
+
+@pytest.fixture(scope="module")
+def calibrated_copy(trained_tiny_pipeline, tmp_path_factory) -> Path:
+    """A private copy of the session's tiny pipeline, calibrated cheaply on its validation split."""
+    from diffad import SelfAwareInpaintPipeline
+
+    model_dir = tmp_path_factory.mktemp("segmenter") / "model"
+    shutil.copytree(trained_tiny_pipeline, model_dir, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
+    pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    val = _validation_images(model_dir, pipe.resolution)
+    pipe.calibrate(val, mask_timesteps=(300, 302), methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    pipe.save_pretrained(str(model_dir))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def trained(calibrated_copy) -> dict:
+    """The segmenter trained into the calibrated copy (first run: builds the reconstruction cache)."""
+    cache_dir = calibrated_copy.parent / "cache"
+    out = ts.main(_args(calibrated_copy, cache_dir))
+    return {"model_dir": out, "cache_dir": cache_dir, "log": json.loads((out / ts.LOG_NAME).read_text())}
+
+
+# --------------------------------------------------------------------------- losses (no model)
+
+
+def test_focal_loss_reduces_to_bce_and_down_weights_easy_pixels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=g) * 3
+    targets = (torch.rand(2, 1, 8, 8, generator=g) > 0.7).float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(ts.focal_loss(logits, targets, gamma=0.0), bce, atol=1e-6)
+    # gamma > 0 scales every pixel's BCE by (1 - p_t)^gamma <= 1
+    assert ts.focal_loss(logits, targets, gamma=2.0) < bce
+    # a confident correct pixel (p_t = sigmoid(5) = 0.9933) is down-weighted by (1 - p_t)^2 = 4.5e-5
+    one = torch.tensor([[5.0]])
+    expected = (1 - torch.sigmoid(one)) ** 2 * F.binary_cross_entropy_with_logits(one, torch.ones(1, 1))
+    assert torch.allclose(ts.focal_loss(one, torch.ones(1, 1), gamma=2.0), expected.mean(), rtol=1e-5)
+    # alpha weights defect pixels by alpha and normal ones by 1 - alpha
+    pos, neg = torch.tensor([[0.0]]), torch.tensor([[0.0]])
+    assert ts.focal_loss(pos, torch.ones(1, 1), alpha=0.25) == pytest.approx(0.25 * 0.25 * 0.6931472, rel=1e-5)
+    assert ts.focal_loss(neg, torch.zeros(1, 1), alpha=0.25) == pytest.approx(0.75 * 0.25 * 0.6931472, rel=1e-5)
+    parts = ts.segmentation_loss(logits, targets, gamma=2.0, bce_weight=0.5)
+    assert torch.allclose(parts["loss"], parts["focal"] + 0.5 * parts["bce"])
+
+
+def test_bad_flags_exit_2_with_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        ts.parse_args(["--model_dir", str(tmp_path), "--train_batch_size", "many"])
+    assert err.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    rc = ts.run_with_clear_errors(lambda: ts.parse_args(["--model_dir", str(tmp_path), "--learning_rate", "0"]),
+                                  ts.PROG)
+    assert rc == 2 and "--learning_rate must be positive" in capsys.readouterr().err
+    rc = ts.run_with_clear_errors(lambda: ts.main(ts.parse_args(["--model_dir", str(tmp_path / "nope")])), ts.PROG)
+    err_text = capsys.readouterr().err.strip()
+    assert rc == 2 and "not a pipeline folder" in err_text and len(err_text.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the tiny pipeline
+
+
+def test_uncalibrated_model_is_refused_with_exit_2(trained_tiny_pipeline, tmp_path, capsys):
+    rc = ts.run_with_clear_errors(lambda: ts.main(_args(trained_tiny_pipeline, tmp_path / "cache")), ts.PROG)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.splitlines() == [err] and "is not calibrated" in err
+    assert not (trained_tiny_pipeline / "segmenter").exists()
+    assert not (tmp_path / "cache").exists()  # refused before any reconstruction
+
+
+def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
+    from diffad import SelfAwareInpaintPipeline
+    from diffad.anomalies import AnomalySynthesizer
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained(str(calibrated_copy))
+    images = torch.zeros(4, 3, 32, 32)
+    names = ["train/good/000.png", "train/good/001.png", "train/good/002.png", "train/good/003.png"]
+
+    def key(synth=None, num=16, mode="fast", imgs=images, seed=0):
+        synthesis = {"synthesizer": (synth or AnomalySynthesizer()).config, "seed": seed, "num_synthetic": num}
+        return ts.reconstruction_cache_key(pipe, calibrated_copy, synthesis=synthesis,
+                                           inference=ts.inference_settings(pipe, mode), train_images=imgs,
+                                           train_file_names=names)[0]
+
+    base = key()
+    assert key() == base  # deterministic
+    assert key(AnomalySynthesizer(normal_probability=0.3)) != base
+    assert key(AnomalySynthesizer(beta_range=(0.5, 1.0))) != base
+    assert key(num=17) != base
+    assert key(seed=1) != base
+    assert key(mode="reference") != base
+    edited = images.clone()
+    edited[0, 0, 0, 0] = 0.5
+    assert key(imgs=edited) != base
+    # new weights or a new threshold map Q_p change it; the image thresholds do not
+    pipe.calibration.thresholds.add_(1.0)
+    assert key() == base
+    pipe.calibration.q_threshold.add_(1e-3)
+    assert key() != base
+
+
+def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained):
+    from diffad import SelfAwareInpaintPipeline
+
+    model_dir, log = trained["model_dir"], trained["log"]
+    assert (model_dir / "segmenter" / "config.json").is_file()
+    assert (model_dir / "segmenter" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((model_dir / "model_index.json").read_text())["segmenter"] == ["diffusers", "UNet2DModel"]
+    summary = log["summary"]
+    assert summary["total_optimizer_steps"] == 3 and summary["stopped_by"] == "max_train_steps"
+    assert summary["cache_hit"] is False
+    assert len(summary["step_losses"]) == 3 and all(v > 0 for v in summary["step_losses"])
+    assert log["config"]["num_synthetic"] == NUM_SYNTHETIC
+    assert 0.0 < log["config"]["synthetic_mask_share"] < 0.5  # some, not most, pixels are synthetic defects
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.segmenter.config.in_channels == 6 and pipe.segmenter.config.out_channels == 1
+    threshold = pipe.calibration.threshold("self_aware/learned")
+    assert threshold == pytest.approx(summary["learned_threshold"])
+    assert pipe.calibration.threshold("self_aware/multiscale") is not None  # kept
+    images = _validation_images(model_dir, pipe.resolution)[:3]
+    out = pipe(images, anomaly_map="learned", generator=torch.Generator().manual_seed(0))
+    r = pipe.resolution
+    assert out.anomaly_maps.shape == (3, r, r) and out.scores.shape == (3,)
+    assert out.anomaly_maps.min() >= 0.0 and out.anomaly_maps.max() <= 1.0
+    assert out.scores == pytest.approx(out.anomaly_maps.reshape(3, -1).max(axis=1))
+    assert out.is_anomalous.dtype == bool
+    assert list(out.is_anomalous) == [bool(s > threshold) for s in out.scores]
+
+
+def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):
+    model_dir, cache_dir = trained["model_dir"], trained["cache_dir"]
+    caches = sorted(p.name for p in cache_dir.iterdir())
+    assert len(caches) == 1 and caches[0].startswith("segmenter-reconstructions-")
+
+    def no_ddpm(*args, **kwargs):
+        raise AssertionError("the rerun reconstructed images instead of reusing the cache")
+
+    monkeypatch.setattr(ts, "reconstruct", no_ddpm)
+    ts.main(_args(model_dir, cache_dir))
+    log = json.loads((model_dir / ts.LOG_NAME).read_text())
+    assert log["summary"]["cache_hit"] is True
+    assert log["config"]["cache_key"] == trained["log"]["config"]["cache_key"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == caches  # nothing new written
+
+
+def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_path):
+    model_dir, cache_dir = trained["model_dir"], trained["cache_dir"]
+    ckpt = tmp_path / "ckpt"
+    ts.main(_args(model_dir, cache_dir, "--checkpoint_dir", str(ckpt), "--checkpointing_steps", "2",
+                  "--max_train_steps", "2"))
+    assert (ckpt / "checkpoint-2").is_dir()
+    ts.main(_args(model_dir, cache_dir, "--checkpoint_dir", str(ckpt), "--checkpointing_steps", "2",
+                  "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    log = json.loads((model_dir / ts.LOG_NAME).read_text())
+    assert log["summary"]["total_optimizer_steps"] == 4
+    assert [r["global_step"] for r in log["summary"]["resumed_from"]] == [2]
+    assert len(log["summary"]["step_losses"]) == 4
