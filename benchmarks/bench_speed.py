@@ -25,7 +25,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,15 +95,18 @@ def train_model(args: argparse.Namespace) -> Path:
 
 def run_path(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, *, seed: int, **call_kwargs: Any) -> Dict[str, Any]:
     """Every image alone (batch 1), timed; seeds ``seed + i`` per image so that paths see the same noise seeds."""
-    seconds, scores, maps, passes = [], [], [], []
+    seconds, scores, maps, passes, recs, masks = [], [], [], [], [], []
     for i in range(images.shape[0]):
         start = time.perf_counter()
-        out = pipe(images[i:i + 1], generator=torch.Generator().manual_seed(seed + i), **call_kwargs)
+        out = pipe(images[i:i + 1], generator=torch.Generator().manual_seed(seed + i), output_type="pt", **call_kwargs)
         seconds.append(time.perf_counter() - start)
         scores.append(float(out.scores[0]))
-        maps.append(out.anomaly_maps[0])
+        maps.append(out.anomaly_maps[0].numpy())
         passes.append(int(out.num_unet_passes))
-    return {"seconds": seconds, "scores": np.array(scores), "maps": np.stack(maps), "passes": passes}
+        recs.append(out.reconstructions[0] * 2 - 1)
+        masks.append(out.masks[0].numpy())
+    return {"seconds": seconds, "scores": np.array(scores), "maps": np.stack(maps), "passes": passes,
+            "reconstructions": torch.stack(recs), "masks": np.stack(masks)}
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:

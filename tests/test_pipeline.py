@@ -77,7 +77,7 @@ def test_pipeline_file_imports_only_torch_diffusers_numpy():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "pipeline.py must not use relative imports (it ships alone)"
             roots.add(node.module.split(".")[0])
-    stdlib = {"__future__", "dataclasses", "typing", "json", "math", "os", "shutil"}
+    stdlib = {"__future__", "dataclasses", "typing", "json", "os", "shutil"}
     assert roots - stdlib <= {"torch", "diffusers", "numpy"}, roots
 
 

@@ -20,6 +20,15 @@ from diffad.training import train_segmenter as ts
 NUM_SYNTHETIC = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two spinning OpenMP threads make these runs ~5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _args(model_dir: Path, cache_dir: Path, *extra: str):
     return ts.parse_args([
         "--model_dir", str(model_dir), "--cache_dir", str(cache_dir), "--num_synthetic", str(NUM_SYNTHETIC),
@@ -114,7 +123,7 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
     def key(synth=None, num=16, mode="fast", imgs=images, seed=0):
         synthesis = {"synthesizer": (synth or AnomalySynthesizer()).config, "seed": seed, "num_synthetic": num}
         return ts.reconstruction_cache_key(pipe, calibrated_copy, synthesis=synthesis,
-                                           inference=ts.inference_settings(pipe, mode), train_images=imgs,
+                                           inference=ts.inference_settings(mode), train_images=imgs,
                                            train_file_names=names)[0]
 
     base = key()
@@ -180,6 +189,7 @@ def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):
     assert sorted(p.name for p in cache_dir.iterdir()) == caches  # nothing new written
 
 
+@pytest.mark.slow
 def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_path):
     model_dir, cache_dir = trained["model_dir"], trained["cache_dir"]
     ckpt = tmp_path / "ckpt"

@@ -462,7 +462,9 @@ def main(args: argparse.Namespace) -> Path:
                              f"has {steps_per_epoch}: resume with the same batch size, data and number of processes")
 
     # 4. train
-    progress = tqdm(total=max_train_steps, initial=state["global_step"], desc="steps",
+    # With a time budget and no step limit, the step total is not known in advance.
+    total = None if (args.max_train_minutes and not args.max_train_steps) else max_train_steps
+    progress = tqdm(total=total, initial=state["global_step"], desc="steps",
                     disable=not accelerator.is_local_main_process)
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
@@ -487,7 +489,8 @@ def main(args: argparse.Namespace) -> Path:
                 break
             clean = batch["pixel_values"].float()
             g = seeded_generator(args.seed, epoch, batch_index, rank)  # the same draws after a resume
-            clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
+            if args.random_flip or args.random_rot90:
+                clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
             noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
             timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), generator=g).to(accelerator.device)
             self_condition = bool(torch.rand((), generator=g) < args.self_condition_prob)

@@ -381,7 +381,7 @@ def _sha256_tensor(tensor: torch.Tensor) -> str:
     return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
 
 
-def inference_settings(pipe: SelfAwareInpaintPipeline, mode: str) -> Dict[str, Any]:
+def inference_settings(mode: str) -> Dict[str, Any]:
     """What the reconstructions depend on besides the weights and the inputs: the method, the mode and the
     mode's levers as the pipeline defines them (so a change of the pipeline's defaults changes the key)."""
     levers = dict(FAST_SETTINGS if mode == "fast" else REFERENCE_SETTINGS)
@@ -598,7 +598,7 @@ def main(args: argparse.Namespace) -> Path:
     synthesizer = AnomalySynthesizer(args.textures_dir, normal_probability=args.normal_probability)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
                  "sample_rule": "image i mod N, generator seeded_generator(seed, 1, i)"}
-    inference = inference_settings(pipe, mode)
+    inference = inference_settings(mode)
     key, payload = reconstruction_cache_key(pipe, model_dir, synthesis=synthesis, inference=inference,
                                             train_images=train_images, train_file_names=file_names)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(model_dir)

@@ -26,7 +26,6 @@ class, imported) needs no remote code.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -78,6 +77,7 @@ FAST_SETTINGS: Dict[str, Any] = {
 }
 
 ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
+_WARNED_NO_THRESHOLD: set = set()  # (method, map) pairs already warned about, to warn once per process
 
 
 def predict_noise(
@@ -868,11 +868,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         decisions = None
         if not _skip_decision:
             threshold = cal.threshold(f"{method}/{anomaly_map}") if cal is not None else None
-            if threshold is None:
+            if threshold is None and (method, anomaly_map) not in _WARNED_NO_THRESHOLD:
+                _WARNED_NO_THRESHOLD.add((method, anomaly_map))
                 logger.warning(f"no image threshold calibrated for method={method!r}, anomaly_map={anomaly_map!r}: "
                                f"is_anomalous is None; call pipe.calibrate_threshold(normal_images, method={method!r}, "
                                f"anomaly_map={anomaly_map!r}) to get decisions")
-            else:
+            if threshold is not None:
                 decisions = scores > threshold
 
         rec01 = (recs / 2 + 0.5).clamp(0, 1)

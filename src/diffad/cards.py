@@ -61,10 +61,6 @@ class ResultRow:
     method: str
     metrics: dict[str, float]
 
-    @property
-    def label(self) -> str:
-        return self.method
-
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
@@ -269,13 +265,16 @@ def make_model_card(
         if len(categories) != 1:
             raise ValueError(f"results hold several categories {categories}: pass --category")
         category = categories[0]
-    rows = [r for r in rows if r.category == category]
+    order = {"self_aware": 0, "denoise": 1, "multiscale": 0, "learned": 1}
+    rows = sorted((r for r in rows if r.category == category),
+                  key=lambda r: tuple(order.get(part, 9) for part in r.method.split("/")) + (r.method,))
     if not rows:
         raise ValueError(f"no results for category {category!r} (the results hold {categories})")
 
     data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
     is_mvtec = "mvtec" in data_dir.lower()
-    is_synthetic = "synthetic" in data_dir.lower() or str(category).startswith("synthetic")
+    is_synthetic = (dataset_type == "diffad-synthetic" or "synthetic" in data_dir.lower()
+                    or (data_dir != "" and (Path(data_dir) / ".diffad-demo-data.json").is_file()))
     if dataset_type is None:
         dataset_type = "mvtec_ad" if is_mvtec else ("diffad-synthetic" if is_synthetic else "custom")
     if dataset_name is None:

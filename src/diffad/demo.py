@@ -228,7 +228,7 @@ def run_demo(config: DemoConfig) -> Path:
     for category in categories:
         card = make_model_card(models_dir / category, {"category": category,
                                                        "metrics": metrics["categories"][category]},
-                               repo_id=f"your-username/diffad-demo-{category}",
+                               repo_id=f"your-username/diffad-demo-{category}", dataset_type="diffad-synthetic",
                                seconds_per_image={k: v["seconds_per_image"]
                                                   for k, v in metrics["categories"][category].items()
                                                   if "seconds_per_image" in v})

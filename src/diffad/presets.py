@@ -148,7 +148,7 @@ def unet_kwargs(preset: str, **overrides: Any) -> Dict[str, Any]:
     if resolution < factor or resolution % factor:
         raise ValueError(
             f"resolution {resolution} must be a positive multiple of {factor} for {len(widths)} UNet levels "
-            f"(block_out_channels={widths}); pick e.g. {max(factor, resolution - resolution % factor)}"
+            f"(block_out_channels={widths}); pick e.g. {-(-resolution // factor) * factor}"
         )
     bad = [c for c in widths if c % groups]
     if bad:
