@@ -42,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data_dir", required=True, help="MVTec AD-layout root (or a category folder).")
     p.add_argument("--category", default=None, help="Category folder name (e.g. bottle).")
     p.add_argument("--model", default=None, help="Trained pipeline folder; trained here when absent (see --train_*).")
-    p.add_argument("--train_output_dir", default=None, help="Where to train a model when --model is not given.")
+    p.add_argument("--train_output_dir", default=None, help="Where to train a model when --model is not given "
+                   "(a finished model already there is reused).")
     p.add_argument("--train_preset", default="tiny", help="train_ddpm --preset when training here.")
     p.add_argument("--train_minutes", type=float, default=5.0, help="train_ddpm --max_train_minutes when training here.")
     p.add_argument("--resolution", type=int, default=64, help="Image resolution R (must match the model).")
@@ -85,6 +86,9 @@ def train_model(args: argparse.Namespace) -> Path:
     from diffad.training.train_ddpm import main, parse_args as train_parse_args
 
     out = args.train_output_dir or f"bench_model_{args.category or 'data'}_{args.resolution}"
+    if (Path(out) / "model_index.json").is_file():
+        logger.info("reusing the model already trained in %s", out)
+        return Path(out)
     argv = ["--data_dir", args.data_dir, "--output_dir", out, "--preset", args.train_preset,
             "--resolution", str(args.resolution), "--max_train_minutes", str(args.train_minutes),
             "--report_to", "none", "--seed", str(args.seed)]

@@ -46,6 +46,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "fast_resample3": dict(mode="fast", resample_steps=3),
     "fast_steps5": dict(mode="fast", num_inpaint_steps=5),
     "fast_steps20x1": dict(mode="fast", num_inpaint_steps=20, resample_steps=1),
+    "fast_steps7x3": dict(mode="fast", num_inpaint_steps=7, resample_steps=3),
+    "fast_steps7x3_fresh": dict(mode="fast", num_inpaint_steps=7, resample_steps=3, renoise="fresh"),
     "fast_mask1": dict(mode="fast", num_mask_timesteps=1),
     "fast_selfcond_zeros": dict(mode="fast", self_condition_init="zeros"),
     "denoise_reference": dict(method="denoise", mode="reference"),

@@ -202,3 +202,35 @@ def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_pat
     assert log["summary"]["total_optimizer_steps"] == 4
     assert [r["global_step"] for r in log["summary"]["resumed_from"]] == [2]
     assert len(log["summary"]["step_losses"]) == 4
+
+
+@pytest.mark.slow
+def test_interrupted_cache_build_resumes_from_complete_shards(trained, tmp_path, monkeypatch):
+    import datasets
+
+    model_dir = trained["model_dir"]
+    real_reconstruct, calls = ts.reconstruct, []
+
+    def crash_on_second_shard(pipe, images, generators, **kwargs):
+        calls.append(images.shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_reconstruct(pipe, images, generators, **kwargs)
+
+    monkeypatch.setattr(ts, "reconstruct", crash_on_second_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ts.main(_args(model_dir, tmp_path))
+    partial = next(tmp_path.glob("segmenter-reconstructions-*.partial"))
+    assert sorted(p.name for p in partial.iterdir() if p.name.startswith("shard-")) == ["shard-00000"]
+
+    calls.clear()
+    monkeypatch.setattr(ts, "reconstruct", lambda *a, **k: calls.append(a[1].shape[0]) or real_reconstruct(*a, **k))
+    ts.main(_args(model_dir, tmp_path))
+    assert calls == [NUM_SYNTHETIC - 4]  # only the missing shard (shard size 4) was reconstructed
+    assert not partial.exists()
+    # the resumed cache equals the one built in a single run (same key, same samples, same noise)
+    key = trained["log"]["config"]["cache_key"]
+    resumed = datasets.load_from_disk(str(tmp_path / f"segmenter-reconstructions-{key}")).with_format("torch")
+    single = datasets.load_from_disk(str(trained["cache_dir"] / f"segmenter-reconstructions-{key}")).with_format("torch")
+    for column in ("index", "source_index", "image", "reconstruction", "mask"):
+        assert torch.equal(resumed[:][column], single[:][column]), column

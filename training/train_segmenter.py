@@ -577,7 +577,7 @@ def main(args: argparse.Namespace) -> Path:
         project_config=ProjectConfiguration(project_dir=str(model_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
 
     # 1. the frozen, calibrated pipeline and the category's normal images
     pipe = load_calibrated_pipeline(model_dir).to(accelerator.device)
@@ -594,7 +594,13 @@ def main(args: argparse.Namespace) -> Path:
     logger.info(f"{category}: {train_images.shape[0]} normal training images -> {num_synthetic} synthetic samples, "
                 f"{val_images.shape[0]} validation images; resolution {resolution}, mode {mode!r}, world size {world}")
 
-    # 2. the reconstructed synthetic set: reuse the cache or build it once
+    # 2. the segmenter (same initial weights on every rank; built now so that bad shape flags fail before the
+    # expensive reconstructions)
+    set_seed(args.seed)
+    segmenter = make_segmenter(resolution, **_segmenter_kwargs(args))
+    num_params = count_parameters(segmenter)
+
+    # 3. the reconstructed synthetic set: reuse the cache or build it once
     synthesizer = AnomalySynthesizer(args.textures_dir, normal_probability=args.normal_probability)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
                  "sample_rule": "image i mod N, generator seeded_generator(seed, 1, i)"}
@@ -630,10 +636,7 @@ def main(args: argparse.Namespace) -> Path:
     masks = train_set[:]["mask"].float()
     mask_share = float(masks.mean())  # share of defect pixels over the synthetic set
 
-    # 3. the segmenter, optimiser and data (same initial weights on every rank)
-    set_seed(args.seed)
-    segmenter = make_segmenter(resolution, **_segmenter_kwargs(args))
-    num_params = count_parameters(segmenter)
+    # 4. the optimiser and data
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
                                                    generator=torch.Generator().manual_seed(args.seed))
@@ -657,7 +660,7 @@ def main(args: argparse.Namespace) -> Path:
                                     if not k.startswith("_")})
     log = TrainingLog(config)
 
-    # 4. resume
+    # 5. resume
     state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
                              "epoch_focal_sum": 0.0, "epoch_bce_sum": 0.0, "epoch_batches": 0, "epoch_seconds": 0.0,
                              "train_seconds": 0.0, "step_losses": [], "resumed_from": []}
@@ -680,7 +683,7 @@ def main(args: argparse.Namespace) -> Path:
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
                                                                 "global_step": state["global_step"]}]
 
-    # 5. train: focal + BCE on segmenter_logits(image, reconstruction) -> synthetic mask
+    # 6. train: focal + BCE on segmenter_logits(image, reconstruction) -> synthetic mask
     progress = tqdm(total=max_train_steps, initial=state["global_step"], desc="segmenter steps",
                     disable=not accelerator.is_local_main_process)
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
@@ -755,7 +758,7 @@ def main(args: argparse.Namespace) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
 
-    # 6. add the segmenter to the pipeline, calibrate the learned map's threshold, save into model_dir
+    # 7. add the segmenter to the pipeline, calibrate the learned map's threshold, save into model_dir
     if accelerator.is_main_process:
         final = make_segmenter(resolution, **_segmenter_kwargs(args))
         final.load_state_dict(accelerator.unwrap_model(segmenter).state_dict())

@@ -171,6 +171,22 @@ def _hyperparameters(config: Mapping[str, Any], log: Mapping[str, Any]) -> list[
     return out
 
 
+_SEGMENTER_KEYS = ("num_synthetic", "normal_probability", "textures_dir", "mode", "train_batch_size", "learning_rate",
+                   "focal_gamma", "focal_alpha", "bce_weight", "max_train_minutes", "seed")
+_SEGMENTER_SUMMARY_KEYS = ("total_optimizer_steps", "stopped_by", "final_train_loss", "train_seconds",
+                           "learned_threshold", "num_parameters")
+
+
+def _segmenter_hyperparameters(model_dir: Path) -> list[tuple[str, str]]:
+    """Rows of the segmenter table from ``segmenter_log.json`` (written by ``training/train_segmenter.py``)."""
+    log = _read_json(model_dir / "segmenter_log.json")
+    config = log.get("config") if isinstance(log.get("config"), Mapping) else {}
+    summary = log.get("summary") if isinstance(log.get("summary"), Mapping) else {}
+    items = [(k, config[k]) for k in _SEGMENTER_KEYS if config.get(k) is not None]
+    items += [(k, summary[k]) for k in _SEGMENTER_SUMMARY_KEYS if summary.get(k) is not None]
+    return [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in items]
+
+
 def _eval_table(rows: list[ResultRow]) -> str:
     present = [k for k in METRICS if any(k in r.metrics for r in rows)]
     lines = ["| method / map | " + " | ".join(METRICS[k] for k in present) + " |",
@@ -347,6 +363,7 @@ def make_model_card(
         target_fpr_percent=f"{100 * float(config.get('target_false_positive_rate', 0.05)):.0f}%",
         num_train_images=num_train, data_license_note=data_license_note,
         dataset_description=dataset_description, hyperparameters=hyperparameters,
+        segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
         training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
         default_map=default_map)
 
