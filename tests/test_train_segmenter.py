@@ -136,7 +136,31 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
     edited = images.clone()
     edited[0, 0, 0, 0] = 0.5
     assert key(imgs=edited) != base
-    # new weights or a new threshold map Q_p change it; the image thresholds do not
+    # the folder a model was loaded from (diffusers writes it into config.json on re-save) does not change it
+    config_path = calibrated_copy / "unet" / "config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config["_name_or_path"] = "/somewhere/else/unet"
+    config_path.write_text(json.dumps(config))
+    try:
+        assert key() == base
+    finally:
+        config_path.write_text(original)
+    # new UNet weights change it
+    from safetensors.torch import load_file, save_file
+
+    weights_path = calibrated_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = weights_path.read_bytes()
+    weights = load_file(str(weights_path))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(weights_path))
+    try:
+        assert key() != base
+    finally:
+        weights_path.write_bytes(raw)
+    assert key() == base
+    # a new threshold map Q_p changes it; the image thresholds do not
     pipe.calibration.thresholds.add_(1.0)
     assert key() == base
     pipe.calibration.q_threshold.add_(1e-3)

@@ -365,10 +365,14 @@ def load_normal_images(data: Dict[str, Any], resolution: int) -> Tuple[torch.Ten
 # --------------------------------------------------------------------------- the reconstruction cache
 
 
-def _sha256_files(folder: Path) -> str:
-    """sha256 over the names and bytes of every file under ``folder`` (sorted), e.g. a component's weights."""
+def _sha256_weights(folder: Path) -> str:
+    """sha256 over the names and bytes of the weight files (``*.safetensors``, ``*.bin``) under ``folder``.
+
+    Configs are hashed separately, as parsed values: diffusers writes the folder a model was loaded from into
+    ``config.json`` (``_name_or_path``) when it re-saves it, which must not change a key.
+    """
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")):
         h.update(path.relative_to(folder).as_posix().encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -400,7 +404,7 @@ def reconstruction_cache_key(
 ) -> Tuple[str, Dict[str, Any]]:
     """The cache key of a reconstructed synthetic training set.
 
-    It hashes: the UNet's files (``<model_dir>/unet``: weights and config), the scheduler's config, the
+    It hashes: the UNet's weight files (``<model_dir>/unet``) and config, the scheduler's config, the
     calibration parts that shape the inpainting mask (``Q_p``, percentile, mask timesteps, resolution; not the
     image thresholds, which adding a segmenter changes), ``inference`` (:func:`inference_settings`),
     ``synthesis`` (synthesiser config, seed, number of samples) and the normal training images (file names and
@@ -412,7 +416,8 @@ def reconstruction_cache_key(
     cal = pipe.calibration
     payload = {
         "format": CACHE_FORMAT_VERSION,
-        "unet_sha256": _sha256_files(model_dir / "unet"),
+        "unet_weights_sha256": _sha256_weights(model_dir / "unet"),
+        "unet_config": {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")},
         "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "calibration": {
             "q_threshold_sha256": _sha256_tensor(cal.q_threshold),

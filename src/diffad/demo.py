@@ -28,7 +28,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -67,7 +67,6 @@ class DemoConfig:
     num_test_defect_per_type: int = 6
     num_synthetic: int = 160
     eval_batch_size: int = 16
-    steps: dict[str, float] = field(default_factory=dict)
 
     def resolved_categories(self) -> list[str]:
         from diffad.synthetic import SYNTHETIC_CATEGORIES
@@ -115,7 +114,7 @@ class _Steps:
         from diffad.training_utils import atomic_write_json
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.log_path, {"config": {k: v for k, v in asdict(self.config).items() if k != "steps"},
+        atomic_write_json(self.log_path, {"config": asdict(self.config),
                                           "steps": self.times, "python": platform.python_version(),
                                           "cpu_count": os.cpu_count()})
 
@@ -374,5 +373,8 @@ def run(args: argparse.Namespace) -> int:
                         else None, **kwargs)
     start = time.time()
     report = run_demo(config)
+    table = Path(config.out) / "evaluation" / "table.md"
+    if table.is_file():
+        print(table.read_text(encoding="utf-8"))
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; open {report}")
     return 0

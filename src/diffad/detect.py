@@ -164,7 +164,9 @@ def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
 
 def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np.ndarray],
                   vmax: Optional[float], out_path: Path) -> None:
-    """Draw ``anomaly_map`` (R, R) and the mask outline over ``photo`` at the photo's size (capped)."""
+    """Draw ``anomaly_map`` (R, R) and the inpainting mask's outline (R, R bool) over ``photo``, at the photo's
+    size capped to :data:`MAX_OVERLAY_SIDE`; the map is divided by twice the image threshold (``vmax``) so that
+    the middle of the colour scale is the pass/fail threshold on every image."""
     from diffad.figures import overlay
 
     photo = photo.copy()
@@ -178,7 +180,12 @@ def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np
         heat_np = np.clip(heat_np / (2.0 * vmax), 0.0, 1.0)
     outline = None
     if mask is not None:
-        mask_img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        from scipy.ndimage import binary_opening
+
+        # The calibrated mask flags ~(1 - percentile) of the pixels of any image, mostly isolated ones;
+        # outlining those would hide the photo, so only regions of at least 2 x 2 model pixels are drawn.
+        mask = binary_opening(np.asarray(mask, dtype=bool), structure=np.ones((2, 2), dtype=bool))
+        mask_img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         outline = np.asarray(mask_img) > 127
     tmp = out_path.with_name(out_path.name + ".tmp")
     overlay(np.asarray(photo, dtype=np.uint8), heat_np, mask_outline=outline).save(tmp, format="PNG")
