@@ -31,3 +31,7 @@ anomaly-samples: venv
 # Training speed of the `small` preset at 64 px on this CPU, and its loss after a fixed budget.
 bench-train: venv
 	$(PY) benchmarks/bench_train.py --minutes 5
+
+# The end-to-end demo on the built-in synthetic data (about 10-13 min on 2 cores; re-runs skip finished steps).
+demo: venv
+	$(PY) -m diffad.cli demo --out demo_output
