@@ -35,3 +35,14 @@ bench-train: venv
 # The end-to-end demo on the built-in synthetic data (about 10-13 min on 2 cores; re-runs skip finished steps).
 demo: venv
 	$(PY) -m diffad.cli demo --out demo_output
+
+# Reference (thesis, 301 passes) against the fast path (23 passes), tiny and small models,
+# on the real bottle images and the synthetic default: s/image, passes, AUROC, peak memory -> JSON.
+BENCH_OUT ?= bench_output
+bench-speed: venv
+	mkdir -p $(BENCH_OUT)
+	$(PY) -c "from diffad import make_synthetic_dataset; make_synthetic_dataset('$(BENCH_OUT)/synthetic', seed=0, resolution=64)"
+	for preset in tiny small; do \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_speed.py --data_dir ../shared/data/mvtec_subset --category bottle --train_preset $$preset --train_minutes 8 --train_output_dir $(BENCH_OUT)/bottle_$$preset --resolution 64 --max_test_images 24 --output $(BENCH_OUT)/bench_speed_bottle_$$preset.json || exit 1; \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_speed.py --data_dir $(BENCH_OUT)/synthetic --category nut --train_preset $$preset --train_minutes 8 --train_output_dir $(BENCH_OUT)/nut_$$preset --resolution 64 --max_test_images 24 --output $(BENCH_OUT)/bench_speed_nut_$$preset.json || exit 1; \
+	done
