@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffad.cli import main
+from tiny_components import saved_tiny_pipeline
 
 RESULTS = [
     {"category": "weave", "method": "self_aware", "anomaly_map": "multiscale",
@@ -22,16 +22,7 @@ RESULTS = [
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A saved (uncalibrated) tiny pipeline with a training_log.json as train_ddpm.py writes it."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
-    folder = tmp_path_factory.mktemp("cards") / "model"
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")).save_pretrained(folder)
+    folder = saved_tiny_pipeline(tmp_path_factory.mktemp("cards") / "model", calibrated=False)
     log = {"config": {"data_dir": "/data/synthetic", "category": "weave", "preset": "tiny", "resolution": 32,
                       "learning_rate": 2e-4, "train_batch_size": 16, "seed": 0},
            "epochs": [{"epoch": 0, "train_loss": 0.5, "val_loss": 0.4}, {"epoch": 1, "train_loss": 0.2, "val_loss": 0.25}],

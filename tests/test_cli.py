@@ -7,19 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from diffad.cli import accelerate_launch_command, main, report_error
+from tiny_components import saved_tiny_pipeline
 
 SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _exit_code(argv) -> int:
@@ -142,16 +134,9 @@ def test_accelerate_flags_cpu_and_gpu():
 
 
 def test_calibrate_command_calibrates_and_keeps_training_files(synthetic_root, tmp_path, capsys):
-    from diffusers import DDPMScheduler, UNet2DModel
-
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    model = tmp_path / "model"
-    SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")).save_pretrained(model)
+    model = saved_tiny_pipeline(tmp_path / "model", calibrated=False)
     (model / "training_log.json").write_text(json.dumps({"config": {"category": "weave"}}))
     code = main(["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave",
                  "--percentile", "0.9", "--target-fpr", "0.1"])

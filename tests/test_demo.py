@@ -11,17 +11,6 @@ import pytest
 from diffad.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads thrash (the tiny demo took 9 min instead of 1.5)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--minutes-per-category", "0"], "--minutes-per-category must be positive"),
     (["--categories", "weave,teapot"], "unknown synthetic categories ['teapot']"),

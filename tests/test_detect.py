@@ -7,43 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffad.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on this shared 2-core machine two threads thrash (measured 20-30x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tiny_calibrated_pipeline(folder: Path) -> Path:
-    """A random-weight 32 px pipeline, calibrated (cheaply) on 4 random images, saved to ``folder``."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    pipe = SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid"))
-    pipe.set_progress_bar_config(disable=True)
-    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    pipe.calibrate(images, mask_timesteps=(300, 302), methods=("self_aware",),
-                   generator=torch.Generator().manual_seed(0))
-    pipe.save_pretrained(folder)
-    return folder
+from tiny_components import saved_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def calibrated_model(tmp_path_factory) -> Path:
-    return _tiny_calibrated_pipeline(tmp_path_factory.mktemp("detect") / "model")
+    return saved_tiny_pipeline(tmp_path_factory.mktemp("detect") / "model")
 
 
 @pytest.fixture
@@ -138,14 +110,7 @@ def test_detect_bad_input_one_line_exit_2(calibrated_model, image_folder, tmp_pa
 
 
 def test_detect_uncalibrated_model_is_refused(tmp_path, image_folder, capsys):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    SelfAwareInpaintPipeline(unet, DDPMScheduler(beta_schedule="sigmoid")).save_pretrained(tmp_path / "raw")
+    saved_tiny_pipeline(tmp_path / "raw", calibrated=False)
     code = main(["detect", "--model", str(tmp_path / "raw"), str(image_folder), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "is not calibrated" in err and "diffad calibrate" in err

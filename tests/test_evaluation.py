@@ -16,6 +16,7 @@ from PIL import Image
 
 from diffad.evaluation import evaluate_pipeline, image_seed, main, markdown_table, resolve_model_dir
 from diffad.figures import FigureRow, inspection_figure, overlay
+from tiny_components import tiny_pipeline, tiny_unet
 
 CATEGORY = "weave"
 # few UNet passes per image, so that the tests stay fast on a busy 2-core CPU
@@ -23,18 +24,7 @@ FAST = ["--num-inpaint-steps", "2", "--resample-steps", "1", "--num-mask-timeste
 PIPE_KWARGS = {"num_inpaint_steps": 2, "resample_steps": 1, "num_mask_timesteps": 2, "denoise_steps": 2}
 
 
-def _tiny_pipeline():
-    from diffusers import DDPMScheduler, UNet2DModel
 
-    from diffad import SelfAwareInpaintPipeline
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    pipe = SelfAwareInpaintPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def tiny_model(small_data, tmp_path_factory) -> Path:
     """
     from diffad import load_mvtec
 
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     train_good = load_mvtec(small_data, CATEGORY, resolution=32, validation_fraction=0.5)["validation"]
     pipe.calibrate([row["image"] for row in train_good], mask_timesteps=(300, 302), methods=("self_aware",),
                    generator=torch.Generator().manual_seed(0))
@@ -196,15 +186,10 @@ def test_overlay_and_figure(tmp_path):
 
 def test_learned_map_columns(tiny_model, small_data, tmp_path):
     """With a segmenter, the learned map is evaluated beside the multi-scale one and gets its figure column."""
-    from diffusers import UNet2DModel
-
     from diffad import SelfAwareInpaintPipeline, load_mvtec
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(tiny_model / CATEGORY)
-    torch.manual_seed(1)
-    pipe.register_modules(segmenter=UNet2DModel(
-        sample_size=32, in_channels=6, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")))
+    pipe.register_modules(segmenter=tiny_unet(1, seed=1, block_out_channels=(8, 16)))
     split = load_mvtec(small_data, CATEGORY, resolution=32)["test"]
     result = evaluate_pipeline(pipe, split, methods=["denoise"], batch_size=4, seed=3, progress=False,
                                pipeline_kwargs=PIPE_KWARGS, num_figure_rows=2)

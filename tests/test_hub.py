@@ -7,42 +7,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffad.cli import main
+from tiny_components import calibrate_cheaply, tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
-
-def _tiny_pipeline():
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    pipe = SelfAwareInpaintPipeline(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """``ready``: calibrated, with a card and training leftovers; ``uncalibrated``; ``no_card``."""
     root = tmp_path_factory.mktemp("hub")
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     pipe.save_pretrained(root / "uncalibrated")
     (root / "uncalibrated" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# card\n")
-    pipe.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
-                   mask_timesteps=(300, 302), methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    calibrate_cheaply(pipe)
     pipe.save_pretrained(root / "no_card")
     shutil.copytree(root / "no_card", root / "ready")
     (root / "ready" / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# card\n")

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,24 +48,23 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
-from diffad.training_utils import (
+from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pipeline: shared with train_segmenter.py
+    BEST_WEIGHTS,
     CHECKPOINT_MARKER,
     OneLineArgumentParser,
     TrainingLog,
-    atomic_write_json,
     augment_batch,
-    commit_directory,
-    incomplete_path,
-    latest_checkpoint,
     parse_int_list,
     remove_incomplete,
-    rotate_checkpoints,
     run_with_clear_errors,
+    resolve_resume,
+    save_checkpoint,
+    save_pipeline,
     seeded_generator,
 )
 
@@ -78,7 +76,6 @@ _PRESET_FLAGS = (
     "resolution", "train_batch_size", "learning_rate", "num_epochs", "optimizer", "lr_warmup_steps",
     "block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups",
 )
-_BEST_WEIGHTS = "best_unet.safetensors"
 
 
 def _tensorboard_available() -> bool:
@@ -308,52 +305,6 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: Dict[str, Any],
-                    best_weights: Optional[Dict[str, torch.Tensor]], total_limit: Optional[int]) -> Path:
-    """Save a resumable checkpoint ``output_dir/checkpoint-<step>`` crash-safely.
-
-    Every process writes its share (``accelerator.save_state``: model, optimiser, lr scheduler,
-    EMA, RNG states) into ``.checkpoint-<step>.incomplete``; then the main process adds the best
-    weights and the training state (the marker file, written last) and renames the folder.
-    """
-    dest = output_dir / f"checkpoint-{step}"
-    tmp = incomplete_path(dest)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if best_weights is not None:
-            save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / _BEST_WEIGHTS))
-        atomic_write_json(tmp / CHECKPOINT_MARKER, state)
-        commit_directory(tmp, dest)
-        rotate_checkpoints(output_dir, total_limit)
-        logger.info(f"saved checkpoint {dest}")
-    accelerator.wait_for_everyone()
-    return dest
-
-
-def resolve_resume(args: argparse.Namespace, output_dir: Path) -> Optional[Path]:
-    """The checkpoint to resume from, or ``None`` for a fresh start."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logging.getLogger(__name__).info("no complete checkpoint in %s: starting a new training run", output_dir)
-        return path
-    path = Path(args.resume_from_checkpoint)
-    if not (path / CHECKPOINT_MARKER).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder "
-                                f"(no {CHECKPOINT_MARKER}); pass 'latest' or a checkpoint-<step> folder")
-    return path
-
-
-# --------------------------------------------------------------------------- main
-
-
 def main(args: argparse.Namespace) -> Path:
     """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder."""
     start_time = time.time()
@@ -455,8 +406,8 @@ def main(args: argparse.Namespace) -> Path:
         log.load_state_dict(saved["log"])
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
                                                                 "global_step": state["global_step"]}]
-        if (resume_path / _BEST_WEIGHTS).is_file():
-            best_weights = load_file(str(resume_path / _BEST_WEIGHTS))
+        if (resume_path / BEST_WEIGHTS).is_file():
+            best_weights = load_file(str(resume_path / BEST_WEIGHTS))
         if saved.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(f"{resume_path} was written with {saved.get('steps_per_epoch')} steps per epoch, this run "
                              f"has {steps_per_epoch}: resume with the same batch size, data and number of processes")
@@ -616,21 +567,6 @@ def main(args: argparse.Namespace) -> Path:
 def unet_unwrapped_config(accelerator: Accelerator, unet: torch.nn.Module) -> Dict[str, Any]:
     """The UNet's diffusers config as a plain dict (for the training log)."""
     return {k: v for k, v in accelerator.unwrap_model(unet).config.items() if not k.startswith("_")}
-
-
-def save_pipeline(pipeline: SelfAwareInpaintPipeline, output_dir: Path) -> None:
-    """``pipeline.save_pretrained`` into a temporary folder, then each saved entry renamed into
-    ``output_dir`` (beside the checkpoints and logs), so a crash never leaves a torn ``unet/``."""
-    tmp = incomplete_path(output_dir / "pipeline")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")  # the index last
-    for entry in entries:
-        if entry.is_dir():
-            commit_directory(entry, output_dir / entry.name)
-        else:
-            os.replace(entry, output_dir / entry.name)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

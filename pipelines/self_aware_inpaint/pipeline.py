@@ -60,6 +60,10 @@ REFERENCE_SETTINGS: Dict[str, Any] = {
     "channels_last": False,
     "autocast": False,
     "denoise_steps": None,  # one step per timestep
+    # mask levers: the thesis's raw per-pixel Q, one noise draw, no dilation (calibrate(mode="reference") fits these)
+    "mask_filter_size": 1,
+    "mask_noise_draws": 1,
+    "mask_dilation": 1,
 }
 
 #: The fast default (``mode="fast"``): 3 + 10 x 2 = 23 UNet passes per image. Chosen on validation images with
@@ -77,7 +81,14 @@ FAST_SETTINGS: Dict[str, Any] = {
     "channels_last": True,
     "autocast": True,  # bf16 autocast, on CUDA only (a no-op on CPU)
     "denoise_steps": 10,
+    # mask levers (used by calibrate(mode="fast"); stored in the calibration, so test time uses what Q_p was fitted with)
+    "mask_filter_size": 1,
+    "mask_noise_draws": 1,
+    "mask_dilation": 1,
 }
+
+#: The mask levers: fitted by :meth:`SelfAwareInpaintPipeline.calibrate` and stored in :class:`AnomalyCalibration`.
+MASK_LEVERS = ("mask_filter_size", "mask_noise_draws", "mask_dilation")
 
 ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
 _WARNED_NO_THRESHOLD: set = set()  # (method, map) pairs already warned about, to warn once per process
@@ -181,6 +192,10 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         threshold_names: names of the image thresholds, ``"<method>/<map>"`` (e.g. ``"self_aware/multiscale"``).
         target_false_positive_rate: the fraction of normal images the thresholds flag.
         mode: the pipeline mode the thresholds were fitted with.
+        mask_filter_size: odd mean-filter size applied to ``Q`` before ``Q_p`` was fitted (1 = none, the thesis).
+        mask_noise_draws: noise draws ``Q`` was averaged over (1 = the thesis's single ``eps``).
+        mask_dilation: odd max-pool size dilating the binary inpainting mask (1 = none, the thesis).
+        (The three mask defaults are the thesis's values, so folders saved before they existed load unchanged.)
 
     Buffers:
         q_threshold: ``(R, R)`` float32, ``Q_p``.
@@ -197,6 +212,9 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         threshold_names: List[str] = (),
         target_false_positive_rate: float = 0.05,
         mode: str = "fast",
+        mask_filter_size: int = 1,
+        mask_noise_draws: int = 1,
+        mask_dilation: int = 1,
     ):
         super().__init__()
         self.register_to_config(mask_timesteps=[int(t) for t in mask_timesteps],
@@ -452,26 +470,43 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ the three stages
 
     def _noise_error(self, x: torch.Tensor, timesteps: Sequence[int], generators: List[torch.Generator],
-                     counter: Optional[_PassCounter], index: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+                     counter: Optional[_PassCounter], index: np.ndarray, *, noise_draws: int = 1,
+                     filter_size: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
         """Thesis Algorithm 2: ``Q(x)``, the mean over ``timesteps`` and channels of ``|eps_theta(x_t, t) - eps|``.
 
-        One ``eps`` per image is shared by every ``t``. The UNet is not self-conditioned here (``x0_prev = 0``: no
-        earlier estimate exists), as in the unconditioned half of training.
+        One ``eps`` per image is shared by every ``t`` (the thesis). With ``noise_draws = K > 1``, ``K`` independent
+        ``eps`` are drawn (one after the other from each image's generator; the first is the thesis's) and ``Q`` is
+        averaged over all ``K x len(timesteps)`` UNet passes: this lowers the per-pixel noise of ``Q`` that one draw
+        leaves. ``filter_size > 1`` then smooths ``Q`` with a ``filter_size x filter_size`` mean filter (reflect
+        padding), so the mask thresholds a local mean, not single pixels. The UNet is not self-conditioned here
+        (``x0_prev = 0``: no earlier estimate exists), as in the unconditioned half of training.
 
         Returns:
-            ``Q`` ``(B, R, R)`` and the mean clean-image estimate over the timesteps ``(B, 3, R, R)`` in [-1, 1].
+            ``Q`` ``(B, R, R)`` (>= 0) and the mean clean-image estimate over all passes ``(B, 3, R, R)`` in [-1, 1].
         """
-        eps = self._randn(generators, x)
         q = torch.zeros(x.shape[0], *x.shape[-2:], device=x.device)
         x0_sum = torch.zeros_like(x)
-        for t in timesteps:
-            x_t = self._noise(x, eps, t)
-            eps_hat = self._eps(x_t, t, None)
-            if counter is not None:
-                counter.add(index)
-            q += (eps_hat - eps).abs().mean(dim=1)
-            x0_sum += self._x0_from_eps(x_t, eps_hat, t)
-        return q / len(timesteps), x0_sum / len(timesteps)
+        for _ in range(noise_draws):
+            eps = self._randn(generators, x)
+            for t in timesteps:
+                x_t = self._noise(x, eps, t)
+                eps_hat = self._eps(x_t, t, None)
+                if counter is not None:
+                    counter.add(index)
+                q += (eps_hat - eps).abs().mean(dim=1)
+                x0_sum += self._x0_from_eps(x_t, eps_hat, t)
+        n = noise_draws * len(timesteps)
+        q = q / n
+        if filter_size > 1:
+            q = _mean_filter(q.unsqueeze(1), filter_size)[:, 0]
+        return q, x0_sum / n
+
+    @staticmethod
+    def _dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+        """Binary dilation of ``(B, 1, R, R)`` {0, 1} masks by a ``size x size`` square (max-pool, stride 1)."""
+        if size <= 1:
+            return mask
+        return F.max_pool2d(mask, size, stride=1, padding=size // 2)
 
     def _inpaint(self, x: torch.Tensor, anomaly_mask: torch.Tensor, x0_init: Optional[torch.Tensor], *,
                  inpaint_timesteps: int, num_inpaint_steps: int, resample_steps: int, renoise: str,
@@ -605,6 +640,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         mean_filter_size: Optional[int] = None,
         methods: Sequence[str] = METHODS,
         mode: str = "fast",
+        mask_filter_size: Optional[int] = None,
+        mask_noise_draws: Optional[int] = None,
+        mask_dilation: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         batch_size: Optional[int] = None,
     ) -> "SelfAwareInpaintPipeline":
@@ -623,7 +661,16 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             target_false_positive_rate: in (0, 1).
             mean_filter_size: odd, >= 1; default :func:`default_mean_filter_size` of the resolution.
             methods: the methods to fit thresholds for (``"self_aware"``, ``"denoise"``).
-            mode: the mode the thresholds are fitted with (decisions in the other mode reuse them).
+            mode: the mode the thresholds are fitted with (decisions in the other mode reuse them); it also gives
+                the defaults of the three mask levers (:data:`FAST_SETTINGS` or :data:`REFERENCE_SETTINGS`).
+            mask_filter_size: odd ``k >= 1``: ``Q`` is smoothed by a ``k x k`` mean filter before ``Q_p`` is fitted
+                (and before every later comparison with it). 1 = none (the thesis).
+            mask_noise_draws: ``K >= 1`` noise draws ``Q`` is averaged over (each over every calibrated timestep
+                here; over ``num_mask_timesteps`` of them at test time, ``K`` passes each). 1 = the thesis.
+            mask_dilation: odd ``d >= 1``: the binary mask ``Q > Q_p`` is dilated by a ``d x d`` square at test
+                time. 1 = none (the thesis).
+                The three are stored in the calibration and used by every later call, so test-time masks are
+                computed exactly as ``Q_p`` was fitted.
             generator: a generator or one per image.
             batch_size: images per UNet batch (default: all).
 
@@ -640,13 +687,20 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 raise ValueError(f"methods must be drawn from {METHODS}; got {m!r}")
         filter_size = default_mean_filter_size(self.resolution) if mean_filter_size is None else mean_filter_size
         self._validate_filter(filter_size)
+        if mode not in ("fast", "reference"):
+            raise ValueError(f"mode must be 'fast' or 'reference'; got {mode!r}")
+        mode_settings = FAST_SETTINGS if mode == "fast" else REFERENCE_SETTINGS
+        given = {"mask_filter_size": mask_filter_size, "mask_noise_draws": mask_noise_draws,
+                 "mask_dilation": mask_dilation}
+        levers = self._validate_mask_levers({k: mode_settings[k] if v is None else v for k, v in given.items()})
         x = self.preprocess(images)
         if x.shape[0] < 2:
             raise ValueError(f"calibration needs at least 2 normal images; got {x.shape[0]}")
         generators = self._generators(generator, x.shape[0])
         q_maps = []
         for idx in self._chunks(x.shape[0], batch_size):
-            q, _ = self._noise_error(x[idx], timesteps, [generators[i] for i in idx], None, idx)
+            q, _ = self._noise_error(x[idx], timesteps, [generators[i] for i in idx], None, idx,
+                                     noise_draws=levers["mask_noise_draws"], filter_size=levers["mask_filter_size"])
             q_maps.append(q)
         q_all = torch.cat(q_maps).float().cpu()
         q_threshold = torch.quantile(q_all, float(percentile), dim=0)
@@ -655,7 +709,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             cal = AnomalyCalibration(resolution=self.resolution, percentile=float(percentile),
                                      mask_timesteps=list(timesteps), mean_filter_size=int(filter_size),
                                      threshold_names=list(names), target_false_positive_rate=float(target_false_positive_rate),
-                                     mode=mode)
+                                     mode=mode, **levers)
             cal.q_threshold.copy_(q_threshold)
             cal.thresholds.copy_(torch.tensor(list(values), dtype=torch.float32))
             return cal.to(self.device)
@@ -707,7 +761,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         else:
             names.append(name)
             values.append(value)
-        keep = ("resolution", "percentile", "mask_timesteps", "mean_filter_size", "target_false_positive_rate", "mode")
+        keep = ("resolution", "percentile", "mask_timesteps", "mean_filter_size", "target_false_positive_rate", "mode",
+                *MASK_LEVERS)
         new = AnomalyCalibration(**{k: cal.config[k] for k in keep}, threshold_names=list(names))
         new.q_threshold.copy_(cal.q_threshold)
         new.thresholds.copy_(torch.tensor(values, dtype=torch.float32))
@@ -719,9 +774,21 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fpr, method="higher"))
 
     @staticmethod
-    def _validate_filter(size: Any) -> None:
-        if not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
-            raise ValueError(f"mean_filter_size must be an odd int >= 1; got {size!r}")
+    def _validate_filter(size: Any, name: str = "mean_filter_size") -> None:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
+            raise ValueError(f"{name} must be an odd int >= 1 (1 = none); got {size!r}")
+
+    def _validate_mask_levers(self, levers: Dict[str, Any]) -> Dict[str, int]:
+        """Check ``mask_filter_size`` / ``mask_dilation`` (odd int >= 1, < 2R) and ``mask_noise_draws`` (int >= 1)."""
+        for key in ("mask_filter_size", "mask_dilation"):
+            self._validate_filter(levers[key], key)
+            if levers[key] >= 2 * self.resolution:
+                raise ValueError(f"{key} must be smaller than twice the resolution ({2 * self.resolution}); "
+                                 f"got {levers[key]!r}")
+        draws = levers["mask_noise_draws"]
+        if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+            raise ValueError(f"mask_noise_draws must be an int >= 1; got {draws!r}")
+        return {k: int(levers[k]) for k in MASK_LEVERS}
 
     @staticmethod
     def _chunks(n: int, batch_size: Optional[int]) -> List[np.ndarray]:
@@ -751,6 +818,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         autocast: Optional[bool] = None,
         denoise_steps: Optional[int] = None,
         mean_filter_size: Optional[int] = None,
+        mask_filter_size: Optional[int] = None,
+        mask_noise_draws: Optional[int] = None,
+        mask_dilation: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         batch_size: Optional[int] = None,
         output_type: Literal["np", "pt"] = "np",
@@ -782,6 +852,15 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             denoise_steps: strided steps of ``method="denoise"`` (reference: ``T``; fast: 10).
             mean_filter_size: odd mean-filter size of the map (default: the calibration's, else
                 :func:`default_mean_filter_size`).
+            mask_filter_size: odd mean-filter size applied to ``Q`` before thresholding. ``Q_p`` was fitted for the
+                calibration's value (:meth:`calibrate`), which is the default; another value is a ``ValueError``
+                (recalibrate instead).
+            mask_noise_draws: noise draws ``Q`` is averaged over; each costs ``num_mask_timesteps`` UNet passes
+                (counted). Like ``mask_filter_size``: the calibration's value, another is a ``ValueError``.
+            mask_dilation: odd size of the square that dilates the binary mask (1 = none); default the
+                calibration's value, any odd value >= 1 may be given (it does not change ``Q`` or ``Q_p``).
+                The mask levers belong to the calibration, not to ``mode``: for the fully thesis-faithful path,
+                calibrate with ``mode="reference"`` (1, 1, 1).
             generator: one ``torch.Generator`` (seeds one generator per image) or a list with one per image; the
                 same seeds give the same outputs, and a batch equals its images run one by one with their generators.
             batch_size: images per UNet batch (default: all at once).
@@ -812,7 +891,16 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             mean_filter_size = int(cal.config.mean_filter_size) if cal is not None else default_mean_filter_size(self.resolution)
         self._validate_filter(mean_filter_size)
         mask_ts: List[int] = []
+        given = {"mask_filter_size": mask_filter_size, "mask_noise_draws": mask_noise_draws,
+                 "mask_dilation": mask_dilation}
+        fitted = {k: int(cal.config[k]) if cal is not None else REFERENCE_SETTINGS[k] for k in MASK_LEVERS}
+        levers = self._validate_mask_levers({k: fitted[k] if v is None else v for k, v in given.items()})
         if method == "self_aware":
+            for key in ("mask_filter_size", "mask_noise_draws"):
+                if levers[key] != fitted[key]:
+                    raise ValueError(f"{key}={levers[key]} differs from the calibration's {fitted[key]} (Q_p was "
+                                     f"fitted for it): recalibrate with pipe.calibrate(normal_images, "
+                                     f"{key}={levers[key]}) or leave {key} unset")
             calibrated = [int(t) for t in cal.config.mask_timesteps]
             n = s["num_mask_timesteps"]
             if n is not None and num_mask_timesteps is None:  # the mode's value, capped
@@ -844,8 +932,10 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                         recs[idx] = self._denoise(xb, inpaint_timesteps=inpaint_timesteps, num_steps=s["denoise_steps"],
                                                   generators=gens, counter=counter, index=idx)
                         continue
-                    q, x0_mask = self._noise_error(xb, mask_ts, gens, counter, idx)
-                    mb = (q > cal.q_threshold.to(q.device)).float().unsqueeze(1)
+                    q, x0_mask = self._noise_error(xb, mask_ts, gens, counter, idx,
+                                                   noise_draws=levers["mask_noise_draws"],
+                                                   filter_size=levers["mask_filter_size"])
+                    mb = self._dilate((q > cal.q_threshold.to(q.device)).float().unsqueeze(1), levers["mask_dilation"])
                     masks[idx] = mb
                     recs[idx] = xb
                     todo = np.arange(len(idx))

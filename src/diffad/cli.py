@@ -89,7 +89,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 def save_pipeline_atomically(pipe, model_dir: str | os.PathLike) -> Path:
     """Save ``pipe`` into ``model_dir`` so that a crash never leaves a half-written model.
 
-    Reuses the training script's writer (``diffad.training.train_ddpm.save_pipeline``): the pipeline is
+    Reuses the training scripts' writer (``diffad.training_utils.save_pipeline``): the pipeline is
     saved into a temporary folder, then each entry is renamed into ``model_dir`` (component folders
     swapped whole, ``model_index.json`` last), keeping ``training_log.json``, ``README.md`` and
     checkpoints beside it.
@@ -101,7 +101,7 @@ def save_pipeline_atomically(pipe, model_dir: str | os.PathLike) -> Path:
     Returns:
         The model folder.
     """
-    from diffad.training.train_ddpm import save_pipeline
+    from diffad.training_utils import save_pipeline
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = [
+    "BEST_WEIGHTS",
     "CHECKPOINT_PREFIX",
     "CHECKPOINT_MARKER",
     "OneLineArgumentParser",
@@ -39,13 +44,19 @@ __all__ = [
     "list_checkpoints",
     "parse_int_list",
     "remove_incomplete",
+    "resolve_resume",
     "rotate_checkpoints",
     "run_with_clear_errors",
+    "save_checkpoint",
+    "save_pipeline",
     "seeded_generator",
     "to_jsonable",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The best-by-validation weights inside a checkpoint folder.
+BEST_WEIGHTS = "best_unet.safetensors"
 
 PathLike = Union[str, os.PathLike]
 
@@ -340,3 +351,67 @@ def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
         return tuple(int(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and pipeline folders, shared by train_ddpm.py, train_segmenter.py and `diffad calibrate`
+# --------------------------------------------------------------------------------------
+def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, state: Dict[str, Any],
+                    best_weights: Optional[Dict[str, torch.Tensor]], total_limit: Optional[int]) -> Path:
+    """Save a resumable checkpoint ``output_dir/checkpoint-<step>`` crash-safely.
+
+    Every process writes its share (``accelerator.save_state``: model, optimiser, lr scheduler,
+    EMA, RNG states) into ``.checkpoint-<step>.incomplete``; then the main process adds the best
+    weights and the training state (the marker file, written last) and renames the folder.
+    """
+    dest = output_dir / f"checkpoint-{step}"
+    tmp = incomplete_path(dest)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if best_weights is not None:
+            save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
+        atomic_write_json(tmp / CHECKPOINT_MARKER, state)
+        commit_directory(tmp, dest)
+        rotate_checkpoints(output_dir, total_limit)
+        logger.info("saved checkpoint %s", dest)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def resolve_resume(args: argparse.Namespace, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or ``None`` for a fresh start."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.info("no complete checkpoint in %s: starting a new training run", output_dir)
+        return path
+    path = Path(args.resume_from_checkpoint)
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder "
+                                f"(no {CHECKPOINT_MARKER}); pass 'latest' or a checkpoint-<step> folder")
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def save_pipeline(pipeline: Any, output_dir: Path) -> None:
+    """``pipeline.save_pretrained`` into a temporary folder, then each saved entry renamed into
+    ``output_dir`` (beside the checkpoints and logs), so a crash never leaves a torn ``unet/``."""
+    tmp = incomplete_path(output_dir / "pipeline")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(str(tmp), safe_serialization=True)
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")  # the index last
+    for entry in entries:
+        if entry.is_dir():
+            commit_directory(entry, output_dir / entry.name)
+        else:
+            os.replace(entry, output_dir / entry.name)
+    shutil.rmtree(tmp, ignore_errors=True)
