@@ -36,7 +36,9 @@ from bench_speed import auroc, run_path, split_tensors  # noqa: E402
 
 logger = logging.getLogger("pipeline_quality")
 
-#: name -> pipeline call arguments. "fast" is the default; each other fast_* variant changes one lever.
+#: name -> pipeline call arguments. "fast" is the default; each other fast_* variant changes one lever. A
+#: ``"calibrate"`` entry holds ``pipe.calibrate`` arguments (the mask levers and ``percentile`` belong to the
+#: calibration): the pipeline is recalibrated on the same images and seed for that variant.
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "reference": dict(mode="reference"),
     "reference_fresh": dict(mode="reference", renoise="fresh"),
@@ -50,6 +52,22 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "fast_steps7x3_fresh": dict(mode="fast", num_inpaint_steps=7, resample_steps=3, renoise="fresh"),
     "fast_mask1": dict(mode="fast", num_mask_timesteps=1),
     "fast_selfcond_zeros": dict(mode="fast", self_condition_init="zeros"),
+    # mask levers (the calibration's; thesis values 1/1/1): filter Q, several noise draws, dilate the mask
+    "fast_mask_raw": dict(mode="fast", calibrate=dict(mask_filter_size=1, mask_noise_draws=1, mask_dilation=1)),
+    "fast_mfilter3": dict(mode="fast", calibrate=dict(mask_filter_size=3, mask_noise_draws=1, mask_dilation=1)),
+    "fast_mfilter5": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1, mask_dilation=1)),
+    "fast_mfilter9": dict(mode="fast", calibrate=dict(mask_filter_size=9, mask_noise_draws=1, mask_dilation=1)),
+    "fast_mfilter5_p90": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1, mask_dilation=1,
+                                                          percentile=0.9)),
+    "fast_draws3_t1": dict(mode="fast", num_mask_timesteps=1,
+                           calibrate=dict(mask_filter_size=1, mask_noise_draws=3, mask_dilation=1)),
+    "fast_draws3_t1_mfilter5": dict(mode="fast", num_mask_timesteps=1,
+                                    calibrate=dict(mask_filter_size=5, mask_noise_draws=3, mask_dilation=1)),
+    "fast_dilate3": dict(mode="fast", calibrate=dict(mask_filter_size=1, mask_noise_draws=1, mask_dilation=3)),
+    "fast_mfilter5_dilate3": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1,
+                                                              mask_dilation=3)),
+    "fast_mfilter5_p90_dilate5": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1,
+                                                                  mask_dilation=5, percentile=0.9)),
     "denoise_reference": dict(method="denoise", mode="reference"),
     "denoise_fast": dict(method="denoise", mode="fast"),
 }
@@ -114,7 +132,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keep = np.r_[0:args.max_images // 2, len(images) // 2:len(images) // 2 + args.max_images // 2]
         images, gt, labels = images[keep], gt[keep], labels[keep]
     logger.info("calibrating on %d images; scoring %d (%d defective)", len(calib), len(images), int(labels.sum()))
-    pipe.calibrate(calib, methods=(), generator=torch.Generator().manual_seed(seeds[0]))
+    calibrated: Optional[Dict[str, Any]] = None
+
+    def calibrate(cal_args: Dict[str, Any], mode: str) -> None:
+        nonlocal calibrated
+        key = {"mode": mode, **cal_args}
+        if key != calibrated:  # Q_p depends on the mask levers: refit on the same images with the same seed
+            pipe.calibrate(calib, methods=(), mode=mode, generator=torch.Generator().manual_seed(seeds[0]), **cal_args)
+            calibrated = key
+
+    calibrate({}, "fast")
     filters = ([int(s) for s in args.mean_filter_sizes.split(",")] if args.mean_filter_sizes
                else [int(pipe.calibration.config.mean_filter_size)])
     results: Dict[str, Any] = {"split": args.split, "category": args.category, "model": str(args.model),
@@ -123,11 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        call = dict(VARIANTS[name])
+        cal_args = call.pop("calibrate", {})
+        calibrate(cal_args, call.get("mode", "fast"))
         per_filter: Dict[int, Dict[str, List[float]]] = {f: {"image_auroc": [], "pixel_auroc": []} for f in filters}
         seconds, passes, cover_normal, cover_defect, recall = [], [], [], [], []
         for seed in seeds:
             start = time.perf_counter()
-            r = run_path(pipe, images, seed=seed * 1000, **VARIANTS[name])
+            r = run_path(pipe, images, seed=seed * 1000, **call)
             seconds.append((time.perf_counter() - start) / len(images))
             passes.append(statistics.fmean(r["passes"]))
             m = r["masks"]
@@ -139,7 +169,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scores = maps.reshape(len(maps), -1).max(1)
                 per_filter[f]["image_auroc"].append(auroc(labels, scores))
                 per_filter[f]["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
-        entry = {"call": VARIANTS[name], "seconds_per_image": statistics.fmean(seconds),
+        entry = {"call": VARIANTS[name], "mask_levers": {k: pipe.calibration.config[k] for k in
+                                                        ("percentile", "mask_filter_size", "mask_noise_draws",
+                                                         "mask_dilation")},
+                 "seconds_per_image": statistics.fmean(seconds),
                  "unet_passes_per_image": statistics.fmean(passes),
                  "mask_cover_normal": statistics.fmean(cover_normal), "mask_cover_defective": statistics.fmean(cover_defect),
                  "mask_recall_of_defect_pixels": statistics.fmean(recall)}

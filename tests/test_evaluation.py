@@ -185,15 +185,19 @@ def test_overlay_and_figure(tmp_path):
 
 
 def test_learned_map_columns(tiny_model, small_data, tmp_path):
-    """With a segmenter, the learned map is evaluated beside the multi-scale one and gets its figure column."""
+    """With a segmenter, the learned map is evaluated beside the multi-scale one and gets its figure column;
+    by default only the thesis's columns run (no denoise/learned: the segmenter learned self-aware reconstructions)."""
     from diffad import SelfAwareInpaintPipeline, load_mvtec
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(tiny_model / CATEGORY)
     pipe.register_modules(segmenter=tiny_unet(1, seed=1, block_out_channels=(8, 16)))
     split = load_mvtec(small_data, CATEGORY, resolution=32)["test"]
-    result = evaluate_pipeline(pipe, split, methods=["denoise"], batch_size=4, seed=3, progress=False,
+    result = evaluate_pipeline(pipe, split, methods=["self_aware", "denoise"], batch_size=4, seed=3, progress=False,
                                pipeline_kwargs=PIPE_KWARGS, num_figure_rows=2)
-    assert set(result.metrics) == {"denoise/multiscale", "denoise/learned"}
+    assert set(result.metrics) == {"self_aware/multiscale", "self_aware/learned", "denoise/multiscale"}
+    explicit = evaluate_pipeline(pipe, split, methods=["denoise"], anomaly_maps=["learned"], batch_size=4, seed=3,
+                                 progress=False, pipeline_kwargs=PIPE_KWARGS, num_figure_rows=0)
+    assert set(explicit.metrics) == {"denoise/learned"}
     assert {r["map"] for r in result.records} == {"multiscale", "learned"}
     assert len(result.figure_rows) == 2
     learned = result.figure_rows[0].learned_map
