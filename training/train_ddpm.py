@@ -86,14 +86,14 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namespace:
     """Parse the command line (``argv``, default ``sys.argv[1:]``) and fill preset defaults.
 
     Raises:
         SystemExit(2): a malformed flag (one line on stderr).
         ValueError: flags that are well-formed but inconsistent (see :func:`check_args`).
     """
-    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", type=str, default=None,

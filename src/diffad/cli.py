@@ -269,9 +269,10 @@ def _run_train(args: argparse.Namespace) -> int:
         return report_error("train", f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_processes == 1:
         if any(a in ("-h", "--help") for a in forwarded):
-            print("diffad train [--num-processes N] <training/train_ddpm.py flags>\n")
+            print("diffad train [--num-processes N]: N > 1 re-launches through `accelerate launch`; every other "
+                  "flag below goes to training/train_ddpm.py.\n")
         try:
-            train_args = train_ddpm.parse_args(forwarded)
+            train_args = train_ddpm.parse_args(forwarded, prog="diffad train")
         except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
             return int(exc.code or 0)
         output = train_ddpm.main(train_args)
