@@ -46,3 +46,7 @@ bench-speed: venv
 	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_speed.py --data_dir ../shared/data/mvtec_subset --category bottle --train_preset $$preset --train_minutes 8 --train_output_dir $(BENCH_OUT)/bottle_$$preset --resolution 64 --max_test_images 24 --output $(BENCH_OUT)/bench_speed_bottle_$$preset.json || exit 1; \
 	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_speed.py --data_dir $(BENCH_OUT)/synthetic --category nut --train_preset $$preset --train_minutes 8 --train_output_dir $(BENCH_OUT)/nut_$$preset --resolution 64 --max_test_images 24 --output $(BENCH_OUT)/bench_speed_nut_$$preset.json || exit 1; \
 	done
+
+# Learned (segmenter) against multi-scale anomaly maps on the synthetic default and the real MVTec subset.
+bench-segmenter: venv
+	$(PY) benchmarks/bench_segmenter.py --resolution 64 --ddpm_minutes 4 --segmenter_minutes 10 --threads 1 --work_dir bench_output/segmenter

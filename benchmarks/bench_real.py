@@ -123,14 +123,17 @@ def _train_segmenter(config: BenchConfig, model_dir: Path) -> None:
 
 
 def _training_summary(model_dir: Path) -> dict[str, Any]:
-    """Steps, epochs and final loss recorded by the training scripts (whatever keys they logged)."""
+    """The scalar entries of a training script's ``training_log.json`` summary (steps, seconds, best loss, ...)
+    plus the last epoch's losses; ``{}`` when the log is missing."""
     path = model_dir / "training_log.json"
     if not path.is_file():
         return {}
     log = json.loads(path.read_text())
-    keys = ("global_step", "steps", "epochs", "epoch", "final_loss", "loss", "train_minutes", "num_parameters",
-            "seconds", "wall_seconds")
-    return {k: log[k] for k in keys if k in log and not isinstance(log[k], (list, dict))}
+    summary = {k: v for k, v in log.get("summary", {}).items() if not isinstance(v, (list, dict))}
+    epochs = log.get("epochs") or []
+    if epochs and isinstance(epochs[-1], dict):
+        summary["last_epoch"] = {k: v for k, v in epochs[-1].items() if not isinstance(v, (list, dict))}
+    return summary
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffad.pipelines.self_aware_inpaint import FAST_SETTINGS, REFERENCE_SETTINGS
+from diffad.pipelines.self_aware_inpaint import FAST_SETTINGS, REFERENCE_SETTINGS, AnomalyCalibration
+from diffad.pipelines.self_aware_inpaint.pipeline import MASK_LEVERS, _mean_filter
 
 from test_pipeline import images, make_pipe
 
@@ -50,8 +51,8 @@ def thesis_pipe():
 
 
 def reference_levers(inpaint_timesteps: int) -> dict:
-    """The fast mode's levers set to the reference values, explicitly."""
-    levers = dict(REFERENCE_SETTINGS)
+    """The fast mode's levers set to the reference values, explicitly (the mask levers are the calibration's)."""
+    levers = {k: v for k, v in REFERENCE_SETTINGS.items() if k not in MASK_LEVERS}
     levers["num_mask_timesteps"] = 6
     levers["num_inpaint_steps"] = inpaint_timesteps
     levers["denoise_steps"] = inpaint_timesteps
@@ -63,7 +64,9 @@ def test_default_fast_path_passes_counted_from_outside(thesis_pipe):
     out = thesis_pipe(images(1, seed=2), generator=torch.Generator().manual_seed(0))
     counter.close()
     assert out.masks.any()  # inpainting ran
-    assert out.num_unet_passes == counter.calls == 3 + 10 * 2 == 23 <= 25
+    expected = (FAST_SETTINGS["num_mask_timesteps"] * FAST_SETTINGS["mask_noise_draws"]
+                + FAST_SETTINGS["num_inpaint_steps"] * FAST_SETTINGS["resample_steps"])
+    assert out.num_unet_passes == counter.calls == expected <= 25
 
 
 def test_reference_pass_count_is_the_thesis_count(thesis_pipe):
@@ -142,8 +145,10 @@ def test_each_lever_changes_the_computation(pipe):
 
 
 def test_mode_settings_are_documented_values():
-    assert FAST_SETTINGS["num_mask_timesteps"] + FAST_SETTINGS["num_inpaint_steps"] * FAST_SETTINGS["resample_steps"] <= 25
+    assert (FAST_SETTINGS["num_mask_timesteps"] * FAST_SETTINGS["mask_noise_draws"]
+            + FAST_SETTINGS["num_inpaint_steps"] * FAST_SETTINGS["resample_steps"]) <= 25
     assert REFERENCE_SETTINGS["resample_steps"] == 5 and REFERENCE_SETTINGS["num_mask_timesteps"] is None
+    assert all(REFERENCE_SETTINGS[k] == 1 for k in MASK_LEVERS)  # the thesis: raw Q, one draw, no dilation
     assert set(FAST_SETTINGS) == set(REFERENCE_SETTINGS)
 
 
@@ -176,3 +181,137 @@ def test_lever_validation(pipe, kwargs, match):
 def test_generator_list_length_checked(pipe):
     with pytest.raises(ValueError, match="generators"):
         pipe(images(2), generator=[torch.Generator()])
+
+
+# ---------------------------------------------------------------------------------------------- mask levers
+
+
+def calibrated_with(**levers):
+    return make_pipe().calibrate(images(4, seed=1), mask_timesteps=(300, 302), methods=(),
+                                 generator=torch.Generator().manual_seed(0), **levers)
+
+
+def mask_stat(pipe, x, seed, **kwargs):
+    """``Q`` recomputed from outside the call with the generator the call would use for a one-image list."""
+    ts = list(pipe.calibration.config.mask_timesteps)
+    q, _ = pipe._noise_error(x, ts, [torch.Generator().manual_seed(seed)], None, np.arange(1), **kwargs)
+    return q
+
+
+def test_calibration_stores_mask_levers_and_mode_defaults():
+    ref = calibrated_with(mode="reference")
+    assert all(ref.calibration.config[k] == 1 for k in MASK_LEVERS)
+    fast = calibrated_with(mode="fast")
+    assert all(fast.calibration.config[k] == FAST_SETTINGS[k] for k in MASK_LEVERS)
+    pipe = calibrated_with(mask_filter_size=5, mask_noise_draws=2, mask_dilation=3)
+    assert [pipe.calibration.config[k] for k in MASK_LEVERS] == [5, 2, 3]
+    # a calibration saved before the mask levers existed loads with the thesis values
+    old = AnomalyCalibration.from_config({"resolution": 32, "percentile": 0.8, "mask_timesteps": [300, 301]})
+    assert [old.config[k] for k in MASK_LEVERS] == [1, 1, 1]
+
+
+def test_mask_levers_survive_save_and_load(tmp_path):
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    pipe = calibrated_with(mask_filter_size=3, mask_noise_draws=2, mask_dilation=5)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = SelfAwareInpaintPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert [loaded.calibration.config[k] for k in MASK_LEVERS] == [3, 2, 5]
+    x = images(1, seed=8)
+    a = pipe(x, inpaint_timesteps=4, num_mask_timesteps=3, num_inpaint_steps=2, generator=[torch.Generator().manual_seed(3)])
+    b = loaded(x, inpaint_timesteps=4, num_mask_timesteps=3, num_inpaint_steps=2, generator=[torch.Generator().manual_seed(3)])
+    assert np.array_equal(a.masks, b.masks)  # the same masks from the stored levers and Q_p
+    np.testing.assert_allclose(a.anomaly_maps, b.anomaly_maps, atol=1e-5)  # bf16-free CPU maths, float rounding
+
+
+def test_mask_filter_is_applied_to_q_at_calibration_and_test_time():
+    pipe = calibrated_with(mask_filter_size=5)
+    x_cal = images(4, seed=1)
+    gens = pipe._generators(torch.Generator().manual_seed(0), 4)  # the calibration's per-image generators
+    ts = list(pipe.calibration.config.mask_timesteps)
+    raw = torch.stack([pipe._noise_error(x_cal[i:i + 1], ts, [gens[i]], None, np.arange(1))[0][0] for i in range(4)])
+    filtered = _mean_filter(raw.unsqueeze(1), 5)[:, 0]
+    torch.testing.assert_close(pipe.calibration.q_threshold, torch.quantile(filtered, 0.8, dim=0))
+    x = images(1, seed=9)
+    out = pipe(x, num_mask_timesteps=3, inpaint_timesteps=4, num_inpaint_steps=2,
+               generator=[torch.Generator().manual_seed(11)])
+    q = mask_stat(pipe, x, 11, filter_size=5)
+    assert np.array_equal(out.masks, (q > pipe.calibration.q_threshold).numpy())
+    # the filtered mask is spatially coherent: fewer on/off changes between neighbours than the raw one
+    raw_mask = (mask_stat(pipe, x, 11) > torch.quantile(raw, 0.8, dim=0)).float()
+    changes = lambda m: float((m[:, 1:] != m[:, :-1]).sum() + (m[1:] != m[:-1]).sum())  # noqa: E731
+    assert changes(torch.from_numpy(out.masks[0]).float()) < changes(raw_mask[0])
+
+
+def test_mask_noise_draws_average_independent_draws_and_cost_passes():
+    pipe = calibrated_with(mask_noise_draws=3)
+    x = images(1, seed=10)
+    ts = list(pipe.calibration.config.mask_timesteps)
+    g = torch.Generator().manual_seed(5)
+    singles = [pipe._noise_error(x, ts, [g], None, np.arange(1))[0] for _ in range(3)]  # draws one after another
+    q3 = mask_stat(pipe, x, 5, noise_draws=3)
+    torch.testing.assert_close(q3, sum(singles) / 3)
+    assert not torch.equal(singles[0], singles[1])
+    counter = CallCounter(pipe.unet)
+    out = pipe(x, inpaint_timesteps=4, num_mask_timesteps=2, num_inpaint_steps=2, resample_steps=2,
+               skip_empty_masks=False, generator=[torch.Generator().manual_seed(5)])
+    counter.close()
+    assert out.num_unet_passes == counter.calls == 2 * 3 + 2 * 2
+    ts2 = [ts[0], ts[-1]]
+    q = pipe._noise_error(x, ts2, [torch.Generator().manual_seed(5)], None, np.arange(1), noise_draws=3)[0]
+    assert np.array_equal(out.masks, (q > pipe.calibration.q_threshold).numpy())
+
+
+def test_mask_dilation_is_a_max_pool_of_the_mask(pipe):
+    x = images(2, seed=12)
+    common = dict(inpaint_timesteps=4, num_mask_timesteps=2, num_inpaint_steps=2)
+    plain = pipe(x, mask_dilation=1, generator=torch.Generator().manual_seed(2), **common)
+    dilated = pipe(x, mask_dilation=3, generator=torch.Generator().manual_seed(2), **common)
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(plain.masks).float().unsqueeze(1), 3, stride=1,
+                                              padding=1)[:, 0].bool().numpy()
+    assert plain.masks.any() and np.array_equal(dilated.masks, expected)
+    assert dilated.masks.sum() > plain.masks.sum()
+    recs = dilated.reconstructions
+    assert np.array_equal(recs[~dilated.masks], (x.permute(0, 2, 3, 1).numpy() / 2 + 0.5)[~dilated.masks])
+
+
+def test_reference_calibration_keeps_the_thesis_masks():
+    """With thesis mask levers, the explicit levers reproduce the default path bit for bit."""
+    pipe = calibrated_with(mode="reference")
+    x = images(1, seed=13)
+    a = pipe(x, mode="reference", inpaint_timesteps=3, generator=torch.Generator().manual_seed(4))
+    b = pipe(x, mode="reference", inpaint_timesteps=3, mask_filter_size=1, mask_noise_draws=1, mask_dilation=1,
+             generator=torch.Generator().manual_seed(4))
+    for field in ("anomaly_maps", "masks", "reconstructions", "unet_passes_per_image"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.num_unet_passes == 3 + 3 * 5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mask_filter_size=4), "mask_filter_size"),
+    (dict(mask_filter_size=0), "mask_filter_size"),
+    (dict(mask_filter_size=2.0), "mask_filter_size"),
+    (dict(mask_filter_size=65), "mask_filter_size"),
+    (dict(mask_dilation=2), "mask_dilation"),
+    (dict(mask_dilation=True), "mask_dilation"),
+    (dict(mask_noise_draws=0), "mask_noise_draws"),
+    (dict(mask_noise_draws=1.5), "mask_noise_draws"),
+    (dict(mode="turbo"), "mode"),
+])
+def test_mask_lever_validation_in_calibrate(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_pipe().calibrate(images(2), mask_timesteps=(300, 301), methods=(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mask_filter_size=4), "mask_filter_size"),
+    (dict(mask_dilation=0), "mask_dilation"),
+    (dict(mask_noise_draws=-1), "mask_noise_draws"),
+    (dict(mask_filter_size=3), "recalibrate"),  # Q_p was fitted for the calibration's value
+    (dict(mask_noise_draws=2), "recalibrate"),
+])
+def test_mask_lever_validation_in_call(kwargs, match):
+    pipe = calibrated_with(mask_filter_size=1, mask_noise_draws=1)
+    with pytest.raises(ValueError, match=match):
+        pipe(images(1), **kwargs)

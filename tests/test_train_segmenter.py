@@ -20,15 +20,6 @@ from diffad.training import train_segmenter as ts
 NUM_SYNTHETIC = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two spinning OpenMP threads make these runs ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _args(model_dir: Path, cache_dir: Path, *extra: str):
     return ts.parse_args([
         "--model_dir", str(model_dir), "--cache_dir", str(cache_dir), "--num_synthetic", str(NUM_SYNTHETIC),
@@ -213,7 +204,6 @@ def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):
     assert sorted(p.name for p in cache_dir.iterdir()) == caches  # nothing new written
 
 
-@pytest.mark.slow
 def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_path):
     model_dir, cache_dir = trained["model_dir"], trained["cache_dir"]
     ckpt = tmp_path / "ckpt"
@@ -228,7 +218,6 @@ def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_pat
     assert len(log["summary"]["step_losses"]) == 4
 
 
-@pytest.mark.slow
 def test_interrupted_cache_build_resumes_from_complete_shards(trained, tmp_path, monkeypatch):
     import datasets
 

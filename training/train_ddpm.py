@@ -257,7 +257,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     train = splits["train"]
     if category is None and len(train) and "category" in train.column_names:
         category = train[0]["category"]  # load_mvtec resolved the only category there
-    args.category, args.resolved_data_dir = category, str(data_dir)
+    args.category, args.resolved_data_dir = category, str(Path(data_dir).resolve())
     transform = make_transform(args.resolution)
     if len(train) == 0:
         raise ValueError(f"no training images in {data_dir}/{category}/train/good")

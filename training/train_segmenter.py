@@ -74,7 +74,6 @@ from diffad.pipelines.self_aware_inpaint.pipeline import (
     segmenter_logits,
 )
 from diffad.presets import count_parameters, make_segmenter
-from diffad.training.train_ddpm import resolve_resume, save_checkpoint, save_pipeline
 from diffad.training_utils import (
     CHECKPOINT_MARKER,
     OneLineArgumentParser,
@@ -83,7 +82,10 @@ from diffad.training_utils import (
     incomplete_path,
     parse_int_list,
     remove_incomplete,
+    resolve_resume,
     run_with_clear_errors,
+    save_checkpoint,
+    save_pipeline,
     seeded_generator,
 )
 

@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json")
+HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json")
 # Files inside component folders that are shipped; anything else (e.g. *.bin pickles, *.tmp) is not.
 _COMPONENT_SUFFIXES = (".json", ".safetensors", ".py", ".txt", ".md")
 LOAD_CHECK_TIMEOUT_S = 600

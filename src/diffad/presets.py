@@ -204,7 +204,7 @@ def make_segmenter(
 
     Input: ``torch.cat([image, reconstruction], 1)``, ``(B, 6, R, R)`` in [-1, 1], called at
     timestep 0; output ``.sample``: defect logits ``(B, 1, R, R)`` (sigmoid gives the
-    probability that a pixel is defective). ~0.5M parameters with the defaults.
+    probability that a pixel is defective). ~2.5M parameters with the defaults.
 
     Raises:
         ValueError: a resolution not divisible by ``2 ** (len(block_out_channels) - 1)`` or
