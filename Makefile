@@ -50,3 +50,8 @@ bench-speed: venv
 # Learned (segmenter) against multi-scale anomaly maps on the synthetic default and the real MVTec subset.
 bench-segmenter: venv
 	$(PY) benchmarks/bench_segmenter.py --resolution 64 --ddpm_minutes 4 --segmenter_minutes 10 --threads 1 --work_dir bench_output/segmenter
+
+# Real MVTec AD categories (../shared/data/mvtec_subset): tiny DDPM + segmenter per category on CPU, then the
+# Table 4.1-style table for denoise, self-aware multi-scale and self-aware learned (re-runs skip finished steps).
+bench-real: venv
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_real.py --preset tiny --resolution 64 --ddpm_minutes 10 --segmenter_minutes 4 --out $(BENCH_OUT)/real

@@ -122,10 +122,10 @@ def _train_segmenter(config: BenchConfig, model_dir: Path) -> None:
     train_segmenter.main(train_segmenter.parse_args(argv))
 
 
-def _training_summary(model_dir: Path) -> dict[str, Any]:
-    """The scalar entries of a training script's ``training_log.json`` summary (steps, seconds, best loss, ...)
-    plus the last epoch's losses; ``{}`` when the log is missing."""
-    path = model_dir / "training_log.json"
+def _training_summary(path: Path) -> dict[str, Any]:
+    """The scalar entries of a training script's log summary (``training_log.json`` of the DDPM,
+    ``segmenter_log.json`` of the segmenter: steps, seconds, losses, ...) plus the last epoch's entries;
+    ``{}`` when the log is missing."""
     if not path.is_file():
         return {}
     log = json.loads(path.read_text())
@@ -185,8 +185,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "categories": per_category,
         "mean": mean_metrics(per_category),
         "thesis_mean_image_auroc": THESIS_MEAN_IMAGE_AUROC,
-        "training": {c: {"ddpm": _training_summary(models_dir / c),
-                         "segmenter": _training_summary(models_dir / c / "segmenter")} for c in categories},
+        "training": {c: {"ddpm": _training_summary(models_dir / c / "training_log.json"),
+                         "segmenter": _training_summary(models_dir / c / "segmenter_log.json")}
+                     for c in categories},
         "step_seconds": steps.times,
         "figures": {c: str(eval_dir / c / "figures" / f"{c}.png") for c in categories
                     if (eval_dir / c / "figures" / f"{c}.png").is_file()},

@@ -158,7 +158,8 @@ def test_empty_mask_returns_input_and_full_mask_redraws():
         out = pipe(x, output_type="pt", skip_empty_masks=skip, **QUICK)
         assert not out.masks.any()
         assert torch.equal(out.reconstructions, (x / 2 + 0.5).clamp(0, 1))
-        assert (out.anomaly_maps == 0).all() and out.num_unet_passes == (2 if skip else 2 + 3 * 2)
+        mask_passes = 2 * pipe.calibration.config.mask_noise_draws  # 2 timesteps x the calibrated noise draws
+        assert (out.anomaly_maps == 0).all() and out.num_unet_passes == (mask_passes if skip else mask_passes + 3 * 2)
     set_mask(pipe, -1.0)
     out = pipe(x, output_type="pt", **QUICK)
     assert out.masks.all() and (out.reconstructions - (x / 2 + 0.5)).abs().mean() > 0.05

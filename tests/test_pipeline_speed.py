@@ -45,9 +45,10 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def thesis_pipe():
-    """Calibrated on the thesis's 51 mask timesteps (300..350)."""
+    """Calibrated on the thesis's 51 mask timesteps (300..350), with the thesis's mask levers (mode="reference")."""
     torch.set_num_threads(1)
-    return make_pipe().calibrate(images(3, seed=1), methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    return make_pipe().calibrate(images(3, seed=1), methods=("self_aware",), mode="reference",
+                                 generator=torch.Generator().manual_seed(0))
 
 
 def reference_levers(inpaint_timesteps: int) -> dict:
@@ -59,9 +60,10 @@ def reference_levers(inpaint_timesteps: int) -> dict:
     return levers
 
 
-def test_default_fast_path_passes_counted_from_outside(thesis_pipe):
-    counter = CallCounter(thesis_pipe.unet)
-    out = thesis_pipe(images(1, seed=2), generator=torch.Generator().manual_seed(0))
+def test_default_fast_path_passes_counted_from_outside():
+    pipe = make_pipe().calibrate(images(3, seed=1), methods=(), generator=torch.Generator().manual_seed(0))
+    counter = CallCounter(pipe.unet)
+    out = pipe(images(1, seed=2), generator=torch.Generator().manual_seed(0))
     counter.close()
     assert out.masks.any()  # inpainting ran
     expected = (FAST_SETTINGS["num_mask_timesteps"] * FAST_SETTINGS["mask_noise_draws"]
@@ -88,12 +90,13 @@ def test_pass_count_is_exact_per_image_in_a_batch(pipe, levers):
     counter = CallCounter(pipe.unet)
     out = pipe(x, inpaint_timesteps=6, generator=torch.Generator().manual_seed(0), **levers)
     counter.close()
-    expected = levers["num_mask_timesteps"] + levers["num_inpaint_steps"] * levers["resample_steps"]
+    mask_passes = levers["num_mask_timesteps"] * pipe.calibration.config.mask_noise_draws  # each draw: every t
+    expected = mask_passes + levers["num_inpaint_steps"] * levers["resample_steps"]
     nonempty = out.masks.reshape(3, -1).any(1)
-    assert np.array_equal(out.unet_passes_per_image, np.where(nonempty, expected, levers["num_mask_timesteps"]))
+    assert np.array_equal(out.unet_passes_per_image, np.where(nonempty, expected, mask_passes))
     assert counter.images == int(out.unet_passes_per_image.sum())
-    assert counter.calls == (levers["num_mask_timesteps"] + (levers["num_inpaint_steps"] * levers["resample_steps"]
-                                                               if nonempty.any() else 0))
+    assert counter.calls == (mask_passes + (levers["num_inpaint_steps"] * levers["resample_steps"]
+                                            if nonempty.any() else 0))
 
 
 def test_skip_empty_masks_saves_passes_not_results(pipe):
@@ -108,7 +111,8 @@ def test_skip_empty_masks_saves_passes_not_results(pipe):
         full = pipe(x, skip_empty_masks=False, **common)
     finally:
         pipe.calibration.q_threshold.copy_(saved)
-    assert skipped.num_unet_passes == 2 and full.num_unet_passes == 2 + 3 * 2
+    draws = pipe.calibration.config.mask_noise_draws
+    assert skipped.num_unet_passes == 2 * draws and full.num_unet_passes == 2 * draws + 3 * 2
     assert np.array_equal(skipped.reconstructions, full.reconstructions)
     assert np.array_equal(skipped.anomaly_maps, full.anomaly_maps)
 
@@ -121,7 +125,8 @@ def test_fast_with_reference_levers_reproduces_reference(pipe, method):
                 **reference_levers(6))
     for field in ("anomaly_maps", "scores", "masks", "reconstructions", "unet_passes_per_image"):
         assert np.array_equal(getattr(ref, field), getattr(fast, field)), field
-    assert ref.num_unet_passes == (6 + 6 * 5 if method == "self_aware" else 6)
+    draws = pipe.calibration.config.mask_noise_draws  # the fast calibration's (the mask levers are calibrated)
+    assert ref.num_unet_passes == (6 * draws + 6 * 5 if method == "self_aware" else 6)
 
 
 def test_each_lever_changes_the_computation(pipe):
@@ -219,14 +224,15 @@ def test_mask_levers_survive_save_and_load(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert [loaded.calibration.config[k] for k in MASK_LEVERS] == [3, 2, 5]
     x = images(1, seed=8)
-    a = pipe(x, inpaint_timesteps=4, num_mask_timesteps=3, num_inpaint_steps=2, generator=[torch.Generator().manual_seed(3)])
-    b = loaded(x, inpaint_timesteps=4, num_mask_timesteps=3, num_inpaint_steps=2, generator=[torch.Generator().manual_seed(3)])
+    quick = dict(inpaint_timesteps=4, num_mask_timesteps=3, num_inpaint_steps=2)
+    a = pipe(x, generator=[torch.Generator().manual_seed(3)], **quick)
+    b = loaded(x, generator=[torch.Generator().manual_seed(3)], **quick)
     assert np.array_equal(a.masks, b.masks)  # the same masks from the stored levers and Q_p
     np.testing.assert_allclose(a.anomaly_maps, b.anomaly_maps, atol=1e-5)  # bf16-free CPU maths, float rounding
 
 
 def test_mask_filter_is_applied_to_q_at_calibration_and_test_time():
-    pipe = calibrated_with(mask_filter_size=5)
+    pipe = calibrated_with(mask_filter_size=5, mask_noise_draws=1)
     x_cal = images(4, seed=1)
     gens = pipe._generators(torch.Generator().manual_seed(0), 4)  # the calibration's per-image generators
     ts = list(pipe.calibration.config.mask_timesteps)
