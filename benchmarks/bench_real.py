@@ -141,7 +141,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     import torch
 
     from diffad.cli import calibrate_model
-    from diffad.demo import _evaluation_is_current, _has_component, _Steps
+    from diffad.demo import StepLog, evaluation_is_current, has_component
     from diffad.evaluation import evaluate_folder, markdown_table, mean_metrics
 
     if config.preset not in ("tiny", "small"):
@@ -155,7 +155,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     out = Path(config.out)
     models_dir, eval_dir = out / "models", out / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(config, out / "bench_log.json")
+    steps = StepLog(config, out / "bench_log.json", label="bench-real")
     logger.info("bench-real: categories %s, preset %s, %d px, %.1f + %.1f training minutes per category, "
                 "%d torch threads", categories, config.preset, config.resolution, config.ddpm_minutes,
                 config.segmenter_minutes, torch.get_num_threads())
@@ -166,12 +166,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         steps.run(f"{category}: train DDPM",
                   (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
                   lambda: _train_ddpm(config, category, model_dir))
-        steps.run(f"{category}: calibrate", _has_component(model_dir, "calibration"),
+        steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir, config.data_dir, category, seed=config.seed,
                                           batch_size=config.eval_batch_size))
-        steps.run(f"{category}: train segmenter", _has_component(model_dir, "segmenter"),
+        steps.run(f"{category}: train segmenter", has_component(model_dir, "segmenter"),
                   lambda: _train_segmenter(config, model_dir))
-        steps.run(f"{category}: evaluate", _evaluation_is_current(cat_eval, [model_dir]),
+        steps.run(f"{category}: evaluate", evaluation_is_current(cat_eval, [model_dir]),
                   lambda: evaluate_folder(model_dir, config.data_dir, category, cat_eval,
                                           methods=tuple(config.methods), batch_size=config.eval_batch_size,
                                           seed=config.seed))

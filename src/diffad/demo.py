@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["DemoConfig", "run_demo", "write_report", "register", "run"]
+__all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "run_demo", "write_report",
+           "register", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +91,22 @@ TINY_BUDGET = dict(minutes_per_category=0.25, num_train=16, num_test_good=4, num
                    num_synthetic=16, resolution=32)
 
 
-class _Steps:
-    """Times each step and records it in ``demo_log.json`` (so the report can show where time went)."""
+class StepLog:
+    """Runs resumable steps (skipping those whose output exists), times each and records it in a JSON log
+    (``demo_log.json``, so the report can show where time went). Shared with ``benchmarks/bench_real.py``."""
 
-    def __init__(self, config: DemoConfig, log_path: Path):
-        self.config, self.log_path = config, log_path
+    def __init__(self, config: Any, log_path: Path, label: str = "demo"):
+        self.config, self.log_path, self.label = config, log_path, label
         previous = json.loads(log_path.read_text()) if log_path.is_file() else {}
         self.times: dict[str, Any] = previous.get("steps", {})
 
     def run(self, name: str, done: bool, fn) -> None:
         if done:
-            logger.info("demo: %s already done, skipped", name)
+            logger.info("%s: %s already done, skipped", self.label, name)
             self.times.setdefault(name, {"seconds": None})
             self.times[name]["skipped_last_run"] = True
             return
-        logger.info("demo: %s ...", name)
+        logger.info("%s: %s ...", self.label, name)
         start = time.time()
         fn()
         self.times[name] = {"seconds": round(time.time() - start, 1), "skipped_last_run": False}
@@ -124,7 +126,8 @@ def _model_index(model_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _has_component(model_dir: Path, name: str) -> bool:
+def has_component(model_dir: Path, name: str) -> bool:
+    """Whether the pipeline folder's model_index.json lists component ``name`` (e.g. ``"segmenter"``)."""
     entry = _model_index(model_dir).get(name)
     return isinstance(entry, list) and entry[0] is not None
 
@@ -168,7 +171,8 @@ def _train_segmenter(config: DemoConfig, model_dir: Path, minutes: float) -> Non
     train_segmenter.main(train_segmenter.parse_args(argv))
 
 
-def _evaluation_is_current(eval_dir: Path, model_dirs: Sequence[Path]) -> bool:
+def evaluation_is_current(eval_dir: Path, model_dirs: Sequence[Path]) -> bool:
+    """Whether ``eval_dir/metrics.json`` exists and is newer than every model folder's ``model_index.json``."""
     metrics = eval_dir / "metrics.json"
     if not metrics.is_file():
         return False
@@ -202,7 +206,7 @@ def run_demo(config: DemoConfig) -> Path:
     out = Path(config.out)
     data_dir, models_dir, eval_dir = out / "data", out / "models", out / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(config, out / "demo_log.json")
+    steps = StepLog(config, out / "demo_log.json")
     logger.info("demo: categories %s, %.2f training minutes per category, resolution %d, %d torch threads",
                 categories, minutes, config.resolution, torch.get_num_threads())
 
@@ -212,13 +216,13 @@ def run_demo(config: DemoConfig) -> Path:
         model_dir = models_dir / category
         steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
                   lambda: _train_ddpm(config, data_dir, category, model_dir, minutes * DDPM_SHARE))
-        steps.run(f"{category}: calibrate", _has_component(model_dir, "calibration"),
+        steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir, data_dir, category, seed=config.seed,
                                           batch_size=config.eval_batch_size))
-        steps.run(f"{category}: train segmenter", _has_component(model_dir, "segmenter"),
+        steps.run(f"{category}: train segmenter", has_component(model_dir, "segmenter"),
                   lambda: _train_segmenter(config, model_dir, minutes * (1 - DDPM_SHARE)))
     model_dirs = [models_dir / c for c in categories]
-    steps.run("evaluate", _evaluation_is_current(eval_dir, model_dirs),
+    steps.run("evaluate", evaluation_is_current(eval_dir, model_dirs),
               lambda: evaluate_folder(models_dir, data_dir, _evaluation_category(data_dir, categories), eval_dir,
                                       methods=("self_aware", "denoise"), batch_size=config.eval_batch_size,
                                       seed=config.seed))
