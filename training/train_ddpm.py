@@ -51,7 +51,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, predict_noise
+from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, estimate_x0, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
 from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pipeline: shared with train_segmenter.py
     BEST_WEIGHTS,
@@ -204,18 +204,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- diffusion maths
-
-
-def estimate_x0(x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
-                alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al. 2020, eq. 15), clipped to [-1, 1].
-
-    Args:
-        x_t: ``(B, 3, R, R)`` noisy images; eps: ``(B, 3, R, R)`` predicted noise;
-        timesteps: ``(B,)`` integer timesteps; alphas_cumprod: ``(T,)`` on the same device.
-    """
-    abar = alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
-    return ((x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()).clamp(-1.0, 1.0)
 
 
 def self_conditioned_eps(unet: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from diffad.anomalies import AnomalySynthesizer
 from diffad.pipelines.self_aware_inpaint.pipeline import (
     FAST_SETTINGS,
+    MASK_LEVERS,
     REFERENCE_SETTINGS,
     SelfAwareInpaintPipeline,
     segmenter_logits,
@@ -407,7 +408,8 @@ def reconstruction_cache_key(
     """The cache key of a reconstructed synthetic training set.
 
     It hashes: the UNet's weight files (``<model_dir>/unet``) and config, the scheduler's config, the
-    calibration parts that shape the inpainting mask (``Q_p``, percentile, mask timesteps, resolution; not the
+    calibration parts that shape the inpainting mask (``Q_p``, percentile, mask timesteps, resolution, the mask
+    levers ``mask_filter_size``, ``mask_noise_draws``, ``mask_dilation``; not the
     image thresholds, which adding a segmenter changes), ``inference`` (:func:`inference_settings`),
     ``synthesis`` (synthesiser config, seed, number of samples) and the normal training images (file names and
     pixel values as loaded, so a resized or edited image changes it).
@@ -423,7 +425,7 @@ def reconstruction_cache_key(
         "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "calibration": {
             "q_threshold_sha256": _sha256_tensor(cal.q_threshold),
-            **{k: cal.config[k] for k in ("resolution", "percentile", "mask_timesteps")},
+            **{k: cal.config.get(k) for k in ("resolution", "percentile", "mask_timesteps", *MASK_LEVERS)},
         },
         "inference": inference,
         "synthesis": synthesis,
@@ -484,7 +486,7 @@ def reconstruct(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, generators
         ``(B, 3, R, R)`` float32 in [-1, 1], on the CPU.
     """
     out = pipe(images, method="self_aware", anomaly_map="multiscale", mode=mode, generator=generators,
-               batch_size=batch_size, output_type="pt", _skip_decision=True)
+               batch_size=batch_size, output_type="pt")
     return (out.reconstructions.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 

@@ -125,6 +125,27 @@ def predict_noise(
     return unet(torch.cat([x_t, x0_prev], dim=1), timesteps).sample
 
 
+def estimate_x0(x_t: torch.Tensor, eps: torch.Tensor, timesteps: Union[int, torch.Tensor],
+                alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al. 2020, eq. 15), clipped to [-1, 1].
+
+    Shared by the pipeline and the training script (its self-conditioning pass).
+
+    Args:
+        x_t: ``(B, 3, R, R)`` noisy images; eps: ``(B, 3, R, R)`` (predicted) noise.
+        timesteps: one integer timestep for the batch, or ``(B,)`` integer timesteps.
+        alphas_cumprod: ``(T,)``, the scheduler's ``alphas_cumprod``.
+
+    Returns:
+        ``(B, 3, R, R)`` float32 in [-1, 1].
+    """
+    if isinstance(timesteps, int):
+        abar = alphas_cumprod[timesteps].float().to(x_t.device)
+    else:
+        abar = alphas_cumprod.to(timesteps.device)[timesteps].float().view(-1, 1, 1, 1)
+    return ((x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()).clamp(-1.0, 1.0)
+
+
 def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """Defect logits of a DRAEM-style segmenter (a stock ``UNet2DModel``, 6 in / 1 out, called at timestep 0).
 
@@ -425,9 +446,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return predict_noise(self.unet, x_t, ts, x0_prev).float()
 
     def _x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, clipped to [-1, 1]."""
-        abar = self._abar(t).to(x_t.device)
-        return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
+        """:func:`estimate_x0` at one timestep ``t`` for the whole batch."""
+        return estimate_x0(x_t, eps, int(t), self.scheduler.alphas_cumprod)
 
     def _noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (the scheduler's ``add_noise``)."""
