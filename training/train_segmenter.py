@@ -88,6 +88,7 @@ from diffad.training_utils import (
     save_checkpoint,
     save_pipeline,
     seeded_generator,
+    time_budget_spent,
 )
 
 PROG = "train_segmenter.py"
@@ -740,10 +741,8 @@ def main(args: argparse.Namespace) -> Path:
             tick = now
             if state["global_step"] >= max_train_steps:
                 stopped = True
-            elif time_budget is not None:
-                over = torch.tensor([float(state["train_seconds"] >= time_budget)], device=accelerator.device)
-                if float(accelerator.reduce(over, reduction="sum")) > 0:  # every rank stops at the same step
-                    stopped, stop_reason = True, "max_train_minutes"
+            elif time_budget_spent(accelerator, state["train_seconds"], time_budget):
+                stopped, stop_reason = True, "max_train_minutes"
             if state["global_step"] % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, checkpoint_dir, state["global_step"],
                                 {"state": state, "log": log.state_dict(), "steps_per_epoch": num_batches,

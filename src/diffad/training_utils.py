@@ -50,6 +50,7 @@ __all__ = [
     "save_checkpoint",
     "save_pipeline",
     "seeded_generator",
+    "time_budget_spent",
     "to_jsonable",
 ]
 
@@ -415,3 +416,14 @@ def save_pipeline(pipeline: Any, output_dir: Path) -> None:
         else:
             os.replace(entry, output_dir / entry.name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_budget_spent(accelerator: "Accelerator", train_seconds: float, time_budget: Optional[float]) -> bool:
+    """Whether ``--max_train_minutes`` (``time_budget`` seconds; None = no budget) is spent on any rank.
+
+    All ranks take part in one reduction, so every rank stops at the same optimiser step.
+    """
+    if time_budget is None:
+        return False
+    over = torch.tensor([float(train_seconds >= time_budget)], device=accelerator.device)
+    return float(accelerator.reduce(over, reduction="sum")) > 0
