@@ -47,15 +47,6 @@ def images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two threads on a shared 2-core machine thrash; one is faster and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def calibrated() -> SelfAwareInpaintPipeline:
     pipe = make_pipe()

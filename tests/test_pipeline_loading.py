@@ -51,18 +51,9 @@ REMOTE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     """A calibrated pipeline with a segmenter, saved."""
-    torch.set_num_threads(1)
     pipe = make_pipe(segmenter=True).calibrate(images(4, seed=1), mask_timesteps=(300, 302),
                                                 methods=("self_aware",), generator=torch.Generator().manual_seed(0))
     folder = tmp_path_factory.mktemp("saved") / "pipe"

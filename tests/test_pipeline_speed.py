@@ -28,17 +28,8 @@ class CallCounter:
         self.handle.remove()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(1)
     return make_pipe().calibrate(images(4, seed=1), mask_timesteps=(300, 305), methods=("self_aware",),
                                  generator=torch.Generator().manual_seed(0))
 
@@ -46,7 +37,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def thesis_pipe():
     """Calibrated on the thesis's 51 mask timesteps (300..350), with the thesis's mask levers (mode="reference")."""
-    torch.set_num_threads(1)
     return make_pipe().calibrate(images(3, seed=1), methods=("self_aware",), mode="reference",
                                  generator=torch.Generator().manual_seed(0))
 
