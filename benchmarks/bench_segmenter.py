@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from diffad.training_utils import atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = Path(os.environ.get("DIFFAD_REAL_DATA", REPO_ROOT.parent / "shared" / "data")) / "mvtec_subset"
 MAPS = ("multiscale", "learned")
@@ -195,9 +197,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         # Written after every category, so an interrupted run keeps what it measured.
         payload = {"settings": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                    "wall_seconds": time.time() - start, "categories": records, "table": markdown(records)}
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")
     if not records:
         raise SystemExit("bench_segmenter: error: no category to benchmark (see --datasets and --real_root)")
     sys.stdout.write(f"Learned vs multi-scale maps (self_aware, {args.preset} preset, {args.resolution} px; budget per "

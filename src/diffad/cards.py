@@ -370,11 +370,9 @@ def make_model_card(
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
     """Write ``card`` as ``model_dir/README.md`` atomically (temporary file, then rename)."""
-    path = Path(model_dir) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from diffad.training_utils import atomic_write_text
+
+    return atomic_write_text(Path(model_dir) / "README.md", str(card))
 
 
 def register(subparsers) -> None:

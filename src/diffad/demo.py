@@ -337,11 +337,9 @@ diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
 Anyone can then load it with diffusers alone:
 `DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
 """
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from diffad.training_utils import atomic_write_text
+
+    return atomic_write_text(out / "report.md", text)
 
 
 def register(subparsers) -> None:

@@ -335,10 +335,9 @@ def markdown_table(per_category: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from diffad.training_utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_outputs(results: Sequence[CategoryEvaluation], out_dir: Path, settings: dict[str, Any]) -> None:

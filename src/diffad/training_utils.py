@@ -36,6 +36,7 @@ __all__ = [
     "OneLineArgumentParser",
     "TrainingLog",
     "atomic_write_json",
+    "atomic_write_text",
     "augment_batch",
     "checkpoint_step",
     "commit_directory",
@@ -87,8 +88,8 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the new one, never a
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one, never a
     partial one: write a temporary file in the same folder, flush it to disk, then ``os.replace``.
 
     Returns:
@@ -99,8 +100,7 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(to_jsonable(obj), f, indent=indent)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,6 +108,15 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write_text`).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent) + "\n")
 
 
 def incomplete_path(dest: PathLike) -> Path:
