@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
 
 RESOLUTION = 32
 
@@ -35,10 +35,15 @@ def random_images(n: int, *, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+#: A cheap sampler for mechanics tests: 1 mask pass + 2 x 1 inpainting passes, 2 denoising steps.
+CHEAP_CONFIG = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_steps=2, resample_steps=1,
+                              denoise_steps=2)
+
+
 def calibrate_cheaply(pipe: SelfAwareInpaintPipeline, images: Optional[torch.Tensor] = None) -> SelfAwareInpaintPipeline:
-    """Calibrate ``self_aware`` with 3 mask timesteps on 4 random images (cheap, for mechanics only)."""
-    pipe.calibrate(random_images(4) if images is None else images, mask_timesteps=(300, 302),
-                   methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    """Calibrate both methods with :data:`CHEAP_CONFIG` on 4 random images (cheap, for mechanics only)."""
+    pipe.calibrate(random_images(4) if images is None else images, config=CHEAP_CONFIG,
+                   generator=torch.Generator().manual_seed(0))
     return pipe
 
 

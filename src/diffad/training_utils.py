@@ -51,6 +51,7 @@ __all__ = [
     "save_checkpoint",
     "save_pipeline",
     "seeded_generator",
+    "image_generator",
     "time_budget_spent",
     "to_jsonable",
 ]
@@ -274,6 +275,28 @@ def seeded_generator(seed: int, *stream: int, device: Union[str, torch.device] =
     for s in stream:
         value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(value)
+
+
+def image_generator(seed: int, image: Any) -> torch.Generator:
+    """The diffusion-noise generator of one image: seeded from ``seed`` and the image's decoded pixels.
+
+    The one seeding rule of inference (``diffad detect``, ``diffad evaluate``, the demo): an image's
+    result depends only on the image, the model and ``seed``, never on its batch, its position in
+    it, its file name or what an interrupted run skipped.
+
+    Args:
+        seed: the run's seed.
+        image: a PIL image (hashed as decoded: mode, size and pixel bytes) or a tensor.
+    """
+    import hashlib
+
+    if isinstance(image, torch.Tensor):
+        t = image.detach().to("cpu").contiguous()
+        payload = f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()
+    else:
+        payload = f"{image.mode}{image.size}".encode() + image.tobytes()
+    digest = hashlib.sha256(payload).digest()
+    return seeded_generator(seed, *(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)))
 
 
 def augment_batch(
