@@ -16,7 +16,8 @@ from diffusers import DiffusionPipeline, UNet2DModel
 
 from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
-from test_pipeline import QUICK, images, make_pipe
+from test_pipeline import QUICK, images
+from tiny_components import tiny_pipeline as make_pipe
 
 PIPELINE_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
 
@@ -39,23 +40,22 @@ REMOTE_SCRIPT = textwrap.dedent("""
     assert not type(pipe).__module__.startswith("diffad"), type(pipe).__module__
     pipe.set_progress_bar_config(disable=True)
     x = torch.from_numpy(np.load(x_path))
-    out = pipe(x, generator=torch.Generator().manual_seed(5), inpaint_timesteps=6, num_inpaint_steps=3,
-               resample_steps=2, num_mask_timesteps=2)
+    out = pipe(x, generator=torch.Generator().manual_seed(5))
     pipe.save_pretrained(resaved)
     again = DiffusionPipeline.from_pretrained(resaved, trust_remote_code=True)
     again.set_progress_bar_config(disable=True)
-    out2 = again(x, generator=torch.Generator().manual_seed(5), inpaint_timesteps=6, num_inpaint_steps=3,
-                 resample_steps=2, num_mask_timesteps=2)
-    np.savez(out_path, maps=out.anomaly_maps, scores=out.scores, decisions=out.is_anomalous, masks=out.masks,
-             maps2=out2.anomaly_maps, has_segmenter=again.segmenter is not None)
+    out2 = again(x, generator=torch.Generator().manual_seed(5))
+    np.savez(out_path, maps=out.anomaly_maps["learned"], scores=out.scores["learned"],
+             decisions=out.is_anomalous["learned"], masks=out.inpaint_masks, maps2=out2.anomaly_maps["learned"],
+             has_segmenter=again.segmenter is not None)
 """)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     """A calibrated pipeline with a segmenter, saved."""
-    pipe = make_pipe(segmenter=True).calibrate(images(4, seed=1), mask_timesteps=(300, 302),
-                                                methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    pipe = make_pipe(segmenter=True).calibrate(images(4, seed=1), config=QUICK, methods=("self_aware",),
+                                                generator=torch.Generator().manual_seed(0))
     folder = tmp_path_factory.mktemp("saved") / "pipe"
     pipe.save_pretrained(folder)
     return folder
@@ -64,7 +64,7 @@ def saved(tmp_path_factory) -> Path:
 def expected_outputs(folder: Path):
     pipe = SelfAwareInpaintPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(images(2, seed=8), generator=torch.Generator().manual_seed(5), **QUICK)
+    return pipe(images(2, seed=8), generator=torch.Generator().manual_seed(5))
 
 
 def test_saved_folder_is_hub_ready(saved):
@@ -80,22 +80,22 @@ def test_saved_folder_is_hub_ready(saved):
 
 
 def test_native_round_trip_keeps_calibration_and_outputs(saved, tmp_path):
-    original = make_pipe(segmenter=True).calibrate(images(4, seed=1), mask_timesteps=(300, 302),
-                                                    methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    original = make_pipe(segmenter=True).calibrate(images(4, seed=1), config=QUICK, methods=("self_aware",),
+                                                    generator=torch.Generator().manual_seed(0))
     loaded = SelfAwareInpaintPipeline.from_pretrained(saved)
     assert type(loaded) is SelfAwareInpaintPipeline and loaded.is_calibrated
     assert torch.equal(loaded.calibration.q_threshold, original.calibration.q_threshold)
     assert torch.equal(loaded.calibration.thresholds, original.calibration.thresholds)
-    for key in ("resolution", "percentile", "mask_timesteps", "mean_filter_size", "threshold_names", "mode",
-                "target_false_positive_rate"):
-        assert loaded.calibration.config[key] == original.calibration.config[key], key
+    public = lambda cal: {k: v for k, v in cal.config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.calibration) == public(original.calibration)
+    assert loaded.calibration.sampling == QUICK
     loaded.set_progress_bar_config(disable=True)
-    x, kw = images(2, seed=8), dict(QUICK)
-    a = original(x, generator=torch.Generator().manual_seed(5), **kw)
-    b = loaded(x, generator=torch.Generator().manual_seed(5), **kw)
-    np.testing.assert_allclose(a.anomaly_maps, b.anomaly_maps, atol=1e-6)
-    c = loaded(x, anomaly_map="learned", generator=torch.Generator().manual_seed(5), **kw)
-    assert c.is_anomalous is not None
+    x = images(2, seed=8)
+    a = original(x, generator=torch.Generator().manual_seed(5))
+    b = loaded(x, generator=torch.Generator().manual_seed(5))
+    for name in ("multiscale", "learned", "noise_error"):
+        np.testing.assert_allclose(a.anomaly_maps[name], b.anomaly_maps[name], atol=1e-6)
+        np.testing.assert_array_equal(a.is_anomalous[name], b.is_anomalous[name])
     # save again from the loaded pipeline: still Hub-ready and loadable
     loaded.save_pretrained(tmp_path / "again")
     again = SelfAwareInpaintPipeline.from_pretrained(tmp_path / "again")
@@ -113,10 +113,10 @@ def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = np.load(out_path)
-    np.testing.assert_allclose(got["maps"], expected.anomaly_maps, atol=1e-6)
-    np.testing.assert_array_equal(got["masks"], expected.masks)
-    np.testing.assert_array_equal(got["decisions"], expected.is_anomalous)
-    np.testing.assert_allclose(got["maps2"], expected.anomaly_maps, atol=1e-6)
+    np.testing.assert_allclose(got["maps"], expected.anomaly_maps["learned"], atol=1e-6)
+    np.testing.assert_array_equal(got["masks"], expected.inpaint_masks)
+    np.testing.assert_array_equal(got["decisions"], expected.is_anomalous["learned"])
+    np.testing.assert_allclose(got["maps2"], expected.anomaly_maps["learned"], atol=1e-6)
     assert bool(got["has_segmenter"])
     # the folder re-saved by the remote-code pipeline is Hub-ready and loads natively too
     resaved = tmp_path / "resaved"
@@ -126,8 +126,8 @@ def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
     assert (resaved / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
     native = SelfAwareInpaintPipeline.from_pretrained(resaved)
     native.set_progress_bar_config(disable=True)
-    np.testing.assert_allclose(native(images(2, seed=8), generator=torch.Generator().manual_seed(5),
-                                      **QUICK).anomaly_maps, expected.anomaly_maps, atol=1e-6)
+    np.testing.assert_allclose(native(images(2, seed=8), generator=torch.Generator().manual_seed(5)
+                                      ).anomaly_maps["learned"], expected.anomaly_maps["learned"], atol=1e-6)
 
 
 def test_remote_code_in_process(saved):
@@ -149,7 +149,7 @@ def test_uncalibrated_training_style_save(tmp_path):
     assert not remote.is_calibrated
     # calibrate the loaded pipeline, save over it: now carries the calibration
     loaded.set_progress_bar_config(disable=True)
-    loaded.calibrate(images(3, seed=1), mask_timesteps=(300, 301), methods=("denoise",))
+    loaded.calibrate(images(4, seed=1), config=QUICK, methods=("denoise",))
     loaded.save_pretrained(tmp_path / "out")
     assert SelfAwareInpaintPipeline.from_pretrained(tmp_path / "out").calibration.threshold("denoise/multiscale") \
         == pytest.approx(loaded.calibration.threshold("denoise/multiscale"))

@@ -215,6 +215,11 @@ def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructio
     return segmenter(torch.cat([images, reconstructions], dim=1), timesteps).sample
 
 
+def per_pixel_quantile(maps: torch.Tensor, p: float) -> torch.Tensor:
+    """The ``p``-quantile over images of ``(N, R, R)`` maps, pixel by pixel (numpy: no limit on ``N x R x R``)."""
+    return torch.from_numpy(np.quantile(maps.cpu().numpy(), p, axis=0)).float()
+
+
 def default_mean_filter_size(resolution: int) -> int:
     """The default map filter for a resolution: the odd number nearest ``R / 8``, at least 3 (64 px -> 9)."""
     size = max(3, int(round(resolution / 8)))
@@ -311,15 +316,8 @@ class SamplingConfig:
         return self.mask_noise_draws * len(self.mask_timesteps) + self.inpaint_steps * self.resample_steps
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-able fields (what the calibration stores)."""
-        out = dataclasses.asdict(self)
-        out["mask_timesteps"] = list(self.mask_timesteps)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "SamplingConfig":
-        """The config :meth:`to_dict` wrote."""
-        return cls(**values)
+        """JSON-able fields (what the calibration stores; ``SamplingConfig(**d)`` reads them back)."""
+        return {**dataclasses.asdict(self), "mask_timesteps": list(self.mask_timesteps)}
 
 
 # =============================================================================== the calibration
@@ -361,7 +359,7 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         if self.config.sampling_config is None:
             raise ValueError("this calibration was made by diffad 0.1 and does not say how its sampler ran: "
                              "recalibrate (`diffad calibrate` or pipe.calibrate(normal_images))")
-        return SamplingConfig.from_dict(self.config.sampling_config)
+        return SamplingConfig(**self.config.sampling_config)
 
     def threshold(self, name: str) -> Optional[float]:
         """The image threshold called ``name`` (``"<method>/<map>"``), or None when it was not calibrated."""
@@ -481,12 +479,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                      and (name != "noise_error" or method == "self_aware"))
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images as a ``(B, 3, R, R)`` float tensor in [-1, 1] at the model's resolution.
-
-        ``images``: a PIL image or a list of them (converted to RGB, resized bicubic by ``VaeImageProcessor``), or a
-        ``(B, 3, H, W)`` / ``(3, H, W)`` float tensor in [-1, 1] (resized bilinear with antialiasing).
-        Raises ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range values, or another type.
-        """
+        """Images as a ``(B, 3, R, R)`` float tensor in [-1, 1]: PIL images (converted to RGB and resized bicubic by
+        ``VaeImageProcessor``) or a ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1] (resized bilinear,
+        antialiased). ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range values, or a type."""
         r = self.resolution
         if isinstance(images, torch.Tensor):
             x = images.unsqueeze(0) if images.ndim == 3 else images
@@ -497,13 +492,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 raise ValueError(f"image tensor must be float in [-1, 1]; got dtype {x.dtype}")
             if not torch.isfinite(x).all():
                 raise ValueError("image tensor contains NaN or inf values; pass finite values in [-1, 1]")
-            lo, hi = float(x.min()), float(x.max())
-            if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-                raise ValueError(f"image tensor values must be in [-1, 1]; got min {lo:.3f}, max {hi:.3f}")
-            x = x.float()
+            if float(x.min()) < -1.001 or float(x.max()) > 1.001:
+                raise ValueError(f"image tensor values must be in [-1, 1]; got min {float(x.min()):.3f}, "
+                                 f"max {float(x.max()):.3f}")
             if tuple(x.shape[-2:]) != (r, r):
-                x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-            return x.clamp(-1.0, 1.0).to(self.device)
+                x = F.interpolate(x.float(), size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+            return x.float().clamp(-1.0, 1.0).to(self.device)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError("no images given: pass a PIL image, a list of PIL images or a (B, 3, H, W) tensor")
@@ -597,8 +591,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes}
 
     def _mask_stage(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
-        return noise_error(self.unet, self.scheduler.alphas_cumprod, x, config.mask_timesteps,
-                           config.mask_noise_draws, generators)
+        return noise_error(self.unet, self.scheduler.alphas_cumprod, x, config.mask_timesteps, config.mask_noise_draws,
+                           generators)
 
     @torch.no_grad()
     def __call__(
@@ -620,8 +614,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             config: the sampler. A calibrated pipeline runs its calibration's config; passing another (a
                 :class:`SamplingConfig` or a preset name, ``"fast"``/``"thesis"``) raises ``ValueError`` saying to
                 recalibrate. Uncalibrated, ``"denoise"`` runs ``config`` (default fast) with no decisions.
-            generator: one ``torch.Generator`` (seeds one per image) or a list with one per image. An image's result
-                depends only on the image, the model and its generator: never on the batch or its position.
+            generator: one ``torch.Generator`` (seeds one per image) or a list with one per image. An image's noise
+                depends only on its generator, never on the batch or its position; batched UNet arithmetic differs
+                from one image at a time by float rounding (~1e-7), so for bit-identical results use batch_size=1.
             batch_size: images per UNet batch (default: all at once).
             output_type: ``"np"``, ``"pt"`` or ``"pil"`` (see :class:`SelfAwareInpaintPipelineOutput`).
             return_dict: return a :class:`SelfAwareInpaintPipelineOutput`, else a tuple in its field order.
@@ -715,10 +710,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             gens = [torch.Generator().manual_seed(s) for s in seeds]  # each method as a call with these seeds
             if method == "self_aware":
                 q_all = torch.cat([self._mask_stage(x[idx], config, [gens[i] for i in idx]).cpu() for idx in chunks])
-                q_np = q_all.numpy()
-                q_p = torch.from_numpy(np.quantile(q_np, config.mask_percentile, axis=0)).float()
-                fold_q_p = torch.stack([torch.from_numpy(np.quantile(q_np[fold == k], config.mask_percentile, axis=0))
-                                        for k in (0, 1)]).float()
+                q_p = per_pixel_quantile(q_all, config.mask_percentile)
+                fold_q_p = torch.stack([per_pixel_quantile(q_all[fold == k], config.mask_percentile) for k in (0, 1)])
                 heldout_q_p = fold_q_p[1 - fold]  # each image against the other fold's Q_p
             shares, per_map = [], {}
             for idx in chunks:
