@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from diffad.cli import accelerate_launch_command, main, report_error
+from diffad.cli import accelerate_launch_command, main
+from diffad.training_utils import report_error
 from tiny_components import saved_tiny_pipeline
 
 SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push"]
@@ -91,8 +92,18 @@ def test_unexpected_failure_is_one_line_exit_1(monkeypatch, capsys):
 
 
 def test_report_error_folds_newlines(capsys):
-    assert report_error("detect", "line one\nline two", 2) == 2
+    assert report_error("diffad detect", "line one\nline two", 2) == 2
     assert capsys.readouterr().err == "diffad detect: error: line one line two\n"
+
+
+def test_one_parser_and_one_error_mechanism():
+    """diffad and the training scripts share training_utils' parser and error wrapper: no copies in cli.py."""
+    import diffad.cli as cli
+    from diffad import training_utils
+
+    assert type(cli.build_parser()) is training_utils.OneLineArgumentParser
+    assert cli.report_error is training_utils.report_error
+    assert not hasattr(cli, "_OneLineErrorParser")
 
 
 def test_train_forwards_flags_in_process(monkeypatch, tmp_path, capsys):
@@ -134,20 +145,57 @@ def test_accelerate_flags_cpu_and_gpu():
 
 
 def test_calibrate_command_calibrates_and_keeps_training_files(synthetic_root, tmp_path, capsys):
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+    import dataclasses
+
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
 
     model = saved_tiny_pipeline(tmp_path / "model", calibrated=False)
     (model / "training_log.json").write_text(json.dumps({"config": {"category": "weave"}}))
     code = main(["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave",
                  "--percentile", "0.9", "--target-fpr", "0.1"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
     assert (model / "training_log.json").is_file()  # kept beside the re-saved pipeline
     pipe = SelfAwareInpaintPipeline.from_pretrained(model)
     assert pipe.is_calibrated
     cal = pipe.calibration
-    assert cal.config.percentile == pytest.approx(0.9) and cal.config.target_false_positive_rate == pytest.approx(0.1)
+    # the fast preset (the default --config) with --percentile overriding its mask_percentile
+    assert cal.sampling == dataclasses.replace(SamplingConfig.fast(), mask_percentile=0.9)
+    assert cal.config.target_false_positive_rate == pytest.approx(0.1)
     assert tuple(cal.q_threshold.shape) == (32, 32) and float(cal.q_threshold.min()) > 0
-    assert cal.threshold("self_aware/multiscale") is not None
-    assert main(["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave",
-                 "--percentile", "1.5"]) == 2
-    assert "--percentile must be in (0, 1)" in capsys.readouterr().err
+    assert cal.threshold("self_aware/multiscale") is not None and cal.threshold("denoise/multiscale") is not None
+    # one line with what the calibration measured on held-out normal images
+    (line,) = captured.out.strip().splitlines()
+    assert line.startswith(f"calibrated {model}: sampling config custom (mask_percentile 0.9), ")
+    assert f"held-out mask share {cal.config.heldout_mask_share:.3f} (expected about 0.10)" in line
+    rates = dict(zip(cal.config.threshold_names, cal.config.heldout_false_positive_rates))
+    rate = rates["self_aware/multiscale"]
+    assert f"held-out false-positive rate (target 0.1): self_aware/multiscale {rate:.3f}, " in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--percentile", "1.5"], "--percentile must be in (0, 1), got 1.5"),
+    (["--target-fpr", "0"], "--target-fpr must be in (0, 1)"),
+    (["--config", "slow"], "argument --config: invalid choice: 'slow'"),
+])
+def test_calibrate_bad_flags_one_line_exit_2(synthetic_root, tmp_path, capsys, flags, message):
+    model = saved_tiny_pipeline(tmp_path / "model", calibrated=False)
+    argv = ["calibrate", "--model", str(model), "--data", str(synthetic_root), "--category", "weave", *flags]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffad calibrate: error: ") and message in err[0], err
+    assert not (model / "calibration").exists()
+
+
+def test_calibrate_model_keeps_its_keyword_arguments():
+    """demo.py and benchmarks/bench_real.py call it with seed=, batch_size= and target_false_positive_rate=."""
+    import inspect
+
+    from diffad.cli import calibrate_model
+
+    params = inspect.signature(calibrate_model).parameters
+    assert list(params)[:3] == ["model_dir", "data", "category"]
+    assert {name: params[name].default for name in ("config", "percentile", "target_false_positive_rate", "seed",
+                                                     "batch_size")} == {
+        "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": 0, "batch_size": None}
+    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(params)[3:])

@@ -1,4 +1,5 @@
-"""`diffad detect`: CSV rows, overlays, unreadable files skipped, re-runs resume."""
+"""`diffad detect`: CSV rows, overlays, unreadable files skipped, re-runs resume, scores bit-identical whatever the
+batch, the position or an interruption, options checked against the model."""
 
 from __future__ import annotations
 
@@ -10,12 +11,27 @@ import pytest
 from PIL import Image
 
 from diffad.cli import main
+from diffad.detect import format_score, load_pipeline
+from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+from diffad.training_utils import image_generator
 from tiny_components import saved_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def calibrated_model(tmp_path_factory) -> Path:
     return saved_tiny_pipeline(tmp_path_factory.mktemp("detect") / "model")
+
+
+@pytest.fixture(scope="module")
+def pipe(calibrated_model) -> SelfAwareInpaintPipeline:
+    return load_pipeline(calibrated_model)
+
+
+def _pipeline_output(pipe, path: Path, *, method: str = "self_aware", seed: int = 0):
+    """What the pipeline itself returns for one file: decoded as RGB, noise from its pixels, alone in its batch."""
+    with Image.open(path) as img:
+        photo = img.convert("RGB")
+    return pipe(photo, method=method, generator=[image_generator(seed, photo)], batch_size=1)
 
 
 @pytest.fixture
@@ -39,7 +55,7 @@ def _rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_detect_writes_rows_overlays_and_skips_broken_files(calibrated_model, image_folder, tmp_path, capsys):
+def test_detect_writes_rows_overlays_and_skips_broken_files(calibrated_model, pipe, image_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["detect", "--model", str(calibrated_model), str(image_folder), "--out", str(out),
                  "--batch-size", "2"])
@@ -48,10 +64,16 @@ def test_detect_writes_rows_overlays_and_skips_broken_files(calibrated_model, im
     rows = _rows(out / "results.csv")
     by_name = {Path(r["file"]).name: r for r in rows}
     assert sorted(by_name) == ["a.png", "b.png", "c.png", "notes.png", "truncated.png"]
+    threshold = pipe.calibration.threshold("self_aware/multiscale")
     for name in ("a.png", "b.png", "c.png"):
         row = by_name[name]
-        assert row["decision"] in ("ok", "defect") and row["error"] == ""
-        assert np.isfinite(float(row["score"])) and float(row["score"]) >= 0
+        expected = _pipeline_output(pipe, Path(row["file"]))
+        # the score is the maximum of that image's own multi-scale map, to the last bit, and the decision is
+        # that score against the calibrated threshold
+        assert row["score"] == format_score(expected.anomaly_maps["multiscale"][0].max())
+        assert row["score"] == format_score(expected.scores["multiscale"][0])
+        assert row["decision"] == ("defect" if float(row["score"]) > threshold else "ok") and row["error"] == ""
+        assert row["decision"] == ("defect" if expected.is_anomalous["multiscale"][0] else "ok")
         overlay = Image.open(out / row["overlay"])
         # drawn at the photo's own size
         assert overlay.size == Image.open(row["file"]).size and overlay.mode == "RGB"
@@ -81,8 +103,79 @@ def test_detect_is_deterministic_for_a_seed(calibrated_model, image_folder, tmp_
 
     a = detect(calibrated_model, [image_folder / "b.png"], tmp_path / "a", seed=3)
     b = detect(calibrated_model, [image_folder / "b.png"], tmp_path / "b", seed=3)
-    assert a.scored == b.scored == 1
+    c = detect(calibrated_model, [image_folder / "b.png"], tmp_path / "c", seed=4)
+    assert a.scored == b.scored == c.scored == 1
     assert _rows(a.results_csv)[0]["score"] == _rows(b.results_csv)[0]["score"]
+    assert _rows(a.results_csv)[0]["score"] != _rows(c.results_csv)[0]["score"]  # the seed is used
+
+
+def _photo_folder(root: Path) -> tuple[Path, list[str]]:
+    """8 PNGs of two sizes; the three ``*_copy.png`` are one image, at sorted positions 0, 3 and 7."""
+    folder = root / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    copy = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    names = ["a_copy", "b", "c", "d_copy", "e", "f", "g", "h_copy"]
+    for name in names:
+        pixels = copy if name.endswith("_copy") else rng.integers(0, 256, (40 + len(name), 36, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    return folder, [f"{name}.png" for name in names]
+
+
+def _scores(csv_path: Path) -> dict[str, str]:
+    return {Path(r["file"]).name: r["score"] for r in _rows(csv_path)}
+
+
+def test_scores_are_bit_identical_whatever_batch_position_or_resume(calibrated_model, tmp_path, monkeypatch, capsys):
+    folder, names = _photo_folder(tmp_path)
+    runs = {}
+    for batch_size in (1, 3, 8):
+        out = tmp_path / f"out{batch_size}"
+        assert main(["detect", "--model", str(calibrated_model), str(folder), "--out", str(out),
+                     "--batch-size", str(batch_size)]) == 0
+        runs[f"batch {batch_size}"] = _scores(out / "results.csv")
+
+    # an interrupted run (Ctrl-C during the second batch of 3), then resumed with another batch size
+    out = tmp_path / "resumed"
+    calls = []
+    real_call = SelfAwareInpaintPipeline.__call__
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SelfAwareInpaintPipeline, "__call__", interrupted)
+        assert main(["detect", "--model", str(calibrated_model), str(folder), "--out", str(out),
+                     "--batch-size", "3"]) == 1
+    assert "diffad detect: error: interrupted" in capsys.readouterr().err
+    assert len(_rows(out / "results.csv")) == 3  # the first batch was written before the interruption
+    assert main(["detect", "--model", str(calibrated_model), str(folder), "--out", str(out),
+                 "--batch-size", "2"]) == 0
+    runs["resumed"] = _scores(out / "results.csv")
+
+    reference = runs["batch 1"]
+    assert sorted(reference) == sorted(names)
+    for label, scores in runs.items():
+        assert scores == reference, label  # string-equal: every digit of the float32 score
+    copies = {reference[name] for name in names if name.endswith("_copy.png")}
+    assert len(copies) == 1  # one image scores the same at positions 0, 3 and 7
+    assert len(set(reference.values())) == len(names) - 2  # and the other images do not all score alike
+
+
+def test_detect_other_method_and_maps_match_the_pipeline(calibrated_model, pipe, image_folder, tmp_path):
+    from diffad.detect import detect
+
+    for method, anomaly_map in (("denoise", "multiscale"), ("self_aware", "noise_error")):
+        out = tmp_path / f"{method}-{anomaly_map}"
+        summary = detect(calibrated_model, [image_folder / "b.png"], out, method=method, anomaly_map=anomaly_map)
+        (row,) = _rows(summary.results_csv)
+        expected = _pipeline_output(pipe, image_folder / "b.png", method=method)
+        assert row["score"] == format_score(expected.scores[anomaly_map][0]), (method, anomaly_map)
+        threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")
+        assert row["decision"] == ("defect" if float(row["score"]) > threshold else "ok")
 
 
 def test_detect_no_readable_image_exits_2(calibrated_model, image_folder, tmp_path, capsys):
@@ -96,6 +189,12 @@ def test_detect_no_readable_image_exits_2(calibrated_model, image_folder, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--model", "MISSING_DIR"], "no such folder, and not a Hub repo id"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--anomaly-map", "learned"], "--anomaly-map learned needs a segmenter"),
+    (["--anomaly-map", "noise_error", "--method", "denoise"], "--anomaly-map noise_error exists only with --method "
+                                                              "self_aware"),
+    # the tiny model is calibrated with a custom (cheap) config: --config asserts, it never switches
+    (["--config", "fast"], "was calibrated with a custom sampling config"),
+    (["--config", "thesis"], "run `diffad calibrate --model"),
 ])
 def test_detect_bad_input_one_line_exit_2(calibrated_model, image_folder, tmp_path, capsys, args, message):
     base = {"--model": str(calibrated_model)}
@@ -107,6 +206,9 @@ def test_detect_bad_input_one_line_exit_2(calibrated_model, image_folder, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("diffad detect: error: ") and message in err[0]
+    if "--config" in args:
+        assert f"--config {opts['--config']} ...` first" in err[0]
+    assert not (tmp_path / "o" / "results.csv").exists()  # refused before scoring anything
 
 
 def test_detect_uncalibrated_model_is_refused(tmp_path, image_folder, capsys):

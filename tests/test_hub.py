@@ -12,12 +12,10 @@ from diffad.cli import main
 from tiny_components import calibrate_cheaply, tiny_pipeline
 
 
-
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """``ready``: calibrated, with a card and training leftovers; ``uncalibrated``; ``no_card``."""
+    """``ready``: calibrated, with a card and training leftovers; ``uncalibrated``; ``no_card``; ``old_calibration``:
+    ready but calibrated by diffad 0.1 (no sampling config)."""
     root = tmp_path_factory.mktemp("hub")
     pipe = tiny_pipeline()
     pipe.save_pretrained(root / "uncalibrated")
@@ -30,7 +28,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     (root / "ready" / "checkpoint-10").mkdir()
     (root / "ready" / "checkpoint-10" / "optimizer.bin").write_bytes(b"x" * 100)
     (root / "ready" / "unet" / "stale.bin").write_bytes(b"pickle")
-    return {"ready": root / "ready", "uncalibrated": root / "uncalibrated", "no_card": root / "no_card"}
+    shutil.copytree(root / "ready", root / "old_calibration")
+    config_path = root / "old_calibration" / "calibration" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), sampling_config=None)))
+    return {name: root / name for name in ("ready", "uncalibrated", "no_card", "old_calibration")}
 
 
 EXPECTED_FILES = [
@@ -59,6 +60,7 @@ def test_push_dry_run_checks_loading_and_uploads_nothing(folders, capsys, monkey
     assert code == 0 and calls == []
     assert "dry run: would upload 10 files to acme/diffad-weave" in out
     assert "SelfAwareInpaintPipeline" in out and "calibration, scheduler, unet" in out
+    assert "sampling config: custom" in out  # the tiny model is calibrated with a cheap custom config
     for name in EXPECTED_FILES:
         assert f"  {name}\n" in out
 
@@ -108,6 +110,7 @@ def test_push_offline_is_refused_before_uploading(folders, monkeypatch, capsys):
 @pytest.mark.parametrize("which, message", [
     ("uncalibrated", "is not calibrated: run `diffad calibrate"),
     ("no_card", "has no model card (README.md): run `diffad card"),
+    ("old_calibration", "was calibrated by diffad 0.1, which did not record its sampler: run `diffad calibrate"),
 ])
 def test_push_refuses_unfinished_models(folders, capsys, which, message):
     code = main(["push", "--model", str(folders[which]), "--repo-id", "acme/x", "--dry-run"])

@@ -244,6 +244,35 @@ def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and err.startswith(f"{PROG}: error: ") and message in err
 
 
+def test_run_with_clear_errors_is_the_one_error_mechanism(monkeypatch, capsys):
+    """The wrapper of diffad and both training scripts: the exit status, and one line for every failure."""
+    assert run_with_clear_errors(lambda: 3, "prog") == 3  # an int is an exit status
+    assert run_with_clear_errors(lambda: Path("model"), "prog") == 0  # anything else is success
+    assert capsys.readouterr().err == ""
+
+    def fail(exc):
+        def fn():
+            raise exc
+        return fn
+
+    cases = [
+        (ValueError("--flag must be positive\n(got -1)"), 2, "prog: error: --flag must be positive (got -1)"),
+        (FileNotFoundError(2, "No such file or directory", "data/x.png"), 2,
+         "prog: error: [Errno 2] No such file or directory: 'data/x.png'"),
+        (KeyboardInterrupt(), 1, "prog: error: interrupted"),
+        (RuntimeError("disk on fire"), 1,
+         "prog: error: RuntimeError: disk on fire (set DIFFAD_DEBUG=1 for the traceback)"),
+    ]
+    monkeypatch.delenv("DIFFAD_DEBUG", raising=False)
+    for exc, code, line in cases:
+        assert run_with_clear_errors(fail(exc), "prog") == code, exc
+        assert capsys.readouterr().err.splitlines() == [line]
+    monkeypatch.setenv("DIFFAD_DEBUG", "1")
+    assert run_with_clear_errors(fail(RuntimeError("disk on fire")), "prog") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("prog: error: RuntimeError: disk on fire")
+
+
 @pytest.mark.slow
 def test_bad_data_in_a_subprocess_gives_one_line(tmp_path):
     """The whole script path: a folder that is not MVTec layout -> one line, exit 2, no traceback."""

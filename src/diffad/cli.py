@@ -18,33 +18,37 @@ or under ``accelerate launch`` with ``--num-processes N``), ``calibrate`` (this 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+# The one error mechanism and one-line parser of diffad and its training scripts.
+from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, report_error,
+                                   run_with_clear_errors)
+
+if TYPE_CHECKING:
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
     "UsageError",
-    "report_error",
     "build_parser",
     "main",
     "calibrate_model",
+    "calibration_summary",
     "save_pipeline_atomically",
     "accelerate_launch_command",
 ]
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 # Subcommand modules, in the order ``diffad --help`` lists them.
 _SUBCOMMAND_MODULES = (
@@ -60,27 +64,6 @@ _SUBCOMMAND_MODULES = (
 
 class UsageError(ValueError):
     """Bad input from the user (a missing folder, an invalid value): exit code 2, one line."""
-
-
-def report_error(command: str, message: object, code: int = EXIT_USAGE) -> int:
-    """Print ``diffad <command>: error: <message>`` as one line on stderr and return ``code``.
-
-    The one helper every subcommand uses for user-facing errors, so they all look alike.
-    Newlines inside ``message`` are folded so the error stays on one line.
-    """
-    text = " ".join(str(message).split())
-    prefix = f"diffad {command}" if command else "diffad"
-    sys.stderr.write(f"{prefix}: error: {text}\n")
-    sys.stderr.flush()
-    return code
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (no usage dump) and exit with code 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-        sys.exit(EXIT_USAGE)
 
 
 # --------------------------------------------------------------------------------------
@@ -114,7 +97,8 @@ def calibrate_model(
     data: str | os.PathLike,
     category: str,
     *,
-    percentile: float = 0.8,
+    config: str | SamplingConfig = "fast",
+    percentile: Optional[float] = None,
     target_false_positive_rate: float = 0.05,
     seed: int = 0,
     validation_fraction: float = 0.2,
@@ -125,82 +109,117 @@ def calibrate_model(
     Loads ``SelfAwareInpaintPipeline.from_pretrained(model_dir)``, reads the normal validation
     images (the seeded ``validation_fraction`` of ``train/good``, as ``diffad.load_mvtec``
     splits them; use the same ``seed`` as training so they were never trained on), calls
-    ``pipe.calibrate`` (threshold map ``Q_p`` and pass/fail thresholds) and writes the folder
-    back atomically (:func:`save_pipeline_atomically`).
+    ``pipe.calibrate`` (threshold map ``Q_p`` and a pass/fail threshold for every method and map, with
+    the sampling config every later call will run) and writes the folder back atomically
+    (:func:`save_pipeline_atomically`). Each image's noise comes from ``seed`` and its pixels
+    (:func:`diffad.training_utils.image_generator`), as in ``diffad detect``.
 
     Args:
         model_dir: a pipeline folder written by ``training/train_ddpm.py``.
         data: a folder in MVTec AD layout (root of categories or one category folder).
         category: the category the model was trained on.
-        percentile: the per-pixel percentile ``p`` in (0, 1) of the threshold map.
-        target_false_positive_rate: fraction of normal images the image threshold flags.
+        config: the sampling preset, one of ``SAMPLING_PRESETS`` (``"fast"``, ``"thesis"``), or a
+            ``SamplingConfig``; ``diffad detect`` and ``diffad evaluate`` then run exactly it.
+        percentile: overrides the preset's ``mask_percentile`` ``p`` in (0, 1) (None: the preset's).
+        target_false_positive_rate: fraction of normal images the image thresholds flag.
         seed: seeds the validation split and the calibration noise.
         validation_fraction: must match the one used in training.
-        batch_size: images per UNet call (``None``: the pipeline's default).
+        batch_size: images per UNet call (``None``: all at once).
 
     Returns:
         The model folder.
 
     Raises:
         FileNotFoundError: ``model_dir`` holds no ``model_index.json``.
-        ValueError: an empty validation split or an invalid percentile / rate.
+        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate.
     """
-    import torch
-
     from diffad.data import load_mvtec
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
+    from diffad.training_utils import image_generator
 
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json); "
                                 "train one with `diffad train` first")
-    if not 0.0 < percentile < 1.0:
-        raise ValueError(f"--percentile must be in (0, 1), got {percentile}")
+    sampling = SamplingConfig.from_preset(config)
+    if percentile is not None:
+        if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
+            raise ValueError(f"--percentile must be in (0, 1), got {percentile}")
+        sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
     if not 0.0 < target_false_positive_rate < 1.0:
         raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
     pipe = SelfAwareInpaintPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    resolution = int(pipe.unet.config.sample_size)
-    splits = load_mvtec(data, category, resolution=resolution,
+    splits = load_mvtec(data, category, resolution=pipe.resolution,
                         validation_fraction=validation_fraction, seed=seed)
     validation = splits["validation"]
-    if len(validation) == 0:
-        raise ValueError(f"the validation split of {category!r} in {data} is empty: "
-                         "raise --validation-fraction or add train/good images")
+    if len(validation) < 4:
+        raise ValueError(f"the validation split of {category!r} in {data} has {len(validation)} images and "
+                         "calibration needs at least 4: raise --validation-fraction or add train/good images")
     images = [row["image"] for row in validation]
-    logger.info("calibrating %s on %d validation images of %r", model_dir, len(images), category)
-    pipe.calibrate(images, percentile=percentile,
-                   target_false_positive_rate=target_false_positive_rate,
-                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+    logger.info("calibrating %s on %d validation images of %r (sampling config %s)", model_dir, len(images),
+                category, sampling.preset_name or sampling)
+    pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
+                   generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
     return save_pipeline_atomically(pipe, model_dir)
 
 
+def calibration_summary(model_dir: str | os.PathLike) -> str:
+    """One line on a saved calibration: its sampling config, and what it measured on held-out normal images
+    (the share of pixels masked, and each image threshold's false-positive rate against the target)."""
+    path = Path(model_dir) / "calibration" / "config.json"
+    try:
+        cal = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FileNotFoundError(f"{path}: no readable calibration ({type(exc).__name__}); run `diffad calibrate`"
+                                ) from exc
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    sampling = SamplingConfig.from_dict(cal["sampling_config"])
+    share = cal.get("heldout_mask_share")
+    share_text = "n/a" if share is None else f"{share:.3f} (expected about {1 - sampling.mask_percentile:.2f})"
+    rates = ", ".join(f"{name} {rate:.3f}" for name, rate in zip(cal["threshold_names"],
+                                                                  cal["heldout_false_positive_rates"]))
+    return (f"sampling config {sampling.preset_name or 'custom'} (mask_percentile {sampling.mask_percentile:g}), "
+            f"{cal['num_images']} normal images; held-out mask share {share_text}; held-out false-positive rate "
+            f"(target {cal['target_false_positive_rate']:g}): {rates}")
+
+
 def _register_calibrate(subparsers) -> None:
+    from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
+
+    passes = ", ".join(f"{name}: {SamplingConfig.from_preset(name).unet_passes('self_aware')}"
+                       for name in SAMPLING_PRESETS)
     parser = subparsers.add_parser(
-        "calibrate", help="fit the inpainting-mask threshold map and pass/fail threshold on normal images",
+        "calibrate", help="fit the inpainting-mask threshold map and pass/fail thresholds on normal images",
         description="Calibrate a trained model on the validation split (held-out train/good images) of "
-                    "its category, and save the calibration into the model folder (atomically).")
+                    "its category with a sampling config, and save the calibration into the model folder "
+                    "(atomically). `diffad detect` and `diffad evaluate` then run exactly that config.")
     parser.add_argument("--model", required=True, help="the model folder written by `diffad train`")
     parser.add_argument("--data", required=True, help="dataset folder in MVTec AD layout")
     parser.add_argument("--category", required=True, help="the category the model was trained on")
-    parser.add_argument("--percentile", type=float, default=0.8,
-                        help="per-pixel percentile p of the threshold map Q_p, in (0, 1); lower gives "
-                             "larger inpainting masks (default: 0.8, the thesis's)")
+    parser.add_argument("--config", choices=SAMPLING_PRESETS, default="fast",
+                        help=f"sampling preset, the sampler every later call runs (UNet passes per image, "
+                             f"{passes}; thesis is the thesis's sampler) (default: fast)")
+    parser.add_argument("--percentile", type=float, default=None,
+                        help="override the preset's per-pixel percentile p (mask_percentile) of the threshold "
+                             "map Q_p, in (0, 1); lower gives larger inpainting masks (both presets: 0.8, the "
+                             "thesis's)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
-                        help="fraction of normal images the pass/fail threshold may flag (default: 0.05)")
+                        help="fraction of normal images the pass/fail thresholds may flag (default: 0.05)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="held-out fraction of train/good; must match training (default: 0.2)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: all)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the validation split (as in training) and the noise (default: 0)")
     parser.set_defaults(func=_run_calibrate)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    path = calibrate_model(args.model, args.data, args.category, percentile=args.percentile,
+    path = calibrate_model(args.model, args.data, args.category, config=args.config, percentile=args.percentile,
                            target_false_positive_rate=args.target_fpr, seed=args.seed,
                            validation_fraction=args.validation_fraction, batch_size=args.batch_size)
-    print(f"calibrated {path}")
+    print(f"calibrated {path}: {calibration_summary(path)}")
     return EXIT_OK
 
 
@@ -266,7 +285,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     forwarded = list(getattr(args, "_extra", []))
     if args.num_processes < 1:
-        return report_error("train", f"--num-processes must be >= 1, got {args.num_processes}")
+        raise UsageError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_processes == 1:
         if any(a in ("-h", "--help") for a in forwarded):
             print("diffad train [--num-processes N]: N > 1 re-launches through `accelerate launch`; every other "
@@ -290,7 +309,7 @@ def _unavailable(name: str, exc: BaseException) -> Callable:
     def register(subparsers) -> None:
         parser = subparsers.add_parser(name, help=f"(unavailable: {type(exc).__name__})")
         parser.set_defaults(func=lambda args: report_error(
-            name, f"this subcommand could not be loaded ({type(exc).__name__}: {exc})", EXIT_FAILURE))
+            f"diffad {name}", f"this subcommand could not be loaded ({type(exc).__name__}: {exc})", EXIT_FAILURE))
     return register
 
 
@@ -298,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``diffad`` parser with every subcommand registered by the module that implements it."""
     from diffad import __version__
 
-    parser = _OneLineErrorParser(
+    parser = OneLineArgumentParser(
         prog="diffad",
         description="Visual inspection with diffusion models: train on good parts, find defects in new "
                     "photos (self-aware inpainting, Semchyshyn 2023).",
         epilog="Start with `diffad demo`. Exit codes: 0 ok, 1 the run failed, 2 bad arguments or input.")
     parser.add_argument("--version", action="version", version=f"diffad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineErrorParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", parser_class=OneLineArgumentParser)
     subparsers.required = True
     for name, module_name in _SUBCOMMAND_MODULES:
         if name == "train":
@@ -322,19 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, NotADirectoryError]
-    try:
-        from diffad.data import MVTecDataError
-
-        types.append(MVTecDataError)
-    except Exception:  # noqa: BLE001 - data.py may be absent while it is written
-        pass
-    return tuple(types)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``diffad`` console script; returns the exit code (0, 1 or 2)."""
+    """Entry point of the ``diffad`` console script; returns the exit code (0, 1 or 2).
+
+    Errors go through :func:`diffad.training_utils.run_with_clear_errors`: one line, exit 2 for bad input,
+    1 for a failed run.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -343,20 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args._extra = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    command = args.command
-    try:
-        return int(args.func(args))
-    except _user_error_types() as exc:
-        if os.environ.get("DIFFAD_DEBUG"):
-            traceback.print_exc()
-        return report_error(command, exc, EXIT_USAGE)
-    except KeyboardInterrupt:
-        return report_error(command, "interrupted", EXIT_FAILURE)
-    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
-        if os.environ.get("DIFFAD_DEBUG"):
-            traceback.print_exc()
-        return report_error(command, f"{type(exc).__name__}: {exc} (set DIFFAD_DEBUG=1 for the traceback)",
-                            EXIT_FAILURE)
+    return run_with_clear_errors(lambda: args.func(args), f"diffad {args.command}")
 
 
 if __name__ == "__main__":

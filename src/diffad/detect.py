@@ -2,10 +2,16 @@
 
 For every image it writes one row of ``results.csv`` (file, score, decision, the overlay's
 name, and the error for files that could not be read) and one overlay PNG (the anomaly map
-as a heat map over the photo, with the inpainting mask's outline). Images are read and scored
-in batches of ``--batch-size`` so memory stays bounded for thousands of images; the CSV is
-appended and flushed after every batch, so an interrupted run loses at most one batch, and a
-re-run skips every file already in the CSV (delete its row to redo it).
+as a heat map over the photo, with the inpainting mask's outline). The model runs the sampling
+config it was calibrated with (``diffad calibrate --config``); ``--config`` only asserts which.
+
+Every score is reproducible bit for bit: an image's noise comes from ``--seed`` and its decoded
+pixels (:func:`diffad.training_utils.image_generator`) and the UNet runs one image at a time, so a
+file's score never depends on ``--batch-size``, on its position among the inputs, or on what an
+interrupted run already did (scores are written with every digit of their float32 value).
+``--batch-size`` is the number of images read, scored and written per step: memory stays bounded
+for thousands of images; the CSV is appended and flushed after every batch, so an interrupted run
+loses at most one batch, and a re-run skips every file already in the CSV (delete its row to redo it).
 
 Unreadable files (truncated, not an image, permission denied) are logged on one line each,
 recorded in the CSV with ``decision = error``, and skipped: they never abort the run.
@@ -29,6 +35,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CSV_FIELDS",
@@ -36,6 +44,7 @@ __all__ = [
     "find_images",
     "load_pipeline",
     "detect",
+    "format_score",
     "register",
     "run",
 ]
@@ -98,27 +107,40 @@ def load_pipeline(model: str | os.PathLike):
         FileNotFoundError: ``model`` is neither an existing model folder nor a Hub id.
         ValueError: the model is not calibrated (``diffad calibrate`` first).
     """
+    from diffusers.utils import logging as diffusers_logging
+
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     path = Path(model)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffad model folder (no model_index.json)")
-        pipe = SelfAwareInpaintPipeline.from_pretrained(path)
+        source = str(path)
     else:
-        text = str(model)
-        if text.count("/") != 1 or text.startswith((".", "/")) or path.suffix:
-            raise FileNotFoundError(f"--model {text}: no such folder, and not a Hub repo id (org/name)")
-        try:
-            pipe = SelfAwareInpaintPipeline.from_pretrained(text)
-        except OSError as exc:
-            raise FileNotFoundError(f"--model {text}: could not load it from the Hub "
-                                    f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
-                                    ) from exc
-    if not getattr(pipe, "is_calibrated", False):
-        raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
+        source = str(model)
+        if source.count("/") != 1 or source.startswith((".", "/")) or path.suffix:
+            raise FileNotFoundError(f"--model {source}: no such folder, and not a Hub repo id (org/name)")
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar around detect's own lines
+    try:
+        pipe = SelfAwareInpaintPipeline.from_pretrained(source)
+    except OSError as exc:
+        if path.is_dir():
+            raise
+        raise FileNotFoundError(f"--model {source}: could not load it from the Hub "
+                                f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
+                                ) from exc
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    _require_calibration(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _require_calibration(pipe, model) -> None:
+    if not pipe.is_calibrated:
+        raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
 
 
 def _read_rgb(path: Path) -> Image.Image:
@@ -192,13 +214,26 @@ def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np
     os.replace(tmp, out_path)
 
 
-def _image_threshold(pipe, method: str, anomaly_map: str) -> Optional[float]:
-    """The calibrated image-level threshold of ``method/anomaly_map`` (None when not calibrated)."""
-    calibration = getattr(pipe, "calibration", None)
-    if calibration is None:
-        return None
-    value = calibration.threshold(f"{method}/{anomaly_map}")
-    return float(value) if value is not None and np.isfinite(value) else None
+def format_score(score: float) -> str:
+    """A score as written to ``results.csv``: the shortest text that reads back as the same float32."""
+    return str(np.float32(score))
+
+
+def _check_options(pipe, model, method: str, anomaly_map: str, config: Optional[str]) -> None:
+    """Refuse options the loaded model cannot honour, each with one line saying what to do."""
+    _require_calibration(pipe, model)
+    if anomaly_map not in pipe.map_names(method):
+        if anomaly_map == "learned":
+            raise ValueError(f"--anomaly-map learned needs a segmenter in {model}: train one with "
+                             "training/train_segmenter.py, or use --anomaly-map multiscale")
+        raise ValueError(f"--anomaly-map {anomaly_map} exists only with --method self_aware (the mask stage's "
+                         f"noise error); with --method {method} choose from {', '.join(pipe.map_names(method))}")
+    fitted = pipe.calibration.sampling  # a diffad 0.1 calibration says to recalibrate
+    if config is not None and fitted.preset_name != config:
+        used = f"the {fitted.preset_name}" if fitted.preset_name else "a custom"
+        raise ValueError(f"--config {config}: {model} was calibrated with {used} sampling config, and detect "
+                         f"runs the calibration's; "
+                         f"run `diffad calibrate --model {model} --config {config} ...` first, or drop --config")
 
 
 def detect(
@@ -210,18 +245,28 @@ def detect(
     anomaly_map: str = "multiscale",
     method: str = "self_aware",
     seed: int = 0,
+    config: Optional[str] = None,
     pipe=None,
 ) -> DetectSummary:
     """Score ``inputs`` with the model, writing ``out_dir/results.csv`` and ``out_dir/overlays/*.png``.
+
+    The model runs the sampling config of its calibration. Each image's noise generator is
+    ``image_generator(seed, photo)`` and the pipeline is called with ``batch_size=1`` (torch's batched
+    convolutions differ at 1e-7 between batch sizes), so a file's score is bit-identical whatever
+    ``batch_size``, its position among the inputs, or a resumed run.
 
     Args:
         model: a model folder or Hub repo id (ignored when ``pipe`` is given).
         inputs: image files and/or folders (searched recursively).
         out_dir: the output folder; an existing ``results.csv`` there is resumed.
-        batch_size: images decoded and scored at once (memory is bounded by it).
-        anomaly_map: ``"multiscale"`` or ``"learned"`` (needs a segmenter).
-        method: ``"self_aware"`` (default) or ``"denoise"``.
-        seed: the noise of every batch comes from ``torch.Generator().manual_seed(seed)``.
+        batch_size: images read, scored and written per step (bounds memory; the UNet still runs one
+            image at a time). Never changes a score.
+        anomaly_map: one of ``MAP_NAMES``: ``"multiscale"``, ``"learned"`` (needs a segmenter) or
+            ``"noise_error"`` (``method="self_aware"`` only).
+        method: one of ``METHODS``: ``"self_aware"`` (default) or ``"denoise"``.
+        seed: with each image's decoded pixels, seeds that image's diffusion noise.
+        config: None, or the preset (``"fast"``/``"thesis"``) the calibration must have been made with: an
+            assertion, never a switch (``diffad calibrate --config`` picks the sampler).
         pipe: an already loaded pipeline (tests, the demo).
 
     Returns:
@@ -230,20 +275,20 @@ def detect(
     Raises:
         FileNotFoundError / ValueError: bad model, inputs or options.
     """
-    import torch
+    from diffad.training_utils import image_generator
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if anomaly_map not in ("multiscale", "learned"):
-        raise ValueError(f"--anomaly-map must be 'multiscale' or 'learned', got {anomaly_map!r}")
-    if method not in ("self_aware", "denoise"):
-        raise ValueError(f"--method must be 'self_aware' or 'denoise', got {method!r}")
+    if anomaly_map not in MAP_NAMES:
+        raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if config is not None and config not in SAMPLING_PRESETS:
+        raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
     paths = find_images(inputs)
     if pipe is None:
         pipe = load_pipeline(model)
-    if anomaly_map == "learned" and getattr(pipe, "segmenter", None) is None:
-        raise ValueError(f"--anomaly-map learned needs a segmenter in {model}: train one with "
-                         "training/train_segmenter.py, or use --anomaly-map multiscale")
+    _check_options(pipe, model, method, anomaly_map, config)
 
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
@@ -254,7 +299,7 @@ def detect(
     summary.skipped_done = len(paths) - len(todo)
     if summary.skipped_done:
         logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
-    threshold = _image_threshold(pipe, method, anomaly_map)
+    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the overlays' colour scale
 
     new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
     with results_csv.open("a", newline="", encoding="utf-8") as handle:
@@ -263,18 +308,15 @@ def detect(
             writer.writeheader()
         for batch in _batches(todo, batch_size, summary, writer):
             photos = [img for _, img in batch]
-            output = pipe(photos, method=method, anomaly_map=anomaly_map,
-                          generator=torch.Generator().manual_seed(seed), output_type="np")
+            output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos],
+                          batch_size=1, output_type="np")
+            decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
             for i, (path, photo) in enumerate(batch):
                 name = _overlay_name(path)
-                masks = getattr(output, "masks", None)
-                mask = None if masks is None or method == "denoise" else masks[i]
-                _save_overlay(photo, output.anomaly_maps[i], mask, threshold, out_dir / OVERLAY_DIR / name)
-                if output.is_anomalous is None:  # denoise without a calibrated threshold: score only
-                    decision = "unknown"
-                else:
-                    decision = "defect" if bool(output.is_anomalous[i]) else "ok"
-                writer.writerow({"file": str(path), "score": f"{float(output.scores[i]):.6g}",
+                _save_overlay(photo, output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i], threshold,
+                              out_dir / OVERLAY_DIR / name)
+                decision = "unknown" if decisions is None else ("defect" if bool(decisions[i]) else "ok")
+                writer.writerow({"file": str(path), "score": format_score(output.scores[anomaly_map][i]),
                                  "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
                 summary.scored += 1
                 summary.defective += decision == "defect"
@@ -297,23 +339,29 @@ def register(subparsers) -> None:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="model folder or Hub repo id (org/name)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--anomaly-map", choices=("multiscale", "learned"), default="multiscale",
-                        help="multi-scale reconstruction error, or the learned segmenter's map")
-    parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware",
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images read, scored and written per step (default: 8); bounds memory, never "
+                             "changes a score: the UNet runs one image at a time")
+    parser.add_argument("--anomaly-map", choices=MAP_NAMES, default="multiscale",
+                        help="the map scored and drawn: multi-scale reconstruction error (default), the learned "
+                             "segmenter's map (needs a segmenter), or the mask stage's noise error "
+                             "(--method self_aware only)")
+    parser.add_argument("--method", choices=METHODS, default="self_aware",
                         help="self-aware inpainting (default) or the basic denoising baseline")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default: 0)")
+    parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,
+                        help="assert the sampling preset the model was calibrated with (detect always runs the "
+                             "calibration's; `diffad calibrate --config` picks it): exit 2 when it differs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with each image's pixels, seeds that image's diffusion noise (default: 0)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad detect``; see the module docstring for the exit codes."""
     summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
-                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed)
+                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config)
     print(f"scored {summary.scored} images ({summary.defective} defective), "
           f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
     if summary.scored == 0 and summary.skipped_done == 0:
-        from diffad.cli import report_error
-
-        return report_error("detect", f"none of the {summary.failed} input files could be read as an image")
+        raise ValueError(f"none of the {summary.failed} input files could be read as an image")
     return 0

@@ -55,8 +55,9 @@ _LOAD_CHECK_SCRIPT = textwrap.dedent(
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
     components = sorted(k for k, v in pipe.components.items() if v is not None)
-    print(json.dumps({"class": type(pipe).__name__, "calibrated": bool(getattr(pipe, "is_calibrated", False)),
-                      "components": components}))
+    sampling = pipe.calibration.sampling if pipe.is_calibrated else None
+    print(json.dumps({"class": type(pipe).__name__, "calibrated": pipe.is_calibrated, "components": components,
+                      "sampling": None if sampling is None else (sampling.preset_name or "custom")}))
     """
 )
 
@@ -72,14 +73,18 @@ class PushResult:
     load_check: dict = field(default_factory=dict)
 
 
-def _model_index(model_dir: Path) -> dict:
-    path = model_dir / "model_index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _model_index(model_dir: Path) -> dict:
+    path = model_dir / "model_index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+    return _read_json(path)
 
 
 def _components(index: dict) -> list[str]:
@@ -93,7 +98,8 @@ def check_publishable(model_dir: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: no model folder, no ``pipeline.py``, a component folder missing.
-        ValueError: not calibrated (``diffad calibrate``) or no model card (``diffad card``).
+        ValueError: not calibrated, or calibrated by diffad 0.1 (``diffad calibrate``), or no model card
+            (``diffad card``).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -102,6 +108,10 @@ def check_publishable(model_dir: str | os.PathLike) -> dict:
     if "calibration" not in _components(index):
         raise ValueError(f"{model_dir} is not calibrated: run `diffad calibrate --model {model_dir} --data DIR "
                          "--category C` before pushing (a Hub model must answer pass/fail out of the box)")
+    calibration = model_dir / "calibration" / "config.json"
+    if calibration.is_file() and _read_json(calibration).get("sampling_config") is None:
+        raise ValueError(f"{model_dir} was calibrated by diffad 0.1, which did not record its sampler: run "
+                         f"`diffad calibrate --model {model_dir} --data DIR --category C` again before pushing")
     if not (model_dir / "README.md").is_file():
         raise ValueError(f"{model_dir} has no model card (README.md): run `diffad card --model {model_dir} "
                          "--results RESULTS.json` before pushing")
@@ -228,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.uploaded:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
               f"({'private' if args.private else 'public'}); the folder loads with diffusers alone "
-              f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}):")
+              f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}, "
+              f"sampling config: {result.load_check.get('sampling')}):")
         for name in result.files:
             print(f"  {name}")
     else:

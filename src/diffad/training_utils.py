@@ -33,6 +33,9 @@ __all__ = [
     "BEST_WEIGHTS",
     "CHECKPOINT_PREFIX",
     "CHECKPOINT_MARKER",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "OneLineArgumentParser",
     "TrainingLog",
     "atomic_write_json",
@@ -45,6 +48,7 @@ __all__ = [
     "list_checkpoints",
     "parse_int_list",
     "remove_incomplete",
+    "report_error",
     "resolve_resume",
     "rotate_checkpoints",
     "run_with_clear_errors",
@@ -245,10 +249,6 @@ class TrainingLog:
         self.epochs.append(record)
         self.epochs.sort(key=lambda e: e.get("epoch", 0))
 
-    def column(self, key: str) -> List[Any]:
-        """Values of ``key`` over the recorded epochs (e.g. ``log.column("val_loss")``)."""
-        return [e.get(key) for e in self.epochs]
-
     def state_dict(self) -> Dict[str, Any]:
         return {"config": to_jsonable(self.config), "epochs": list(self.epochs), "summary": to_jsonable(self.summary)}
 
@@ -344,35 +344,71 @@ def augment_batch(
 # --------------------------------------------------------------------------- user errors
 
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line, ``<prog>: error: <message> (see --help)``,
-    with exit status 2, instead of the full usage block."""
+    """An ``ArgumentParser`` whose errors are one line, ``<prog>: error: <message> (see '<prog> --help')``,
+    with exit status 2, instead of the full usage block. Used by ``diffad`` and both training scripts."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def report_error(prog: str, message: object, code: int = EXIT_USAGE) -> int:
+    """Print ``<prog>: error: <message>`` as ONE line on stderr (newlines folded) and return ``code``.
+
+    The one writer of user-facing errors: :func:`run_with_clear_errors` (``diffad`` and the training
+    scripts) goes through it, so every error of the project looks alike.
+    """
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"{prog}: error: {text}\n")
+    sys.stderr.flush()
+    return code
+
+
+def _user_error_types() -> tuple:
+    """Exceptions that mean bad input (exit 2): a bad flag, a missing or malformed file or folder."""
+    return (ValueError, FileNotFoundError, NotADirectoryError)  # diffad.data.MVTecDataError is a ValueError
 
 
 def run_with_clear_errors(fn: Callable[[], Any], prog: str) -> int:
-    """Run ``fn()``; a ``ValueError`` or ``FileNotFoundError`` (a bad flag, a bad data folder)
-    becomes one line on stderr, ``<prog>: error: <message>``, and exit status 2.
+    """Run ``fn()`` and turn any failure into one line on stderr (:func:`report_error`) and an exit status.
 
-    Set ``DIFFAD_DEBUG=1`` to get the full traceback instead. Other exceptions propagate
-    (they are bugs, and their traceback is what a bug report needs).
+    * bad input (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``): ``<prog>: error: <message>``,
+      exit status 2 (a ``FileNotFoundError`` raised by ``open`` gets its file name appended);
+    * ``KeyboardInterrupt``: ``<prog>: error: interrupted``, exit status 1;
+    * anything else (a bug, a crash): ``<prog>: error: <Type>: <message> (set DIFFAD_DEBUG=1 for the
+      traceback)``, exit status 1.
+
+    With ``DIFFAD_DEBUG=1`` the traceback is printed before the line. The one error mechanism of ``diffad``
+    (:func:`diffad.cli.main`), ``training/train_ddpm.py`` and ``training/train_segmenter.py``.
 
     Returns:
-        The exit status: 0 on success, 2 on a user error.
+        ``fn()``'s result when it is an int (an exit status), 0 when it returns anything else, or the error's
+        exit status.
     """
+    import traceback
+
     try:
-        fn()
-    except (ValueError, FileNotFoundError) as err:
+        result = fn()
+    except _user_error_types() as err:
         if os.environ.get("DIFFAD_DEBUG"):
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            traceback.print_exc()
+        message = str(err).strip() or type(err).__name__
         if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in message:
             message = f"{message}: {err.filename}"
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return report_error(prog, message, EXIT_USAGE)
+    except KeyboardInterrupt:
+        return report_error(prog, "interrupted", EXIT_FAILURE)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if os.environ.get("DIFFAD_DEBUG"):
+            traceback.print_exc()
+        return report_error(prog, f"{type(err).__name__}: {err} (set DIFFAD_DEBUG=1 for the traceback)",
+                            EXIT_FAILURE)
+    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
 
 
 def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
