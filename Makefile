@@ -36,7 +36,7 @@ bench-train: venv
 demo: venv
 	$(PY) -m diffad.cli demo --out demo_output
 
-# Reference (thesis, 301 passes) against the fast path (23 passes), tiny and small models,
+# The thesis sampling config (301 passes) against the fast one (23 passes), tiny and small models,
 # on the real bottle images and the synthetic default: s/image, passes, AUROC, peak memory -> JSON.
 BENCH_OUT ?= bench_output
 bench-speed: venv

@@ -5,15 +5,18 @@ CPU budget:
 
 1. train a self-conditioned DDPM (``training/train_ddpm.py``, ``--preset tiny|small``, bounded by
    ``--ddpm_minutes``) into ``<out>/models/<category>``;
-2. calibrate it on the held-out normal images (:func:`diffad.cli.calibrate_model`);
+2. calibrate it on the held-out normal images with the ``--config`` sampling preset (default ``fast``;
+   :func:`diffad.cli.calibrate_model`);
 3. train the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded by
-   ``--segmenter_minutes``; anomaly source: the DTD textures in ``--textures_dir`` when present);
-4. evaluate ``self_aware`` (multi-scale and learned maps) and ``denoise`` on the test split
-   (:func:`diffad.evaluation.evaluate_folder`: per-image CSV, metrics JSON, Fig. 4.4-style PNG) into
-   ``<out>/evaluation/<category>/``;
+   ``--segmenter_minutes``; anomaly source: the DTD textures in ``--textures_dir`` when present; it recalibrates
+   the pipeline with the segmenter in place);
+4. evaluate ``self_aware`` and ``denoise`` on the test split, every map of each method (multi-scale, learned,
+   and the self-aware noise error) from one reconstruction (:func:`diffad.evaluation.evaluate_folder`: per-image
+   CSV, metrics JSON, Fig. 4.4-style PNG) into ``<out>/evaluation/<category>/``;
 
 then writes ``<out>/table.md`` (image AUROC with pixel AUROC / AUPRO beside it, the mean row, seconds per image and
-UNet passes per image) and ``<out>/bench_real.json`` (metrics, budget, step times, settings) and prints the table.
+UNet passes per image per method, the self-aware mask statistics) and ``<out>/bench_real.json`` (metrics, budget,
+step times, settings) and prints the table.
 
 Every step is skipped when its output exists (the training steps resume from their last checkpoint), so an
 interrupted run continues where it stopped; delete ``<out>`` to start over. The step bookkeeping and the
@@ -64,6 +67,7 @@ class BenchConfig:
         num_synthetic: synthetic samples for the segmenter (each reconstructed once by the DDPM, cached).
         train_batch_size: DDPM images per step.
         eval_batch_size: images per pipeline call in calibration and evaluation.
+        config: the sampling preset the models are calibrated with, and evaluation runs (``fast``, ``thesis``).
     """
 
     data_dir: str = str(DEFAULT_DATA)
@@ -79,6 +83,7 @@ class BenchConfig:
     train_batch_size: int = 16
     eval_batch_size: int = 16
     methods: list[str] = field(default_factory=lambda: ["self_aware", "denoise"])
+    config: str = "fast"
 
     def resolved_categories(self) -> list[str]:
         """The categories to run: ``categories`` if given (each must exist), else all under ``data_dir``."""
@@ -116,7 +121,9 @@ def _train_segmenter(config: BenchConfig, model_dir: Path) -> None:
     argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
             "--num_epochs", "100000", "--max_train_minutes", f"{config.segmenter_minutes:.3f}",
             "--train_batch_size", "16", "--seed", str(config.seed), "--checkpointing_steps", "200",
-            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+            # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
+            "--calibration_batch_size", str(config.eval_batch_size)]
     if config.textures_dir:
         argv += ["--textures_dir", config.textures_dir]
     train_segmenter.main(train_segmenter.parse_args(argv))
@@ -167,14 +174,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                   (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
                   lambda: _train_ddpm(config, category, model_dir))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
-                  lambda: calibrate_model(model_dir, config.data_dir, category, seed=config.seed,
+                  lambda: calibrate_model(model_dir=model_dir, data=config.data_dir, category=category,
+                                          config=config.config, seed=config.seed,
                                           batch_size=config.eval_batch_size))
         steps.run(f"{category}: train segmenter", has_component(model_dir, "segmenter"),
                   lambda: _train_segmenter(config, model_dir))
         steps.run(f"{category}: evaluate", evaluation_is_current(cat_eval, [model_dir]),
                   lambda: evaluate_folder(model_dir, config.data_dir, category, cat_eval,
-                                          methods=tuple(config.methods), batch_size=config.eval_batch_size,
-                                          seed=config.seed))
+                                          methods=tuple(config.methods), config=config.config,
+                                          batch_size=config.eval_batch_size, seed=config.seed))
         per_category[category] = json.loads((cat_eval / "metrics.json").read_text())["categories"][category]
     steps.save()
 
@@ -217,6 +225,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchConfig:
                    help="synthetic samples for the segmenter (each costs one DDPM reconstruction)")
     p.add_argument("--eval_batch_size", type=int, default=BenchConfig.eval_batch_size,
                    help="images per pipeline call")
+    from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS
+
+    p.add_argument("--config", choices=SAMPLING_PRESETS, default=BenchConfig.config,
+                   help="sampling preset the models are calibrated with and evaluated with (a model already "
+                        "calibrated with another one is refused: delete its calibration/ to recalibrate)")
     a = p.parse_args(argv)
     if not Path(a.data_dir).is_dir():
         p.error(f"--data_dir {a.data_dir} is not a folder: pass an MVTec AD-layout root")
@@ -224,7 +237,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchConfig:
                        ddpm_minutes=a.ddpm_minutes, segmenter_minutes=a.segmenter_minutes, seed=a.seed,
                        categories=[c.strip() for c in a.categories.split(",") if c.strip()] if a.categories else None,
                        textures_dir=a.textures_dir or None, num_synthetic=a.num_synthetic,
-                       eval_batch_size=a.eval_batch_size)
+                       eval_batch_size=a.eval_batch_size, config=a.config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -234,8 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.time()
     results = run_bench(config)
     out = Path(config.out)
-    print(f"bench-real: preset {config.preset}, {config.resolution} px, budget per category "
-          f"{config.ddpm_minutes:g} min DDPM + {config.segmenter_minutes:g} min segmenter (seed {config.seed})\n")
+    print(f"bench-real: preset {config.preset}, {config.resolution} px, sampling config {config.config}, budget per "
+          f"category {config.ddpm_minutes:g} min DDPM + {config.segmenter_minutes:g} min segmenter "
+          f"(seed {config.seed})\n")
     print((out / "table.md").read_text(encoding="utf-8"))
     print("Thesis (Table 4.1 mean, all 15 MVTec AD categories, 256 px, 271M UNet, 500 epochs), image AUROC: "
           + ", ".join(f"{k} {v:.3f}" for k, v in THESIS_MEAN_IMAGE_AUROC.items()))

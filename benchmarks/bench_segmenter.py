@@ -5,12 +5,14 @@ For every category of the embedded synthetic default and of the real MVTec AD su
 (``../shared/data/mvtec_subset``), with the same budget for each:
 
 1. train a DDPM with ``training/train_ddpm.py`` for ``--ddpm_minutes`` of training;
-2. calibrate it on its validation split (:func:`diffad.cli.calibrate_model`);
+2. calibrate it on its validation split with the ``fast`` sampling config
+   (:func:`diffad.cli.calibrate_model`);
 3. train the segmenter with ``training/train_segmenter.py`` for ``--segmenter_minutes``
    (the reconstruction cache is built first and not counted in those minutes);
 4. evaluate the test split with :func:`diffad.evaluation.evaluate_pipeline` (which computes the
    numbers with :func:`diffad.metrics.compute_anomaly_metrics`), method ``self_aware``, both
-   maps with the same per-image noise (paired comparison): image AUROC, pixel AUROC, AUPRO.
+   maps from the same reconstruction of each image (paired comparison): image AUROC, pixel AUROC,
+   AUPRO.
 
 Prints a markdown table and writes everything (metrics, settings, seconds per stage) as JSON.
 Not a test: it takes minutes. Example (what ``make bench-segmenter`` runs)::
@@ -126,7 +128,8 @@ def run_category(job: Dict[str, str], args: argparse.Namespace, work: Path) -> D
     seconds["ddpm_training"] = time.time() - tick
 
     tick = time.time()
-    calibrate_model(model_dir, job["data_dir"], job["category"], seed=args.seed)
+    calibrate_model(model_dir=model_dir, data=job["data_dir"], category=job["category"], config="fast",
+                    seed=args.seed)
     seconds["calibration"] = time.time() - tick
 
     n_train = len(load_mvtec(job["data_dir"], job["category"], seed=args.seed)["train"])

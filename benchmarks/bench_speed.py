@@ -1,17 +1,19 @@
-"""Speed benchmark (issue 8): the thesis-faithful reference path against the fast default, side by side.
+"""Speed benchmark (issue 8): the thesis's sampler (``SamplingConfig.thesis()``) against the fast default
+(``SamplingConfig.fast()``), side by side.
 
 For a trained pipeline folder (or one trained here with ``training/train_ddpm.py``) and an MVTec-layout category:
-calibrate on the validation split (normal images), then run every test image one by one through each path and
-report the median seconds per image, UNet passes per image, image and pixel AUROC (scikit-learn), the speed-up and
-the memory peaks; the figures go to a JSON file.
+calibrate one copy of the pipeline per sampling config on the validation split (normal images; a pipeline runs
+exactly the config it was calibrated with), then run every test image one by one through each copy and report the
+median seconds per image, UNet passes per image, image and pixel AUROC of every map the call returns
+(scikit-learn; one call gives them all), the speed-up and the memory peaks; the figures go to a JSON file.
 
 Example (CPU, one thread, tiny 64 px model trained for 8 minutes)::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data_dir ../shared/data/mvtec_subset --category bottle \
         --model /tmp/bottle64 --resolution 64 --output bench_speed_bottle.json
 
-The paths run interleaved image by image (each image through every path before the next image), so that a shared
-machine's load hits them alike. Memory: ``tracemalloc_peak_mib`` per path covers Python/numpy allocations only (not
+The configs run interleaved image by image (each image through every config before the next image), so that a
+shared machine's load hits them alike. Memory: ``tracemalloc_peak_mib`` per path covers Python/numpy allocations only (not
 torch's CPU allocator); ``peak_rss_mib`` is the whole process's peak resident size (``resource``).
 """
 
@@ -26,14 +28,14 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from diffad.data import load_mvtec
-from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+from diffad.pipelines.self_aware_inpaint import METHODS, SAMPLING_PRESETS, SamplingConfig, SelfAwareInpaintPipeline
 
 logger = logging.getLogger("bench_speed")
 
@@ -51,8 +53,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_test_images", type=int, default=None, help="Use at most this many test images "
                    "(a seeded, stratified subset keeps good and defective images in proportion).")
     p.add_argument("--max_validation_images", type=int, default=None, help="Calibrate on at most this many.")
-    p.add_argument("--modes", default="fast,reference", help="Comma-separated paths to time, in order.")
-    p.add_argument("--method", default="self_aware", choices=("self_aware", "denoise"))
+    p.add_argument("--configs", default="fast,thesis",
+                   help=f"Comma-separated sampling presets to time, in order (from {', '.join(SAMPLING_PRESETS)}).")
+    p.add_argument("--method", default="self_aware", choices=METHODS)
+    p.add_argument("--anomaly_map", default="multiscale",
+                   help="The map whose AUROCs are the headline columns (every map's are in the JSON).")
     p.add_argument("--seed", type=int, default=0, help="Noise seed of calibration and inference.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU).")
     p.add_argument("--output", default="bench_speed.json", help="JSON file for the figures.")
@@ -99,18 +104,28 @@ def train_model(args: argparse.Namespace) -> Path:
 
 
 def run_path(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, *, seed: int, **call_kwargs: Any) -> Dict[str, Any]:
-    """Every image alone (batch 1), timed; seeds ``seed + i`` per image so that paths see the same noise seeds."""
-    seconds, scores, maps, passes, recs, masks = [], [], [], [], [], []
+    """Every image alone (batch 1), timed; seeds ``seed + i`` per image so that every config sees the same noise
+    seeds. One call per image returns every map.
+
+    Returns:
+        ``seconds`` and ``passes`` (lists, one per image), ``scores`` ``{map: (N,)}``, ``maps`` ``{map: (N, R, R)}``,
+        ``reconstructions`` ``(N, 3, R, R)`` in [-1, 1] and the inpainting ``masks`` ``(N, R, R)`` bool.
+    """
+    seconds, passes, recs, masks = [], [], [], []
+    scores: Dict[str, List[float]] = {}
+    maps: Dict[str, List[np.ndarray]] = {}
     for i in range(images.shape[0]):
         start = time.perf_counter()
         out = pipe(images[i:i + 1], generator=torch.Generator().manual_seed(seed + i), output_type="pt", **call_kwargs)
         seconds.append(time.perf_counter() - start)
-        scores.append(float(out.scores[0]))
-        maps.append(out.anomaly_maps[0].numpy())
-        passes.append(int(out.num_unet_passes))
-        recs.append(out.reconstructions[0] * 2 - 1)
-        masks.append(out.masks[0].numpy())
-    return {"seconds": seconds, "scores": np.array(scores), "maps": np.stack(maps), "passes": passes,
+        for name, values in out.scores.items():
+            scores.setdefault(name, []).append(float(values[0]))
+            maps.setdefault(name, []).append(out.anomaly_maps[name][0].numpy())
+        passes.append(int(out.unet_passes[0]))
+        recs.append(out.reconstructions[0])
+        masks.append(out.inpaint_masks[0].numpy())
+    return {"seconds": seconds, "scores": {k: np.array(v) for k, v in scores.items()},
+            "maps": {k: np.stack(v) for k, v in maps.items()}, "passes": passes,
             "reconstructions": torch.stack(recs), "masks": np.stack(masks)}
 
 
@@ -130,70 +145,83 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     test, gt_masks, labels = split_tensors(data["test"], args.resolution, args.max_test_images, args.seed)
     logger.info("calibrating on %d validation images; %d test images (%d defective)", len(val), len(test),
                 int(labels.sum()))
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    # Each path gets its own calibration, made in its own mode: the mask levers (noise draws, filter) live in the
-    # calibration, so the reference path is the thesis's (1 noise draw, 51 timesteps: 301 passes per image).
+    names = [m.strip() for m in args.configs.split(",") if m.strip()]
+    for name in names:
+        if name not in SAMPLING_PRESETS:
+            raise ValueError(f"--configs: unknown sampling preset {name!r}; choose from {', '.join(SAMPLING_PRESETS)}")
+    # One calibrated copy per sampling config: a pipeline runs exactly the config it was calibrated with (the mask
+    # levers and Q_p included), so the thesis copy is the thesis's sampler end to end (301 passes per image).
     pipes: Dict[str, SelfAwareInpaintPipeline] = {}
     calibration_s: Dict[str, float] = {}
-    for mode in modes:
-        pipes[mode] = pipe if not pipes else SelfAwareInpaintPipeline.from_pretrained(model)
-        pipes[mode].set_progress_bar_config(disable=True)
+    for name in names:
+        pipes[name] = pipe if not pipes else SelfAwareInpaintPipeline.from_pretrained(model)
+        pipes[name].set_progress_bar_config(disable=True)
         start = time.perf_counter()
-        pipes[mode].calibrate(val, methods=(args.method,), mode=mode, generator=torch.Generator().manual_seed(args.seed))
-        calibration_s[mode] = time.perf_counter() - start
+        pipes[name].calibrate(val, config=SamplingConfig.from_preset(name), methods=(args.method,),
+                              generator=torch.Generator().manual_seed(args.seed))
+        calibration_s[name] = time.perf_counter() - start
     result: Dict[str, Any] = {
         "data_dir": str(args.data_dir), "category": args.category, "model": str(model),
         "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()), "resolution": args.resolution,
-        "method": args.method, "num_test_images": int(len(test)), "num_defective": int(labels.sum()),
-        "num_validation_images": int(len(val)), "calibration_seconds": calibration_s, "threads": args.threads,
-        "torch": torch.__version__, "paths": {},
+        "method": args.method, "anomaly_map": args.anomaly_map, "num_test_images": int(len(test)),
+        "num_defective": int(labels.sum()), "num_validation_images": int(len(val)),
+        "calibration_seconds": calibration_s, "threads": args.threads, "torch": torch.__version__,
+        "sampling_configs": {name: SamplingConfig.from_preset(name).to_dict() for name in names}, "paths": {},
     }
-    # Interleave the paths image by image, so that both see the same load on a shared machine.
-    runs: Dict[str, Dict[str, Any]] = {m: {"seconds": [], "scores": [], "maps": [], "passes": [], "py_peak": 0}
-                                       for m in modes}
+    # Interleave the configs image by image, so that both see the same load on a shared machine.
+    runs: Dict[str, Dict[str, Any]] = {m: {"seconds": [], "scores": {}, "maps": {}, "passes": [], "py_peak": 0}
+                                       for m in names}
     tracemalloc.start()
     for i in range(test.shape[0]):
-        for mode in modes:
+        for name in names:
             tracemalloc.reset_peak()
-            r = run_path(pipes[mode], test[i:i + 1], seed=args.seed + i, method=args.method, mode=mode)
-            runs[mode]["py_peak"] = max(runs[mode]["py_peak"], tracemalloc.get_traced_memory()[1])
+            r = run_path(pipes[name], test[i:i + 1], seed=args.seed + i, method=args.method)
+            runs[name]["py_peak"] = max(runs[name]["py_peak"], tracemalloc.get_traced_memory()[1])
             for key in ("seconds", "passes"):
-                runs[mode][key].extend(r[key])
-            runs[mode]["scores"].extend(r["scores"].tolist())
-            runs[mode]["maps"].append(r["maps"])
+                runs[name][key].extend(r[key])
+            for m in r["scores"]:
+                runs[name]["scores"].setdefault(m, []).extend(r["scores"][m].tolist())
+                runs[name]["maps"].setdefault(m, []).append(r["maps"][m])
     tracemalloc.stop()
-    for mode in modes:
-        r = runs[mode]
-        maps = np.concatenate(r["maps"])
-        result["paths"][mode] = {
+    for name in names:
+        r = runs[name]
+        if args.anomaly_map not in r["scores"]:
+            raise ValueError(f"--anomaly_map {args.anomaly_map!r} is not among the maps returned ({', '.join(r['scores'])})")
+        per_map = {}
+        for m, scores in r["scores"].items():
+            maps = np.concatenate(r["maps"][m])
+            per_map[m] = {"image_auroc": auroc(labels, np.array(scores)),
+                          "pixel_auroc": auroc(gt_masks.reshape(-1).astype(int), maps.reshape(-1))}
+        result["paths"][name] = {
             "median_seconds_per_image": statistics.median(r["seconds"]),
             "mean_seconds_per_image": statistics.fmean(r["seconds"]),
             "unet_passes_per_image": statistics.fmean(r["passes"]),
             "max_unet_passes_per_image": max(r["passes"]),
-            "image_auroc": auroc(labels, np.array(r["scores"])),
-            "pixel_auroc": auroc(gt_masks.reshape(-1).astype(int), maps.reshape(-1)),
+            "image_auroc": per_map[args.anomaly_map]["image_auroc"],
+            "pixel_auroc": per_map[args.anomaly_map]["pixel_auroc"],
+            "maps": per_map,
             "tracemalloc_peak_mib": r["py_peak"] / 2**20,
         }
-        logger.info("%s: %s", mode, result["paths"][mode])
+        logger.info("%s: %s", name, result["paths"][name])
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     paths = result["paths"]
-    if "fast" in paths and "reference" in paths:
-        f, ref = paths["fast"], paths["reference"]
+    if "fast" in paths and "thesis" in paths:
+        f, ref = paths["fast"], paths["thesis"]
         result["speedup_median"] = ref["median_seconds_per_image"] / f["median_seconds_per_image"]
         result["pass_ratio"] = ref["unet_passes_per_image"] / f["unet_passes_per_image"]
         if f["image_auroc"] is not None and ref["image_auroc"] is not None:
-            result["image_auroc_fast_minus_reference"] = f["image_auroc"] - ref["image_auroc"]
+            result["image_auroc_fast_minus_thesis"] = f["image_auroc"] - ref["image_auroc"]
     return result
 
 
 def format_table(result: Dict[str, Any]) -> str:
     lines = [f"{result['category']} @ {result['resolution']} px, {result['num_test_images']} test images, "
-             f"method {result['method']}",
-             "| path | median s/image | passes/image | image AUROC | pixel AUROC | Python peak MiB |",
+             f"method {result['method']}, AUROCs of the {result['anomaly_map']} map",
+             "| sampling config | median s/image | passes/image | image AUROC | pixel AUROC | Python peak MiB |",
              "|---|---|---|---|---|---|"]
-    for mode, p in result["paths"].items():
+    for name, p in result["paths"].items():
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {mode} | {p['median_seconds_per_image']:.3f} | {p['unet_passes_per_image']:.1f} | "
+        lines.append(f"| {name} | {p['median_seconds_per_image']:.3f} | {p['unet_passes_per_image']:.1f} | "
                      f"{fmt(p['image_auroc'])} | {fmt(p['pixel_auroc'])} | {p['tracemalloc_peak_mib']:.1f} |")
     if "speedup_median" in result:
         lines.append(f"speed-up (median s/image): {result['speedup_median']:.1f}x; pass ratio "

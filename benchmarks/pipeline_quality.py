@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -29,53 +30,49 @@ import numpy as np
 import torch
 
 from diffad.data import load_mvtec
-from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline, multiscale_anomaly_map
+from diffad.evaluation import mask_statistics
+from diffad.pipelines.self_aware_inpaint import (
+    SamplingConfig,
+    SelfAwareInpaintPipeline,
+    default_mean_filter_size,
+    multiscale_anomaly_map,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import auroc, run_path, split_tensors  # noqa: E402
 
 logger = logging.getLogger("pipeline_quality")
 
-#: name -> pipeline call arguments. "fast" is the default; each other fast_* variant changes one lever. A
-#: ``"calibrate"`` entry holds ``pipe.calibrate`` arguments (the mask levers and ``percentile`` belong to the
-#: calibration): the pipeline is recalibrated on the same images and seed for that variant.
-VARIANTS: Dict[str, Dict[str, Any]] = {
-    "reference": dict(mode="reference"),
-    "reference_fresh": dict(mode="reference", renoise="fresh"),
-    "fast": dict(mode="fast"),
-    "fast_fresh": dict(mode="fast", renoise="fresh"),
-    "fast_resample1": dict(mode="fast", resample_steps=1),
-    "fast_resample3": dict(mode="fast", resample_steps=3),
-    "fast_steps5": dict(mode="fast", num_inpaint_steps=5),
-    "fast_steps20x1": dict(mode="fast", num_inpaint_steps=20, resample_steps=1),
-    "fast_steps7x3": dict(mode="fast", num_inpaint_steps=7, resample_steps=3),
-    "fast_steps7x3_fresh": dict(mode="fast", num_inpaint_steps=7, resample_steps=3, renoise="fresh"),
-    "fast_mask1": dict(mode="fast", num_mask_timesteps=1),
-    "fast_selfcond_zeros": dict(mode="fast", self_condition_init="zeros"),
-    # mask levers (the calibration's; thesis values 1/1/1): filter Q, several noise draws, dilate the mask
-    "fast_mask_raw": dict(mode="fast", calibrate=dict(mask_filter_size=1, mask_noise_draws=1, mask_dilation=1)),
-    "fast_mfilter3": dict(mode="fast", calibrate=dict(mask_filter_size=3, mask_noise_draws=1, mask_dilation=1)),
-    "fast_mfilter5": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1, mask_dilation=1)),
-    "fast_mfilter9": dict(mode="fast", calibrate=dict(mask_filter_size=9, mask_noise_draws=1, mask_dilation=1)),
-    "fast_mfilter5_p90": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1, mask_dilation=1,
-                                                          percentile=0.9)),
-    "fast_draws3_t1": dict(mode="fast", num_mask_timesteps=1,
-                           calibrate=dict(mask_filter_size=1, mask_noise_draws=3, mask_dilation=1)),
-    "fast_draws3_t1_mfilter5": dict(mode="fast", num_mask_timesteps=1,
-                                    calibrate=dict(mask_filter_size=5, mask_noise_draws=3, mask_dilation=1)),
-    "fast_p90": dict(mode="fast", calibrate=dict(mask_filter_size=1, mask_noise_draws=1, mask_dilation=1,
-                                                 percentile=0.9)),
-    "fast_draws3_t1_p90": dict(mode="fast", num_mask_timesteps=1,
-                               calibrate=dict(mask_filter_size=1, mask_noise_draws=3, mask_dilation=1, percentile=0.9)),
-    "fast_draws2_t1": dict(mode="fast", num_mask_timesteps=1,
-                           calibrate=dict(mask_filter_size=1, mask_noise_draws=2, mask_dilation=1)),
-    "fast_dilate3": dict(mode="fast", calibrate=dict(mask_filter_size=1, mask_noise_draws=1, mask_dilation=3)),
-    "fast_mfilter5_dilate3": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1,
-                                                              mask_dilation=3)),
-    "fast_mfilter5_p90_dilate5": dict(mode="fast", calibrate=dict(mask_filter_size=5, mask_noise_draws=1,
-                                                                  mask_dilation=5, percentile=0.9)),
-    "denoise_reference": dict(method="denoise", mode="reference"),
-    "denoise_fast": dict(method="denoise", mode="fast"),
+FAST, THESIS = SamplingConfig.fast(), SamplingConfig.thesis()
+
+
+def _fast(**changes: Any) -> SamplingConfig:
+    return dataclasses.replace(FAST, **changes)
+
+
+#: name -> (method, sampling config). "fast" is the default; each other fast_* variant changes one or two levers
+#: of it. A pipeline runs exactly the config it was calibrated with, so each config is calibrated on the same images
+#: with the same seed before its variant runs (Q_p depends on the mask levers).
+VARIANTS: Dict[str, Tuple[str, SamplingConfig]] = {
+    "thesis": ("self_aware", THESIS),
+    "thesis_fresh": ("self_aware", dataclasses.replace(THESIS, renoise="fresh")),
+    "fast": ("self_aware", FAST),
+    "fast_fixed": ("self_aware", _fast(renoise="fixed")),
+    "fast_resample1": ("self_aware", _fast(resample_steps=1)),
+    "fast_resample3": ("self_aware", _fast(resample_steps=3)),
+    "fast_steps5": ("self_aware", _fast(inpaint_steps=5)),
+    "fast_steps20x1": ("self_aware", _fast(inpaint_steps=20, resample_steps=1)),
+    "fast_steps7x3": ("self_aware", _fast(inpaint_steps=7, resample_steps=3)),
+    "fast_steps7x3_fixed": ("self_aware", _fast(inpaint_steps=7, resample_steps=3, renoise="fixed")),
+    # mask levers: noise draws and timesteps of Q, the percentile p of Q_p
+    "fast_draws1": ("self_aware", _fast(mask_noise_draws=1)),
+    "fast_draws2": ("self_aware", _fast(mask_noise_draws=2)),
+    "fast_draws1_t3": ("self_aware", _fast(mask_timesteps=(300, 325, 350), mask_noise_draws=1)),
+    "fast_thesis_mask": ("self_aware", _fast(mask_timesteps=THESIS.mask_timesteps, mask_noise_draws=1)),
+    "fast_p70": ("self_aware", _fast(mask_percentile=0.7)),
+    "fast_p90": ("self_aware", _fast(mask_percentile=0.9)),
+    "denoise_thesis": ("denoise", THESIS),
+    "denoise_fast": ("denoise", FAST),
 }
 
 
@@ -91,7 +88,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_images", type=int, default=None, help="Score at most this many images (stratified).")
     p.add_argument("--mean_filter_sizes", default=None,
                    help="Comma-separated odd sizes to report (the same reconstructions re-mapped; default: the "
-                   "calibrated one).")
+                   "variant's own map filter).")
     p.add_argument("--seeds", default="0", help="Comma-separated noise seeds.")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default="pipeline_quality.json")
@@ -138,61 +135,81 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keep = np.r_[0:args.max_images // 2, len(images) // 2:len(images) // 2 + args.max_images // 2]
         images, gt, labels = images[keep], gt[keep], labels[keep]
     logger.info("calibrating on %d images; scoring %d (%d defective)", len(calib), len(images), int(labels.sum()))
-    calibrated: Optional[Dict[str, Any]] = None
 
-    def calibrate(cal_args: Dict[str, Any], mode: str) -> None:
-        nonlocal calibrated
-        key = {"mode": mode, **cal_args}
-        if key != calibrated:  # Q_p depends on the mask levers: refit on the same images with the same seed
-            pipe.calibrate(calib, methods=(), mode=mode, generator=torch.Generator().manual_seed(seeds[0]), **cal_args)
-            calibrated = key
+    calibrated: Dict[str, Any] = {"config": None, "methods": ()}
 
-    calibrate({}, "fast")
-    filters = ([int(s) for s in args.mean_filter_sizes.split(",")] if args.mean_filter_sizes
-               else [int(pipe.calibration.config.mean_filter_size)])
+    def calibrate(config: SamplingConfig, method: str) -> None:
+        """Calibrate ``config`` on ``calib`` (same images, same seed every time) unless this run already did for a
+        method that lets ``method`` run (``denoise`` runs on any calibration, without decisions; ``self_aware``
+        needs its own thresholds)."""
+        if calibrated["config"] == config and (method == "denoise" or method in calibrated["methods"]):
+            return
+        pipe.calibrate(calib, config=config, methods=(method,), generator=torch.Generator().manual_seed(seeds[0]))
+        calibrated.update(config=config, methods=(method,))
+
     results: Dict[str, Any] = {"split": args.split, "category": args.category, "model": str(args.model),
                                "num_images": int(len(images)), "num_defective": int(labels.sum()),
                                "seeds": seeds, "variants": {}}
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in names:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        call = dict(VARIANTS[name])
-        cal_args = call.pop("calibrate", {})
-        calibrate(cal_args, call.get("mode", "fast"))
+    filter_sizes = [int(s) for s in args.mean_filter_sizes.split(",")] if args.mean_filter_sizes else None
+    for name in names:
+        method, config = VARIANTS[name]
+        calibrate(config, method)
+        filters = filter_sizes or [config.map_filter_size or default_mean_filter_size(pipe.resolution)]
         per_filter: Dict[int, Dict[str, List[float]]] = {f: {"image_auroc": [], "pixel_auroc": []} for f in filters}
-        seconds, passes, cover_normal, cover_defect, recall = [], [], [], [], []
+        per_map: Dict[str, Dict[str, List[float]]] = {}
+        seconds, passes, mask_stats = [], [], []
         for seed in seeds:
             start = time.perf_counter()
-            r = run_path(pipe, images, seed=seed * 1000, **call)
+            r = run_path(pipe, images, seed=seed * 1000, method=method)
             seconds.append((time.perf_counter() - start) / len(images))
             passes.append(statistics.fmean(r["passes"]))
             m = r["masks"]
-            cover_normal.append(float(m[labels == 0].mean()))
-            cover_defect.append(float(m[labels == 1].mean()))
-            recall.append(float(m[gt].mean()) if gt.any() and m.any() else 0.0)
+            mask_stats.append(mask_statistics(m.reshape(len(m), -1).sum(1), (m & gt).reshape(len(m), -1).sum(1),
+                                              gt.reshape(len(gt), -1).sum(1), labels, m[0].size))
+            for map_name, scores in r["scores"].items():  # every map the call returned, at the variant's filter
+                maps = r["maps"][map_name]
+                entry = per_map.setdefault(map_name, {"image_auroc": [], "pixel_auroc": []})
+                entry["image_auroc"].append(auroc(labels, scores))
+                entry["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
             for f in filters:  # the same reconstructions, re-mapped with each filter size
                 maps = multiscale_anomaly_map(images, r["reconstructions"], mean_filter_size=f).numpy()
                 scores = maps.reshape(len(maps), -1).max(1)
                 per_filter[f]["image_auroc"].append(auroc(labels, scores))
                 per_filter[f]["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
-        entry = {"call": VARIANTS[name], "mask_levers": {k: pipe.calibration.config[k] for k in
-                                                        ("percentile", "mask_filter_size", "mask_noise_draws",
-                                                         "mask_dilation")},
+
+        def mean(values: List[Optional[float]]) -> Optional[float]:
+            kept = [v for v in values if v is not None]
+            return statistics.fmean(kept) if kept else None
+
+        entry = {"method": method, "config": config.to_dict(), "preset": config.preset_name,
                  "seconds_per_image": statistics.fmean(seconds),
                  "unet_passes_per_image": statistics.fmean(passes),
-                 "mask_cover_normal": statistics.fmean(cover_normal), "mask_cover_defective": statistics.fmean(cover_defect),
-                 "mask_recall_of_defect_pixels": statistics.fmean(recall)}
+                 **({k: mean([s[k] for s in mask_stats]) for k in mask_stats[0]} if method == "self_aware" else {}),
+                 "maps": {k: {m: {"mean": mean(v), "per_seed": v} for m, v in d.items()} for k, d in per_map.items()}}
         for f in filters:
-            entry[f"filter{f}"] = {k: {"mean": statistics.fmean(v), "per_seed": v} for k, v in per_filter[f].items()}
+            entry[f"filter{f}"] = {k: {"mean": mean(v), "per_seed": v} for k, v in per_filter[f].items()}
         results["variants"][name] = entry
         logger.info("%s: %s", name, json.dumps(entry))
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| variant | passes | s/image | mask cover normal/defective, defect recall | " + " | ".join(f"img AUROC f{f} | px AUROC f{f}" for f in filters) + " |",
-             "|---|---|---|---|" + "---|---|" * len(filters)]
+
+    def fmt(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    shown = sorted({f for e in results["variants"].values() for f in
+                    (int(k[len("filter"):]) for k in e if k.startswith("filter"))})
+    lines = ["| variant | passes | s/image | mask normal share, defect recall, precision | "
+             + " | ".join(f"img AUROC f{f} | px AUROC f{f}" for f in shown) + " |",
+             "|---|---|---|---|" + "---|---|" * len(shown)]
     for name, e in results["variants"].items():
-        cells = " | ".join(f"{e[f'filter{f}']['image_auroc']['mean']:.3f} | {e[f'filter{f}']['pixel_auroc']['mean']:.3f}"
-                           for f in filters)
-        cover = f"{e['mask_cover_normal']:.2f}/{e['mask_cover_defective']:.2f}, {e['mask_recall_of_defect_pixels']:.2f}"
+        cells = " | ".join(
+            f"{fmt(e[f'filter{f}']['image_auroc']['mean'])} | {fmt(e[f'filter{f}']['pixel_auroc']['mean'])}"
+            if f"filter{f}" in e else "- | -" for f in shown)
+        cover = (f"{fmt(e['mask_normal_share'])}, {fmt(e['mask_defect_recall'])}, {fmt(e['mask_precision'])}"
+                 if "mask_normal_share" in e else "-")
         lines.append(f"| {name} | {e['unet_passes_per_image']:.1f} | {e['seconds_per_image']:.2f} | {cover} | {cells} |")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

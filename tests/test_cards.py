@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffad.cli import main
-from tiny_components import saved_tiny_pipeline
+from tiny_components import CHEAP_CONFIG, saved_tiny_pipeline
 
 RESULTS = [
     {"category": "weave", "method": "self_aware", "anomaly_map": "multiscale",
@@ -62,6 +62,11 @@ def test_card_metadata_round_trips_through_huggingface_hub(model_dir, tmp_path):
     assert "| learning_rate | 0.0002 |" in text and "| best_val_loss | 0.25 |" in text
     assert "| self_aware/multiscale | 0.912 | 0.883 | 0.710 | 0.870 |" in text
     assert "Semchyshyn" in text and "## Intended use and limits" in text
+    # the usage snippets show the current API: one call, every map by name; the sampler is fixed by calibrating
+    assert 'out.anomaly_maps["multiscale"]' in text and 'out.is_anomalous["multiscale"]' in text
+    assert "anomaly_map=" not in text and "mode=" not in text
+    assert 'pipe.calibrate(normal_images, config="thesis")' in text and "diffad calibrate --config thesis" in text
+    assert "not calibrated yet" in text  # this model has no calibration
 
 
 def test_card_license_follows_mvtec_data(model_dir, tmp_path):
@@ -130,3 +135,22 @@ def test_normalize_results_reads_diffad_evaluate_files():
              "mean": {"denoise/multiscale": {"image_auroc": 0.8}}, "settings": {"methods": ["denoise"]}}
     assert sorted((r.category, r.method) for r in normalize_results(whole)) == [
         ("nut", "denoise/multiscale"), ("weave", "self_aware/multiscale")]
+
+
+def test_card_of_a_calibrated_model_names_its_sampler(model_dir, tmp_path):
+    """A calibrated model's card says which sampling config every call runs (read from calibration/config.json)."""
+    import shutil
+
+    from diffad.cards import make_model_card
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    calibrated = saved_tiny_pipeline(tmp_path / "calibrated")  # calibrated with CHEAP_CONFIG: not a preset
+    shutil.copy(model_dir / "training_log.json", calibrated / "training_log.json")
+    config_path = calibrated / "calibration" / "config.json"
+    assert json.loads(config_path.read_text())["sampling_config"] == CHEAP_CONFIG.to_dict()
+    text = make_model_card(calibrated, RESULTS).text
+    assert "the `custom` sampling config, which every call runs" in text and "not calibrated yet" not in text
+    config = json.loads(config_path.read_text())
+    config["sampling_config"] = SamplingConfig.thesis().to_dict()
+    config_path.write_text(json.dumps(config))
+    assert "the `thesis` sampling config, which every call runs" in make_model_card(calibrated, RESULTS).text

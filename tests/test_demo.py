@@ -31,6 +31,15 @@ def test_default_budget_is_split_across_categories():
     assert DemoConfig(minutes_per_category=2).minutes() == 2.0
 
 
+def test_method_seconds_are_per_method():
+    """Every map of a method comes from one reconstruction: the card shows one time per method."""
+    from diffad.demo import method_seconds
+
+    per_key = {"denoise/learned": {"image_auroc": 0.9}, "denoise/multiscale": {"seconds_per_image": 0.2},
+               "self_aware/learned": {"seconds_per_image": 0.5}, "self_aware/multiscale": {"seconds_per_image": 0.5}}
+    assert list(method_seconds(per_key).items()) == [("self_aware", 0.5), ("denoise", 0.2)]  # METHODS order
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
     from huggingface_hub import ModelCard
@@ -46,10 +55,18 @@ def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
         assert re.search(rf"\| {category} \| \d\.\d{{3}} \(", report), category
         pipe = SelfAwareInpaintPipeline.from_pretrained(out / "models" / category)
         assert pipe.is_calibrated and pipe.segmenter is not None
+        assert pipe.calibration.sampling.preset_name == "fast"
         card = ModelCard.load(out / "models" / category / "README.md")
         evals = card.data.eval_results
-        assert {e.metric_config for e in evals} >= {"self_aware/multiscale", "self_aware/learned", "denoise/multiscale"}
+        # every map of every method, from one reconstruction per method
+        assert {e.metric_config for e in evals} == {"self_aware/multiscale", "self_aware/learned",
+                                                    "self_aware/noise_error", "denoise/multiscale", "denoise/learned"}
         assert all(0.0 <= e.metric_value <= 1.0 for e in evals)
+        assert re.search(r"Inference time: self_aware [0-9.]+ s/image, denoise [0-9.]+ s/image\.", card.text)
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    for per_key in metrics["categories"].values():
+        assert per_key["self_aware/multiscale"]["mask_normal_share"] > 0.0  # the mask redraws some normal pixels
+        assert "mask_normal_share" not in per_key["denoise/multiscale"]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) == len(SYNTHETIC_CATEGORIES) and all((out / link).is_file() for link in links)
     assert "diffad detect --model" in report and "diffad push --model" in report

@@ -1,8 +1,9 @@
 """training/train_segmenter.py: the learned anomaly map added to a trained, calibrated tiny pipeline.
 
 End to end on the session's tiny DDPM (``trained_tiny_pipeline``, 32 px, synthetic default):
-calibrated here cheaply (3 mask timesteps), then a segmenter trained for a few steps on 8
-synthetic anomalies. The loss functions and the cache key are checked without any training.
+calibrated here cheaply (``CHEAP_CONFIG``, as ``diffad calibrate`` seeds it), then a segmenter
+trained for a few steps on 8 synthetic anomalies. The loss functions and the cache key are checked
+without any training.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import json
 import shutil
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffad.training import train_segmenter as ts
+from diffad.training_utils import image_generator
+from tiny_components import CHEAP_CONFIG
 
 NUM_SYNTHETIC = 8
 
@@ -27,14 +32,18 @@ def _args(model_dir: Path, cache_dir: Path, *extra: str):
         "--cache_shard_size", "4", "--checkpointing_steps", "1000", "--seed", "0", *extra])
 
 
-def _validation_images(model_dir: Path, resolution: int) -> torch.Tensor:
-    data = ts.resolve_data(ts.parse_args(["--model_dir", str(model_dir)]), model_dir)
-    return ts.load_normal_images(data, resolution)[1]
+def _data(model_dir: Path) -> dict:
+    return ts.resolve_data(ts.parse_args(["--model_dir", str(model_dir)]), model_dir)
+
+
+def _validation_images(model_dir: Path, resolution: int) -> list:
+    return ts.load_normal_images(_data(model_dir), resolution)[1]
 
 
 @pytest.fixture(scope="module")
 def calibrated_copy(trained_tiny_pipeline, tmp_path_factory) -> Path:
-    """A private copy of the session's tiny pipeline, calibrated cheaply on its validation split."""
+    """A private copy of the session's tiny pipeline, calibrated cheaply on its validation split, each image's
+    noise seeded from the split seed and its pixels (as `diffad calibrate` does), for ``self_aware`` only."""
     from diffad import SelfAwareInpaintPipeline
 
     model_dir = tmp_path_factory.mktemp("segmenter") / "model"
@@ -42,17 +51,24 @@ def calibrated_copy(trained_tiny_pipeline, tmp_path_factory) -> Path:
     pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     val = _validation_images(model_dir, pipe.resolution)
-    pipe.calibrate(val, mask_timesteps=(300, 302), methods=("self_aware",), generator=torch.Generator().manual_seed(0))
+    seed = _data(model_dir)["split_seed"]
+    pipe.calibrate(val, config=CHEAP_CONFIG, methods=("self_aware",),
+                   generator=[image_generator(seed, image) for image in val])
     pipe.save_pretrained(str(model_dir))
     return model_dir
 
 
 @pytest.fixture(scope="module")
 def trained(calibrated_copy) -> dict:
-    """The segmenter trained into the calibrated copy (first run: builds the reconstruction cache)."""
+    """The segmenter trained into the calibrated copy (first run: builds the reconstruction cache), and the
+    calibration it started from."""
+    from diffad import SelfAwareInpaintPipeline
+
+    before = SelfAwareInpaintPipeline.from_pretrained(str(calibrated_copy)).calibration
     cache_dir = calibrated_copy.parent / "cache"
     out = ts.main(_args(calibrated_copy, cache_dir))
-    return {"model_dir": out, "cache_dir": cache_dir, "log": json.loads((out / ts.LOG_NAME).read_text())}
+    return {"model_dir": out, "cache_dir": cache_dir, "log": json.loads((out / ts.LOG_NAME).read_text()),
+            "q_threshold": before.q_threshold.clone(), "multiscale_threshold": before.threshold("self_aware/multiscale")}
 
 
 # --------------------------------------------------------------------------- losses (no model)
@@ -111,11 +127,11 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
     images = torch.zeros(4, 3, 32, 32)
     names = ["train/good/000.png", "train/good/001.png", "train/good/002.png", "train/good/003.png"]
 
-    def key(synth=None, num=16, mode="fast", imgs=images, seed=0):
+    def key(synth=None, num=16, sampling=None, imgs=images, seed=0):
         synthesis = {"synthesizer": (synth or AnomalySynthesizer()).config, "seed": seed, "num_synthetic": num}
-        return ts.reconstruction_cache_key(pipe, calibrated_copy, synthesis=synthesis,
-                                           inference=ts.inference_settings(mode), train_images=imgs,
-                                           train_file_names=names)[0]
+        inference = ts.inference_settings(sampling or pipe.calibration.sampling)
+        return ts.reconstruction_cache_key(pipe, calibrated_copy, synthesis=synthesis, inference=inference,
+                                           train_images=imgs, train_file_names=names)[0]
 
     base = key()
     assert key() == base  # deterministic
@@ -123,7 +139,17 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
     assert key(AnomalySynthesizer(beta_range=(0.5, 1.0))) != base
     assert key(num=17) != base
     assert key(seed=1) != base
-    assert key(mode="reference") != base
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    assert pipe.calibration.sampling == CHEAP_CONFIG
+    assert key(sampling=SamplingConfig.thesis()) != base
+    assert key(sampling=dataclasses.replace(CHEAP_CONFIG, resample_steps=2)) != base
+    # the calibration's own sampling config is hashed too (it decides the mask)
+    stored = dict(pipe.calibration.config.sampling_config)
+    pipe.calibration.register_to_config(sampling_config={**stored, "mask_percentile": 0.9})
+    assert key(sampling=CHEAP_CONFIG) != base
+    pipe.calibration.register_to_config(sampling_config=stored)
+    assert key() == base
     edited = images.clone()
     edited[0, 0, 0, 0] = 0.5
     assert key(imgs=edited) != base
@@ -159,7 +185,12 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
 
 
 def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained):
+    import datasets
+    from accelerate.utils import set_seed
+
     from diffad import SelfAwareInpaintPipeline
+    from diffad.pipelines.self_aware_inpaint import default_mean_filter_size, mean_filter, segmenter_logits
+    from diffad.presets import make_segmenter
 
     model_dir, log = trained["model_dir"], trained["log"]
     assert (model_dir / "segmenter" / "config.json").is_file()
@@ -168,24 +199,58 @@ def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained)
     summary = log["summary"]
     assert summary["total_optimizer_steps"] == 3 and summary["stopped_by"] == "max_train_steps"
     assert summary["cache_hit"] is False
-    assert len(summary["step_losses"]) == 3 and all(v > 0 for v in summary["step_losses"])
     assert log["config"]["num_synthetic"] == NUM_SYNTHETIC
+    assert log["config"]["sampling_config"] == CHEAP_CONFIG.to_dict() and log["config"]["sampling_preset"] is None
     assert 0.0 < log["config"]["synthetic_mask_share"] < 0.5  # some, not most, pixels are synthetic defects
+    # the epoch log agrees with the step losses: 8 samples in batches of 4 = 2 steps per epoch, so epoch 0 holds
+    # steps 1-2 and epoch 1 step 3; each loss is focal + 1.0 x BCE
+    steps = summary["step_losses"]
+    assert len(steps) == 3
+    assert [e["train_loss"] for e in log["epochs"]] == pytest.approx([(steps[0] + steps[1]) / 2, steps[2]])
+    assert [e["partial"] for e in log["epochs"]] == [False, True]
+    for epoch in log["epochs"]:
+        assert epoch["train_loss"] == pytest.approx(epoch["focal_loss"] + epoch["bce_loss"])
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.segmenter.config.in_channels == 6 and pipe.segmenter.config.out_channels == 1
-    threshold = pipe.calibration.threshold("self_aware/learned")
+    # training fitted the synthetic set: the saved segmenter's loss on the cached samples is below the loss of its
+    # initialisation (the script seeds it with set_seed(--seed) before make_segmenter)
+    cached = datasets.load_from_disk(str(trained["cache_dir"] / f"segmenter-reconstructions-{log['config']['cache_key']}"))
+    cached = cached.with_format("torch")[:]
+    set_seed(0)
+    initial = make_segmenter(pipe.resolution).eval()
+
+    def loss_of(segmenter) -> float:
+        with torch.no_grad():
+            logits = segmenter_logits(segmenter, cached["image"].float(), cached["reconstruction"].float())
+            return float(ts.segmentation_loss(logits, cached["mask"].float())["loss"])
+
+    assert loss_of(pipe.segmenter) < loss_of(initial)
+
+    # recalibrated with the segmenter: the same Q_p, sampling config and methods; every self-aware threshold
+    cal = pipe.calibration
+    assert summary["q_threshold_unchanged"] is True
+    assert torch.equal(cal.q_threshold, trained["q_threshold"])
+    assert cal.sampling == CHEAP_CONFIG
+    assert list(cal.config.threshold_names) == ["self_aware/multiscale", "self_aware/learned", "self_aware/noise_error"]
+    # same images, noise and Q_p: the multi-scale scores, hence their threshold, are those of the first calibration
+    assert cal.threshold("self_aware/multiscale") == pytest.approx(trained["multiscale_threshold"], rel=1e-6)
+    threshold = cal.threshold("self_aware/learned")
     assert threshold == pytest.approx(summary["learned_threshold"])
-    assert pipe.calibration.threshold("self_aware/multiscale") is not None  # kept
+
+    # the learned map is the segmenter's probability on (image, THE reconstruction returned, in [-1, 1])
     images = _validation_images(model_dir, pipe.resolution)[:3]
-    out = pipe(images, anomaly_map="learned", generator=torch.Generator().manual_seed(0))
+    out = pipe(images, generator=torch.Generator().manual_seed(0), output_type="pt")
     r = pipe.resolution
-    assert out.anomaly_maps.shape == (3, r, r) and out.scores.shape == (3,)
-    assert out.anomaly_maps.min() >= 0.0 and out.anomaly_maps.max() <= 1.0
-    assert out.scores == pytest.approx(out.anomaly_maps.reshape(3, -1).max(axis=1))
-    assert out.is_anomalous.dtype == bool
-    assert list(out.is_anomalous) == [bool(s > threshold) for s in out.scores]
+    assert out.anomaly_maps["learned"].shape == (3, r, r) and out.reconstructions.shape == (3, 3, r, r)
+    size = cal.sampling.map_filter_size or default_mean_filter_size(r)
+    with torch.no_grad():
+        logits = segmenter_logits(pipe.segmenter, pipe.preprocess(images), out.reconstructions)
+    expected = mean_filter(torch.sigmoid(logits.float())[:, 0], size)
+    assert torch.allclose(out.anomaly_maps["learned"], expected, atol=1e-6)
+    assert torch.equal(out.scores["learned"], out.anomaly_maps["learned"].flatten(1).amax(dim=1))
+    assert out.is_anomalous["learned"].tolist() == [bool(s > threshold) for s in out.scores["learned"]]
 
 
 def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):

@@ -14,12 +14,13 @@ https://arxiv.org/abs/1708.02002) plus binary cross-entropy. Thesis defaults: ba
 The reconstructions are the expensive part (one full self-aware pass per synthetic image), so
 they are computed once and cached on disk as a ``datasets`` dataset (``save_to_disk``). The
 cache key hashes everything the reconstructions depend on: the UNet weight files, the
-scheduler config, the calibration's threshold map ``Q_p`` and mask timesteps, the pipeline's
-inference settings (mode and its levers), the synthesis settings (textures, probabilities,
-seed, number of samples) and the normal training images themselves. A rerun with the same
-inputs reuses the cache (and logs so); any change gives a new key. The cache is written in
-shards, each renamed into place when complete, so an interrupted build resumes where it
-stopped; with several processes each rank reconstructs its share of the shards.
+scheduler config, the calibration's threshold map ``Q_p`` and its sampling config (every lever
+of the sampler: the pipeline runs exactly the config it was calibrated with), the synthesis
+settings (textures, probabilities, seed, number of samples) and the normal training images
+themselves. A rerun with the same inputs reuses the cache (and logs so); any change gives a new
+key. The cache is written in shards, each renamed into place when complete, so an interrupted
+build resumes where it stopped; with several processes each rank reconstructs its share of the
+shards.
 
 Run it (see ``--help`` for every flag)::
 
@@ -34,11 +35,16 @@ Run it (see ``--help`` for every flag)::
 recorded in ``<model_dir>/training_log.json``, so the segmenter sees the same training images
 and its threshold is calibrated on the same held-out normal images. The segmenter is saved
 INTO ``--model_dir`` as the pipeline component ``segmenter`` (each saved entry written under a
-temporary name and renamed), with the learned map's own pass/fail threshold calibrated on the
-validation split; ``segmenter_log.json`` records the run. Afterwards::
+temporary name and renamed), and the pipeline is recalibrated with it in place: the same
+sampling config, methods and validation images, each image's noise from
+:func:`diffad.training_utils.image_generator` of the split seed and its pixels (what
+``diffad calibrate`` does), so ``Q_p`` comes out as before and every threshold, the learned
+map's included, is fitted with the segmenter. ``segmenter_log.json`` records the run
+(``q_threshold_unchanged`` says whether ``Q_p`` was reproduced). Afterwards::
 
     pipe = SelfAwareInpaintPipeline.from_pretrained("ddpm-bottle")
-    out = pipe(images, anomaly_map="learned")   # maps (B, R, R) in [0, 1], scores, decisions
+    out = pipe(images)
+    out.anomaly_maps["learned"], out.scores["learned"], out.is_anomalous["learned"]   # maps (B, R, R) in [0, 1]
 """
 
 from __future__ import annotations
@@ -68,9 +74,8 @@ from tqdm.auto import tqdm
 
 from diffad.anomalies import AnomalySynthesizer
 from diffad.pipelines.self_aware_inpaint.pipeline import (
-    FAST_SETTINGS,
-    MASK_LEVERS,
-    REFERENCE_SETTINGS,
+    METHODS,
+    SamplingConfig,
     SelfAwareInpaintPipeline,
     segmenter_logits,
 )
@@ -80,6 +85,7 @@ from diffad.training_utils import (
     OneLineArgumentParser,
     TrainingLog,
     commit_directory,
+    image_generator,
     incomplete_path,
     parse_int_list,
     remove_incomplete,
@@ -95,14 +101,16 @@ PROG = "train_segmenter.py"
 logger = get_logger(__name__, log_level="INFO")
 
 #: Bump when the cached dataset's layout or the way it is computed changes (part of the cache key).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 #: Environment variable that sets the default ``--cache_dir``.
 CACHE_ENV = "DIFFAD_CACHE_DIR"
 #: The run's log, written into ``--model_dir``.
 LOG_NAME = "segmenter_log.json"
 #: Default folder (inside ``--model_dir``) for resumable segmenter checkpoints.
 CHECKPOINT_SUBDIR = "segmenter_checkpoints"
-_STREAM_SYNTHESIS, _STREAM_RECONSTRUCTION, _STREAM_CALIBRATION = 1, 2, 3
+_STREAM_SYNTHESIS, _STREAM_RECONSTRUCTION = 1, 2
+#: ``SelfAwareInpaintPipeline.calibrate`` needs at least 4 normal images (two folds of 2).
+MIN_CALIBRATION_IMAGES = 4
 
 
 # --------------------------------------------------------------------------- arguments
@@ -130,7 +138,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Share of train/good held out for calibration. Default: the DDPM's (training_log.json), "
                         "else 0.2. Keep the DDPM's value, so the threshold is fitted on images the DDPM never saw.")
     g.add_argument("--split_seed", type=int, default=None,
-                   help="Seed of the train/validation split. Default: the DDPM's --seed (training_log.json), else 0.")
+                   help="Seed of the train/validation split and of the recalibration's noise (as `diffad calibrate "
+                        "--seed`). Default: the DDPM's --seed (training_log.json), else 0.")
 
     g = p.add_argument_group("synthetic anomalies (part of the cache key)")
     g.add_argument("--textures_dir", type=str, default=None,
@@ -147,8 +156,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"Where reconstructed training sets are cached (datasets.save_to_disk). Default: "
                         f"${CACHE_ENV} when set, else <parent of model_dir>/.diffad_cache.")
     g.add_argument("--overwrite_cache", action="store_true", help="Recompute the reconstructions even if cached.")
-    g.add_argument("--mode", choices=("fast", "reference"), default=None,
-                   help="Pipeline mode for the reconstructions and the threshold. Default: the calibration's mode.")
     g.add_argument("--reconstruction_batch_size", type=int, default=16, help="Images per DDPM reconstruction batch.")
     g.add_argument("--cache_shard_size", type=int, default=64,
                    help="Samples per cache shard (the unit of resumption when the reconstruction is interrupted).")
@@ -180,7 +187,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Weight of the binary cross-entropy added to the focal loss (0 = focal only).")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
     g.add_argument("--seed", type=int, default=0,
-                   help="Seeds the synthesis, the reconstruction noise, initialisation, shuffling, calibration.")
+                   help="Seeds the synthesis, the reconstruction noise, initialisation and shuffling.")
 
     g = p.add_argument_group("checkpoints, calibration, logging")
     g.add_argument("--checkpoint_dir", type=str, default=None,
@@ -190,9 +197,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest" (a fresh start when there is none) or a checkpoint folder.')
     g.add_argument("--target_false_positive_rate", type=float, default=None,
-                   help="Share of normal validation images the learned map's threshold flags. Default: the "
-                        "calibration's.")
-    g.add_argument("--calibration_batch_size", type=int, default=16, help="Images per batch when calibrating.")
+                   help="Share of normal validation images the recalibrated thresholds (the learned map's and "
+                        "the others) flag. Default: the calibration's.")
+    g.add_argument("--calibration_batch_size", type=int, default=None,
+                   help="Images per UNet batch when recalibrating (default: all at once, as `diffad calibrate`). Give "
+                        "the `diffad calibrate --batch-size` the model was calibrated with: batched arithmetic "
+                        "rounds differently, and only the same batches reproduce Q_p bit for bit.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -201,11 +211,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range flag values with a ``ValueError`` naming the flag and the rule."""
     for key in ("train_batch_size", "num_epochs", "checkpointing_steps", "reconstruction_batch_size",
-                "cache_shard_size", "calibration_batch_size"):
+                "cache_shard_size"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
     for key in ("max_train_steps", "max_train_minutes", "checkpoints_total_limit", "num_synthetic",
-                "segmenter_layers_per_block", "segmenter_norm_num_groups"):
+                "segmenter_layers_per_block", "segmenter_norm_num_groups", "calibration_batch_size"):
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
@@ -334,15 +344,15 @@ def resolve_data(args: argparse.Namespace, model_dir: Path) -> Dict[str, Any]:
             "split_seed": int(split_seed)}
 
 
-def load_normal_images(data: Dict[str, Any], resolution: int) -> Tuple[torch.Tensor, torch.Tensor, List[str], str]:
+def load_normal_images(data: Dict[str, Any], resolution: int) -> Tuple[torch.Tensor, List[Any], List[str], str]:
     """Normal training and validation images of the category.
 
     Returns:
-        ``(train (N, 3, R, R), validation (V, 3, R, R))`` float32 in [-1, 1], the training images' file names
-        and the category's name.
+        ``train`` ``(N, 3, R, R)`` float32 in [-1, 1]; the validation images as ``diffad.load_mvtec`` gives them
+        (PIL, what ``diffad calibrate`` calibrates on); the training images' file names; the category's name.
 
     Raises:
-        ValueError: no training images, or fewer than 2 validation images (the threshold needs them).
+        ValueError: no training images, or fewer than 4 validation images (the calibration needs them).
     """
     from diffad.data import images_to_tensor, list_categories, load_mvtec
 
@@ -358,12 +368,13 @@ def load_normal_images(data: Dict[str, Any], resolution: int) -> Tuple[torch.Ten
     train, val = splits["train"], splits["validation"]
     if len(train) == 0:
         raise ValueError(f"no normal training images in {data['data_dir']} (category {category})")
-    if len(val) < 2:
+    if len(val) < MIN_CALIBRATION_IMAGES:
         raise ValueError(f"the validation split of {data['data_dir']} (category {category}) has {len(val)} image(s); "
-                         "the learned map's threshold needs at least 2: raise --validation_fraction")
+                         f"recalibrating with the segmenter needs at least {MIN_CALIBRATION_IMAGES}: raise "
+                         "--validation_fraction")
     names = list(train["file_name"]) if "file_name" in train.column_names else [str(i) for i in range(len(train))]
     name = train[0]["category"] if "category" in train.column_names else str(category)
-    return images_to_tensor(train["image"], resolution), images_to_tensor(val["image"], resolution), names, name
+    return images_to_tensor(train["image"], resolution), list(val["image"]), names, name
 
 
 # --------------------------------------------------------------------------- the reconstruction cache
@@ -389,12 +400,10 @@ def _sha256_tensor(tensor: torch.Tensor) -> str:
     return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
 
 
-def inference_settings(mode: str) -> Dict[str, Any]:
-    """What the reconstructions depend on besides the weights and the inputs: the method, the mode and the
-    mode's levers as the pipeline defines them (so a change of the pipeline's defaults changes the key)."""
-    levers = dict(FAST_SETTINGS if mode == "fast" else REFERENCE_SETTINGS)
-    levers.pop("channels_last", None)  # memory layout only
-    return {"method": "self_aware", "mode": mode, "inpaint_timesteps": 50, "levers": levers}
+def inference_settings(sampling: SamplingConfig) -> Dict[str, Any]:
+    """What the reconstructions depend on besides the weights and the inputs: the method, the sampling config
+    (every lever of the sampler, :meth:`SamplingConfig.to_dict`) and the output range."""
+    return {"method": "self_aware", "sampling": sampling.to_dict(), "reconstructions": "pt, [-1, 1]"}
 
 
 def reconstruction_cache_key(
@@ -409,11 +418,11 @@ def reconstruction_cache_key(
     """The cache key of a reconstructed synthetic training set.
 
     It hashes: the UNet's weight files (``<model_dir>/unet``) and config, the scheduler's config, the
-    calibration parts that shape the inpainting mask (``Q_p``, percentile, mask timesteps, resolution, the mask
-    levers ``mask_filter_size``, ``mask_noise_draws``, ``mask_dilation``; not the
-    image thresholds, which adding a segmenter changes), ``inference`` (:func:`inference_settings`),
-    ``synthesis`` (synthesiser config, seed, number of samples) and the normal training images (file names and
-    pixel values as loaded, so a resized or edited image changes it).
+    calibration parts that shape the reconstructions (``Q_p``, the resolution and the calibration's sampling
+    config dict, which holds every lever of the mask and of the inpainting; not the image thresholds, which adding
+    a segmenter changes), ``inference`` (:func:`inference_settings`), ``synthesis`` (synthesiser config, seed,
+    number of samples) and the normal training images (file names and pixel values as loaded, so a resized or
+    edited image changes it).
 
     Returns:
         ``(key, payload)``: a 20-hex-digit key and the JSON-able description it was hashed from.
@@ -426,7 +435,8 @@ def reconstruction_cache_key(
         "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "calibration": {
             "q_threshold_sha256": _sha256_tensor(cal.q_threshold),
-            **{k: cal.config.get(k) for k in ("resolution", "percentile", "mask_timesteps", *MASK_LEVERS)},
+            "resolution": cal.config.get("resolution"),
+            "sampling_config": cal.config.get("sampling_config"),
         },
         "inference": inference,
         "synthesis": synthesis,
@@ -477,18 +487,42 @@ def synthesize(synthesizer: AnomalySynthesizer, train_images: torch.Tensor, indi
 
 
 def reconstruct(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, generators: List[torch.Generator], *,
-                mode: str, batch_size: int) -> torch.Tensor:
-    """Self-aware reconstructions with the frozen DDPM: the pipeline's own ``__call__``, as at inference.
+                batch_size: int) -> torch.Tensor:
+    """Self-aware reconstructions with the frozen DDPM: the pipeline's own ``__call__``, as at inference (with
+    the sampling config it was calibrated with).
 
     Args:
         images: ``(B, 3, R, R)`` in [-1, 1]; generators: one per image.
 
     Returns:
-        ``(B, 3, R, R)`` float32 in [-1, 1], on the CPU.
+        ``(B, 3, R, R)`` float32 in [-1, 1] (the range of ``output_type="pt"``), on the CPU.
     """
-    out = pipe(images, method="self_aware", anomaly_map="multiscale", mode=mode, generator=generators,
-               batch_size=batch_size, output_type="pt")
-    return (out.reconstructions.float().cpu() * 2.0 - 1.0).clamp(-1.0, 1.0)
+    out = pipe(images, method="self_aware", generator=generators, batch_size=batch_size, output_type="pt")
+    return out.reconstructions.float().cpu().clamp(-1.0, 1.0)
+
+
+def recalibrate(pipe: SelfAwareInpaintPipeline, images: Sequence[Any], *, seed: int,
+                target_false_positive_rate: float, batch_size: Optional[int]) -> bool:
+    """Recalibrate ``pipe`` with its segmenter in place, so that every threshold (the learned map's included)
+    is fitted on the same reconstructions.
+
+    Runs ``pipe.calibrate`` with the calibration's own sampling config and methods, on ``images`` (the normal
+    validation images), each image's noise from ``image_generator(seed, image)``: what ``diffad calibrate
+    --seed <seed>`` does on the same split, so ``Q_p`` comes out unchanged, bit for bit, when the model was
+    calibrated that way with the same ``batch_size`` (batched UNet arithmetic rounds differently).
+
+    Returns:
+        Whether ``Q_p`` is unchanged (when not, the segmenter was trained on reconstructions masked with the
+        previous ``Q_p``, and a rerun finds no cached reconstructions for the new one).
+    """
+    cal = pipe.calibration
+    names = list(cal.config.threshold_names)
+    methods = tuple(m for m in METHODS if any(n.startswith(f"{m}/") for n in names)) or METHODS
+    previous = cal.q_threshold.detach().cpu().clone()
+    pipe.calibrate(images, config=cal.sampling, target_false_positive_rate=target_false_positive_rate,
+                   methods=methods, generator=[image_generator(seed, image) for image in images],
+                   batch_size=batch_size)
+    return bool(torch.equal(previous, pipe.calibration.q_threshold.detach().cpu()))
 
 
 def build_reconstruction_cache(
@@ -500,7 +534,6 @@ def build_reconstruction_cache(
     train_images: torch.Tensor,
     num_synthetic: int,
     seed: int,
-    mode: str,
     batch_size: int,
     shard_size: int,
     key_payload: Dict[str, Any],
@@ -536,7 +569,7 @@ def build_reconstruction_cache(
             chunk = indices[start:start + batch_size]
             images, masks, sources = synthesize(synthesizer, train_images, chunk, seed)
             gens = [seeded_generator(seed, _STREAM_RECONSTRUCTION, i) for i in chunk]
-            recs = reconstruct(pipe, images.to(pipe.device), gens, mode=mode, batch_size=batch_size)
+            recs = reconstruct(pipe, images.to(pipe.device), gens, batch_size=batch_size)
             columns["index"] += chunk
             columns["source_index"] += sources
             columns["image"] += list(images.float().cpu().numpy())
@@ -593,7 +626,8 @@ def main(args: argparse.Namespace) -> Path:
     pipe = load_calibrated_pipeline(model_dir).to(accelerator.device)
     pipe.unet.requires_grad_(False)
     cal = pipe.calibration
-    mode = args.mode or str(cal.config.mode)
+    sampling = cal.sampling  # what the pipeline runs (a diffad 0.1 calibration is refused here: recalibrate)
+    sampling_name = sampling.preset_name or "custom"
     fpr = args.target_false_positive_rate or float(cal.config.target_false_positive_rate)
     resolution = pipe.resolution
     if pipe.segmenter is not None:
@@ -602,7 +636,8 @@ def main(args: argparse.Namespace) -> Path:
     train_images, val_images, file_names, category = load_normal_images(data, resolution)
     num_synthetic = args.num_synthetic or 4 * train_images.shape[0]
     logger.info(f"{category}: {train_images.shape[0]} normal training images -> {num_synthetic} synthetic samples, "
-                f"{val_images.shape[0]} validation images; resolution {resolution}, mode {mode!r}, world size {world}")
+                f"{len(val_images)} validation images; resolution {resolution}, sampling config {sampling_name!r}, "
+                f"world size {world}")
 
     # 2. the segmenter (same initial weights on every rank; built now so that bad shape flags fail before the
     # expensive reconstructions)
@@ -614,7 +649,7 @@ def main(args: argparse.Namespace) -> Path:
     synthesizer = AnomalySynthesizer(args.textures_dir, normal_probability=args.normal_probability)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
                  "sample_rule": "image i mod N, generator seeded_generator(seed, 1, i)"}
-    inference = inference_settings(mode)
+    inference = inference_settings(sampling)
     key, payload = reconstruction_cache_key(pipe, model_dir, synthesis=synthesis, inference=inference,
                                             train_images=train_images, train_file_names=file_names)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(model_dir)
@@ -633,7 +668,7 @@ def main(args: argparse.Namespace) -> Path:
         try:
             build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer,
                                        train_images=train_images, num_synthetic=num_synthetic, seed=args.seed,
-                                       mode=mode, batch_size=args.reconstruction_batch_size,
+                                       batch_size=args.reconstruction_batch_size,
                                        shard_size=args.cache_shard_size, key_payload=payload)
         finally:
             if bars:
@@ -661,9 +696,10 @@ def main(args: argparse.Namespace) -> Path:
         raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
 
     config = {k: v for k, v in vars(args).items()}
-    config.update(resolved_data=data, category=category, mode=mode, cache_key=key, cache_path=str(cache_path),
+    config.update(resolved_data=data, category=category, sampling_preset=sampling.preset_name,
+                  sampling_config=sampling.to_dict(), cache_key=key, cache_path=str(cache_path),
                   num_synthetic=num_synthetic, num_train_images=int(train_images.shape[0]),
-                  num_validation_images=int(val_images.shape[0]), synthetic_mask_share=mask_share,
+                  num_validation_images=len(val_images), synthetic_mask_share=mask_share,
                   num_parameters=num_params, world_size=world, steps_per_epoch=num_batches,
                   max_train_steps=max_train_steps, total_batch_size=args.train_batch_size * world,
                   segmenter_config={k: v for k, v in accelerator.unwrap_model(segmenter).config.items()
@@ -766,7 +802,7 @@ def main(args: argparse.Namespace) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
 
-    # 7. add the segmenter to the pipeline, calibrate the learned map's threshold, save into model_dir
+    # 7. add the segmenter to the pipeline, recalibrate (every threshold, the learned map's too), save into model_dir
     if accelerator.is_main_process:
         final = make_segmenter(resolution, **_segmenter_kwargs(args))
         final.load_state_dict(accelerator.unwrap_model(segmenter).state_dict())
@@ -774,10 +810,13 @@ def main(args: argparse.Namespace) -> Path:
         pipe.register_modules(segmenter=final.to(pipe.device))
         pipe.set_progress_bar_config(disable=True)
         tick = time.time()
-        pipe.calibrate_threshold(val_images, anomaly_map="learned", method="self_aware", target_false_positive_rate=fpr,
-                                 mode=mode, generator=seeded_generator(args.seed, _STREAM_CALIBRATION),
-                                 batch_size=args.calibration_batch_size)
+        q_unchanged = recalibrate(pipe, val_images, seed=data["split_seed"], target_false_positive_rate=fpr,
+                                  batch_size=args.calibration_batch_size)
         calibration_seconds = time.time() - tick
+        if not q_unchanged:
+            logger.warning("recalibrating changed Q_p (the model was calibrated on other images or noise than the "
+                           f"validation split with seed {data['split_seed']}): the segmenter was trained on "
+                           "reconstructions masked with the previous Q_p, and a rerun will rebuild the cache")
         threshold = pipe.calibration.threshold("self_aware/learned")
         pipe.to("cpu")
         save_pipeline(pipe, model_dir)
@@ -787,6 +826,7 @@ def main(args: argparse.Namespace) -> Path:
                        "train_seconds": state["train_seconds"], "cache_hit": cache_hit,
                        "cache_seconds_this_run": cache_seconds, "calibration_seconds": calibration_seconds,
                        "learned_threshold": threshold, "target_false_positive_rate": fpr,
+                       "q_threshold_unchanged": q_unchanged,
                        "wall_seconds_this_run": time.time() - start_time, "num_parameters": num_params,
                        "resumed_from": state["resumed_from"], "step_losses": state["step_losses"]}
         log.save(model_dir / LOG_NAME)

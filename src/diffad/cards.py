@@ -171,8 +171,8 @@ def _hyperparameters(config: Mapping[str, Any], log: Mapping[str, Any]) -> list[
     return out
 
 
-_SEGMENTER_KEYS = ("num_synthetic", "normal_probability", "textures_dir", "mode", "train_batch_size", "learning_rate",
-                   "focal_gamma", "focal_alpha", "bce_weight", "max_train_minutes", "seed")
+_SEGMENTER_KEYS = ("num_synthetic", "normal_probability", "textures_dir", "sampling_preset", "train_batch_size",
+                   "learning_rate", "focal_gamma", "focal_alpha", "bce_weight", "max_train_minutes", "seed")
 _SEGMENTER_SUMMARY_KEYS = ("total_optimizer_steps", "stopped_by", "final_train_loss", "train_seconds",
                            "learned_threshold", "num_parameters")
 
@@ -214,6 +214,20 @@ def _num_parameters(model_dir: Path) -> str:
     return "an unknown number of" if not config_path.is_file() else "(see unet/config.json)"
 
 
+def _sampling_preset(model_dir: Path) -> Optional[str]:
+    """The name of the sampling config the model was calibrated with (``"fast"``, ``"thesis"``, ``"custom"``),
+    from ``calibration/config.json``; None when it does not say (a diffad 0.1 calibration)."""
+    values = _read_json(model_dir / "calibration" / "config.json").get("sampling_config")
+    if not isinstance(values, Mapping):
+        return None
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    try:
+        return SamplingConfig(**dict(values)).preset_name or "custom"
+    except (TypeError, ValueError):
+        return "custom"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -245,7 +259,8 @@ def make_model_card(
         dataset_type: the dataset id in the metadata (default ``mvtec_ad`` or ``diffad-synthetic``).
         license: the model's license (default: ``cc-by-nc-sa-4.0`` when trained on MVTec AD, whose
             license the weights inherit, else ``apache-2.0``).
-        seconds_per_image: ``{method_label: seconds}`` shown under the table.
+        seconds_per_image: ``{method: seconds}`` shown under the table (one reconstruction gives every map of a
+            method, so seconds are per method; ``"<method>/<map>"`` labels are shown as given).
         extra_tags: added to the card's tags.
 
     Returns:
@@ -355,6 +370,7 @@ def make_model_card(
         data_license_note = ""
 
     default_map = "learned" if has_segmenter else "multiscale"
+    sampling_preset = _sampling_preset(model_dir) if is_calibrated else None
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
@@ -365,7 +381,7 @@ def make_model_card(
         dataset_description=dataset_description, hyperparameters=hyperparameters,
         segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
         training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map=default_map)
+        default_map=default_map, sampling_preset=sampling_preset)
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:

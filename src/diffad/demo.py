@@ -6,10 +6,12 @@ On a fresh machine with no download it:
    MVTec AD layout) under ``<out>/data``;
 2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, bounded by
    ``--max_train_minutes``) into ``<out>/models/<category>``;
-3. calibrates it on the held-out normal images (:func:`diffad.cli.calibrate_model`);
-4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded);
-5. evaluates ``self_aware`` (multi-scale and learned maps) and ``denoise`` on the test splits
-   (:func:`diffad.evaluation.evaluate_folder`: metrics, Table 4.1, Fig. 4.4 panels);
+3. calibrates it on the held-out normal images with the ``fast`` sampling config
+   (:func:`diffad.cli.calibrate_model`);
+4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded; it
+   recalibrates the pipeline with the segmenter in place);
+5. evaluates ``self_aware`` and ``denoise`` on the test splits, every map of each method from one
+   reconstruction (:func:`diffad.evaluation.evaluate_folder`: metrics, Table 4.1, Fig. 4.4 panels);
 6. writes a model card (README.md) into each model folder (:mod:`diffad.cards`);
 7. writes ``<out>/report.md``: the table, the figures, seconds per image, the time each step took, and
    the commands to run the same on one's own images.
@@ -32,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "run_demo", "write_report",
-           "register", "run"]
+__all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "method_seconds", "run_demo",
+           "write_report", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +88,9 @@ class DemoConfig:
         return DEFAULT_TRAIN_MINUTES_TOTAL / len(self.resolved_categories())
 
 
-# A budget small enough for a slow test (~3 minutes on 2 cores): tiny data, a few seconds of training.
-TINY_BUDGET = dict(minutes_per_category=0.25, num_train=16, num_test_good=4, num_test_defect_per_type=1,
+# A budget small enough for a slow test (~3 minutes on 2 cores): tiny data (20 training images, so that the
+# validation split holds the 4 normal images calibration needs), a few seconds of training.
+TINY_BUDGET = dict(minutes_per_category=0.25, num_train=20, num_test_good=4, num_test_defect_per_type=1,
                    num_synthetic=16, resolution=32)
 
 
@@ -167,7 +170,9 @@ def _train_segmenter(config: DemoConfig, model_dir: Path, minutes: float) -> Non
     argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
             "--num_epochs", "100000", "--max_train_minutes", f"{minutes:.3f}", "--train_batch_size", "16",
             "--seed", str(config.seed), "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest"]
+            "--resume_from_checkpoint", "latest",
+            # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
+            "--calibration_batch_size", str(config.eval_batch_size)]
     train_segmenter.main(train_segmenter.parse_args(argv))
 
 
@@ -217,8 +222,8 @@ def run_demo(config: DemoConfig) -> Path:
         steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
                   lambda: _train_ddpm(config, data_dir, category, model_dir, minutes * DDPM_SHARE))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
-                  lambda: calibrate_model(model_dir, data_dir, category, seed=config.seed,
-                                          batch_size=config.eval_batch_size))
+                  lambda: calibrate_model(model_dir=model_dir, data=data_dir, category=category, config="fast",
+                                          seed=config.seed, batch_size=config.eval_batch_size))
         steps.run(f"{category}: train segmenter", has_component(model_dir, "segmenter"),
                   lambda: _train_segmenter(config, model_dir, minutes * (1 - DDPM_SHARE)))
     model_dirs = [models_dir / c for c in categories]
@@ -232,12 +237,23 @@ def run_demo(config: DemoConfig) -> Path:
         card = make_model_card(models_dir / category, {"category": category,
                                                        "metrics": metrics["categories"][category]},
                                repo_id=f"your-username/diffad-demo-{category}", dataset_type="diffad-synthetic",
-                               seconds_per_image={k: v["seconds_per_image"]
-                                                  for k, v in metrics["categories"][category].items()
-                                                  if "seconds_per_image" in v})
+                               seconds_per_image=method_seconds(metrics["categories"][category]))
         write_model_card(card, models_dir / category)
     steps.save()
     return write_report(config, out, metrics, steps.times)
+
+
+def method_seconds(per_key: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{method: seconds per image}`` (in the pipeline's ``METHODS`` order) from ``{"<method>/<map>": metrics}``:
+    one reconstruction gives every map of a method, so its maps all carry the method's time."""
+    from diffad.pipelines.self_aware_inpaint import METHODS
+
+    out: dict[str, float] = {}
+    for key, values in per_key.items():
+        if "seconds_per_image" in values:
+            out.setdefault(key.split("/")[0], float(values["seconds_per_image"]))
+    order = {m: i for i, m in enumerate(METHODS)}
+    return dict(sorted(out.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
 def _target_line(metrics: dict[str, Any], target: float = 0.90) -> str:
@@ -283,8 +299,11 @@ the method reaches on real images with a model trained for hours (see the projec
 ## Results (test split, Table 4.1 form)
 
 Methods: `denoise` is the thesis's basic baseline (noise to t = 50 and denoise, no mask); `self_aware` is
-self-aware inpainting (calibrated noise-error mask, then resampled inpainting). Maps: `multiscale`
-(reconstruction error at 4 scales) and `learned` (the DRAEM-style segmenter).
+self-aware inpainting (calibrated noise-error mask, then resampled inpainting), with the `fast` sampling
+config. Maps: `multiscale` (reconstruction error at 4 scales), `learned` (the DRAEM-style segmenter) and
+`noise_error` (the mask stage's noise error over its calibrated threshold map, self-aware only). Each method
+reconstructs an image once and every one of its maps comes from that reconstruction, so seconds per image are
+per method.
 
 {table}
 Target: image AUROC >= 0.90 for `self_aware` on each synthetic category.
@@ -321,8 +340,9 @@ and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<de
 # 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
 diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
     --max_train_minutes 30
-# 2. calibrate the inpainting mask and the pass/fail threshold on held-out good photos
-diffad calibrate --model models/{one} --data my_parts --category {one}
+# 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
+#    (`--config fast`, the default: 23 UNet passes per image; `--config thesis`: the thesis's 301)
+diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
 # 3. (optional) the learned anomaly map
 python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
 # 4. inspect new photos: results.csv (file, score, decision) and an overlay per image

@@ -7,14 +7,32 @@ diffad.evaluation ...`` runs it on several processes) writes, under ``--out``:
 * ``per_image.csv``: ``file, category, defect_type, label, method, map, score, decision``
   (decision ``defect`` / ``ok``, or ``unknown`` where no threshold was calibrated);
 * ``metrics.json``: per category and ``<method>/<map>``: image AUROC, image F1-max and its
-  threshold, pixel AUROC, AUPRO, seconds per image (pipeline compute time summed over all
-  processes, divided by the number of images: the cost of one image on one worker), UNet
-  passes per image; plus the unweighted mean over categories;
-  and ``metrics/<category>.json`` with one category each;
-* ``table.md``: the thesis's Table 4.1 form (rows: categories and the mean; columns: methods;
-  each cell ``image AUROC (pixel AUROC / AUPRO)``) and a seconds-per-image table;
+  threshold, pixel AUROC, AUPRO, seconds per image, UNet passes per image, and for
+  ``self_aware`` the inpainting-mask statistics (``mask_normal_share``, ``mask_defect_recall``,
+  ``mask_precision``); plus the unweighted mean over categories; and ``metrics/<category>.json``
+  with one category each;
+* ``table.md``: the thesis's Table 4.1 form (rows: categories and the mean; columns:
+  ``<method>/<map>``; each cell ``image AUROC (pixel AUROC / AUPRO)``), a seconds-per-image table
+  (one column per method) and the self-aware mask statistics;
 * ``figures/<category>.png``: Fig. 4.4-style rows of defective test images (original,
-  reconstruction, inpainting mask, multi-scale map, learned map, ground truth).
+  reconstruction, noise-error map, inpainting mask, multi-scale map, learned map, ground truth).
+
+One reconstruction, every map: each method runs ONCE per batch and every anomaly map evaluated
+for it (``--anomaly-maps``; default: every map the model returns for that method,
+``pipe.map_names(method)``) comes from that one output. So the seconds per image and the UNet
+passes per image are per METHOD: every map of a method reports the same value, the method's
+pipeline compute time summed over all processes and divided by the number of images (the cost of
+one image on one worker, shared by all its maps).
+
+Inpainting-mask statistics (``self_aware`` only; ``denoise`` masks nothing), over the test split:
+``mask_normal_share`` is the mean share of pixels masked on normal (label 0) images (calibrated to
+about ``1 - mask_percentile``); ``mask_defect_recall`` the share of ground-truth defect pixels that
+were masked; ``mask_precision`` the share of the pixels masked on defective images that are defect
+pixels. Each is None where it is undefined (no normal image, no defect pixel, nothing masked).
+
+The sampler: a calibrated model runs the sampling config it was calibrated with
+(``pipe.calibration.sampling``); ``--config fast|thesis`` only asserts which one that is and stops
+with a one-line error when it is another (recalibrate with ``diffad calibrate --config ...``).
 
 Model folders (``--model``): either one pipeline folder (holding ``model_index.json``), used
 for the single category evaluated, or a folder with one pipeline folder per category named
@@ -22,9 +40,12 @@ after it: ``<model>/<category>/model_index.json`` (what ``--category all`` needs
 
 Distribution: the test images are cut into fixed batches (``--batch-size``) in dataset order;
 the batches are split across processes (``Accelerator.split_between_processes``) and the
-per-image results gathered (``gather_object``) and re-sorted. The noise of image ``i`` comes
-from its own generator seeded by ``(seed, i)`` only, so any number of processes gives exactly
-the metrics of one.
+per-image results gathered (``gather_object``) and re-sorted. The noise of every image comes
+from its own generator, :func:`diffad.training_utils.image_generator` of ``(seed, its pixels)``
+(the one seeding rule of inference, as ``diffad detect``), never from its position, so any
+number of processes gives exactly the metrics of one (the batches are the same); another
+``--batch-size`` or image order draws the same noise, and moves scores only by the float
+rounding of batched UNet arithmetic (about 1e-7).
 """
 
 from __future__ import annotations
@@ -39,7 +60,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,12 +71,13 @@ from diffad.metrics import compute_anomaly_metrics
 
 __all__ = [
     "CategoryEvaluation",
-    "METHODS",
-    "MAP_KINDS",
+    "MASK_KEYS",
+    "check_config",
     "evaluate_pipeline",
     "evaluate_folder",
-    "image_seed",
     "markdown_table",
+    "mask_statistics",
+    "mean_metrics",
     "register",
     "resolve_model_dir",
     "run",
@@ -64,15 +86,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("self_aware", "denoise")
-MAP_KINDS = ("multiscale", "learned")
 CSV_FIELDS = ("file", "category", "defect_type", "label", "method", "map", "score", "decision")
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold")
+#: The inpainting-mask statistics recorded for ``self_aware`` (module docstring).
+MASK_KEYS = ("mask_normal_share", "mask_defect_recall", "mask_precision")
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The noise seed of test image ``index``: a function of ``(seed, index)`` only (never of the rank)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def _pipeline_names() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(METHODS, MAP_NAMES, SAMPLING_PRESETS)`` of the pipeline, imported when needed (diffusers is slow to
+    import, and ``diffad --help`` imports this module)."""
+    from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
+
+    return METHODS, MAP_NAMES, SAMPLING_PRESETS
 
 
 @dataclass
@@ -83,16 +107,19 @@ class CategoryEvaluation:
         category: the category name.
         records: one dict per image and ``<method>/<map>`` (the CSV's columns), in dataset order.
         metrics: ``{"<method>/<map>": {image_auroc, image_f1_max, image_f1_threshold, pixel_auroc,
-            aupro, seconds_per_image, unet_passes_per_image, num_images}}``.
+            aupro, seconds_per_image, unet_passes_per_image, num_images}}``, plus :data:`MASK_KEYS` for
+            ``self_aware``; seconds and passes are the method's, the same for each of its maps.
         figure_rows: :class:`diffad.figures.FigureRow` list for the Fig. 4.4-style panel.
         resolution: the model's resolution ``R`` (maps and masks are ``R x R``).
+        sampling: the sampling config the pipeline ran (``SamplingConfig.to_dict()``), or None when unknown.
     """
 
     category: str
     records: list[dict[str, Any]]
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, Any]]
     figure_rows: list[Any] = field(default_factory=list)
     resolution: int = 0
+    sampling: Optional[dict[str, Any]] = None
 
 
 def _mask_array(mask: Optional[Image.Image], resolution: int) -> np.ndarray:
@@ -119,76 +146,144 @@ def _figure_indices(labels: Sequence[int], defect_types: Sequence[str], count: i
     return sorted(chosen)
 
 
+def mask_statistics(masked: Sequence[int], hits: Sequence[int], defect_pixels: Sequence[int],
+                    labels: Sequence[int], pixels_per_image: int) -> dict[str, Optional[float]]:
+    """The inpainting-mask statistics of a test split (module docstring), from per-image pixel counts.
+
+    Args:
+        masked: pixels masked in each image; hits: masked pixels that are ground-truth defect pixels;
+        defect_pixels: ground-truth defect pixels of each image; labels: 1 = defective;
+        pixels_per_image: ``R * R``.
+
+    Returns:
+        ``{"mask_normal_share", "mask_defect_recall", "mask_precision"}``, None where undefined.
+    """
+    masked, hits, gt = (np.asarray(v, dtype=np.float64) for v in (masked, hits, defect_pixels))
+    labels = np.asarray(labels)
+    normal, defective = labels == 0, labels == 1
+    masked_on_defective = float(masked[defective].sum())
+    return {
+        "mask_normal_share": float(masked[normal].mean()) / pixels_per_image if normal.any() else None,
+        "mask_defect_recall": float(hits.sum() / gt.sum()) if gt.sum() > 0 else None,
+        "mask_precision": float(hits[defective].sum()) / masked_on_defective if masked_on_defective > 0 else None,
+    }
+
+
+def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline") -> Optional[dict[str, Any]]:
+    """The sampling config ``pipe`` runs, as ``SamplingConfig.to_dict()`` (None when it cannot say).
+
+    A calibrated pipeline runs its calibration's config; ``config`` (a preset name or a ``SamplingConfig``)
+    must then be that one.
+
+    Raises:
+        ValueError: ``config`` is not a preset, or is not the config ``pipe`` was calibrated with (one line:
+            recalibrate with ``diffad calibrate --config ...``).
+    """
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    _, _, presets = _pipeline_names()
+    if isinstance(config, str) and config not in presets:
+        raise ValueError(f"--config must be one of {', '.join(presets)}; got {config!r}")
+    wanted = None if config is None else SamplingConfig.from_preset(config)
+    if not getattr(pipe, "is_calibrated", False):
+        return (wanted or SamplingConfig.fast()).to_dict()
+    fitted = pipe.calibration.sampling  # raises for a diffad 0.1 calibration: recalibrate
+    if wanted is not None and wanted != fitted:
+        have = fitted.preset_name or "a custom"
+        name = wanted.preset_name or "the wanted"
+        raise ValueError(f"{where} was calibrated with the {have!r} sampling config, not {name!r}: recalibrate with "
+                         f"`diffad calibrate --config {name} ...` (or evaluate without --config)")
+    return fitted.to_dict()
+
+
+def _maps_per_method(pipe, methods: Sequence[str], anomaly_maps: Optional[Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """``{method: maps to evaluate}``: every map the method returns (None), or those of ``anomaly_maps`` it has."""
+    _, map_names, _ = _pipeline_names()
+    available = {m: tuple(pipe.map_names(m)) for m in methods}
+    if anomaly_maps is None:
+        return available
+    for a in anomaly_maps:
+        if a not in map_names:
+            raise ValueError(f"unknown anomaly map {a!r}; choose from {', '.join(map_names)}")
+    if "learned" in anomaly_maps and getattr(pipe, "segmenter", None) is None:
+        raise ValueError("anomaly map 'learned' needs a segmenter in the model folder: train one with "
+                         "training/train_segmenter.py, or leave 'learned' out of --anomaly-maps")
+    chosen = {m: tuple(a for a in map_names if a in anomaly_maps and a in available[m]) for m in methods}
+    for m, names in chosen.items():
+        if not names:
+            raise ValueError(f"method {m!r} returns none of the anomaly maps {', '.join(anomaly_maps)} (its maps: "
+                             f"{', '.join(available[m])}): add one of them or leave {m!r} out of --methods")
+    return chosen
+
+
 def evaluate_pipeline(
     pipe,
     dataset_split,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Optional[Sequence[str]] = None,
     anomaly_maps: Optional[Sequence[str]] = None,
+    config: Union[None, str, Any] = None,
     batch_size: int = 8,
     seed: int = 0,
     accelerator=None,
     category: Optional[str] = None,
     num_figure_rows: int = 4,
-    pipeline_kwargs: Optional[dict[str, Any]] = None,
     progress: bool = True,
 ) -> CategoryEvaluation:
     """Run ``pipe`` over a test split and compute the metrics for every method and map.
+
+    Each method runs once per batch; every map evaluated for it comes from that one output.
 
     Args:
         pipe: a ``SelfAwareInpaintPipeline`` (calibrated for ``"self_aware"``).
         dataset_split: the ``test`` split of :func:`diffad.load_mvtec` (columns ``image``,
             ``mask``, ``label``, ``category``, ``defect_type``, ``file_name``).
-        methods: any of ``"self_aware"``, ``"denoise"``.
-        anomaly_maps: any of ``"multiscale"``, ``"learned"``; None: the thesis's columns, i.e.
-            multiscale for every method plus ``self_aware/learned`` when the pipeline has a segmenter
-            (the segmenter is trained on self-aware reconstructions, so ``denoise/learned`` is only
-            run when asked for explicitly).
+        methods: any of the pipeline's ``METHODS`` (default: all of them).
+        anomaly_maps: any of the pipeline's ``MAP_NAMES``; None: every map the model returns for each method
+            (``pipe.map_names(method)``: ``multiscale``, ``learned`` with a segmenter, ``noise_error`` for
+            ``self_aware``). Given, each method evaluates those of them it returns.
+        config: None (run the calibration's sampling config), or a preset name / ``SamplingConfig`` that must
+            equal it (``ValueError`` otherwise); for an uncalibrated pipeline (``denoise`` only), the config to run.
         batch_size: images per pipeline call; batches are formed in dataset order.
-        seed: image ``i`` uses ``torch.Generator().manual_seed(image_seed(seed, i))`` for every method
-            and map (paired comparisons; independent of batching and of the number of processes).
+        seed: image ``x`` gets the generator ``diffad.training_utils.image_generator(seed, x)`` for every
+            method (paired comparisons; the same noise whatever the batching, the order or the number of
+            processes).
         accelerator: an ``accelerate.Accelerator`` to split the batches across processes; None = one.
         category: name for the records (default: the split's ``category`` column).
         num_figure_rows: defective images kept for the Fig. 4.4 panel.
-        pipeline_kwargs: extra keyword arguments for ``pipe(...)`` (e.g. ``mode="reference"``).
         progress: show a tqdm bar (main process only).
 
     Returns:
         A :class:`CategoryEvaluation`, the same on every process.
 
     Raises:
-        ValueError: unknown method or map, ``learned`` without a segmenter, a batch size < 1, or a
-            test split on which a metric is undefined (e.g. no defective image).
+        ValueError: unknown method or map, ``learned`` without a segmenter, a method that returns none of the
+            maps asked for, another sampling config than the calibration's, a batch size < 1, or a test split on
+            which a metric is undefined (e.g. no defective image).
     """
     from diffad.figures import FigureRow
+    from diffad.training_utils import image_generator
 
-    methods = list(methods)
+    all_methods, _, _ = _pipeline_names()
+    methods = list(all_methods if methods is None else methods)
+    if not methods:
+        raise ValueError("need at least one method")
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    has_segmenter = getattr(pipe, "segmenter", None) is not None
-    thesis_columns = anomaly_maps is None
-    if anomaly_maps is None:
-        anomaly_maps = ["multiscale"] + (["learned"] if has_segmenter else [])
-    anomaly_maps = list(anomaly_maps)
-    for a in anomaly_maps:
-        if a not in MAP_KINDS:
-            raise ValueError(f"unknown anomaly map {a!r}; choose from {', '.join(MAP_KINDS)}")
-    if "learned" in anomaly_maps and not has_segmenter:
-        raise ValueError("anomaly map 'learned' needs a segmenter in the model folder: train one with "
-                         "training/train_segmenter.py, or use --anomaly-maps multiscale")
-    if not methods or not anomaly_maps:
-        raise ValueError("need at least one method and one anomaly map")
+        if m not in all_methods:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(all_methods)}")
+    if anomaly_maps is not None and not list(anomaly_maps):
+        raise ValueError("need at least one anomaly map (or None for every map)")
+    maps_of = _maps_per_method(pipe, methods, None if anomaly_maps is None else list(anomaly_maps))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if "self_aware" in methods and not getattr(pipe, "is_calibrated", False):
         raise ValueError("method 'self_aware' needs a calibrated model: run `diffad calibrate` on it first "
                          "(or evaluate --methods denoise)")
+    sampling = check_config(pipe, config)
     n = len(dataset_split)
     if n == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
-    combos = [(m, a) for m in methods for a in anomaly_maps
-              if not (thesis_columns and (m, a) == ("denoise", "learned"))]
+    combos = [(m, a) for m in methods for a in maps_of[m]]
     resolution = int(pipe.resolution)
     labels = [int(v) for v in dataset_split["label"]]
     defect_types = list(dataset_split["defect_type"])
@@ -200,38 +295,41 @@ def evaluate_pipeline(
 
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     is_main = accelerator is None or accelerator.is_main_process
-    pipeline_kwargs = dict(pipeline_kwargs or {})
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
 
     def process(my_batches: list[list[int]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         local: list[dict[str, Any]] = []
-        seconds = {f"{m}/{a}": 0.0 for m, a in combos}
+        seconds = {m: 0.0 for m in methods}
         bar = tqdm(total=sum(map(len, my_batches)), desc=f"evaluate {category}", disable=not (progress and is_main),
                    unit="img")
         for batch in my_batches:
             rows = [dataset_split[i] for i in batch]
             images = [row["image"].convert("RGB") for row in rows]
-            results = [{"index": i, "gt": _mask_array(row.get("mask"), resolution), "out": {}} for i, row in zip(batch, rows)]
-            for method, kind in combos:
-                generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in batch]
+            results = [{"index": i, "gt": _mask_array(row.get("mask"), resolution), "out": {}, "passes": {}}
+                       for i, row in zip(batch, rows)]
+            for method in methods:  # ONE call per method and batch: every map comes from it
+                generators = [image_generator(seed, image) for image in images]
                 start = time.perf_counter()
-                out = pipe(images, method=method, anomaly_map=kind, generator=generators, batch_size=len(batch),
-                           output_type="np", **pipeline_kwargs)
-                seconds[f"{method}/{kind}"] += time.perf_counter() - start
-                passes = getattr(out, "unet_passes_per_image", None)
+                out = pipe(images, method=method, config=config, generator=generators, batch_size=len(batch),
+                           output_type="np")
+                seconds[method] += time.perf_counter() - start
+                masks = np.asarray(out.inpaint_masks, dtype=bool)
                 for j, res in enumerate(results):
-                    decision = None if out.is_anomalous is None else bool(out.is_anomalous[j])
-                    res["out"][f"{method}/{kind}"] = {
-                        "score": float(out.scores[j]),
-                        "decision": decision,
-                        "map": np.asarray(out.anomaly_maps[j], dtype=np.float32),
-                        "passes": int(passes[j]) if passes is not None else int(out.num_unet_passes),
-                    }
+                    for kind in maps_of[method]:
+                        decisions = out.is_anomalous.get(kind)
+                        res["out"][f"{method}/{kind}"] = {
+                            "score": float(out.scores[kind][j]),
+                            "decision": None if decisions is None else bool(decisions[j]),
+                            "map": np.asarray(out.anomaly_maps[kind][j], dtype=np.float32),
+                        }
+                    res["passes"][method] = int(out.unet_passes[j])
+                    if method == "self_aware":
+                        res["mask_counts"] = (int(masks[j].sum()), int((masks[j] & res["gt"]).sum()))
                     if res["index"] in figure_set and method == figure_method:
-                        res.setdefault("figure", {})[kind] = res["out"][f"{method}/{kind}"]["map"]
+                        res["figure"] = {kind: res["out"][f"{method}/{kind}"]["map"] for kind in maps_of[method]}
                         res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
-                        res["figure"]["inpainting_mask"] = np.asarray(out.masks[j], dtype=bool)
+                        res["figure"]["inpainting_mask"] = masks[j]
                         res["figure"]["image"] = np.asarray(images[j].resize((resolution, resolution),
                                                                              Image.Resampling.BICUBIC))
             local.extend(results)
@@ -254,16 +352,26 @@ def evaluate_pipeline(
         raise RuntimeError(f"gathered {len(gathered)} results for {n} images: a process lost or repeated images")
 
     gt = np.stack([r["gt"] for r in gathered])
+    has_pixels = bool(gt.any() and not gt.all())
+    per_method: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        values: dict[str, Any] = {
+            "seconds_per_image": sum(s[method] for s in seconds_all) / n,
+            "unet_passes_per_image": float(np.mean([r["passes"][method] for r in gathered])),
+        }
+        if method == "self_aware":
+            values.update(mask_statistics([r["mask_counts"][0] for r in gathered],
+                                          [r["mask_counts"][1] for r in gathered],
+                                          gt.reshape(n, -1).sum(axis=1), labels, resolution * resolution))
+        per_method[method] = values
     records: list[dict[str, Any]] = []
-    metrics: dict[str, dict[str, float]] = {}
+    metrics: dict[str, dict[str, Any]] = {}
     for method, kind in combos:
         key = f"{method}/{kind}"
         scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
         maps = np.stack([r["out"][key]["map"] for r in gathered])
-        has_pixels = gt.any() and not gt.all()
         values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
-        values["seconds_per_image"] = sum(s[key] for s in seconds_all) / n
-        values["unet_passes_per_image"] = float(np.mean([r["out"][key]["passes"] for r in gathered]))
+        values.update(per_method[method])
         values["num_images"] = n
         metrics[key] = values
         for r in gathered:
@@ -278,13 +386,12 @@ def evaluate_pipeline(
         fig = r.get("figure")
         if fig is None:
             continue
-        i = r["index"]
-        title = f"{files[i]}"
         figure_rows.append(FigureRow(image=fig["image"], reconstruction=fig["reconstruction"],
                                      inpainting_mask=fig["inpainting_mask"], multiscale_map=fig.get("multiscale"),
-                                     learned_map=fig.get("learned"), ground_truth=r["gt"], title=title))
+                                     learned_map=fig.get("learned"), ground_truth=r["gt"], title=files[r["index"]],
+                                     noise_error_map=fig.get("noise_error")))
     return CategoryEvaluation(category=category, records=records, metrics=metrics, figure_rows=figure_rows,
-                              resolution=resolution)
+                              resolution=resolution, sampling=sampling)
 
 
 # ----------------------------------------------------------------------------- tables and files
@@ -294,43 +401,70 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def mean_metrics(per_category: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """The unweighted mean over categories of every metric, per ``<method>/<map>`` (the table's last row)."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def mean_metrics(per_category: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """The unweighted mean over categories of every metric, per ``<method>/<map>`` (the table's last row);
+    categories where a metric is undefined (None) are left out of its mean."""
     keys = sorted({k for cat in per_category.values() for k in cat})
     out: dict[str, dict[str, float]] = {}
     for key in keys:
         cats = [cat[key] for cat in per_category.values() if key in cat]
         names = sorted({m for c in cats for m in c if m not in ("num_images", "image_f1_threshold")})
-        out[key] = {m: float(np.mean([c[m] for c in cats if m in c])) for m in names}
+        out[key] = {}
+        for m in names:
+            values = [c[m] for c in cats if _is_number(c.get(m))]
+            out[key][m] = float(np.mean(values)) if values else None
         out[key]["num_categories"] = len(cats)
     return out
 
 
-def markdown_table(per_category: dict[str, dict[str, dict[str, float]]]) -> str:
+def _key_order(key: str) -> tuple[int, int, str]:
+    methods, map_names, _ = _pipeline_names()
+    method, _, kind = key.partition("/")
+    return (methods.index(method) if method in methods else len(methods),
+            map_names.index(kind) if kind in map_names else len(map_names), key)
+
+
+def markdown_table(per_category: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Table 4.1 form: rows = categories + mean, columns = ``<method>/<map>``; cells
-    ``image AUROC (pixel AUROC / AUPRO)``; then a seconds-per-image table."""
-    keys = sorted({k for cat in per_category.values() for k in cat},
-                  key=lambda k: (METHODS.index(k.split("/")[0]), MAP_KINDS.index(k.split("/")[1])))
+    ``image AUROC (pixel AUROC / AUPRO)``; then seconds per image per method (shared by its maps) and, when
+    recorded, the self-aware inpainting-mask statistics."""
+    keys = sorted({k for cat in per_category.values() for k in cat}, key=_key_order)
+    methods = list(dict.fromkeys(k.split("/")[0] for k in keys))
     mean = mean_metrics(per_category)
     header = "| category | " + " | ".join(keys) + " |"
     rule = "|---|" + "---|" * len(keys)
 
-    def cell(values: Optional[dict[str, float]]) -> str:
+    def cell(values: Optional[dict[str, Any]]) -> str:
         if values is None:
             return "-"
         return f"{_fmt(values.get('image_auroc'))} ({_fmt(values.get('pixel_auroc'))} / {_fmt(values.get('aupro'))})"
+
+    def method_values(category: str, method: str) -> Optional[dict[str, Any]]:
+        return next((v for k, v in per_category[category].items() if k.split("/")[0] == method), None)
 
     lines = ["Image AUROC (pixel AUROC / AUPRO), per category and method/map.", "", header, rule]
     for category in sorted(per_category):
         lines.append(f"| {category} | " + " | ".join(cell(per_category[category].get(k)) for k in keys) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{cell(mean.get(k))}**" for k in keys) + " |")
-    lines += ["", "Seconds per image (UNet passes per image).", "", header, rule]
+    lines += ["", "Seconds per image (UNet passes per image), per method: one reconstruction gives all its maps.", "",
+              "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for category in sorted(per_category):
         cells = []
-        for k in keys:
-            v = per_category[category].get(k)
+        for method in methods:
+            v = method_values(category, method)
             cells.append("-" if v is None else f"{v['seconds_per_image']:.3f} ({v['unet_passes_per_image']:.0f})")
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    if any("mask_normal_share" in (method_values(c, "self_aware") or {}) for c in per_category):
+        lines += ["", "Self-aware inpainting mask: share of normal pixels masked, share of defect pixels masked "
+                  "(recall), share of masked pixels on defective images that are defects (precision).", "",
+                  "| category | normal share | defect recall | precision |", "|---|---|---|---|"]
+        for category in sorted(per_category):
+            v = method_values(category, "self_aware") or {}
+            lines.append(f"| {category} | " + " | ".join(_fmt(v.get(k)) for k in MASK_KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -390,12 +524,12 @@ def evaluate_folder(
     category: str = "all",
     out_dir: str | os.PathLike = "evaluation",
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Optional[Sequence[str]] = None,
     anomaly_maps: Optional[Sequence[str]] = None,
+    config: Optional[str] = None,
     batch_size: int = 8,
     seed: int = 0,
     num_figure_rows: int = 4,
-    pipeline_kwargs: Optional[dict[str, Any]] = None,
     accelerator=None,
 ) -> list[CategoryEvaluation]:
     """Evaluate saved model folder(s) on an MVTec AD-layout folder and write the outputs (main process).
@@ -405,14 +539,19 @@ def evaluate_folder(
         data: a dataset folder in MVTec AD layout (root of categories, or one category folder).
         category: a category name or ``"all"`` (every category found under ``data``).
         out_dir: where the CSV, JSON, Markdown and PNG files go.
+        config: None, or the sampling preset (``"fast"``, ``"thesis"``) every model must be calibrated with.
         Others: see :func:`evaluate_pipeline`.
 
     Returns:
         One :class:`CategoryEvaluation` per category.
     """
+    from diffusers.utils import logging as diffusers_logging
+
     from diffad.data import list_categories, load_mvtec
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
+    all_methods, _, _ = _pipeline_names()
+    methods = list(all_methods if methods is None else methods)
     model, data, out_dir = Path(model), Path(data), Path(out_dir)
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
@@ -426,16 +565,24 @@ def evaluate_folder(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for c in categories:
-        pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
+        bars = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # a bar for loading a few small components is noise
+        try:
+            pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
+        finally:
+            if bars:
+                diffusers_logging.enable_progress_bar()
+        check_config(pipe, config, where=str(model_dirs[c]))
         split = load_mvtec(data, c, resolution=int(pipe.resolution))["test"]
         logger.info("evaluating %s on %d test images of %r", model_dirs[c], len(split), c)
-        results.append(evaluate_pipeline(pipe, split, methods=methods, anomaly_maps=anomaly_maps, batch_size=batch_size,
-                                         seed=seed, accelerator=accelerator, category=c, num_figure_rows=num_figure_rows,
-                                         pipeline_kwargs=pipeline_kwargs))
+        results.append(evaluate_pipeline(pipe, split, methods=methods, anomaly_maps=anomaly_maps, config=config,
+                                         batch_size=batch_size, seed=seed, accelerator=accelerator, category=c,
+                                         num_figure_rows=num_figure_rows))
     if accelerator is None or accelerator.is_main_process:
         settings = {"model": str(model), "data": str(data), "methods": list(methods),
                     "anomaly_maps": sorted({k.split("/")[1] for r in results for k in r.metrics}),
-                    "batch_size": batch_size, "seed": seed, "pipeline_kwargs": pipeline_kwargs or {},
+                    "batch_size": batch_size, "seed": seed, "config": config,
+                    "sampling": {r.category: r.sampling for r in results},
                     "num_processes": 1 if accelerator is None else accelerator.num_processes,
                     "figure_method": "self_aware" if "self_aware" in methods else list(methods)[0],
                     "model_dirs": {c: str(p) for c, p in model_dirs.items()}}
@@ -458,23 +605,19 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset folder in MVTec AD layout")
     parser.add_argument("--category", default="all", help="a category name, or 'all' (default) for every category found")
     parser.add_argument("--methods", default="self_aware,denoise",
-                        help="comma-separated: self_aware, denoise (default: both)")
+                        help="comma-separated: self_aware, denoise (default: both); each runs once per batch")
     parser.add_argument("--anomaly-maps", default=None,
-                        help="comma-separated: multiscale, learned (default: the thesis's columns: multiscale for "
-                             "every method, plus self_aware/learned when the model has a segmenter)")
+                        help="comma-separated maps to evaluate: multiscale, learned, noise_error (default: every map "
+                             "the model returns for each method: multiscale, learned when it has a segmenter, and "
+                             "noise_error for self_aware). All come from the same reconstruction.")
+    parser.add_argument("--config", default=None,
+                        help="sampling preset the model must be calibrated with: fast or thesis (default: whatever "
+                             "it was calibrated with; another one is an error: recalibrate with "
+                             "`diffad calibrate --config ...`)")
     parser.add_argument("--out", required=True, help="output folder (CSV, JSON, table.md, figures/)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image diffusion noise (default: 0)")
-    parser.add_argument("--mode", choices=("fast", "reference"), default=None,
-                        help="the pipeline's mode (default: the pipeline's default, 'fast')")
     parser.add_argument("--figure-rows", type=int, default=4, help="defective images in each figure (default: 4)")
-    cost = parser.add_argument_group("pipeline levers (default: the mode's values; fewer steps = faster, cruder)")
-    cost.add_argument("--inpaint-timesteps", type=int, default=None,
-                      help="noise level T that inpainting and denoising start from (pipeline default: 50)")
-    cost.add_argument("--num-inpaint-steps", type=int, default=None, help="strided inpainting steps")
-    cost.add_argument("--resample-steps", type=int, default=None, help="UNet passes per inpainting step")
-    cost.add_argument("--num-mask-timesteps", type=int, default=None, help="timesteps of the mask stage")
-    cost.add_argument("--denoise-steps", type=int, default=None, help="strided steps of method 'denoise'")
 
 
 def register(subparsers) -> None:
@@ -490,14 +633,21 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad evaluate``; returns the exit code. User errors raise ValueError / FileNotFoundError."""
+    all_methods, map_names, presets = _pipeline_names()
     methods = _csv_list(args.methods)
     maps = None if args.anomaly_maps is None else _csv_list(args.anomaly_maps)
+    if not methods:
+        raise ValueError(f"--methods: give at least one of {', '.join(all_methods)}")
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in all_methods:
+            raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(all_methods)}")
+    if maps is not None and not maps:
+        raise ValueError(f"--anomaly-maps: give at least one of {', '.join(map_names)}")
     for a in maps or []:
-        if a not in MAP_KINDS:
-            raise ValueError(f"--anomaly-maps: unknown map {a!r}; choose from {', '.join(MAP_KINDS)}")
+        if a not in map_names:
+            raise ValueError(f"--anomaly-maps: unknown map {a!r}; choose from {', '.join(map_names)}")
+    if args.config is not None and args.config not in presets:
+        raise ValueError(f"--config: unknown sampling preset {args.config!r}; choose from {', '.join(presets)}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     accelerator = None
@@ -506,11 +656,9 @@ def run(args: argparse.Namespace) -> int:
 
         # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    levers = ("mode", "inpaint_timesteps", "num_inpaint_steps", "resample_steps", "num_mask_timesteps", "denoise_steps")
-    kwargs = {k: getattr(args, k) for k in levers if getattr(args, k) is not None}
     results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
-                              batch_size=args.batch_size, seed=args.seed, num_figure_rows=args.figure_rows,
-                              pipeline_kwargs=kwargs, accelerator=accelerator)
+                              config=args.config, batch_size=args.batch_size, seed=args.seed,
+                              num_figure_rows=args.figure_rows, accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
         per_category = {r.category: r.metrics for r in results}
         sys.stdout.write(markdown_table(per_category))
@@ -527,9 +675,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
-        from diffad.cli import report_error
+        from diffad.training_utils import report_error
 
-        return report_error("evaluate", exc, 2)
+        return report_error("diffad evaluate", exc, 2)
 
 
 if __name__ == "__main__":

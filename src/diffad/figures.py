@@ -1,7 +1,8 @@
 """Figures: the thesis's Fig. 4.4-style panels and heat-map overlays (matplotlib, Agg backend).
 
 * :func:`inspection_figure`: one row per image, columns original | reconstruction |
-  inpainting mask | multi-scale map | learned map (when available) | ground truth.
+  noise-error map ``Q / Q_p`` (when available) | inpainting mask | multi-scale map | learned map
+  (when available) | ground truth.
 * :func:`overlay`: an anomaly heat map over the photo, with an optional mask outline
   (used by ``diffad detect``).
 """
@@ -112,6 +113,9 @@ class FigureRow:
         learned_map: ``(R, R)`` float, or None (the column is dropped when no row has one).
         ground_truth: ``(R, R)`` bool.
         title: row label, e.g. ``"broken_large/003.png  score 0.41"``.
+        noise_error_map: ``(R, R)`` float, the pipeline's ``noise_error`` map: the self-aware mask
+            stage's ``Q / Q_p``, mean-filtered (the mask redraws where the unfiltered ratio exceeds 1),
+            or None (the column is dropped when no row has one).
     """
 
     image: np.ndarray
@@ -121,6 +125,7 @@ class FigureRow:
     learned_map: Optional[np.ndarray]
     ground_truth: np.ndarray
     title: str = ""
+    noise_error_map: Optional[np.ndarray] = None
 
 
 def inspection_figure(
@@ -131,9 +136,11 @@ def inspection_figure(
     panel_size: float = 2.0,
     dpi: int = 100,
 ):
-    """A Fig. 4.4-style panel: original, reconstruction, inpainting mask, multi-scale map, learned map, ground truth.
+    """A Fig. 4.4-style panel: original, reconstruction, noise-error map, inpainting mask, multi-scale map, learned
+    map, ground truth (the noise-error and learned columns only when some row has that map).
 
-    Maps of one kind share one colour scale over all rows (0 to the largest value), so rows
+    Maps of one kind share one colour scale over all rows (0 to the largest value; the noise-error
+    map, a ratio around 1, from its smallest to its largest value), so rows
     can be compared. Saved as PNG when ``path`` is given (the figure is then closed).
 
     Returns:
@@ -142,14 +149,20 @@ def inspection_figure(
     if not rows:
         raise ValueError("inspection_figure needs at least one row")
     plt = _pyplot()
-    columns = [("original", "image"), ("reconstruction", "reconstruction"), ("inpainting mask", "inpainting_mask")]
+    columns = [("original", "image"), ("reconstruction", "reconstruction")]
+    if any(r.noise_error_map is not None for r in rows):
+        columns.append(("noise error Q/Q_p", "noise_error_map"))
+    columns.append(("inpainting mask", "inpainting_mask"))
     if any(r.multiscale_map is not None for r in rows):
         columns.append(("multi-scale map", "multiscale_map"))
     if any(r.learned_map is not None for r in rows):
         columns.append(("learned map", "learned_map"))
     columns.append(("ground truth", "ground_truth"))
     vmax = {key: max([float(np.max(getattr(r, key))) for r in rows if getattr(r, key) is not None] + [1e-12])
-            for key in ("multiscale_map", "learned_map")}
+            for key in ("multiscale_map", "learned_map", "noise_error_map")}
+    vmin = {"multiscale_map": 0.0, "learned_map": 0.0,
+            "noise_error_map": min([float(np.min(r.noise_error_map)) for r in rows if r.noise_error_map is not None]
+                                   + [vmax["noise_error_map"]])}
 
     fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
                              figsize=(panel_size * len(columns), panel_size * len(rows) + (0.4 if suptitle else 0)))
@@ -166,7 +179,8 @@ def inspection_figure(
             elif key in ("inpainting_mask", "ground_truth"):
                 ax.imshow(np.asarray(value, dtype=np.float32), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(np.asarray(value, dtype=np.float32), cmap="jet", vmin=0, vmax=vmax[key])
+                ax.imshow(np.asarray(value, dtype=np.float32), cmap="jet", vmin=vmin[key],
+                          vmax=max(vmax[key], vmin[key] + 1e-12))
             if i == 0:
                 ax.set_title(label, fontsize=9)
             if j == 0 and row.title:
