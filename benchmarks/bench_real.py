@@ -4,11 +4,11 @@ For each category found under ``--data_dir`` (today ``../shared/data/mvtec_subse
 CPU budget:
 
 1. train a self-conditioned DDPM (``training/train_ddpm.py``, ``--preset tiny|small``, bounded by
-   ``--ddpm_minutes``) into ``<out>/models/<category>``;
+   ``--ddpm_steps`` optimiser steps) into ``<out>/models/<category>``;
 2. calibrate it on the held-out normal images with the ``--config`` sampling preset (default ``fast``;
    :func:`diffad.cli.calibrate_model`);
 3. train the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded by
-   ``--segmenter_minutes``; anomaly source: the DTD textures in ``--textures_dir`` when present; it recalibrates
+   ``--segmenter_steps``; anomaly source: the DTD textures in ``--textures_dir`` when present; it recalibrates
    the pipeline with the segmenter in place);
 4. evaluate ``self_aware`` and ``denoise`` on the test split, every map of each method (multi-scale, learned,
    and the self-aware noise error) from one reconstruction (:func:`diffad.evaluation.evaluate_folder`: per-image
@@ -25,7 +25,7 @@ interrupted run continues where it stopped; delete ``<out>`` to start over. The 
 Example (about 25-35 minutes for bottle on a busy 2-core CPU)::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_real.py --preset tiny --resolution 64 \
-        --ddpm_minutes 10 --segmenter_minutes 4
+        --ddpm_steps 1500 --segmenter_steps 500
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class BenchConfig:
         out: output folder.
         preset: UNet preset of the DDPM (``tiny`` 0.69M or ``small`` 6.3M parameters).
         resolution: image side R in pixels (images are resized to R x R).
-        ddpm_minutes / segmenter_minutes: training wall-clock budget per category (the segmenter's
-            reconstruction cache, calibration and evaluation are not counted, and are reported separately).
+        ddpm_steps / segmenter_steps: training budget per category in optimiser steps (not minutes: results
+            must not depend on the machine's load; the segmenter's reconstruction cache, calibration and
+            evaluation are not counted, and their times are reported separately).
         seed: seeds training, the validation split, calibration and evaluation noise.
         categories: categories to run (default: every category under ``data_dir``).
         textures_dir: DTD-style textures for the segmenter's synthetic anomalies (None: procedural textures).
@@ -74,8 +75,8 @@ class BenchConfig:
     out: str = "bench_output/real"
     preset: str = "tiny"
     resolution: int = 64
-    ddpm_minutes: float = 10.0
-    segmenter_minutes: float = 4.0
+    ddpm_steps: int = 1500
+    segmenter_steps: int = 500
     seed: int = 0
     categories: Optional[list[str]] = None
     textures_dir: Optional[str] = None
@@ -108,7 +109,7 @@ def _train_ddpm(config: BenchConfig, category: str, model_dir: Path) -> None:
     argv = ["--data_dir", config.data_dir, "--category", category, "--output_dir", str(model_dir),
             "--preset", config.preset, "--resolution", str(config.resolution),
             "--train_batch_size", str(config.train_batch_size), "--num_epochs", "100000",
-            "--max_train_minutes", f"{config.ddpm_minutes:.3f}", "--seed", str(config.seed),
+            "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
             "--random_flip", "--use_ema", "--report_to", "none",
             "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
     train_ddpm.main(train_ddpm.parse_args(argv))
@@ -119,7 +120,7 @@ def _train_segmenter(config: BenchConfig, model_dir: Path) -> None:
     from diffad.training import train_segmenter
 
     argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
-            "--num_epochs", "100000", "--max_train_minutes", f"{config.segmenter_minutes:.3f}",
+            "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps),
             "--train_batch_size", "16", "--seed", str(config.seed), "--checkpointing_steps", "200",
             "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
             # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
@@ -155,17 +156,17 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise ValueError(f"--preset must be tiny or small for a CPU benchmark, got {config.preset!r}")
     if config.resolution < 32 or config.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 and at least 32, got {config.resolution}")
-    if config.ddpm_minutes <= 0 or config.segmenter_minutes <= 0:
-        raise ValueError(f"--ddpm_minutes and --segmenter_minutes must be positive, got {config.ddpm_minutes} "
-                         f"and {config.segmenter_minutes}")
+    if config.ddpm_steps <= 0 or config.segmenter_steps <= 0:
+        raise ValueError(f"--ddpm_steps and --segmenter_steps must be positive, got {config.ddpm_steps} "
+                         f"and {config.segmenter_steps}")
     categories = config.resolved_categories()
     out = Path(config.out)
     models_dir, eval_dir = out / "models", out / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     steps = StepLog(config, out / "bench_log.json", label="bench-real")
-    logger.info("bench-real: categories %s, preset %s, %d px, %.1f + %.1f training minutes per category, "
-                "%d torch threads", categories, config.preset, config.resolution, config.ddpm_minutes,
-                config.segmenter_minutes, torch.get_num_threads())
+    logger.info("bench-real: categories %s, preset %s, %d px, %d + %d training steps per category, "
+                "%d torch threads", categories, config.preset, config.resolution, config.ddpm_steps,
+                config.segmenter_steps, torch.get_num_threads())
 
     per_category: dict[str, dict[str, dict[str, float]]] = {}
     for category in categories:
@@ -215,8 +216,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchConfig:
     p.add_argument("--out", default="bench_output/real", help="output folder (re-runs skip finished steps)")
     p.add_argument("--preset", choices=("tiny", "small"), default="tiny", help="DDPM UNet preset")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    p.add_argument("--ddpm_minutes", type=float, default=10.0, help="DDPM training minutes per category")
-    p.add_argument("--segmenter_minutes", type=float, default=4.0, help="segmenter training minutes per category")
+    p.add_argument("--ddpm_steps", type=int, default=BenchConfig.ddpm_steps, help="DDPM optimiser steps per category")
+    p.add_argument("--segmenter_steps", type=int, default=BenchConfig.segmenter_steps,
+                   help="segmenter optimiser steps per category")
     p.add_argument("--seed", type=int, default=0, help="seed of training, split, calibration and evaluation noise")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all under --data_dir)")
     p.add_argument("--textures_dir", default=str(DEFAULT_TEXTURES) if DEFAULT_TEXTURES.is_dir() else None,
@@ -234,7 +236,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> BenchConfig:
     if not Path(a.data_dir).is_dir():
         p.error(f"--data_dir {a.data_dir} is not a folder: pass an MVTec AD-layout root")
     return BenchConfig(data_dir=a.data_dir, out=a.out, preset=a.preset, resolution=a.resolution,
-                       ddpm_minutes=a.ddpm_minutes, segmenter_minutes=a.segmenter_minutes, seed=a.seed,
+                       ddpm_steps=a.ddpm_steps, segmenter_steps=a.segmenter_steps, seed=a.seed,
                        categories=[c.strip() for c in a.categories.split(",") if c.strip()] if a.categories else None,
                        textures_dir=a.textures_dir or None, num_synthetic=a.num_synthetic,
                        eval_batch_size=a.eval_batch_size, config=a.config)
@@ -248,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run_bench(config)
     out = Path(config.out)
     print(f"bench-real: preset {config.preset}, {config.resolution} px, sampling config {config.config}, budget per "
-          f"category {config.ddpm_minutes:g} min DDPM + {config.segmenter_minutes:g} min segmenter "
+          f"category {config.ddpm_steps} DDPM steps + {config.segmenter_steps} segmenter steps "
           f"(seed {config.seed})\n")
     print((out / "table.md").read_text(encoding="utf-8"))
     print("Thesis (Table 4.1 mean, all 15 MVTec AD categories, 256 px, 271M UNet, 500 epochs), image AUROC: "

@@ -205,7 +205,7 @@ def test_presets_and_their_pass_counts():
     assert thesis.mask_timesteps == tuple(range(300, 351)) and thesis.renoise == "fixed"
     assert SamplingConfig.from_preset("thesis") == thesis and SamplingConfig.from_preset(QUICK) is QUICK
     assert QUICK.preset_name is None
-    assert SamplingConfig.from_dict(thesis.to_dict()) == thesis
+    assert SamplingConfig(**thesis.to_dict()) == thesis
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.inpaint_steps = 3  # type: ignore[misc]
     with pytest.raises(ValueError, match="unknown sampling preset 'reference'"):

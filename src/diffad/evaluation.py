@@ -185,7 +185,7 @@ def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline
     if isinstance(config, str) and config not in presets:
         raise ValueError(f"--config must be one of {', '.join(presets)}; got {config!r}")
     wanted = None if config is None else SamplingConfig.from_preset(config)
-    if not getattr(pipe, "is_calibrated", False):
+    if not pipe.is_calibrated:
         return (wanted or SamplingConfig.fast()).to_dict()
     fitted = pipe.calibration.sampling  # raises for a diffad 0.1 calibration: recalibrate
     if wanted is not None and wanted != fitted:
@@ -205,7 +205,7 @@ def _maps_per_method(pipe, methods: Sequence[str], anomaly_maps: Optional[Sequen
     for a in anomaly_maps:
         if a not in map_names:
             raise ValueError(f"unknown anomaly map {a!r}; choose from {', '.join(map_names)}")
-    if "learned" in anomaly_maps and getattr(pipe, "segmenter", None) is None:
+    if "learned" in anomaly_maps and pipe.segmenter is None:
         raise ValueError("anomaly map 'learned' needs a segmenter in the model folder: train one with "
                          "training/train_segmenter.py, or leave 'learned' out of --anomaly-maps")
     chosen = {m: tuple(a for a in map_names if a in anomaly_maps and a in available[m]) for m in methods}
@@ -276,7 +276,7 @@ def evaluate_pipeline(
     maps_of = _maps_per_method(pipe, methods, None if anomaly_maps is None else list(anomaly_maps))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if "self_aware" in methods and not getattr(pipe, "is_calibrated", False):
+    if "self_aware" in methods and not pipe.is_calibrated:
         raise ValueError("method 'self_aware' needs a calibrated model: run `diffad calibrate` on it first "
                          "(or evaluate --methods denoise)")
     sampling = check_config(pipe, config)

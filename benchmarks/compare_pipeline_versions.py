@@ -1,0 +1,120 @@
+"""Regression check of a pipeline redesign: the same trained DDPM, scored by an earlier revision's
+``pipeline.py`` and by today's, over several noise seeds.
+
+The pipeline file imports only torch, diffusers and numpy, so an earlier revision's copy
+(``git show REV:pipelines/self_aware_inpaint/pipeline.py``) loads beside today's. Both calibrate on
+the category's validation split and score its test split with their default (fast) sampler, for
+``self_aware`` and ``denoise``; the table gives mean +- std over seeds of image AUROC, pixel AUROC,
+AUPRO, UNet passes and the inpainting masks' statistics on the test split.
+
+Example (the model of ``make bench-real``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/compare_pipeline_versions.py --model bench_output/real/models/bottle \
+        --data ../shared/data/mvtec_subset --category bottle --old_rev be89412 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_PATH = "pipelines/self_aware_inpaint/pipeline.py"
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mask_stats(masks: np.ndarray, labels: np.ndarray, gt: np.ndarray) -> dict:
+    normal = masks[labels == 0]
+    defect_masks, defect_gt = masks[labels == 1], gt[labels == 1]
+    return {"mask_normal_share": float(normal.mean()) if len(normal) else float("nan"),
+            "mask_defect_recall": float(defect_masks[defect_gt].mean()) if defect_gt.any() else float("nan"),
+            "mask_precision": float(defect_gt[defect_masks].mean()) if defect_masks.any() else float("nan")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a trained pipeline folder (unet/, scheduler/)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--old_rev", default="be89412", help="git revision of the earlier pipeline.py")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="bench_output/compare_pipeline_versions.json")
+    a = p.parse_args(argv)
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffad.data import load_mvtec
+    from diffad.metrics import compute_anomaly_metrics
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    old_file = tmp / "old_pipeline.py"
+    old_file.write_text(subprocess.run(["git", "show", f"{a.old_rev}:{PIPELINE_PATH}"], cwd=REPO_ROOT, check=True,
+                                       capture_output=True, text=True).stdout)
+    versions = {f"old ({a.old_rev})": load_module(old_file, "old_pipeline"),
+                "new": load_module(REPO_ROOT / PIPELINE_PATH, "new_pipeline")}
+    unet = UNet2DModel.from_pretrained(Path(a.model) / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(Path(a.model) / "scheduler")
+    resolution = int(unet.config.sample_size)
+    splits = load_mvtec(a.data, a.category, resolution=resolution)
+    val = [row["image"] for row in splits["validation"]]
+    test = splits["test"]
+    labels = np.array(test["label"])
+    gt = np.stack([np.asarray(row["mask"].convert("L")) > 127 for row in test])
+    images = [row["image"] for row in test]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    rows: dict = {}
+    for version, module in versions.items():
+        for seed in seeds:
+            pipe = module.SelfAwareInpaintPipeline(unet=unet, scheduler=scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.calibrate(val, generator=torch.Generator().manual_seed(seed))
+            for method in ("self_aware", "denoise"):
+                gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(images))]
+                out = pipe(images, method=method, generator=gens, batch_size=16)
+                if isinstance(out.anomaly_maps, dict):  # the v2 output: every map from one call
+                    maps = {k: (out.anomaly_maps[k], out.scores[k]) for k in out.anomaly_maps}
+                    masks, passes = out.inpaint_masks, out.unet_passes
+                else:
+                    maps = {"multiscale": (out.anomaly_maps, out.scores)}
+                    masks, passes = out.masks, out.unet_passes_per_image
+                for name, (m, s) in maps.items():
+                    values = compute_anomaly_metrics(np.asarray(s, np.float64), labels, np.asarray(m), gt)
+                    values["unet_passes"] = float(np.mean(passes))
+                    if method == "self_aware":
+                        values.update(mask_stats(np.asarray(masks, bool), labels, gt))
+                    rows.setdefault(f"{version} {method}/{name}", []).append(values)
+                print(f"{version} seed {seed} {method}: done", flush=True)
+    keys = ("image_auroc", "pixel_auroc", "aupro", "unet_passes", "mask_normal_share", "mask_defect_recall",
+            "mask_precision")
+    lines = ["| pipeline, method/map | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    summary = {}
+    for name, runs in rows.items():
+        summary[name] = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                         for k in keys if k in runs[0]}
+        cells = [f"{summary[name][k][0]:.3f} ± {summary[name][k][1]:.3f}" if k in summary[name] else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(f"\n{a.category}, {len(seeds)} seeds ({a.seeds}), mean ± std over seeds:\n{table}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"category": a.category, "seeds": seeds, "model": str(a.model),
+                                       "summary": summary, "table": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
