@@ -71,6 +71,11 @@ VARIANTS: Dict[str, Tuple[str, SamplingConfig]] = {
     "fast_thesis_mask": ("self_aware", _fast(mask_timesteps=THESIS.mask_timesteps, mask_noise_draws=1)),
     "fast_p70": ("self_aware", _fast(mask_percentile=0.7)),
     "fast_p90": ("self_aware", _fast(mask_percentile=0.9)),
+    # at most 10 UNet passes per image (issue 12's budget)
+    "fast10": ("self_aware", _fast(inpaint_steps=7, resample_steps=1)),
+    "fast10_draws2": ("self_aware", _fast(mask_noise_draws=2, inpaint_steps=8, resample_steps=1)),
+    "fast10_p90": ("self_aware", _fast(inpaint_steps=7, resample_steps=1, mask_percentile=0.9)),
+    "fast10_t100": ("self_aware", _fast(inpaint_steps=7, resample_steps=1, inpaint_start=100)),
     "denoise_thesis": ("denoise", THESIS),
     "denoise_fast": ("denoise", FAST),
 }

@@ -216,8 +216,10 @@ def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructio
 
 
 def per_pixel_quantile(maps: torch.Tensor, p: float) -> torch.Tensor:
-    """The ``p``-quantile over images of ``(N, R, R)`` maps, pixel by pixel (numpy: no limit on ``N x R x R``)."""
-    return torch.from_numpy(np.quantile(maps.cpu().numpy(), p, axis=0)).float()
+    """The ``p``-quantile over images of ``(N, R, R)`` maps, pixel by pixel, at plotting position ``p (N + 1)``
+    (numpy's "weibull"): a new image from the same distribution exceeds it with probability ``1 - p`` for any
+    ``N`` (a linear quantile of 20 images is exceeded 23% of the time for p = 0.8). numpy: no limit on the size."""
+    return torch.from_numpy(np.quantile(maps.cpu().numpy(), p, axis=0, method="weibull")).float()
 
 
 def default_mean_filter_size(resolution: int) -> int:
@@ -674,7 +676,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         Two-fold cross-fit (images at even and odd positions): ``Q`` of every image is computed with ``config``'s
         estimator; each fold's images are masked with the ``Q_p`` of the OTHER fold and reconstructed once, giving
         every map's score on images its ``Q_p`` never saw. Each image threshold is the ``1 -
-        target_false_positive_rate`` quantile of those scores; the stored ``Q_p`` is fitted on all images (a
+        target_false_positive_rate`` quantile of those scores (:func:`per_pixel_quantile`'s unbiased position); the stored ``Q_p`` is fitted on all images (a
         numpy quantile: any number of images). The calibration also records the false-positive rate of each
         threshold fitted on one fold and measured on the other, and the share of pixels masked on held-out normal
         images (about ``1 - mask_percentile``).
@@ -728,7 +730,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 scores[names[-1]] = torch.cat(values).double().numpy()
 
         def quantile(values: np.ndarray) -> float:
-            return float(np.quantile(values, 1.0 - fpr, method="higher"))
+            return float(per_pixel_quantile(torch.from_numpy(values)[:, None, None], 1.0 - fpr))
 
         heldout = [float(np.mean([np.mean(scores[name][fold == 1 - k] > quantile(scores[name][fold == k]))
                                   for k in (0, 1)])) for name in names]
