@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from diffad.presets import (UNET_PRESETS, count_parameters, make_scheduler, make_segmenter, make_unet,
-                            preset_defaults, unet_kwargs)
+                            preset_defaults)
 from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch, checkpoint_step,
                                    commit_directory, incomplete_path, latest_checkpoint, list_checkpoints,
                                    remove_incomplete, rotate_checkpoints, run_with_clear_errors, seeded_generator)
