@@ -42,6 +42,14 @@ CONFIGS = {
     "fast (23)": ("self_aware", FAST),
     "fast10 (3 + 7x1)": ("self_aware", dataclasses.replace(FAST, inpaint_steps=7, resample_steps=1)),
     "denoise10": ("denoise", FAST),
+    # the mask stage's noise error alone (one 1-step inpainting pass left, the minimum a config runs)
+    "Q t150 x3 (+1)": ("self_aware", dataclasses.replace(FAST, mask_timesteps=(150,), inpaint_steps=1,
+                                                          resample_steps=1)),
+    "Q t300 x3 (+1)": ("self_aware", dataclasses.replace(FAST, inpaint_steps=1, resample_steps=1)),
+    "Q t450 x3 (+1)": ("self_aware", dataclasses.replace(FAST, mask_timesteps=(450,), inpaint_steps=1,
+                                                          resample_steps=1)),
+    "Q t200,400 x4 (+1)": ("self_aware", dataclasses.replace(FAST, mask_timesteps=(200, 400), mask_noise_draws=4,
+                                                              inpaint_steps=1, resample_steps=1)),
 }
 
 
