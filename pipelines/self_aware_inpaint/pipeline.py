@@ -686,7 +686,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             config: a :class:`SamplingConfig` or a preset name (``"fast"``, ``"thesis"``).
             target_false_positive_rate: in (0, 1).
             methods: the methods to fit thresholds for.
-            generator: a generator or one per image; batch_size: images per UNet batch.
+            generator: a generator or one per image (each method restarts every image's generator from its initial
+                seed, as a call would); batch_size: images per UNet batch.
 
         Returns:
             ``self``, calibrated.
