@@ -38,14 +38,6 @@ def load_module(path: Path, name: str):
     return module
 
 
-def mask_stats(masks: np.ndarray, labels: np.ndarray, gt: np.ndarray) -> dict:
-    normal = masks[labels == 0]
-    defect_masks, defect_gt = masks[labels == 1], gt[labels == 1]
-    return {"mask_normal_share": float(normal.mean()) if len(normal) else float("nan"),
-            "mask_defect_recall": float(defect_masks[defect_gt].mean()) if defect_gt.any() else float("nan"),
-            "mask_precision": float(defect_gt[defect_masks].mean()) if defect_masks.any() else float("nan")}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a trained pipeline folder (unet/, scheduler/)")
@@ -58,6 +50,7 @@ def main(argv=None) -> int:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from diffad.data import load_mvtec
+    from diffad.evaluation import mask_statistics
     from diffad.metrics import compute_anomaly_metrics
 
     torch.set_num_threads(1)
@@ -96,7 +89,9 @@ def main(argv=None) -> int:
                     values = compute_anomaly_metrics(np.asarray(s, np.float64), labels, np.asarray(m), gt)
                     values["unet_passes"] = float(np.mean(passes))
                     if method == "self_aware":
-                        values.update(mask_stats(np.asarray(masks, bool), labels, gt))
+                        m = np.asarray(masks, bool).reshape(len(labels), -1)
+                        values.update(mask_statistics(m.sum(1), (m & gt.reshape(len(labels), -1)).sum(1),
+                                                      gt.reshape(len(labels), -1).sum(1), labels, m.shape[1]))
                     rows.setdefault(f"{version} {method}/{name}", []).append(values)
                 print(f"{version} seed {seed} {method}: done", flush=True)
     keys = ("image_auroc", "pixel_auroc", "aupro", "unet_passes", "mask_normal_share", "mask_defect_recall",
