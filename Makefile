@@ -61,6 +61,6 @@ bench-real: venv
 bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
-# One seed, 400 + 150 training steps: for iterating (~25 min).
+# One seed, 400 DDPM steps: for iterating (~25 min).
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2

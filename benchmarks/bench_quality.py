@@ -1,31 +1,37 @@
 """``make bench-quality`` (issue 12): every detector on the three real categories over three seeds.
 
 For each real category (MVTec AD ``bottle``, MVTec 3D-AD ``tire``, MPDD ``metal_plate``) and each seed, one
-*cell* trains the tiny DDPM and the segmenter with a fixed budget of optimiser **steps** (never minutes, so the
-figures do not depend on the machine's load) and evaluates, on the test split:
+*cell* trains the tiny 64 px DDPM with a fixed budget of optimiser **steps** (never minutes, so the figures do not
+depend on the machine's load; phase ``ddpm``), then, for each sampling config (one phase each), copies the DDPM,
+calibrates it on the validation split with that config and evaluates it on the test split:
 
-* phase ``fast``: the default sampler (``SamplingConfig.fast()``, calibrated on the validation split):
-  ``denoise`` (10 steps) and ``self_aware`` with every map (multiscale, learned, noise_error), from
-  ``benchmarks/bench_real.py``'s steps (train DDPM, calibrate, train segmenter, evaluate);
-* phase ``thesis``: the same DDPM recalibrated with ``SamplingConfig.thesis()`` (301 passes; 50-step denoise).
+* ``default``: ``SamplingConfig.fast()``, the default: ``self_aware`` (noise error at t = 150 x 3 draws + a 7-step
+  denoising reconstruction = 10 UNet passes; maps ``combined`` (the default), ``noise_error``, ``multiscale``)
+  and ``denoise`` (the baseline, 10 steps);
+* ``inpaint23``: diffad 0.2's default, self-aware inpainting (t = 300 x 3 + 10 steps x 2 resamplings = 23 passes);
+* ``thesis``: ``SamplingConfig.thesis()`` (301 passes; ``denoise`` 50 steps).
+
+The segmenter (the ``learned`` map) is not trained here: at 500 steps it took 18-28 CPU-minutes per category
+(over the 15-minute training budget) and the default does not use it.
 
 Then ``<out>/bench_quality.json`` and ``<out>/table.md`` give, per category and detector, mean ± std over seeds
-of image AUROC, pixel AUROC, AUPRO, image F1-max, UNet passes and seconds per image, and the inpainting masks'
-statistics (share of normal pixels masked, share of defect pixels masked, precision); and the mean over the
-categories.
+of image AUROC, pixel AUROC, AUPRO, image F1-max, UNet passes and seconds per image, and the suspect-pixel masks'
+statistics (share of normal pixels, share of defect pixels, precision); the mean over the categories; and the
+DDPM training minutes per cell.
 
 Resumable: every step of every cell is skipped when its output exists (training resumes from its last
 checkpoint), so ``make bench-quality`` continues an interrupted run; delete ``<out>`` to start over. Cells run
-``--jobs`` at a time, each in its own one-thread process; all ``fast`` phases run before any ``thesis`` phase.
+``--jobs`` at a time, each in its own one-thread process; every cell's ``ddpm`` phase runs before any evaluation.
 
-Cost (2-core CPU, ``--jobs 2``): a ``fast`` phase is about 15-20 CPU-minutes (1500 DDPM steps, 500 segmenter
-steps, evaluation), a ``thesis`` phase about 5-10 (301 + 50 passes per test image); the full run (9 cells) is
-about 2-2.5 hours. ``--quick``: one seed, 400 + 150 steps, about 25 minutes.
+Cost (2-core CPU, ``--jobs 2``, one thread per cell): a DDPM of 1500 steps is about 20 CPU-minutes under load
+(``train_seconds`` in its log), ``default`` + ``inpaint23`` about 2-4 minutes per cell, ``thesis`` 5-15; the
+full run (9 cells) is about 2.5 hours. ``--quick``: one seed, 400 steps, about 25 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -44,59 +50,83 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared" / "data"
 #: category -> the MVTec AD-layout root that holds it
 CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real"}
+#: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
+EVAL_PHASES = ("default", "inpaint23", "thesis")
 #: detector -> (phase, "<method>/<map>") in that phase's metrics.json
 DETECTORS = {
-    "denoise (fast, 10 steps)": ("fast", "denoise/multiscale"),
-    "self_aware multiscale (fast, default)": ("fast", "self_aware/multiscale"),
-    "self_aware learned (fast)": ("fast", "self_aware/learned"),
-    "self_aware noise_error (fast)": ("fast", "self_aware/noise_error"),
+    "denoise (10 steps)": ("default", "denoise/multiscale"),
+    "self_aware combined (default, 10 passes)": ("default", "self_aware/combined"),
+    "self_aware noise_error (default config)": ("default", "self_aware/noise_error"),
+    "self_aware multiscale (default config)": ("default", "self_aware/multiscale"),
+    "self_aware inpaint multiscale (0.2 default, 23 passes)": ("inpaint23", "self_aware/multiscale"),
+    "self_aware inpaint combined (23 passes)": ("inpaint23", "self_aware/combined"),
     "denoise (thesis, 50 steps)": ("thesis", "denoise/multiscale"),
-    "self_aware multiscale (thesis)": ("thesis", "self_aware/multiscale"),
-    "self_aware noise_error (thesis)": ("thesis", "self_aware/noise_error"),
+    "self_aware inpaint multiscale (thesis, 301 passes)": ("thesis", "self_aware/multiscale"),
+    "self_aware inpaint combined (thesis)": ("thesis", "self_aware/combined"),
 }
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "unet_passes_per_image", "seconds_per_image",
            "mask_normal_share", "mask_defect_recall", "mask_precision")
+
+
+def phase_config(phase: str):
+    """The :class:`SamplingConfig` an evaluation phase calibrates and runs."""
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    if phase == "default":
+        return SamplingConfig.fast()
+    if phase == "inpaint23":
+        return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
+                                   reconstruction="inpaint")
+    if phase == "thesis":
+        return SamplingConfig.thesis()
+    raise ValueError(f"unknown phase {phase!r}")
 
 
 def cell_dir(out: Path, category: str, seed: int) -> Path:
     return out / category / f"seed{seed}"
 
 
-def run_fast_phase(out: Path, category: str, seed: int, ddpm_steps: int, segmenter_steps: int) -> None:
-    """Train, calibrate (fast), train the segmenter and evaluate: ``benchmarks/bench_real.py`` for one cell."""
+def run_ddpm_phase(out: Path, category: str, seed: int, ddpm_steps: int) -> None:
+    """Only the cell's DDPM (resumes from its last checkpoint): every detector is evaluated on these weights."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from bench_real import BenchConfig, run_bench
+    from bench_real import BenchConfig, _train_ddpm
 
-    textures = SHARED / "textures"
-    run_bench(BenchConfig(data_dir=str(CATEGORIES[category]), out=str(cell_dir(out, category, seed)),
-                          categories=[category], seed=seed, ddpm_steps=ddpm_steps, segmenter_steps=segmenter_steps,
-                          textures_dir=str(textures) if textures.is_dir() else None, config="fast"))
+    model = cell_dir(out, category, seed) / "models" / category
+    if (model / "unet").is_dir() and (model / "model_index.json").is_file():
+        return
+    _train_ddpm(BenchConfig(data_dir=str(CATEGORIES[category]), out=str(cell_dir(out, category, seed)),
+                            categories=[category], seed=seed, ddpm_steps=ddpm_steps), category, model)
 
 
-def run_thesis_phase(out: Path, category: str, seed: int) -> None:
-    """The cell's DDPM (no segmenter), calibrated with the thesis's sampler and evaluated with it."""
+def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
+    """The cell's DDPM (no segmenter), calibrated with the phase's sampler and evaluated with it."""
     from diffad.cli import calibrate_model
     from diffad.demo import evaluation_is_current, has_component
     from diffad.evaluation import evaluate_folder
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     cell = cell_dir(out, category, seed)
-    model, thesis = cell / "models" / category, cell / "thesis_models" / category
-    if not (thesis / "model_index.json").is_file():
+    model, copy = cell / "models" / category, cell / f"{phase}_models" / category
+    if not (copy / "model_index.json").is_file():
         pipe = SelfAwareInpaintPipeline.from_pretrained(model)
-        SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(thesis)
-    if not has_component(thesis, "calibration"):
-        calibrate_model(model_dir=thesis, data=CATEGORIES[category], category=category, config="thesis", seed=seed,
-                        batch_size=16)
-    evaluation = cell / "thesis_evaluation" / category
-    if not evaluation_is_current(evaluation, [thesis]):
-        evaluate_folder(thesis, CATEGORIES[category], category, evaluation, config="thesis", batch_size=16,
-                        seed=seed)
+        SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(copy)
+    if not has_component(copy, "calibration"):
+        calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
+                        seed=seed, batch_size=16)
+    evaluation = cell / f"{phase}_evaluation" / category
+    if not evaluation_is_current(evaluation, [copy]):
+        evaluate_folder(copy, CATEGORIES[category], category, evaluation, batch_size=16, seed=seed)
+
+
+def training_minutes(out: Path, category: str, seed: int) -> Optional[float]:
+    path = cell_dir(out, category, seed) / "models" / category / "training_log.json"
+    if not path.is_file():
+        return None
+    return float(json.loads(path.read_text())["summary"]["train_seconds"]) / 60
 
 
 def phase_metrics(out: Path, category: str, seed: int, phase: str) -> Optional[dict[str, Any]]:
-    folder = "evaluation" if phase == "fast" else "thesis_evaluation"
-    path = cell_dir(out, category, seed) / folder / category / "metrics.json"
+    path = cell_dir(out, category, seed) / f"{phase}_evaluation" / category / "metrics.json"
     return json.loads(path.read_text())["categories"][category] if path.is_file() else None
 
 
@@ -158,10 +188,10 @@ def run_cell(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if phase == "fast":
-        run_fast_phase(Path(args.out), category, int(seed), args.ddpm_steps, args.segmenter_steps)
+    if phase == "ddpm":
+        run_ddpm_phase(Path(args.out), category, int(seed), args.ddpm_steps)
     else:
-        run_thesis_phase(Path(args.out), category, int(seed))
+        run_eval_phase(Path(args.out), category, int(seed), phase)
     return 0
 
 
@@ -171,14 +201,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--categories", default=",".join(CATEGORIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ddpm_steps", type=int, default=1500, help="DDPM optimiser steps per cell")
-    p.add_argument("--segmenter_steps", type=int, default=500, help="segmenter optimiser steps per cell")
-    p.add_argument("--phases", default="fast,thesis")
+    p.add_argument("--phases", default=",".join(("ddpm",) + EVAL_PHASES),
+                   help=f"comma-separated, from ddpm,{','.join(EVAL_PHASES)} (they run in that order)")
     p.add_argument("--jobs", type=int, default=2, help="cells run at once, one thread each")
-    p.add_argument("--quick", action="store_true", help="one seed, 400 + 150 steps, into <out>_quick")
+    p.add_argument("--quick", action="store_true", help="one seed, 400 DDPM steps, into <out>_quick")
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.ddpm_steps, args.segmenter_steps, args.out = "0", 400, 150, args.out + "_quick"
+        args.seeds, args.ddpm_steps, args.out = "0", 400, args.out + "_quick"
     if args.run_cell:
         return run_cell(args)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -193,7 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"real data for {missing} not found under {SHARED}")
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()
-    for phase in [ph for ph in ("fast", "thesis") if ph in args.phases.split(",")]:
+    phases = [ph for ph in args.phases.split(",") if ph]
+    if any(ph not in ("ddpm",) + EVAL_PHASES for ph in phases):
+        p.error(f"--phases: choose from ddpm,{','.join(EVAL_PHASES)}; got {args.phases}")
+    for phase in [ph for ph in ("ddpm",) + EVAL_PHASES if ph in phases]:
         cells = [f"{c}:{s}:{phase}" for s in seeds for c in categories]
 
         def work(spec: str) -> tuple[str, int, float]:
@@ -203,8 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.time()
             with log.open("a") as handle:
                 rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", str(out),
-                                      "--ddpm_steps", str(args.ddpm_steps), "--segmenter_steps",
-                                      str(args.segmenter_steps)], stdout=handle, stderr=subprocess.STDOUT,
+                                      "--ddpm_steps", str(args.ddpm_steps)], stdout=handle, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, OMP_NUM_THREADS="1"))
             logger.info("%s: exit %d after %.1f min (log %s)", spec, rc, (time.time() - t0) / 60, log)
             return spec, rc, time.time() - t0
@@ -215,11 +247,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if failed:
             logger.info("failed cells (see their logs; a re-run resumes them): %s", failed)
     summary = summarize(out, categories, seeds)
-    summary["budget"] = {"ddpm_steps": args.ddpm_steps, "segmenter_steps": args.segmenter_steps, "seeds": seeds,
-                         "preset": "tiny", "resolution": 64, "detectors": DETECTORS}
+    summary["budget"] = {"ddpm_steps": args.ddpm_steps, "seeds": seeds, "preset": "tiny", "resolution": 64,
+                         "detectors": DETECTORS}
+    summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(summary)
+    minutes = [m for m in summary["ddpm_train_minutes"].values() if m is not None]
+    table = markdown(summary) + (f"\nDDPM training ({args.ddpm_steps} steps, one thread, --jobs {args.jobs}): "
+                                 f"{np.mean(minutes):.1f} ± {np.std(minutes):.1f} minutes per cell "
+                                 f"({len(minutes)} cells)\n" if minutes else "")
     (out / "table.md").write_text(table)
     print(table)
     return 0

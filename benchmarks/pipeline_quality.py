@@ -46,36 +46,43 @@ logger = logging.getLogger("pipeline_quality")
 FAST, THESIS = SamplingConfig.fast(), SamplingConfig.thesis()
 
 
-def _fast(**changes: Any) -> SamplingConfig:
-    return dataclasses.replace(FAST, **changes)
+#: diffad 0.2's default: self-aware inpainting, t = 300 x 3 draws + 10 steps x 2 resamplings (23 passes)
+INPAINT23 = dataclasses.replace(FAST, mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
+                                reconstruction="inpaint")
 
 
-#: name -> (method, sampling config). "fast" is the default; each other fast_* variant changes one or two levers
-#: of it. A pipeline runs exactly the config it was calibrated with, so each config is calibrated on the same images
-#: with the same seed before its variant runs (Q_p depends on the mask levers).
+def _inpaint(**changes: Any) -> SamplingConfig:
+    return dataclasses.replace(INPAINT23, **changes)
+
+
+#: name -> (method, sampling config). "fast" is the default (10 passes, denoising reconstruction); each inpaint*
+#: variant changes one or two levers of diffad 0.2's inpainting default "inpaint23". A pipeline runs exactly the
+#: config it was calibrated with, so each config is calibrated on the same images with the same seed before its
+#: variant runs (Q_p depends on the mask levers).
 VARIANTS: Dict[str, Tuple[str, SamplingConfig]] = {
     "thesis": ("self_aware", THESIS),
     "thesis_fresh": ("self_aware", dataclasses.replace(THESIS, renoise="fresh")),
     "fast": ("self_aware", FAST),
-    "fast_fixed": ("self_aware", _fast(renoise="fixed")),
-    "fast_resample1": ("self_aware", _fast(resample_steps=1)),
-    "fast_resample3": ("self_aware", _fast(resample_steps=3)),
-    "fast_steps5": ("self_aware", _fast(inpaint_steps=5)),
-    "fast_steps20x1": ("self_aware", _fast(inpaint_steps=20, resample_steps=1)),
-    "fast_steps7x3": ("self_aware", _fast(inpaint_steps=7, resample_steps=3)),
-    "fast_steps7x3_fixed": ("self_aware", _fast(inpaint_steps=7, resample_steps=3, renoise="fixed")),
+    "inpaint23": ("self_aware", INPAINT23),
+    "inpaint23_fixed": ("self_aware", _inpaint(renoise="fixed")),
+    "inpaint23_resample1": ("self_aware", _inpaint(resample_steps=1)),
+    "inpaint23_resample3": ("self_aware", _inpaint(resample_steps=3)),
+    "inpaint23_steps5": ("self_aware", _inpaint(inpaint_steps=5)),
+    "inpaint23_steps20x1": ("self_aware", _inpaint(inpaint_steps=20, resample_steps=1)),
+    "inpaint23_steps7x3": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=3)),
+    "inpaint23_steps7x3_fixed": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=3, renoise="fixed")),
     # mask levers: noise draws and timesteps of Q, the percentile p of Q_p
-    "fast_draws1": ("self_aware", _fast(mask_noise_draws=1)),
-    "fast_draws2": ("self_aware", _fast(mask_noise_draws=2)),
-    "fast_draws1_t3": ("self_aware", _fast(mask_timesteps=(300, 325, 350), mask_noise_draws=1)),
-    "fast_thesis_mask": ("self_aware", _fast(mask_timesteps=THESIS.mask_timesteps, mask_noise_draws=1)),
-    "fast_p70": ("self_aware", _fast(mask_percentile=0.7)),
-    "fast_p90": ("self_aware", _fast(mask_percentile=0.9)),
+    "inpaint23_draws1": ("self_aware", _inpaint(mask_noise_draws=1)),
+    "inpaint23_draws2": ("self_aware", _inpaint(mask_noise_draws=2)),
+    "inpaint23_draws1_t3": ("self_aware", _inpaint(mask_timesteps=(300, 325, 350), mask_noise_draws=1)),
+    "inpaint23_thesis_mask": ("self_aware", _inpaint(mask_timesteps=THESIS.mask_timesteps, mask_noise_draws=1)),
+    "inpaint23_p70": ("self_aware", _inpaint(mask_percentile=0.7)),
+    "inpaint23_p90": ("self_aware", _inpaint(mask_percentile=0.9)),
     # at most 10 UNet passes per image (issue 12's budget)
-    "fast10": ("self_aware", _fast(inpaint_steps=7, resample_steps=1)),
-    "fast10_draws2": ("self_aware", _fast(mask_noise_draws=2, inpaint_steps=8, resample_steps=1)),
-    "fast10_p90": ("self_aware", _fast(inpaint_steps=7, resample_steps=1, mask_percentile=0.9)),
-    "fast10_t100": ("self_aware", _fast(inpaint_steps=7, resample_steps=1, inpaint_start=100)),
+    "inpaint10": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1)),
+    "inpaint10_draws2": ("self_aware", _inpaint(mask_noise_draws=2, inpaint_steps=8, resample_steps=1)),
+    "inpaint10_p90": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1, mask_percentile=0.9)),
+    "inpaint10_t100": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1, inpaint_start=100)),
     "denoise_thesis": ("denoise", THESIS),
     "denoise_fast": ("denoise", FAST),
 }

@@ -63,7 +63,7 @@ def test_card_metadata_round_trips_through_huggingface_hub(model_dir, tmp_path):
     assert "| self_aware/multiscale | 0.912 | 0.883 | 0.710 | 0.870 |" in text
     assert "Semchyshyn" in text and "## Intended use and limits" in text
     # the usage snippets show the current API: one call, every map by name; the sampler is fixed by calibrating
-    assert 'out.anomaly_maps["multiscale"]' in text and 'out.is_anomalous["multiscale"]' in text
+    assert 'out.anomaly_maps["combined"]' in text and 'out.is_anomalous["combined"]' in text
     assert "anomaly_map=" not in text and "mode=" not in text
     assert 'pipe.calibrate(normal_images, config="thesis")' in text and "diffad calibrate --config thesis" in text
     assert "not calibrated yet" in text  # this model has no calibration

@@ -64,16 +64,16 @@ def test_detect_writes_rows_overlays_and_skips_broken_files(calibrated_model, pi
     rows = _rows(out / "results.csv")
     by_name = {Path(r["file"]).name: r for r in rows}
     assert sorted(by_name) == ["a.png", "b.png", "c.png", "notes.png", "truncated.png"]
-    threshold = pipe.calibration.threshold("self_aware/multiscale")
+    threshold = pipe.calibration.threshold("self_aware/combined")
     for name in ("a.png", "b.png", "c.png"):
         row = by_name[name]
         expected = _pipeline_output(pipe, Path(row["file"]))
-        # the score is the maximum of that image's own multi-scale map, to the last bit, and the decision is
-        # that score against the calibrated threshold
-        assert row["score"] == format_score(expected.anomaly_maps["multiscale"][0].max())
-        assert row["score"] == format_score(expected.scores["multiscale"][0])
+        # by default the score is the maximum of that image's own combined map, to the last bit, and the decision
+        # is that score against the calibrated threshold
+        assert row["score"] == format_score(expected.anomaly_maps["combined"][0].max())
+        assert row["score"] == format_score(expected.scores["combined"][0])
         assert row["decision"] == ("defect" if float(row["score"]) > threshold else "ok") and row["error"] == ""
-        assert row["decision"] == ("defect" if expected.is_anomalous["multiscale"][0] else "ok")
+        assert row["decision"] == ("defect" if expected.is_anomalous["combined"][0] else "ok")
         overlay = Image.open(out / row["overlay"])
         # drawn at the photo's own size
         assert overlay.size == Image.open(row["file"]).size and overlay.mode == "RGB"
@@ -225,3 +225,27 @@ def test_find_images_recurses_and_filters_extensions(image_folder):
     assert names == ["a.png", "b.png", "c.png", "notes.png", "truncated.png"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_images([image_folder / "nope"])
+
+
+def test_detect_refuses_a_map_with_no_calibrated_threshold(calibrated_model, image_folder, tmp_path):
+    """A calibration made before the combined map existed has no threshold for it: detect must say to
+    recalibrate, never write a row without a decision (fail closed)."""
+    import torch
+
+    from diffad.detect import detect
+    from diffad.pipelines.self_aware_inpaint import AnomalyCalibration
+
+    old = load_pipeline(calibrated_model)
+    cal = old.calibration
+    keep = [n for n in cal.config.threshold_names if n != "self_aware/combined"]
+    stale = AnomalyCalibration(resolution=cal.config.resolution, sampling_config=cal.config.sampling_config,
+                               threshold_names=keep, num_images=cal.config.num_images)
+    stale.q_threshold.copy_(cal.q_threshold)
+    stale.thresholds.copy_(torch.tensor([cal.threshold(n) for n in keep]))
+    old.register_modules(calibration=stale)
+    with pytest.raises(ValueError, match="no calibrated threshold for self_aware/combined.*diffad calibrate"):
+        detect(calibrated_model, [image_folder], tmp_path / "out", pipe=old)
+    assert not (tmp_path / "out" / "results.csv").exists()
+    # the maps that do have a threshold still run
+    summary = detect(calibrated_model, [image_folder], tmp_path / "out2", pipe=old, anomaly_map="multiscale")
+    assert summary.results_csv.is_file()

@@ -71,8 +71,9 @@ def test_outputs_written(one_process_run, small_data):
     out = one_process_run
     metrics = json.loads((out / "metrics.json").read_text())
     cat = metrics["categories"][CATEGORY]
-    # by default every map the model returns (no segmenter here): noise_error for self_aware only
-    assert set(cat) == {"self_aware/multiscale", "self_aware/noise_error", "denoise/multiscale"}
+    # by default every map the model returns (no segmenter here): noise_error and combined for self_aware only
+    assert set(cat) == {"self_aware/multiscale", "self_aware/noise_error", "self_aware/combined",
+                        "denoise/multiscale"}
     assert metrics["settings"]["sampling"][CATEGORY] == CHEAP_CONFIG.to_dict()  # the calibration's sampler ran
     for values in cat.values():
         for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold",
@@ -89,7 +90,7 @@ def test_outputs_written(one_process_run, small_data):
     assert 1 <= cat["self_aware/multiscale"]["unet_passes_per_image"] <= CHEAP_CONFIG.unet_passes("self_aware")
     rows = list(csv.DictReader((out / "per_image.csv").open()))
     n_test = len(list((small_data / CATEGORY / "test").rglob("*.png")))
-    assert len(rows) == 3 * n_test
+    assert len(rows) == 4 * n_test
     assert set(rows[0]) == {"file", "category", "defect_type", "label", "method", "map", "score", "decision"}
     assert {r["decision"] for r in rows if r["method"] == "self_aware"} <= {"defect", "ok"}
     assert {r["decision"] for r in rows if r["method"] == "denoise"} == {"unknown"}  # no threshold calibrated
@@ -258,10 +259,10 @@ def test_each_method_runs_once_per_batch_and_gives_every_map(pipe_with_segmenter
     batch_sizes = [min(4, n - i) for i in range(0, n, 4)]
     assert counting.calls == [(m, b) for b in batch_sizes for m in METHODS]
     assert set(result.metrics) == {f"{m}/{a}" for m in METHODS for a in pipe_with_segmenter.map_names(m)} == {
-        "self_aware/multiscale", "self_aware/learned", "self_aware/noise_error", "denoise/multiscale",
-        "denoise/learned"}
+        "self_aware/multiscale", "self_aware/learned", "self_aware/noise_error", "self_aware/combined",
+        "denoise/multiscale", "denoise/learned"}
     assert {r["map"] for r in result.records} == set(MAP_NAMES)
-    assert len(result.records) == 5 * n
+    assert len(result.records) == 6 * n
     assert len(result.figure_rows) == 2
     row = result.figure_rows[0]
     assert row.learned_map.shape == row.noise_error_map.shape == (32, 32)

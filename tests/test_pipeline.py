@@ -35,7 +35,7 @@ from tiny_components import tiny_pipeline, tiny_unet
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
 #: 2 mask passes + 3 steps x 2 resamplings from T = 6; denoise 3 steps: a few dozen UNet passes per test.
 QUICK = SamplingConfig(mask_timesteps=(300, 303), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
-                       resample_steps=2, denoise_steps=3)
+                       resample_steps=2, denoise_steps=3, reconstruction="inpaint")
 
 
 def images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_pipeline_file_reads_stages_config_calibration_pipeline():
     classes = ["SamplingConfig", "AnomalyCalibration", "SelfAwareInpaintPipeline"]
     assert max(order.index(s) for s in stages) < order.index("SamplingConfig")
     assert [order.index(c) for c in classes] == sorted(order.index(c) for c in classes)
-    assert len(PIPELINE_FILE.read_text().splitlines()) <= 750
+    assert len(PIPELINE_FILE.read_text().splitlines()) <= 820
 
 
 # ------------------------------------------------------------------ the stages against diffusers
@@ -200,12 +200,12 @@ def test_multiscale_map_values():
 def test_presets_and_their_pass_counts():
     fast, thesis = SamplingConfig.fast(), SamplingConfig.thesis()
     assert fast == SamplingConfig() and fast.preset_name == "fast" and thesis.preset_name == "thesis"
-    assert (fast.unet_passes("self_aware"), fast.unet_passes("denoise")) == (3 * 1 + 10 * 2, 10)
+    assert (fast.unet_passes("self_aware"), fast.unet_passes("denoise")) == (3 * 1 + 7, 10)
     assert (thesis.unet_passes("self_aware"), thesis.unet_passes("denoise")) == (51 + 50 * 5, 50)
     assert thesis.mask_timesteps == tuple(range(300, 351)) and thesis.renoise == "fixed"
     assert SamplingConfig.from_preset("thesis") == thesis and SamplingConfig.from_preset(QUICK) is QUICK
     assert QUICK.preset_name is None
-    assert SamplingConfig(**thesis.to_dict()) == thesis
+    assert SamplingConfig.from_dict(thesis.to_dict()) == thesis and SamplingConfig.from_dict(fast.to_dict()) == fast
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.inpaint_steps = 3  # type: ignore[misc]
     with pytest.raises(ValueError, match="unknown sampling preset 'reference'"):
@@ -242,8 +242,8 @@ def test_calibration_stores_its_config_and_cross_fitted_thresholds():
     cal = pipe.calibration
     assert isinstance(cal, AnomalyCalibration) and cal.sampling == QUICK and cal.config.num_images == 8
     assert list(cal.config.threshold_names) == ["self_aware/multiscale", "self_aware/noise_error",
-                                                "denoise/multiscale"]
-    assert len(cal.config.heldout_false_positive_rates) == 3 and 0 < cal.config.heldout_mask_share < 1
+                                                "self_aware/combined", "denoise/multiscale"]
+    assert len(cal.config.heldout_false_positive_rates) == 4 and 0 < cal.config.heldout_mask_share < 1
     # Q_p: the per-pixel 0.8 quantile of Q over all images, computed with exactly the config's estimator
     seeds = [g.initial_seed() for g in pipe._generators(torch.Generator().manual_seed(0), 8)]
     generators = gens(*seeds)  # the mask stage, then the reconstruction, continue each image's generator
@@ -348,7 +348,8 @@ def test_calibration_at_another_resolution_is_an_error():
 def test_one_call_returns_every_map_with_its_score_and_decision(calibrated):
     x = images(2, seed=3)
     out = calibrated(x, generator=torch.Generator().manual_seed(0))
-    assert set(out.anomaly_maps) == set(out.scores) == set(out.is_anomalous) == {"multiscale", "noise_error"}
+    assert set(out.anomaly_maps) == set(out.scores) == set(out.is_anomalous) == {"multiscale", "noise_error",
+                                                                                 "combined"}
     for name, m in out.anomaly_maps.items():
         assert m.shape == (2, 32, 32) and m.dtype == np.float32
         np.testing.assert_array_equal(out.scores[name], m.reshape(2, -1).max(1))
@@ -363,6 +364,33 @@ def test_one_call_returns_every_map_with_its_score_and_decision(calibrated):
     expected = mean_filter(q / calibrated.calibration.q_threshold, default_mean_filter_size(32))
     np.testing.assert_allclose(out.anomaly_maps["noise_error"], expected.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.inpaint_masks, (q > calibrated.calibration.q_threshold).numpy())
+    # combined: the mean of noise_error and multiscale, each over its calibrated image threshold
+    cal = calibrated.calibration
+    expected = (out.anomaly_maps["noise_error"] / cal.threshold("self_aware/noise_error")
+                + out.anomaly_maps["multiscale"] / cal.threshold("self_aware/multiscale")) / 2
+    np.testing.assert_allclose(out.anomaly_maps["combined"], expected, rtol=1e-5)
+    assert calibrated.default_map("self_aware") == "combined" and calibrated.default_map("denoise") == "multiscale"
+
+
+def test_denoise_reconstruction_redraws_every_pixel_like_the_baseline():
+    """reconstruction="denoise" (the default): self_aware's reconstruction is method="denoise"'s with its own step
+    count, whatever the mask; "inpaint" keeps the unmasked pixels exactly."""
+    config = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
+                            denoise_steps=3)
+    pipe = tiny_pipeline().calibrate(images(4, seed=1), config=config, generator=torch.Generator().manual_seed(0))
+    x = images(2, seed=3)
+    aware = pipe(x, generator=torch.Generator().manual_seed(5), output_type="pt")
+    base = pipe(x, method="denoise", generator=torch.Generator().manual_seed(5), output_type="pt")
+    assert aware.unet_passes.tolist() == [1 + 3, 1 + 3]
+    # the same noise after the mask stage's draw: not identical streams, but every pixel is redrawn
+    assert (aware.reconstructions != x).float().mean() > 0.99 and aware.inpaint_masks.float().mean() < 0.6
+    assert base.reconstructions.shape == aware.reconstructions.shape
+    with pytest.raises(ValueError, match="resample_steps must be 1"):
+        dataclasses.replace(config, resample_steps=2)
+    # a config stored before ``reconstruction`` existed inpainted
+    stored = {k: v for k, v in dataclasses.replace(config, reconstruction="inpaint").to_dict().items()
+              if k != "reconstruction"}
+    assert SamplingConfig.from_dict(stored).reconstruction == "inpaint"
 
 
 def test_output_types(calibrated):
@@ -450,7 +478,7 @@ def test_denoise_needs_no_calibration_but_self_aware_does():
 def test_segmenter_adds_the_learned_map_with_its_threshold():
     pipe = tiny_pipeline(segmenter=True).calibrate(images(4, seed=1), config=QUICK, methods=("self_aware",))
     assert list(pipe.calibration.config.threshold_names) == ["self_aware/multiscale", "self_aware/learned",
-                                                             "self_aware/noise_error"]
+                                                             "self_aware/noise_error", "self_aware/combined"]
     x = images(2, seed=2)
     out = pipe(x, output_type="pt", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

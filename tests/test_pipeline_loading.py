@@ -93,7 +93,7 @@ def test_native_round_trip_keeps_calibration_and_outputs(saved, tmp_path):
     x = images(2, seed=8)
     a = original(x, generator=torch.Generator().manual_seed(5))
     b = loaded(x, generator=torch.Generator().manual_seed(5))
-    for name in ("multiscale", "learned", "noise_error"):
+    for name in ("multiscale", "learned", "noise_error", "combined"):
         np.testing.assert_allclose(a.anomaly_maps[name], b.anomaly_maps[name], atol=1e-6)
         np.testing.assert_array_equal(a.is_anomalous[name], b.is_anomalous[name])
     # save again from the loaded pipeline: still Hub-ready and loadable

@@ -36,8 +36,9 @@ def counted(pipe, x, **kwargs):
 
 
 def test_presets_cost_what_they_say_counted_from_outside():
-    """fast: 1 timestep x 3 draws + 10 steps x 2 = 23 passes; thesis: 51 + 50 x 5 = 301; denoise 10 / 50."""
-    for name, expected_self_aware, expected_denoise in (("fast", 23, 10), ("thesis", 301, 50)):
+    """fast: 1 timestep x 3 draws + 7 denoising steps = 10 passes (issue 12's limit); thesis: 51 + 50 x 5 = 301;
+    denoise 10 / 50."""
+    for name, expected_self_aware, expected_denoise in (("fast", 10, 10), ("thesis", 301, 50)):
         pipe = tiny_pipeline().calibrate(images(4, seed=1), config=name, generator=torch.Generator().manual_seed(0))
         pipe.calibration.q_threshold.fill_(-1.0)  # every pixel masked: inpainting runs for every image
         out, counter = counted(pipe, images(2, seed=2))
@@ -49,7 +50,8 @@ def test_presets_cost_what_they_say_counted_from_outside():
 
 def test_pass_count_is_exact_per_image_in_a_batch():
     """An image whose mask is empty skips inpainting: its count is the mask stage's alone, others pay in full."""
-    config = SamplingConfig(mask_timesteps=(300, 310), mask_noise_draws=2, inpaint_steps=3, resample_steps=2)
+    config = SamplingConfig(mask_timesteps=(300, 310), mask_noise_draws=2, inpaint_steps=3, resample_steps=2,
+                            reconstruction="inpaint")
     pipe = tiny_pipeline().calibrate(images(4, seed=1), config=config, methods=("self_aware",))
     x = torch.cat([images(1, seed=2), torch.zeros(1, 3, 32, 32)])
     pipe.calibration.q_threshold.copy_(torch.full((32, 32), float("inf")))

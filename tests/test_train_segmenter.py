@@ -143,7 +143,7 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
 
     assert pipe.calibration.sampling == CHEAP_CONFIG
     assert key(sampling=SamplingConfig.thesis()) != base
-    assert key(sampling=dataclasses.replace(CHEAP_CONFIG, resample_steps=2)) != base
+    assert key(sampling=dataclasses.replace(CHEAP_CONFIG, inpaint_steps=3)) != base
     # the calibration's own sampling config is hashed too (it decides the mask)
     stored = dict(pipe.calibration.config.sampling_config)
     pipe.calibration.register_to_config(sampling_config={**stored, "mask_percentile": 0.9})
@@ -233,7 +233,8 @@ def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained)
     assert summary["q_threshold_unchanged"] is True
     assert torch.equal(cal.q_threshold, trained["q_threshold"])
     assert cal.sampling == CHEAP_CONFIG
-    assert list(cal.config.threshold_names) == ["self_aware/multiscale", "self_aware/learned", "self_aware/noise_error"]
+    assert list(cal.config.threshold_names) == ["self_aware/multiscale", "self_aware/learned", "self_aware/noise_error",
+                                                "self_aware/combined"]
     # same images, noise and Q_p: the multi-scale scores, hence their threshold, are those of the first calibration
     assert cal.threshold("self_aware/multiscale") == pytest.approx(trained["multiscale_threshold"], rel=1e-6)
     threshold = cal.threshold("self_aware/learned")

@@ -223,7 +223,7 @@ def _sampling_preset(model_dir: Path) -> Optional[str]:
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
     try:
-        return SamplingConfig(**dict(values)).preset_name or "custom"
+        return SamplingConfig.from_dict(values).preset_name or "custom"
     except (TypeError, ValueError):
         return "custom"
 
@@ -369,7 +369,7 @@ def make_model_card(
                                "in MVTec AD layout; a seeded fraction held out for validation and calibration.")
         data_license_note = ""
 
-    default_map = "learned" if has_segmenter else "multiscale"
+    default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
     sampling_preset = _sampling_preset(model_dir) if is_calibrated else None
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),

@@ -175,7 +175,7 @@ def calibration_summary(model_dir: str | os.PathLike) -> str:
                                 ) from exc
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
-    sampling = SamplingConfig(**cal["sampling_config"])
+    sampling = SamplingConfig.from_dict(cal["sampling_config"])
     share = cal.get("heldout_mask_share")
     share_text = "n/a" if share is None else f"{share:.3f} (expected about {1 - sampling.mask_percentile:.2f})"
     rates = ", ".join(f"{name} {rate:.3f}" for name, rate in zip(cal["threshold_names"],

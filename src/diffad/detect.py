@@ -226,8 +226,12 @@ def _check_options(pipe, model, method: str, anomaly_map: str, config: Optional[
         if anomaly_map == "learned":
             raise ValueError(f"--anomaly-map learned needs a segmenter in {model}: train one with "
                              "training/train_segmenter.py, or use --anomaly-map multiscale")
-        raise ValueError(f"--anomaly-map {anomaly_map} exists only with --method self_aware (the mask stage's "
-                         f"noise error); with --method {method} choose from {', '.join(pipe.map_names(method))}")
+        raise ValueError(f"--anomaly-map {anomaly_map} exists only with --method self_aware (it uses the mask "
+                         f"stage's noise error); with --method {method} choose from "
+                         f"{', '.join(pipe.map_names(method))}")
+    if pipe.calibration.threshold(f"{method}/{anomaly_map}") is None:  # no threshold: no decision, never "ok"
+        raise ValueError(f"{model} has no calibrated threshold for {method}/{anomaly_map}: run "
+                         f"`diffad calibrate --model {model} ...` (it fits one for every map)")
     fitted = pipe.calibration.sampling  # a diffad 0.1 calibration says to recalibrate
     if config is not None and fitted.preset_name != config:
         used = f"the {fitted.preset_name}" if fitted.preset_name else "a custom"
@@ -242,7 +246,7 @@ def detect(
     out_dir: str | os.PathLike,
     *,
     batch_size: int = 8,
-    anomaly_map: str = "multiscale",
+    anomaly_map: Optional[str] = None,
     method: str = "self_aware",
     seed: int = 0,
     config: Optional[str] = None,
@@ -261,8 +265,9 @@ def detect(
         out_dir: the output folder; an existing ``results.csv`` there is resumed.
         batch_size: images read, scored and written per step (bounds memory; the UNet still runs one
             image at a time). Never changes a score.
-        anomaly_map: one of ``MAP_NAMES``: ``"multiscale"``, ``"learned"`` (needs a segmenter) or
-            ``"noise_error"`` (``method="self_aware"`` only).
+        anomaly_map: one of ``MAP_NAMES``: ``"multiscale"``, ``"learned"`` (needs a segmenter), ``"noise_error"``
+            or ``"combined"`` (``method="self_aware"`` only); None: the method's default (``combined`` for
+            ``self_aware``, ``multiscale`` for ``denoise``).
         method: one of ``METHODS``: ``"self_aware"`` (default) or ``"denoise"``.
         seed: with each image's decoded pixels, seeds that image's diffusion noise.
         config: None, or the preset (``"fast"``/``"thesis"``) the calibration must have been made with: an
@@ -279,6 +284,10 @@ def detect(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if anomaly_map is None:
+        from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+        anomaly_map = SelfAwareInpaintPipeline.default_map(method)
     if anomaly_map not in MAP_NAMES:
         raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
     if method not in METHODS:
@@ -342,10 +351,11 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images read, scored and written per step (default: 8); bounds memory, never "
                              "changes a score: the UNet runs one image at a time")
-    parser.add_argument("--anomaly-map", choices=MAP_NAMES, default="multiscale",
-                        help="the map scored and drawn: multi-scale reconstruction error (default), the learned "
-                             "segmenter's map (needs a segmenter), or the mask stage's noise error "
-                             "(--method self_aware only)")
+    parser.add_argument("--anomaly-map", choices=MAP_NAMES, default=None,
+                        help="the map scored and drawn (default: combined for self_aware, multiscale for "
+                             "denoise): the multi-scale reconstruction error, the learned segmenter's map (needs a "
+                             "segmenter), the mask stage's noise error, or combined, the mean of those two "
+                             "(noise_error and combined: --method self_aware only)")
     parser.add_argument("--method", choices=METHODS, default="self_aware",
                         help="self-aware inpainting (default) or the basic denoising baseline")
     parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,

@@ -1,0 +1,158 @@
+"""Issue 12: default-detector candidates at <= 10 UNet passes, measured on VALIDATION data with synthetic defects
+(never the test split), on one trained model per category.
+
+Half of the validation split calibrates; the other half is scored as is and with a synthetic defect. Two defect
+sets: ``draem`` (the segmenter's own generator: DTD textures, opacity U[0.1, 1], any size) and ``subtle``
+(opacity U[0.1, 0.4], small Perlin blobs: closer to real defects that are barely visible at 64 px; the
+``draem`` set saturates image AUROC and did not predict a real category's test split).
+
+Candidates (UNet passes per image):
+
+* ``denoise10`` (10): the basic baseline, multiscale map;
+* ``ne150`` (3): the self-aware mask statistic alone, ``Q / Q_p`` at t = 150 x 3 noise draws;
+* ``ne150+denoise7`` (10): ``Q / Q_p`` and the 7-step denoising error, each divided by its calibrated image
+  threshold and averaged (``fused``), or multiplied (``product``);
+* ``redraw`` (10): ``Q / Q_p`` (3 passes) smoothed and thresholded for ~5% of normal pixels marks blobs; 7 strided
+  steps from t = 200 redraw them from the noised original while the known region is pasted at matching noise
+  down to t = 50 and then denoised with the rest: a masked defect is redrawn, the rest denoised as ``denoise``.
+* ``fast`` (23): today's default (self-aware, 3 + 10 x 2), for reference.
+
+Example::
+
+    OMP_NUM_THREADS=1 python benchmarks/detector_candidates.py --model bench_output/quality/bottle/seed0/models/bottle \
+        --data_dir ../shared/data/mvtec_subset --category bottle --defects subtle
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import split_tensors  # noqa: E402
+
+from diffad.anomalies import AnomalySynthesizer  # noqa: E402
+from diffad.data import load_mvtec  # noqa: E402
+from diffad.metrics import compute_anomaly_metrics  # noqa: E402
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline  # noqa: E402
+from diffad.pipelines.self_aware_inpaint.pipeline import (  # noqa: E402
+    add_noise, estimate_x0, mean_filter, multiscale_anomaly_map, noise_error, per_pixel_quantile, posterior_step,
+    predict_noise, randn_tensor,
+)
+
+DEFECTS = {"draem": {}, "subtle": {"beta_range": (0.1, 0.4), "min_scale_exponent": 3}}
+
+
+def validation_set(data, resolution, textures, seed, defects):
+    val, _, _ = split_tensors(data["validation"], resolution, None, seed)
+    half = val.shape[0] // 2
+    calib, held = val[:half], val[half:]
+    synth = AnomalySynthesizer(textures, normal_probability=0.0, **DEFECTS[defects])
+    g = torch.Generator().manual_seed(seed)
+    pairs = [synth(img, generator=g) for img in held]
+    images = torch.cat([held, torch.stack([a for a, _ in pairs])])
+    gt = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool),
+                         np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
+    return calib, images, gt, np.array([0] * len(held) + [1] * len(held))
+
+
+def gens(n, seed):
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
+
+
+def redraw(unet, acp, x, mask, start, steps, paste_until, generators):
+    """Masked pixels redrawn from the noised original at ``start``; known pixels pasted at matching noise while
+    ``t >= paste_until``, then everything denoised."""
+    ts = [int(t) for t in np.linspace(start - 1, 0, steps).round().astype(int)]
+    x_t = add_noise(x, randn_tensor(x.shape, generator=generators), ts[0], acp)
+    x0 = None
+    for i, t in enumerate(ts):
+        if t >= paste_until and i > 0:
+            x_t = mask * x_t + (1 - mask) * add_noise(x, randn_tensor(x.shape, generator=generators), t, acp)
+        x0 = estimate_x0(x_t, predict_noise(unet, x_t, t, x0), t, acp)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        noise = randn_tensor(x.shape, generator=generators) if t_prev >= 0 else None
+        x_t = posterior_step(x_t, x0, t, t_prev, acp, noise)
+    return x_t.clamp(-1, 1)
+
+
+def q_maps(pipe, x, seed, t=150, draws=3):
+    return torch.cat([noise_error(pipe.unet, pipe.scheduler.alphas_cumprod, x[i:i + 16], (t,), draws,
+                                  gens(len(x), seed)[i:i + 16]) for i in range(0, len(x), 16)])
+
+
+def denoise_maps(pipe, x, seed, steps):
+    from diffad.pipelines.self_aware_inpaint.pipeline import denoise
+    recs = torch.cat([denoise(pipe.unet, pipe.scheduler.alphas_cumprod, x[i:i + 16], start=50, num_steps=steps,
+                              generators=gens(len(x), seed + 5)[i:i + 16]) for i in range(0, len(x), 16)])
+    return multiscale_anomaly_map(x, recs)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--defects", default="subtle", choices=tuple(DEFECTS))
+    p.add_argument("--textures", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "textures"))
+    p.add_argument("--output", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    pipe = SelfAwareInpaintPipeline.from_pretrained(a.model)
+    pipe.set_progress_bar_config(disable=True)
+    acp = pipe.scheduler.alphas_cumprod
+    data = load_mvtec(a.data_dir, a.category, resolution=pipe.resolution)
+    results: dict = {}
+    with torch.no_grad():
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            calib, images, gt, labels = validation_set(data, pipe.resolution, a.textures, seed, a.defects)
+            fold = np.arange(len(calib)) % 2
+            cands: dict = {}
+            # ---- noise error Q/Q_p at t = 150 (cross-fit Q_p for the calibration images' own maps)
+            qc, qi = q_maps(pipe, calib, seed + 1), q_maps(pipe, images, seed)
+            q_p = per_pixel_quantile(qc, 0.8)
+            qc_p = torch.stack([per_pixel_quantile(qc[fold == k], 0.8) for k in (0, 1)])[1 - fold]
+            ne_i, ne_c = mean_filter(qi / q_p, 9), mean_filter(qc / qc_p, 9)
+            cands["ne150"] = (ne_i, ne_c)
+            for steps in (7, 10):
+                cands[f"denoise{steps}"] = (denoise_maps(pipe, images, seed, steps), denoise_maps(pipe, calib, seed + 1, steps))
+            thr = {k: torch.quantile(v[1].flatten(1).amax(1), 0.95) for k, v in cands.items()}
+            d7, n = cands["denoise7"], cands["ne150"]
+            cands["ne150+denoise7 fused"] = ((d7[0] / thr["denoise7"] + n[0] / thr["ne150"]) / 2, None)
+            cands["ne150+denoise7 product"] = ((d7[0] / thr["denoise7"]) * (n[0] / thr["ne150"]), None)
+            # ---- redraw: smoothed Q/Q_p blobs at a global threshold for ~5% of normal pixels
+            tau = torch.quantile(ne_c.flatten()[torch.randperm(ne_c.numel(), generator=torch.Generator().manual_seed(0))[:100000]], 0.95)
+            for start in (150, 250):
+                m_i = (ne_i > tau).float().unsqueeze(1)
+                recs = torch.cat([redraw(pipe.unet, acp, images[i:i + 16], m_i[i:i + 16], start, 7, 50,
+                                         gens(len(images), seed + 9)[i:i + 16]) for i in range(0, len(images), 16)])
+                cands[f"redraw{start}"] = (multiscale_anomaly_map(images, recs), None)
+                share_normal = float(m_i[labels == 0].mean())
+                gt_t = torch.from_numpy(gt)
+                recall = float(m_i[:, 0][gt_t].mean()) if gt_t.any() else float("nan")
+                results.setdefault(f"redraw{start} masks", []).append({"normal_share": share_normal, "recall": recall})
+            for name, (m, _) in cands.items():
+                m = m.numpy()
+                metrics = compute_anomaly_metrics(m.reshape(len(m), -1).max(1).astype(np.float64), labels, m, gt)
+                results.setdefault(name, []).append({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
+    lines = [f"{a.category}: validation with {a.defects} synthetic defects, seeds {a.seeds}",
+             "| candidate | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+    for cand, runs in results.items():
+        keys = list(runs[0])
+        lines.append(f"| {cand} | " + " | ".join(f"{k}={np.mean([r[k] for r in runs]):.3f}" for k in keys) + " |")
+    print("\n".join(lines))
+    if a.output:
+        Path(a.output).write_text(json.dumps({"category": a.category, "results": results, "table": "\n".join(lines)},
+                                             indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
