@@ -1,14 +1,17 @@
 """The self-aware inpainting pipeline. ``pipeline.py`` is the very file every Hub repo carries."""
 
 from .pipeline import (
+    COMBINED_MAPS,
     MAP_NAMES,
     METHODS,
+    MIN_IMAGE_SIDE,
     SAMPLING_PRESETS,
     AnomalyCalibration,
     SamplingConfig,
     SelfAwareInpaintPipeline,
     SelfAwareInpaintPipelineOutput,
     add_noise,
+    combined_map,
     default_mean_filter_size,
     denoise,
     estimate_x0,
@@ -19,19 +22,23 @@ from .pipeline import (
     per_pixel_quantile,
     posterior_step,
     predict_noise,
+    rgb_array,
     segmenter_logits,
     strided_timesteps,
 )
 
 __all__ = [
+    "COMBINED_MAPS",
     "MAP_NAMES",
     "METHODS",
+    "MIN_IMAGE_SIDE",
     "SAMPLING_PRESETS",
     "AnomalyCalibration",
     "SamplingConfig",
     "SelfAwareInpaintPipeline",
     "SelfAwareInpaintPipelineOutput",
     "add_noise",
+    "combined_map",
     "default_mean_filter_size",
     "denoise",
     "estimate_x0",
@@ -42,6 +49,7 @@ __all__ = [
     "per_pixel_quantile",
     "posterior_step",
     "predict_noise",
+    "rgb_array",
     "segmenter_logits",
     "strided_timesteps",
 ]

@@ -235,6 +235,49 @@ def combined_map(maps: Dict[str, torch.Tensor], thresholds: Dict[str, float]) ->
     return sum(maps[name] / max(thresholds[name], 1e-12) for name in COMBINED_MAPS) / len(COMBINED_MAPS)
 
 
+#: The smallest image side diffad accepts: smaller images carry no detail to judge (a 1 x 1 image upscales to grey).
+MIN_IMAGE_SIDE = 8
+#: EXIF orientation -> PIL ``Image.transpose`` method (FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2,
+#: ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6), as ``PIL.ImageOps.exif_transpose`` applies them.
+_EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
+
+
+def rgb_array(image: Any) -> np.ndarray:
+    """diffad's one image reader: a PIL image of any mode as an ``(H, W, 3)`` float32 array in [0, 1].
+
+    EXIF orientation is applied; grayscale (``1``, ``L``, ``LA``) is repeated; palette, CMYK, YCbCr, LAB and HSV
+    are converted; alpha is dropped; 16-bit and 32-bit integer (``I;16*``, ``I``) and float (``F``) images are
+    scaled by their type's range (``I;16``: 65535; ``I``/``F``: 65535 when a value exceeds 255, else 255; ``F``
+    in [0, 1] when no value exceeds 1), never clipped to white by an 8-bit conversion. ``ValueError`` when a side
+    is below :data:`MIN_IMAGE_SIDE` or the pixels are not finite.
+    """
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"the image is {image.size[0]}x{image.size[1]} px; diffad needs at least {MIN_IMAGE_SIDE} "
+                         "px per side")
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as PIL's exif_transpose does
+        orientation = None
+    if orientation in _EXIF_TRANSPOSE:
+        image = image.transpose(_EXIF_TRANSPOSE[orientation])
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if arr.ndim == 3:
+            arr = arr[..., 0]
+        if not np.isfinite(arr).all():
+            raise ValueError(f"the image (mode {mode}) has NaN or infinite pixels")
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else (1.0 if arr.max() <= 1 and mode == "F"
+                                                                           else 255.0)
+        arr = np.clip(arr / top, 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=-1).astype(np.float32)
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency without PIL's warning
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
 def default_mean_filter_size(resolution: int) -> int:
     """The default map filter for a resolution: the odd number nearest ``R / 8``, at least 3 (64 px -> 9)."""
     size = max(3, int(round(resolution / 8)))
@@ -413,7 +456,7 @@ class SelfAwareInpaintPipelineOutput(BaseOutput):
             ``method="self_aware"`` ``noise_error`` = ``Q / Q_p`` and ``combined``, the default).
         scores: ``{map name: (B,) float32}``, each map's maximum.
         is_anomalous: ``{map name: (B,) bool}``, ``score > threshold`` with the calibrated threshold of that method
-            and map; None for a map with no calibrated threshold.
+            and map (a NaN score counts as anomalous: never "ok"); None for a map with no calibrated threshold.
         inpaint_masks: ``(B, R, R)`` bool, ``Q > Q_p``: the pixels the noise error marks as suspect (redrawn when
             the config inpaints; all False for ``method="denoise"``).
         reconstructions: ``"pt"``: ``(B, 3, R, R)`` in **[-1, 1], the range of tensor inputs**; ``"np"``:
@@ -484,6 +527,23 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             f.write("\n")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, then refuse weights that are not finite: a corrupted file would
+        otherwise give NaN maps and pass every part (``ValueError`` naming the component's file)."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for name in ("unet", "segmenter", "calibration"):
+            module = getattr(pipe, name, None)
+            if module is None:
+                continue
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in list(module.parameters()) + list(module.buffers())
+                      if t.is_floating_point())
+            if bad:
+                weights = os.path.join(str(pretrained_model_name_or_path), name, "diffusion_pytorch_model.safetensors")
+                raise ValueError(f"{weights} holds {bad} "
+                                 "NaN or infinite weights: the file is corrupt; download it again or retrain")
+        return pipe
+
+    @classmethod
     def load_config(cls, *args, **kwargs):
         """Read model_index.json, pointing ``["pipeline", ...]`` entries at this (imported) module, so
         ``SelfAwareInpaintPipeline.from_pretrained(folder)`` needs no remote code."""
@@ -521,9 +581,10 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return "combined" if method == "self_aware" else "multiscale"
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images as a ``(B, 3, R, R)`` float tensor in [-1, 1]: PIL images (converted to RGB and resized bicubic by
-        ``VaeImageProcessor``) or a ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1] (resized bilinear,
-        antialiased). ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range values, or a type."""
+        """Images as a ``(B, 3, R, R)`` float tensor in [-1, 1]: PIL images of any mode (read by :func:`rgb_array`,
+        resized bicubic by ``VaeImageProcessor``) or a ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1]
+        (resized bilinear, antialiased). ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range
+        values, an image below :data:`MIN_IMAGE_SIDE`, or a type."""
         r = self.resolution
         if isinstance(images, torch.Tensor):
             x = images.unsqueeze(0) if images.ndim == 3 else images
@@ -549,7 +610,15 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                                  "in [-1, 1]")
             if 0 in img.size:
                 raise ValueError(f"image {i} is empty (size {img.size}); pass a non-empty image")
-        return self.image_processor.preprocess(items, height=r, width=r).float().to(self.device)
+        arrays = []
+        for i, img in enumerate(items):
+            try:
+                arrays.append(rgb_array(img))
+            except ValueError as err:
+                raise ValueError(f"image {i}: {err}") from None
+        # as 8-bit RGB (what the model was trained on), resized bicubic to R x R
+        pils = [self.image_processor.numpy_to_pil(a[None])[0] for a in arrays]
+        return self.image_processor.preprocess(pils, height=r, width=r).float().to(self.device)
 
     def _sampling(self, config: Union[None, str, SamplingConfig], method: str) -> SamplingConfig:
         """The config a call runs: the calibration's. Another one is an error (recalibrate); an uncalibrated
@@ -710,7 +779,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             logger.warning(f"no image threshold calibrated for {method}/{name}: is_anomalous[{name!r}] is None; "
                            "pipe.calibrate(normal_images) fits one for every map")
             return None
-        return None if threshold is None else scores > threshold
+        # fail closed: a NaN score is never "ok" (NaN > threshold would be False)
+        return None if threshold is None else ~(scores <= threshold)
 
     # ------------------------------------------------------------------ calibration
 

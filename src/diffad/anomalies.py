@@ -180,9 +180,10 @@ class TextureFolder(TextureSource):
         return len(self.files)
 
     def sample(self, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+        from diffad.data import read_image
+
         path = self.files[int(rng.integers(len(self.files)))]
-        with Image.open(path) as im:
-            return im.convert("RGB").resize(size, Image.BILINEAR)
+        return read_image(path).resize(size, Image.BILINEAR)
 
     def describe(self) -> dict:
         digest = hashlib.sha256("\n".join(str(p.relative_to(self.root)) for p in self.files).encode()).hexdigest()

@@ -25,6 +25,7 @@ good images), ``label`` (``ClassLabel(names=["good", "defect"])``), ``category``
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,8 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
+
+from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, rgb_array
 
 __all__ = [
     "CLASS_NAMES",
@@ -43,6 +46,7 @@ __all__ = [
     "list_categories",
     "load_mvtec",
     "make_transform",
+    "read_image",
     "mvtec_features",
     "tensor_to_pil",
 ]
@@ -85,8 +89,16 @@ def _is_category_folder(path: Path) -> bool:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The image files of ``folder``, sorted; a broken symbolic link is skipped with a warning naming it."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if p.is_symlink() and not p.exists():
+            logger.warning("skipping %s: a broken symbolic link (its target %s does not exist)", p, os.readlink(p))
+        elif p.is_file():
+            files.append(p)
+    return files
 
 
 def list_categories(root: str | Path) -> list[str]:
@@ -180,17 +192,35 @@ def _open(path: Path) -> Image.Image:
                              "replace or delete it") from err
 
 
+def _needs_conversion(image: Image.Image) -> bool:
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - malformed EXIF: rgb_array ignores it too
+        orientation = None
+    return image.mode != "RGB" or orientation not in (None, 1)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: grayscale repeated, palette expanded, alpha dropped, 16-bit/float scaled to 8-bit."""
-    if image.mode == "RGB":
+    """Any PIL mode -> 8-bit RGB with EXIF orientation applied, by the pipeline's one reader
+    (:func:`diffad.pipelines.self_aware_inpaint.rgb_array`); ``ValueError`` for an image that is too small."""
+    if not _needs_conversion(image):
+        if min(image.size) < MIN_IMAGE_SIDE:
+            rgb_array(image)  # raises the reader's message
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")  # also handles palette transparency without PIL's warning
-    return image.convert("RGB")
+    return Image.fromarray((rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """diffad's one image reader for files (training data, calibration, ``diffad detect``): decode ``path`` fully
+    and return it as 8-bit RGB, any PIL mode (16-bit and float scaled, never saturated), EXIF orientation
+    applied. ``MVTecDataError`` (a ``ValueError``) naming the file when it cannot be read or is smaller than
+    ``MIN_IMAGE_SIDE`` px."""
+    path = Path(path)
+    image = _open(path)
+    try:
+        return _to_rgb(image)
+    except ValueError as err:
+        raise MVTecDataError(f"{path}: {err}; replace or delete it") from None
 
 
 def _to_mask(image: Image.Image) -> Image.Image:
@@ -211,7 +241,11 @@ def _load_row(image_path: Path, mask_path: Path | None, resolution: int | None) 
     """Return ``(image, mask)``: image is the path when it is stored unchanged, else a converted PIL image."""
     image = _open(image_path)
     size = image.size
-    unchanged = image.mode == "RGB" and (resolution is None or size == (resolution, resolution))
+    try:
+        rgb = _to_rgb(image)
+    except ValueError as err:
+        raise MVTecDataError(f"{image_path}: {err}; replace or delete it") from None
+    unchanged = rgb is image and (resolution is None or size == (resolution, resolution))
     if mask_path is None:
         mask = Image.new("L", size, 0)
     else:
@@ -223,7 +257,7 @@ def _load_row(image_path: Path, mask_path: Path | None, resolution: int | None) 
     mask = _resize(mask, resolution, Image.Resampling.NEAREST)
     if unchanged:
         return str(image_path), mask
-    return _resize(_to_rgb(image), resolution, Image.Resampling.BICUBIC), mask
+    return _resize(rgb, resolution, Image.Resampling.BICUBIC), mask
 
 
 def _split_indices(n: int, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -16,8 +16,12 @@ loses at most one batch, and a re-run skips every file already in the CSV (delet
 Unreadable files (truncated, not an image, permission denied) are logged on one line each,
 recorded in the CSV with ``decision = error``, and skipped: they never abort the run.
 
+Images are read by diffad's one reader (:func:`diffad.data.read_image`: any PIL mode, 16-bit scaled, EXIF
+orientation applied). A model that gives a non-finite map for an image writes an error row for it, never a
+decision, and the run exits 2.
+
 Exit codes: 0 when the run completed (even with unreadable files: their count is printed);
-2 for bad input (no model, no images found, or not one readable image among them);
+2 for bad input (no model, no images found, or not one readable image among them) or non-finite maps;
 1 when scoring itself failed.
 """
 
@@ -35,6 +39,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffad.data import read_image
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
 
 __all__ = [
@@ -69,6 +74,7 @@ class DetectSummary:
     failed: int = 0
     skipped_done: int = 0
     failed_files: list[str] = field(default_factory=list)
+    nonfinite: int = 0  # files the model could not judge (a non-finite map): an error, not a decision
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -143,13 +149,6 @@ def _require_calibration(pipe, model) -> None:
         raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    """Open ``path`` and decode it fully (so truncated files fail here), as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
-
-
 def _overlay_name(path: Path) -> str:
     """A unique, stable overlay file name: the image's stem plus a short hash of its full path."""
     digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
@@ -169,7 +168,7 @@ def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
     batch: list[tuple[Path, Image.Image]] = []
     for path in paths:
         try:
-            batch.append((path, _read_rgb(path)))
+            batch.append((path, read_image(path)))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
             logger.warning("skipping unreadable file %s (%s)", path, message)
@@ -321,6 +320,16 @@ def detect(
                           batch_size=1, output_type="np")
             decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
             for i, (path, photo) in enumerate(batch):
+                if not np.isfinite(output.anomaly_maps[anomaly_map][i]).all():
+                    # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
+                    message = "the model produced a non-finite anomaly map: check the weights, or retrain"
+                    logger.error("%s: %s", path, message)
+                    writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
+                                     "error": message})
+                    summary.failed += 1
+                    summary.failed_files.append(str(path))
+                    summary.nonfinite += 1
+                    continue
                 name = _overlay_name(path)
                 _save_overlay(photo, output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i], threshold,
                               out_dir / OVERLAY_DIR / name)
@@ -372,6 +381,9 @@ def run(args: argparse.Namespace) -> int:
                      anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config)
     print(f"scored {summary.scored} images ({summary.defective} defective), "
           f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
+    if summary.nonfinite:
+        raise ValueError(f"the model produced non-finite anomaly maps for {summary.nonfinite} images (error rows "
+                         f"in {summary.results_csv}): check or retrain the model")
     if summary.scored == 0 and summary.skipped_done == 0:
         raise ValueError(f"none of the {summary.failed} input files could be read as an image")
     return 0

@@ -1,0 +1,188 @@
+"""Issue 13: diffad fails closed. Each test is a case that gave a silent wrong result (or a misleading message)
+before, with an assertion on the exit code, the one-line message and that nothing was lost."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from diffad.cli import main
+from diffad.data import MVTecDataError, load_mvtec, read_image
+from diffad.detect import detect, load_pipeline
+from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, SelfAwareInpaintPipeline, rgb_array
+from tiny_components import saved_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return saved_tiny_pipeline(tmp_path_factory.mktemp("robust") / "model")
+
+
+def _photo(seed: int = 0, size: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------ 1. corrupted weights never pass a part
+
+
+def _corrupt(model: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    bad = tmp_path / "bad_model"
+    shutil.copytree(model, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.numel() > 100)
+    tensors[name].view(-1)[:50] = float("nan")
+    save_file(tensors, weights)
+    return bad
+
+
+def test_nan_weights_are_refused_at_load_naming_the_file(model, tmp_path, capsys):
+    bad = _corrupt(model, tmp_path)
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors holds 50 NaN or infinite"):
+        SelfAwareInpaintPipeline.from_pretrained(bad)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo()).save(photos / "a.png")
+    code = main(["detect", "--model", str(bad), str(photos), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or infinite weights" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_a_nan_score_is_never_ok_in_the_pipeline_or_detect(model, tmp_path, capsys):
+    pipe = load_pipeline(model)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[:10] = float("nan")  # corrupted in memory, after loading
+    out = pipe(torch.zeros(1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    name = pipe.default_map("self_aware")
+    assert not np.isfinite(out.scores[name]).all() and out.is_anomalous[name].all()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo()).save(photos / "a.png")
+    summary = detect(model, [photos], tmp_path / "out", pipe=pipe)
+    row = _rows(tmp_path / "out" / "results.csv")[0]
+    assert summary.nonfinite == 1 and summary.scored == 0
+    assert row["decision"] == "error" and "non-finite" in row["error"] and row["score"] == ""
+
+
+# ------------------------------------------------------------------ 3. one image reader, every mode
+
+
+def _modes(rgb: np.ndarray) -> dict[str, Image.Image]:
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    base = Image.fromarray(rgb)
+    return {
+        "RGB": base, "L": Image.fromarray(gray), "LA": Image.fromarray(gray).convert("LA"),
+        "P": base.convert("P"), "RGBA": base.convert("RGBA"), "CMYK": base.convert("CMYK"),
+        "I;16": Image.fromarray(gray.astype(np.uint16) * 257), "I": Image.fromarray(gray.astype(np.int32) * 257),
+        "F": Image.fromarray(gray.astype(np.float32) / 255.0),
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_mode_reads_to_the_same_rgb(mode):
+    rgb = _photo(1)
+    image = _modes(rgb)[mode]
+    arr = rgb_array(image)
+    assert arr.shape == (40, 40, 3) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    gray = rgb.mean(axis=-1).round() / 255.0
+    if mode in ("L", "LA", "I;16", "I", "F"):
+        np.testing.assert_allclose(arr[..., 0], gray, atol=1e-6)  # 16-bit scaled, not saturated to white
+    elif mode in ("RGB", "RGBA", "CMYK"):
+        np.testing.assert_allclose(arr, rgb / 255.0, atol=1e-6)
+    else:  # palette: quantised colours, close
+        assert np.abs(arr - rgb / 255.0).mean() < 0.1
+
+
+def test_a_16_bit_png_scores_as_its_8_bit_copy_in_detect_and_the_pipeline(model, tmp_path):
+    rgb = _photo(2)
+    gray = rgb.mean(axis=-1).round().astype(np.uint8)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(gray).save(photos / "eight.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(photos / "sixteen.png")
+    assert Image.open(photos / "sixteen.png").mode.startswith("I")
+    pipe = load_pipeline(model)
+    a, b = read_image(photos / "eight.png"), read_image(photos / "sixteen.png")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(pipe.preprocess([Image.open(photos / "sixteen.png")]),
+                                  pipe.preprocess([Image.open(photos / "eight.png")]))
+    detect(model, [photos], tmp_path / "out", pipe=pipe)
+    rows = {Path(r["file"]).name: r for r in _rows(tmp_path / "out" / "results.csv")}
+    assert rows["eight.png"]["score"] == rows["sixteen.png"]["score"] != ""
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    rgb = np.zeros((20, 40, 3), dtype=np.uint8)
+    rgb[:, :20] = 255  # left half white, 40 wide x 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored as is; shown rotated 90 degrees clockwise
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    image = read_image(tmp_path / "rotated.jpg")
+    assert image.size == (20, 40)  # width and height swapped: now 20 wide x 40 high
+    arr = np.asarray(image)
+    assert arr[:15].mean() > 200 and arr[25:].mean() < 50  # the white left half is now on top
+
+
+# ------------------------------------------------------------------ 10. tiny images and broken links
+
+
+def _mvtec(root: Path, n: int = 6) -> Path:
+    good = root / "part" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(_photo(i, 16)).save(good / f"{i:03d}.png")
+    return root
+
+
+def test_an_image_below_the_minimum_size_is_refused_naming_the_file(tmp_path):
+    root = _mvtec(tmp_path)
+    Image.fromarray(_photo(9, 1)).save(root / "part" / "train" / "good" / "tiny.png")
+    with pytest.raises(MVTecDataError, match=rf"tiny.png: the image is 1x1 px; diffad needs at least {MIN_IMAGE_SIDE}"):
+        load_mvtec(root, "part", resolution=16)
+    with pytest.raises(ValueError, match="image 0: the image is 1x1 px"):
+        SelfAwareInpaintPipeline.preprocess(load_pipeline_stub(), [Image.new("RGB", (1, 1))])
+
+
+def load_pipeline_stub():
+    from tiny_components import tiny_pipeline
+
+    return tiny_pipeline()
+
+
+def test_a_broken_symlink_in_a_data_folder_is_named_in_a_warning(tmp_path, caplog):
+    root = _mvtec(tmp_path)
+    os.symlink(tmp_path / "nowhere.png", root / "part" / "train" / "good" / "link.png")
+    with caplog.at_level(logging.WARNING, logger="diffad.data"):
+        data = load_mvtec(root, "part", resolution=16)
+    assert len(data["train"]) + len(data["validation"]) == 6
+    assert any("link.png" in r.message and "broken symbolic link" in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------ 6. decisions never depend on the batch
+
+
+def test_detect_csv_is_identical_at_batch_sizes_1_and_8(model, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(9):
+        Image.fromarray(_photo(10 + i)).save(photos / f"{i}.png")
+    pipe = load_pipeline(model)
+    detect(model, [photos], tmp_path / "b1", pipe=pipe, batch_size=1)
+    detect(model, [photos], tmp_path / "b8", pipe=pipe, batch_size=8)
+    assert (tmp_path / "b1" / "results.csv").read_bytes() == (tmp_path / "b8" / "results.csv").read_bytes()
