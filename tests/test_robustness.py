@@ -186,3 +186,64 @@ def test_detect_csv_is_identical_at_batch_sizes_1_and_8(model, tmp_path):
     detect(model, [photos], tmp_path / "b1", pipe=pipe, batch_size=1)
     detect(model, [photos], tmp_path / "b8", pipe=pipe, batch_size=8)
     assert (tmp_path / "b1" / "results.csv").read_bytes() == (tmp_path / "b8" / "results.csv").read_bytes()
+
+
+# ------------------------------------------------------------------ 7, 8. a missing calibration or UNet file
+
+
+@pytest.mark.parametrize("component, expected", [
+    ("calibration", r"calibration/diffusion_pytorch_model.safetensors is missing .*diffad calibrate --model"),
+    ("unet", r"unet/diffusion_pytorch_model.safetensors is missing .*retrain"),
+])
+def test_a_missing_component_names_its_file_and_the_fix(model, tmp_path, capsys, component, expected):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    if component == "calibration":
+        shutil.rmtree(broken / "calibration")
+    else:
+        (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=expected):
+        SelfAwareInpaintPipeline.from_pretrained(broken)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo()).save(photos / "a.png")
+    code = main(["detect", "--model", str(broken), str(photos), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is missing" in err and ".bin" not in err and "unsafe" not in err.lower()
+
+
+# ------------------------------------------------------------------ 9. a one-class test split fails before the model
+
+
+def test_evaluate_on_a_one_class_test_split_fails_before_running_the_model(model, tmp_path, capsys, monkeypatch):
+    root = _mvtec(tmp_path / "data")
+    test_good = root / "part" / "test" / "good"
+    test_good.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(_photo(30 + i, 16)).save(test_good / f"{i:03d}.png")
+    calls = []
+    original = SelfAwareInpaintPipeline.__call__
+    monkeypatch.setattr(SelfAwareInpaintPipeline, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k))
+    code = main(["evaluate", "--model", str(model), "--data", str(root), "--category", "part",
+                 "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only good images (3)" in err and "Traceback" not in err
+    assert calls == []
+
+
+# ------------------------------------------------------------------ 4. --out inside the input folder
+
+
+def test_out_inside_the_input_folder_never_scores_its_own_overlays(model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(40 + i)).save(photos / f"{i}.png")
+    out = photos / "inspection"
+    for _ in range(2):  # a second run over the same folder finds the first run's overlays there
+        assert main(["detect", "--model", str(model), str(photos), "--out", str(out)]) == 0
+    rows = _rows(out / "results.csv")
+    assert sorted(Path(r["file"]).name for r in rows) == ["0.png", "1.png"]
+    assert len(list((out / "overlays").iterdir())) == 2

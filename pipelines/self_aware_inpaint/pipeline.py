@@ -528,8 +528,23 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, then refuse weights that are not finite: a corrupted file would
-        otherwise give NaN maps and pass every part (``ValueError`` naming the component's file)."""
+        """``DiffusionPipeline.from_pretrained`` with safetensors only (never pickle weights), then refuse weights
+        that are not finite: a corrupted file would otherwise give NaN maps and pass every part. A local folder
+        missing a component's files gets one ``FileNotFoundError`` naming the file and what to run."""
+        folder = str(pretrained_model_name_or_path)
+        index_path = os.path.join(folder, "model_index.json")
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            for name in ("unet", "segmenter", CALIBRATION_COMPONENT):
+                entry = index.get(name)
+                weights = os.path.join(folder, name, "diffusion_pytorch_model.safetensors")
+                if isinstance(entry, list) and entry[0] is not None and not os.path.isfile(weights):
+                    fix = {"unet": "copy it back or retrain (training/train_ddpm.py)",
+                           "segmenter": "copy it back or retrain it (training/train_segmenter.py)",
+                           CALIBRATION_COMPONENT: f"recalibrate: `diffad calibrate --model {folder} ...`"}[name]
+                    raise FileNotFoundError(f"{weights} is missing (model_index.json lists a {name}): {fix}")
+        kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for name in ("unet", "segmenter", "calibration"):
             module = getattr(pipe, name, None)

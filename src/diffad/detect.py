@@ -293,7 +293,17 @@ def detect(
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if config is not None and config not in SAMPLING_PRESETS:
         raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
-    paths = find_images(inputs)
+    out_root = Path(out_dir).resolve()
+    paths, own = [], 0
+    for p in find_images(inputs):  # never score our own overlays when --out lies inside an input folder
+        if out_root == p.resolve().parent or out_root in p.resolve().parents:
+            own += 1
+        else:
+            paths.append(p)
+    if own:
+        logger.info("left out %d files inside the output folder %s", own, out_dir)
+    if not paths:
+        raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
     if pipe is None:
         pipe = load_pipeline(model)
     _check_options(pipe, model, method, anomaly_map, config)

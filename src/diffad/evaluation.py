@@ -286,6 +286,10 @@ def evaluate_pipeline(
     combos = [(m, a) for m in methods for a in maps_of[m]]
     resolution = int(pipe.resolution)
     labels = [int(v) for v in dataset_split["label"]]
+    if len(set(labels)) < 2:  # before any model call: AUROC needs both classes
+        only = "good" if labels[0] == 0 else "defective"
+        raise ValueError(f"the test split has only {only} images ({n}): image AUROC needs good and defective test "
+                         "images; add test/good/ and at least one test/<defect>/ folder with its ground_truth masks")
     defect_types = list(dataset_split["defect_type"])
     files = list(dataset_split["file_name"]) if "file_name" in dataset_split.column_names else [str(i) for i in range(n)]
     if category is None:
