@@ -247,3 +247,42 @@ def test_out_inside_the_input_folder_never_scores_its_own_overlays(model, tmp_pa
     rows = _rows(out / "results.csv")
     assert sorted(Path(r["file"]).name for r in rows) == ["0.png", "1.png"]
     assert len(list((out / "overlays").iterdir())) == 2
+
+
+# ------------------------------------------------------------------ 2. --overwrite_output_dir and resume
+
+
+def test_overwrite_clears_old_checkpoints_and_resume_refuses_another_runs_checkpoint(tmp_path):
+    from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
+    from diffad.training import train_ddpm
+    from diffad.training_utils import CHECKPOINT_MARKER, latest_checkpoint, list_checkpoints
+
+    import json
+
+    data = make_synthetic_dataset(tmp_path / "data", resolution=32, num_train=10, num_test_good=2,
+                                  num_test_defect_per_type=1, categories=[SYNTHETIC_CATEGORIES[0]])
+    out = tmp_path / "run"
+
+    def train(*extra: str):
+        return train_ddpm.main(train_ddpm.parse_args([
+            "--data_dir", str(data), "--category", SYNTHETIC_CATEGORIES[0], "--preset", "tiny", "--resolution", "32",
+            "--train_batch_size", "4", "--report_to", "none", "--output_dir", str(out), "--checkpointing_steps", "1",
+            "--num_epochs", "100", *extra]))
+
+    train("--seed", "0", "--learning_rate", "1e-3", "--max_train_steps", "3")
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    outside = tmp_path / "keep-me"
+    outside.mkdir()
+    (out / "checkpoint-99").symlink_to(outside, target_is_directory=True)  # never followed out of the folder
+    # a new run in the same folder: the old run's checkpoints go, so `latest` can only find the new run's own
+    train("--seed", "1", "--learning_rate", "1e-4", "--max_train_steps", "1", "--overwrite_output_dir")
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-1"] and outside.is_dir()
+    saved = json.loads((latest_checkpoint(out) / CHECKPOINT_MARKER).read_text())
+    assert saved["log"]["config"]["seed"] == 1
+    # resuming it with other settings is refused in one line, before any tensor is loaded
+    with pytest.raises(ValueError, match=r"belongs to a run with learning_rate=0.0001, this run has "
+                                         r"learning_rate=0.001") as err:
+        train("--seed", "1", "--learning_rate", "1e-3", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    with pytest.raises(ValueError, match="pass only one of them"):
+        train("--seed", "1", "--max_train_steps", "2", "--overwrite_output_dir", "--resume_from_checkpoint", "latest")

@@ -59,6 +59,8 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     OneLineArgumentParser,
     TrainingLog,
     augment_batch,
+    check_resume_config,
+    clear_checkpoints,
     parse_int_list,
     remove_incomplete,
     run_with_clear_errors,
@@ -85,6 +87,14 @@ def _tensorboard_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+#: The settings a resumed run must share with the checkpoint's run (anything else may change, e.g. logging).
+RESUME_KEYS = ("preset", "resolution", "data_dir", "category", "validation_fraction", "seed", "learning_rate",
+               "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "lr_scheduler",
+               "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "block_out_channels",
+               "layers_per_block", "attention_resolutions", "norm_num_groups", "num_train_timesteps", "use_ema",
+               "random_flip", "unet_config")
 
 
 def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namespace:
@@ -156,7 +166,8 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g = p.add_argument_group("output, checkpoints, logging")
     g.add_argument("--output_dir", type=str, default="ddpm-model", help="Pipeline folder, checkpoints and logs.")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Allow a fresh run in a folder that already holds a trained pipeline.")
+                   help="Start a new run in a folder that already holds a trained pipeline or checkpoints: the old "
+                        "run's checkpoints are deleted (never anything outside the folder).")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
@@ -316,6 +327,9 @@ def main(args: argparse.Namespace) -> Path:
             f"`accelerate launch --multi_gpu --num_processes {args.expect_world_size} --num_cpu_threads_per_process 1 ...`")
     logger.info(f"world size {world} ({accelerator.distributed_type}), device {accelerator.device}")
 
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
+                         "pass only one of them")
     resume_path = resolve_resume(args, output_dir)
     # Checked on every rank (an error on one rank only would leave the others waiting).
     if resume_path is None and (output_dir / "model_index.json").exists() and not args.overwrite_output_dir:
@@ -324,6 +338,8 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(output_dir)
+        if args.overwrite_output_dir:  # a new run: a later `--resume_from_checkpoint latest` must find only its own
+            clear_checkpoints(output_dir)
     accelerator.wait_for_everyone()
 
     # 1. data
@@ -388,9 +404,11 @@ def main(args: argparse.Namespace) -> Path:
                              "best_val_loss": None, "best_epoch": None, "step_losses": [], "resumed_from": []}
     best_weights: Optional[Dict[str, torch.Tensor]] = None
     if resume_path is not None:
+        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
+        # before loading any tensor: a checkpoint of another run is refused in one line (no size-mismatch dump)
+        check_resume_config(resume_path, saved, config, RESUME_KEYS)
         logger.info(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
         state.update(saved["state"])
         log.load_state_dict(saved["log"])
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),

@@ -452,6 +452,41 @@ def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, sta
     return dest
 
 
+def clear_checkpoints(output_dir: PathLike) -> List[Path]:
+    """Delete every ``checkpoint-<step>`` folder directly in ``output_dir`` (``--overwrite_output_dir``: a new run
+    must never resume an old run's checkpoints). Only real folders inside ``output_dir`` are removed: a symbolic
+    link is unlinked, never followed. Returns the removed paths."""
+    output_dir = Path(output_dir)
+    removed: List[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    root = output_dir.resolve()
+    for p in sorted(output_dir.iterdir()):
+        if checkpoint_step(p) is None:
+            continue
+        if p.is_symlink():
+            p.unlink()
+        elif p.is_dir() and p.resolve().parent == root:
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(p)
+    if removed:
+        logger.info("--overwrite_output_dir: removed %d old checkpoint(s) from %s", len(removed), output_dir)
+    return removed
+
+
+def check_resume_config(path: Path, saved: Dict[str, Any], config: Dict[str, Any], keys: Sequence[str]) -> None:
+    """Refuse to resume checkpoint ``path`` when the run that wrote it (``saved``: its marker's ``log.config``)
+    differs from this run's ``config`` in any of ``keys``: one line naming the first difference."""
+    old = (saved.get("log") or {}).get("config") or {}
+    for key in keys:
+        if key in old and key in config and to_jsonable(old[key]) != to_jsonable(config[key]):
+            raise ValueError(f"--resume_from_checkpoint: {path} belongs to a run with {key}={old[key]!r}, this run "
+                             f"has {key}={config[key]!r}; resume with the same settings, or start a new run with "
+                             "--overwrite_output_dir or another --output_dir")
+
+
 def resolve_resume(args: argparse.Namespace, output_dir: Path) -> Optional[Path]:
     """The checkpoint to resume from, or ``None`` for a fresh start."""
     if not args.resume_from_checkpoint:
