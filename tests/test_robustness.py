@@ -286,3 +286,24 @@ def test_overwrite_clears_old_checkpoints_and_resume_refuses_another_runs_checkp
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
     with pytest.raises(ValueError, match="pass only one of them"):
         train("--seed", "1", "--max_train_steps", "2", "--overwrite_output_dir", "--resume_from_checkpoint", "latest")
+
+
+# ------------------------------------------------------------------ 12. two detect runs into one folder
+
+
+def test_a_second_detect_into_the_same_folder_fails_at_once(model, tmp_path, capsys):
+    import fcntl
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo(50)).save(photos / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / ".diffad-detect.lock").open("a") as held:  # what a running detect holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["detect", "--model", str(model), str(photos), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "another diffad detect is writing to" in err
+        assert not (out / "results.csv").exists()
+    assert main(["detect", "--model", str(model), str(photos), "--out", str(out)]) == 0  # released: it runs
+    assert len(_rows(out / "results.csv")) == 1

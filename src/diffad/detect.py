@@ -28,6 +28,7 @@ Exit codes: 0 when the run completed (even with unreadable files: their count is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import logging
@@ -60,6 +61,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
 RESULTS_NAME = "results.csv"
 OVERLAY_DIR = "overlays"
+LOCK_NAME = ".diffad-detect.lock"
 # Overlays are drawn at the photo's own size, capped on the long side to keep files small.
 MAX_OVERLAY_SIDE = 512
 
@@ -279,8 +281,6 @@ def detect(
     Raises:
         FileNotFoundError / ValueError: bad model, inputs or options.
     """
-    from diffad.training_utils import image_generator
-
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if anomaly_map is None:
@@ -310,6 +310,35 @@ def detect(
 
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/.diffad-detect.lock`` (an OS lock, released even by a killed process) for the run: a second
+    ``diffad detect`` into the same folder fails at once with one line instead of interleaving rows."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with (out_dir / LOCK_NAME).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another diffad detect is writing to {out_dir}: wait for it to finish, or pass "
+                             "another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomaly_map: str, method: str,
+                 seed: int) -> DetectSummary:
+    from diffad.training_utils import image_generator
+
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
     done = _done_files(results_csv)
