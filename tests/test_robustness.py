@@ -307,3 +307,40 @@ def test_a_second_detect_into_the_same_folder_fails_at_once(model, tmp_path, cap
         assert not (out / "results.csv").exists()
     assert main(["detect", "--model", str(model), str(photos), "--out", str(out)]) == 0  # released: it runs
     assert len(_rows(out / "results.csv")) == 1
+
+
+# ------------------------------------------------------------------ 5. push: an allow-list, no links, no local paths
+
+
+def test_push_uploads_an_allow_list_never_through_links_and_runs_no_folder_code(model, tmp_path):
+    import json
+    import shutil
+
+    from diffad.hub import assemble_hub_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    (folder / "README.md").write_text("# card\n")
+    (folder / "notes.txt").write_text("private notes")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "x.json").write_text("{}")
+    (folder / "unet" / "notes.txt").write_text("private")
+    (folder / "training_log.json").write_text(json.dumps({"config": {"data_dir": "/home/me/secret/bottle",
+                                                                     "seed": 0}}))
+    marker = tmp_path / "ran.txt"
+    (folder / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")  # must never run
+    files = assemble_hub_folder(folder, tmp_path / "hub")
+    assert "notes.txt" not in files and "unet/notes.txt" not in files
+    assert not any(".ipynb" in f for f in files)
+    assert json.loads((tmp_path / "hub" / "training_log.json").read_text())["config"]["data_dir"] == "bottle"
+    from diffad.pipelines.self_aware_inpaint import pipeline as own
+
+    assert (tmp_path / "hub" / "pipeline.py").read_bytes() == Path(own.__file__).read_bytes()
+    assert not marker.exists()
+    # a link out of the folder is refused, naming it
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    (folder / "unet" / "config.json").unlink()
+    (folder / "unet" / "config.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"unet/config.json is a symbolic link"):
+        assemble_hub_folder(folder, tmp_path / "hub2")

@@ -4,13 +4,15 @@ Steps (each a function, so scripts and tests can run them separately):
 
 1. :func:`check_publishable` refuses a folder that is not a diffad model, is not calibrated, or has no
    model card (``README.md``, written by ``diffad card``): exit code 2 with one line saying what to run.
-2. :func:`assemble_hub_folder` copies what a Hub repo needs into a temporary folder: ``model_index.json``,
-   ``pipeline.py`` (the pipeline's code, so diffusers alone can load it), the component folders
-   (``unet/``, ``scheduler/``, ``segmenter/``, ``calibration/``: weights in safetensors, configs),
-   ``README.md`` and ``training_log.json``. Checkpoints, caches and pickles stay behind.
+2. :func:`assemble_hub_folder` copies an allow-list into a temporary folder: ``model_index.json``, the
+   component folders' configs and safetensors (``unet/``, ``scheduler/``, ``segmenter/``, ``calibration/``),
+   ``README.md`` and the training logs with local paths replaced by their last part; ``pipeline.py`` (top
+   level and in ``calibration/``) is installed diffad's own file, never the folder's. Nothing is read through
+   a symbolic link (a link is an error naming it); checkpoints, stray files, caches and pickles stay behind.
 3. :func:`check_loads_offline` loads that folder with ``DiffusionPipeline.from_pretrained(folder,
    trust_remote_code=True)`` in a FRESH Python process with ``HF_HUB_OFFLINE=1``, a private
-   ``HF_HOME`` and ``diffad`` made unimportable: exactly what a Hub user with diffusers alone gets.
+   ``HF_HOME`` and ``diffad`` made unimportable: exactly what a Hub user with diffusers alone gets. The only
+   code it runs is diffad's own ``pipeline.py`` (step 2), never code that came with the model folder.
 4. :func:`push_model` then calls ``HfApi().create_repo`` and ``HfApi().upload_folder``;
    ``--dry-run`` stops right before and lists what would be uploaded.
 """
@@ -44,8 +46,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json")
-# Files inside component folders that are shipped; anything else (e.g. *.bin pickles, *.tmp) is not.
-_COMPONENT_SUFFIXES = (".json", ".safetensors", ".py", ".txt", ".md")
+#: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
+#: and caches stay behind).
+COMPONENT_FILES = {
+    "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "segmenter": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "scheduler": ("scheduler_config.json",),
+    "calibration": ("config.json", "diffusion_pytorch_model.safetensors", "pipeline.py"),
+}
+#: Logs published with local paths replaced by their last part (a training machine's folders are private).
+_LOG_FILES = ("training_log.json", "segmenter_log.json")
 LOAD_CHECK_TIMEOUT_S = 600
 
 _LOAD_CHECK_SCRIPT = textwrap.dedent(
@@ -125,23 +135,64 @@ def check_publishable(model_dir: str | os.PathLike) -> dict:
     return index
 
 
+def _strip_local_paths(value):
+    """JSON ``value`` with every absolute local path replaced by its last part (``/home/me/data/bottle`` ->
+    ``bottle``)."""
+    if isinstance(value, dict):
+        return {k: _strip_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_local_paths(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith(("~", "./", "../"))):
+        return Path(value).name
+    return value
+
+
+def _source_file(model_dir: Path, rel: str) -> Optional[Path]:
+    """``model_dir/rel`` when it is a regular file inside ``model_dir``; a link (or a path through one) is refused."""
+    path = model_dir / rel
+    if not os.path.lexists(path):
+        return None
+    current = model_dir
+    for part in Path(rel).parts:
+        current = current / part
+        if current.is_symlink():
+            raise ValueError(f"{current} is a symbolic link: diffad push never follows links; replace it with the "
+                             "file itself")
+    return path if path.is_file() else None
+
+
 def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
-    """Copy the files a Hub repo needs from ``model_dir`` into ``dest`` (created); return their relative paths."""
+    """Copy the files a Hub repo needs from ``model_dir`` into ``dest`` (created); return their relative paths.
+
+    Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
+    link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
+    diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder."""
+    from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
+
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
+    own_code = Path(pipeline_module.__file__)
+    wanted = [name for name in HUB_TOP_LEVEL_FILES]
+    wanted += [f"{c}/{f}" for c in _components(index) for f in COMPONENT_FILES.get(c, ())]
     files: list[str] = []
-    for name in HUB_TOP_LEVEL_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, dest / name)
-            files.append(name)
-    for component in _components(index):
-        for path in sorted((model_dir / component).rglob("*")):
-            if path.is_file() and path.suffix in _COMPONENT_SUFFIXES and "__pycache__" not in path.parts:
-                rel = path.relative_to(model_dir)
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest / rel)
-                files.append(rel.as_posix())
+    for rel in wanted:
+        source = _source_file(model_dir, rel)
+        if source is None:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if Path(rel).name == "pipeline.py":
+            if source.read_bytes() != own_code.read_bytes():
+                logger.warning("%s differs from diffad's pipeline.py: publishing diffad's own", source)
+            shutil.copyfile(own_code, dest / rel)
+        elif rel in _LOG_FILES:
+            (dest / rel).write_text(json.dumps(_strip_local_paths(_read_json(source)), indent=2), encoding="utf-8")
+        else:
+            shutil.copyfile(source, dest / rel)
+        files.append(rel)
+    unknown = [c for c in _components(index) if c not in COMPONENT_FILES]
+    if unknown:
+        raise ValueError(f"{model_dir}/model_index.json names components diffad does not publish: {unknown}")
     return sorted(files)
 
 
