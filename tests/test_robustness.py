@@ -344,3 +344,58 @@ def test_push_uploads_an_allow_list_never_through_links_and_runs_no_folder_code(
     (folder / "unet" / "config.json").symlink_to(outside)
     with pytest.raises(ValueError, match=r"unet/config.json is a symbolic link"):
         assemble_hub_folder(folder, tmp_path / "hub2")
+
+
+# ------------------------------------------------------------------ property: any image gives finite maps or a clear error
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_MODES = ("RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1")
+
+
+def _random_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(0, 65536, (height, width)).astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(rng.random((height, width), dtype=np.float32) * rng.choice([1.0, 255.0, 60000.0]))
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def loaded(model):
+    return load_pipeline(model)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(_MODES), width=st.integers(1, 80), height=st.integers(1, 80),
+       seed=st.integers(0, 2**16))
+def test_any_image_gives_finite_maps_and_scores_or_a_clear_error(loaded, mode, width, height, seed):
+    image = _random_image(mode, width, height, seed)
+    if min(width, height) < MIN_IMAGE_SIDE:
+        with pytest.raises(ValueError, match=f"at least {MIN_IMAGE_SIDE} px"):
+            loaded([image], generator=torch.Generator().manual_seed(0))
+        return
+    out = loaded([image], generator=torch.Generator().manual_seed(0))
+    for name, m in out.anomaly_maps.items():
+        assert np.isfinite(m).all() and m.min() >= 0, name
+        assert np.isfinite(out.scores[name]).all() and out.is_anomalous[name].dtype == bool
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(("RGB", "L", "RGBA", "P", "I;16", "1")), side=st.sampled_from((1, 5, 8, 33)),
+       seed=st.integers(0, 2**16))
+def test_detect_never_shows_a_traceback(model, tmp_path_factory, capsys, mode, side, seed):
+    folder = tmp_path_factory.mktemp("prop")
+    _random_image(mode, side, side, seed).save(folder / "x.png")
+    code = main(["detect", "--model", str(model), str(folder), "--out", str(folder / "out")])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    row = _rows(folder / "out" / "results.csv")[0]
+    if side < MIN_IMAGE_SIDE:
+        assert code == 2 and row["decision"] == "error" and f"at least {MIN_IMAGE_SIDE} px" in row["error"]
+    else:
+        assert code == 0 and row["decision"] in ("ok", "defect") and np.isfinite(float(row["score"]))
