@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-segmenter anomaly-samples clean
+.PHONY: venv test test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,5 +62,10 @@ bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
 # One seed, 400 DDPM steps: for iterating (~25 min).
+# fp32 against bf16 on this CPU: UNet forward speed-ups and the default detector's AUROC (needs bench-quality's
+# bottle seed-0 model; ~5 min).
+bench-cpu: venv
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_cpu.py --out $(BENCH_OUT)/cpu
+
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2

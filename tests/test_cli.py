@@ -159,14 +159,18 @@ def test_calibrate_command_calibrates_and_keeps_training_files(synthetic_root, t
     pipe = SelfAwareInpaintPipeline.from_pretrained(model)
     assert pipe.is_calibrated
     cal = pipe.calibration
-    # the fast preset (the default --config) with --percentile overriding its mask_percentile
-    assert cal.sampling == dataclasses.replace(SamplingConfig.fast(), mask_percentile=0.9)
+    # the fast preset (the default --config) with --percentile overriding its mask_percentile, in the precision
+    # --precision auto resolves to on this machine
+    from diffad.precision import resolve_precision
+
+    precision = resolve_precision("auto")
+    assert cal.sampling == dataclasses.replace(SamplingConfig.fast(), mask_percentile=0.9, precision=precision)
     assert cal.config.target_false_positive_rate == pytest.approx(0.1)
     assert tuple(cal.q_threshold.shape) == (32, 32) and float(cal.q_threshold.min()) > 0
     assert cal.threshold("self_aware/multiscale") is not None and cal.threshold("denoise/multiscale") is not None
     # one line with what the calibration measured on held-out normal images
     (line,) = captured.out.strip().splitlines()
-    assert line.startswith(f"calibrated {model}: sampling config custom (mask_percentile 0.9), ")
+    assert line.startswith(f"calibrated {model}: sampling config custom (mask_percentile 0.9, {precision}), ")
     assert f"held-out mask share {cal.config.heldout_mask_share:.3f} (expected about 0.10)" in line
     rates = dict(zip(cal.config.threshold_names, cal.config.heldout_false_positive_rates))
     rate = rates["self_aware/multiscale"]

@@ -80,7 +80,7 @@ def test_pipeline_file_reads_stages_config_calibration_pipeline():
     classes = ["SamplingConfig", "AnomalyCalibration", "SelfAwareInpaintPipeline"]
     assert max(order.index(s) for s in stages) < order.index("SamplingConfig")
     assert [order.index(c) for c in classes] == sorted(order.index(c) for c in classes)
-    assert len(PIPELINE_FILE.read_text().splitlines()) <= 900
+    assert len(PIPELINE_FILE.read_text().splitlines()) <= 950
 
 
 # ------------------------------------------------------------------ the stages against diffusers
@@ -546,3 +546,28 @@ def test_mask_share_on_held_back_normal_images_is_one_minus_p(trained_tiny_pipel
     share = float(held_back.inpaint_masks.mean())
     assert abs(share - 0.2) <= 0.05, share
     assert abs(pipe.calibration.config.heldout_mask_share - 0.2) <= 0.05
+
+
+def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_the_maps_close():
+    """precision="bf16": the UNet runs under bf16 autocast, everything else stays float32; the maps stay close to
+    fp32's; a calibration records its precision and a call runs it."""
+    fp32 = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
+                          denoise_steps=3)
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    assert bf16.preset_name is None and dataclasses.replace(SamplingConfig.fast(), precision="bf16").preset_name == "fast"
+    x = images(4, seed=1)
+    outs = {}
+    for config in (fp32, bf16):
+        pipe = tiny_pipeline().calibrate(x, config=config, generator=torch.Generator().manual_seed(0))
+        assert pipe.calibration.sampling.precision == config.precision
+        seen = []
+        hook = pipe.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        outs[config.precision] = pipe(images(2, seed=3), generator=torch.Generator().manual_seed(0), output_type="pt")
+        hook.remove()
+        assert set(seen) == {torch.bfloat16 if config.precision == "bf16" else torch.float32}
+    a, b = outs["fp32"], outs["bf16"]
+    for name in a.anomaly_maps:
+        assert b.anomaly_maps[name].dtype == torch.float32
+        assert torch.allclose(a.anomaly_maps[name], b.anomaly_maps[name], rtol=0.1, atol=0.05), name
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SamplingConfig(precision="fp16")

@@ -399,3 +399,32 @@ def test_detect_never_shows_a_traceback(model, tmp_path_factory, capsys, mode, s
         assert code == 2 and row["decision"] == "error" and f"at least {MIN_IMAGE_SIDE} px" in row["error"]
     else:
         assert code == 0 and row["decision"] in ("ok", "defect") and np.isfinite(float(row["score"]))
+
+
+def test_precision_auto_falls_back_to_fp32_without_cpu_bf16(monkeypatch, caplog):
+    from diffad import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.resolve_precision("auto") == "fp32"
+    with caplog.at_level(logging.WARNING, logger="diffad.precision"):
+        assert precision.resolve_precision("bf16") == "fp32"
+    assert [r.message for r in caplog.records] == ["this CPU has no native bf16 (AVX512-BF16/AMX): running fp32"]
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve_precision("auto") == "bf16" and precision.resolve_precision("fp32") == "fp32"
+
+
+def test_detect_refuses_another_precision_than_the_calibrations(model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo(60)).save(photos / "a.png")
+    # the fixture is calibrated in fp32
+    code = main(["detect", "--model", str(model), str(photos), "--out", str(tmp_path / "o"), "--precision", "bf16"])
+    err = capsys.readouterr().err
+    from diffad.precision import cpu_has_bf16
+
+    if cpu_has_bf16():
+        assert code == 2 and "was calibrated in fp32; recalibrate" in err
+    else:  # bf16 resolves to fp32 here: the same precision
+        assert code == 0
+    assert main(["detect", "--model", str(model), str(photos), "--out", str(tmp_path / "o2"), "--precision",
+                 "fp32"]) == 0

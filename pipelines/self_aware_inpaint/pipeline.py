@@ -60,6 +60,8 @@ RENOISE_KINDS = ("fixed", "fresh")
 #: How ``self_aware`` reconstructs: ``"denoise"`` (every pixel, like the baseline) or ``"inpaint"`` (the thesis:
 #: redraw only the masked pixels).
 RECONSTRUCTIONS = ("denoise", "inpaint")
+#: The networks' arithmetic (:attr:`SamplingConfig.precision`).
+PRECISIONS = ("fp32", "bf16")
 SAMPLING_PRESETS = ("fast", "thesis")
 ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
 Generators = List[torch.Generator]
@@ -312,6 +314,8 @@ class SamplingConfig:
             redraw the masked pixels, keep the rest) or ``"denoise"`` (every pixel, as ``method="denoise"``; the
             mask is still returned). Measured at 10 UNet passes on validation with synthetic defects, on three
             real categories: denoising plus ``Q / Q_p`` (the ``combined`` map) beats inpainting.
+        precision: the networks' arithmetic: ``"fp32"`` or ``"bf16"`` (autocast; fast on CPUs with AMX or
+            AVX512-BF16). The diffusion arithmetic (noising, posterior steps, maps) stays float32.
     """
 
     mask_timesteps: Tuple[int, ...] = (150,)
@@ -324,6 +328,7 @@ class SamplingConfig:
     denoise_steps: int = 10
     map_filter_size: Optional[int] = None
     reconstruction: Literal["denoise", "inpaint"] = "denoise"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self):
         steps = self.mask_timesteps
@@ -344,6 +349,8 @@ class SamplingConfig:
             raise ValueError(f"renoise must be one of {RENOISE_KINDS}; got {self.renoise!r}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}; got {self.reconstruction!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
         if self.reconstruction == "denoise" and self.resample_steps != 1:
             raise ValueError(f"resample_steps must be 1 with reconstruction='denoise' (resampling harmonises an "
                              f"inpainted region; there is none); got {self.resample_steps}")
@@ -376,8 +383,9 @@ class SamplingConfig:
 
     @property
     def preset_name(self) -> Optional[str]:
-        """``"fast"`` or ``"thesis"`` when this config equals that preset, else None."""
-        return next((name for name in SAMPLING_PRESETS if getattr(type(self), name)() == self), None)
+        """``"fast"`` or ``"thesis"`` when this config equals that preset (at any precision), else None."""
+        return next((name for name in SAMPLING_PRESETS
+                     if dataclasses.replace(getattr(type(self), name)(), precision=self.precision) == self), None)
 
     def unet_passes(self, method: str) -> int:
         """Denoiser passes per image (with ``reconstruction="inpaint"``, an image whose mask comes out empty skips
@@ -651,7 +659,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             raise ValueError(f"the calibration was made at resolution {cal.config.resolution} but the model's is "
                              f"{self.resolution}: recalibrate with pipe.calibrate(normal_images)")
         fitted = cal.sampling
-        if wanted is not None and wanted != fitted:
+        same_preset = isinstance(config, str) and fitted.preset_name == config  # "fast" at any precision
+        if wanted is not None and wanted != fitted and not same_preset:
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
                              f"to run {wanted.preset_name or wanted}, recalibrate: "
                              f"pipe.calibrate(normal_images, config={wanted.preset_name or 'your_config'!r})")
@@ -728,6 +737,10 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     def _combined_thresholds(self) -> Dict[str, float]:
         return {name: self.calibration.threshold(f"self_aware/{name}") for name in COMBINED_MAPS}
 
+    def _autocast(self, config: SamplingConfig):
+        """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
     def _mask_stage(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
         return noise_error(self.unet, self.scheduler.alphas_cumprod, x, config.mask_timesteps, config.mask_noise_draws,
                            generators)
@@ -768,11 +781,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         for idx in self.progress_bar(self._chunks(x.shape[0], batch_size)):
             gens = [generators[i] for i in idx]
             q = q_threshold = None
-            if method == "self_aware":
-                q = self._mask_stage(x[idx], config, gens)
-                q_threshold = self.calibration.q_threshold.to(q.device).expand_as(q)
-            thresholds = self._combined_thresholds() if method == "self_aware" else None
-            parts.append(self._reconstruct(x[idx], q, q_threshold, method, config, gens, thresholds))
+            with self._autocast(config):
+                if method == "self_aware":
+                    q = self._mask_stage(x[idx], config, gens)
+                    q_threshold = self.calibration.q_threshold.to(q.device).expand_as(q)
+                thresholds = self._combined_thresholds() if method == "self_aware" else None
+                parts.append(self._reconstruct(x[idx], q, q_threshold, method, config, gens, thresholds))
         maps = {name: torch.cat([p["maps"][name] for p in parts]).float() for name in parts[0]["maps"]}
         scores = {name: m.flatten(1).amax(dim=1) for name, m in maps.items()}
         decisions = {name: self._decide(method, name, s) for name, s in scores.items()}
@@ -855,7 +869,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         for method in methods:
             gens = [torch.Generator().manual_seed(s) for s in seeds]  # each method as a call with these seeds
             if method == "self_aware":
-                q_all = torch.cat([self._mask_stage(x[idx], config, [gens[i] for i in idx]).cpu() for idx in chunks])
+                with self._autocast(config):
+                    q_all = torch.cat([self._mask_stage(x[idx], config, [gens[i] for i in idx]).cpu()
+                                       for idx in chunks])
                 q_p = per_pixel_quantile(q_all, config.mask_percentile)
                 fold_q_p = torch.stack([per_pixel_quantile(q_all[fold == k], config.mask_percentile) for k in (0, 1)])
                 heldout_q_p = fold_q_p[1 - fold]  # each image against the other fold's Q_p
@@ -863,7 +879,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             for idx in chunks:
                 q = q_all[idx].to(x.device) if method == "self_aware" else None
                 qt = heldout_q_p[idx].to(x.device) if method == "self_aware" else None
-                part = self._reconstruct(x[idx], q, qt, method, config, [gens[i] for i in idx])
+                with self._autocast(config):
+                    part = self._reconstruct(x[idx], q, qt, method, config, [gens[i] for i in idx])
                 shares.append(part["masks"].flatten(1).float().mean(dim=1).cpu())
                 for name, m in part["maps"].items():
                     per_map.setdefault(name, []).append(m.cpu())

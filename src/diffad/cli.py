@@ -99,6 +99,7 @@ def calibrate_model(
     *,
     config: str | SamplingConfig = "fast",
     percentile: Optional[float] = None,
+    precision: str = "auto",
     target_false_positive_rate: float = 0.05,
     seed: int = 0,
     validation_fraction: float = 0.2,
@@ -121,6 +122,8 @@ def calibrate_model(
         config: the sampling preset, one of ``SAMPLING_PRESETS`` (``"fast"``, ``"thesis"``), or a
             ``SamplingConfig``; ``diffad detect`` and ``diffad evaluate`` then run exactly it.
         percentile: overrides the preset's ``mask_percentile`` ``p`` in (0, 1) (None: the preset's).
+        precision: the networks' arithmetic, ``"auto"`` (bf16 where the hardware has it natively, else fp32),
+            ``"fp32"`` or ``"bf16"``; recorded in the calibration and run by every later call.
         target_false_positive_rate: fraction of normal images the image thresholds flag.
         seed: seeds the validation split and the calibration noise.
         validation_fraction: must match the one used in training.
@@ -148,7 +151,10 @@ def calibrate_model(
         sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
     if not 0.0 < target_false_positive_rate < 1.0:
         raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
+    from diffad.precision import resolve_precision
+
     pipe = SelfAwareInpaintPipeline.from_pretrained(model_dir)
+    sampling = dataclasses.replace(sampling, precision=resolve_precision(precision, pipe.device))
     pipe.set_progress_bar_config(disable=True)
     splits = load_mvtec(data, category, resolution=pipe.resolution,
                         validation_fraction=validation_fraction, seed=seed)
@@ -157,8 +163,8 @@ def calibrate_model(
         raise ValueError(f"the validation split of {category!r} in {data} has {len(validation)} images and "
                          "calibration needs at least 4: raise --validation-fraction or add train/good images")
     images = [row["image"] for row in validation]
-    logger.info("calibrating %s on %d validation images of %r (sampling config %s)", model_dir, len(images),
-                category, sampling.preset_name or sampling)
+    logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
+                category, sampling.preset_name or sampling, sampling.precision)
     pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
                    generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
     return save_pipeline_atomically(pipe, model_dir)
@@ -180,13 +186,15 @@ def calibration_summary(model_dir: str | os.PathLike) -> str:
     share_text = "n/a" if share is None else f"{share:.3f} (expected about {1 - sampling.mask_percentile:.2f})"
     rates = ", ".join(f"{name} {rate:.3f}" for name, rate in zip(cal["threshold_names"],
                                                                   cal["heldout_false_positive_rates"]))
-    return (f"sampling config {sampling.preset_name or 'custom'} (mask_percentile {sampling.mask_percentile:g}), "
+    return (f"sampling config {sampling.preset_name or 'custom'} (mask_percentile {sampling.mask_percentile:g}, "
+            f"{sampling.precision}), "
             f"{cal['num_images']} normal images; held-out mask share {share_text}; held-out false-positive rate "
             f"(target {cal['target_false_positive_rate']:g}): {rates}")
 
 
 def _register_calibrate(subparsers) -> None:
     from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
+    from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES
 
     passes = ", ".join(f"{name}: {SamplingConfig.from_preset(name).unet_passes('self_aware')}"
                        for name in SAMPLING_PRESETS)
@@ -207,6 +215,10 @@ def _register_calibrate(subparsers) -> None:
                              "thesis's)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
                         help="fraction of normal images the pass/fail thresholds may flag (default: 0.05)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                        help="the networks' arithmetic, recorded in the calibration: auto (bf16 where the CPU has "
+                             "AVX512-BF16/AMX or the GPU has bf16, else fp32), fp32 or bf16 (default: "
+                             f"{DEFAULT_PRECISION})")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="held-out fraction of train/good; must match training (default: 0.2)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: all)")
@@ -217,7 +229,7 @@ def _register_calibrate(subparsers) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     path = calibrate_model(args.model, args.data, args.category, config=args.config, percentile=args.percentile,
-                           target_false_positive_rate=args.target_fpr, seed=args.seed,
+                           precision=args.precision, target_false_positive_rate=args.target_fpr, seed=args.seed,
                            validation_fraction=args.validation_fraction, batch_size=args.batch_size)
     print(f"calibrated {path}: {calibration_summary(path)}")
     return EXIT_OK

@@ -251,6 +251,7 @@ def detect(
     method: str = "self_aware",
     seed: int = 0,
     config: Optional[str] = None,
+    precision: Optional[str] = None,
     pipe=None,
 ) -> DetectSummary:
     """Score ``inputs`` with the model, writing ``out_dir/results.csv`` and ``out_dir/overlays/*.png``.
@@ -273,6 +274,8 @@ def detect(
         seed: with each image's decoded pixels, seeds that image's diffusion noise.
         config: None, or the preset (``"fast"``/``"thesis"``) the calibration must have been made with: an
             assertion, never a switch (``diffad calibrate --config`` picks the sampler).
+        precision: None, or ``"auto"``/``"fp32"``/``"bf16"``: the precision the calibration must have (an
+            assertion too: ``diffad calibrate --precision`` picks it).
         pipe: an already loaded pipeline (tests, the demo).
 
     Returns:
@@ -307,6 +310,9 @@ def detect(
     if pipe is None:
         pipe = load_pipeline(model)
     _check_options(pipe, model, method, anomaly_map, config)
+    from diffad.precision import check_precision
+
+    check_precision(pipe, precision, str(model))
 
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
@@ -409,6 +415,9 @@ def register(subparsers) -> None:
     parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,
                         help="assert the sampling preset the model was calibrated with (detect always runs the "
                              "calibration's; `diffad calibrate --config` picks it): exit 2 when it differs")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="assert the networks' precision the model was calibrated with (detect always runs the "
+                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
     parser.add_argument("--seed", type=int, default=0,
                         help="with each image's pixels, seeds that image's diffusion noise (default: 0)")
     parser.set_defaults(func=run)
@@ -417,7 +426,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad detect``; see the module docstring for the exit codes."""
     summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
-                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config)
+                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
+                     precision=args.precision)
     print(f"scored {summary.scored} images ({summary.defective} defective), "
           f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
     if summary.nonfinite:

@@ -188,7 +188,8 @@ def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline
     if not pipe.is_calibrated:
         return (wanted or SamplingConfig.fast()).to_dict()
     fitted = pipe.calibration.sampling  # raises for a diffad 0.1 calibration: recalibrate
-    if wanted is not None and wanted != fitted:
+    same_preset = isinstance(config, str) and fitted.preset_name == config  # a preset at any precision
+    if wanted is not None and wanted != fitted and not same_preset:
         have = fitted.preset_name or "a custom"
         name = wanted.preset_name or "the wanted"
         raise ValueError(f"{where} was calibrated with the {have!r} sampling config, not {name!r}: recalibrate with "
@@ -535,6 +536,7 @@ def evaluate_folder(
     seed: int = 0,
     num_figure_rows: int = 4,
     accelerator=None,
+    precision: Optional[str] = None,
 ) -> list[CategoryEvaluation]:
     """Evaluate saved model folder(s) on an MVTec AD-layout folder and write the outputs (main process).
 
@@ -544,6 +546,7 @@ def evaluate_folder(
         category: a category name or ``"all"`` (every category found under ``data``).
         out_dir: where the CSV, JSON, Markdown and PNG files go.
         config: None, or the sampling preset (``"fast"``, ``"thesis"``) every model must be calibrated with.
+        precision: None, or the precision (``"auto"``, ``"fp32"``, ``"bf16"``) every model must be calibrated in.
         Others: see :func:`evaluate_pipeline`.
 
     Returns:
@@ -577,6 +580,9 @@ def evaluate_folder(
             if bars:
                 diffusers_logging.enable_progress_bar()
         check_config(pipe, config, where=str(model_dirs[c]))
+        from diffad.precision import check_precision
+
+        check_precision(pipe, precision, str(model_dirs[c]))
         split = load_mvtec(data, c, resolution=int(pipe.resolution))["test"]
         logger.info("evaluating %s on %d test images of %r", model_dirs[c], len(split), c)
         results.append(evaluate_pipeline(pipe, split, methods=methods, anomaly_maps=anomaly_maps, config=config,
@@ -611,13 +617,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="self_aware,denoise",
                         help="comma-separated: self_aware, denoise (default: both); each runs once per batch")
     parser.add_argument("--anomaly-maps", default=None,
-                        help="comma-separated maps to evaluate: multiscale, learned, noise_error (default: every map "
-                             "the model returns for each method: multiscale, learned when it has a segmenter, and "
-                             "noise_error for self_aware). All come from the same reconstruction.")
+                        help="comma-separated maps to evaluate: multiscale, learned, noise_error, combined (default: "
+                             "every map the model returns for each method: multiscale, learned when it has a "
+                             "segmenter, and noise_error and combined for self_aware). All come from the same "
+                             "reconstruction.")
     parser.add_argument("--config", default=None,
                         help="sampling preset the model must be calibrated with: fast or thesis (default: whatever "
                              "it was calibrated with; another one is an error: recalibrate with "
                              "`diffad calibrate --config ...`)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="the networks' precision the model must be calibrated with (default: whatever it was "
+                             "calibrated with; another one is an error: recalibrate with `diffad calibrate "
+                             "--precision ...`)")
     parser.add_argument("--out", required=True, help="output folder (CSV, JSON, table.md, figures/)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image diffusion noise (default: 0)")
@@ -662,7 +673,7 @@ def run(args: argparse.Namespace) -> int:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
                               config=args.config, batch_size=args.batch_size, seed=args.seed,
-                              num_figure_rows=args.figure_rows, accelerator=accelerator)
+                              num_figure_rows=args.figure_rows, accelerator=accelerator, precision=args.precision)
     if accelerator is None or accelerator.is_main_process:
         per_category = {r.category: r.metrics for r in results}
         sys.stdout.write(markdown_table(per_category))
