@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-segmenter anomaly-samples clean
+.PHONY: venv test test-browser test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
+
+# diffad app in headless Chromium: Debian's chromium + chromium-driver (installed when absent, never downloaded by
+# selenium), gradio + selenium from PyPI; the test is skipped where no browser could be installed.
+test-browser: venv
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -q chromium chromium-driver >/dev/null || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)) || \
+		echo "could not install chromium: the browser test will be skipped"
+	$(PY) -m pip install --quiet -e '.[browser]'
+	SE_OFFLINE=true $(PY) -m pytest -q -m browser tests/test_app_browser.py
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests

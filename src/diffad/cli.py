@@ -59,6 +59,7 @@ _SUBCOMMAND_MODULES = (
     ("evaluate", "diffad.evaluation"),
     ("card", "diffad.cards"),
     ("push", "diffad.hub"),
+    ("app", "diffad.app"),
 )
 
 

@@ -187,9 +187,17 @@ def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
 
 def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np.ndarray],
                   vmax: Optional[float], out_path: Path) -> None:
-    """Draw ``anomaly_map`` (R, R) and the inpainting mask's outline (R, R bool) over ``photo``, at the photo's
+    """:func:`render_overlay`, written atomically to ``out_path`` (PNG)."""
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    render_overlay(photo, anomaly_map, mask, vmax).save(tmp, format="PNG")
+    os.replace(tmp, out_path)
+
+
+def render_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np.ndarray],
+                   vmax: Optional[float]) -> Image.Image:
+    """Draw ``anomaly_map`` (R, R) and the suspect-pixel mask's outline (R, R bool) over ``photo``, at the photo's
     size capped to :data:`MAX_OVERLAY_SIDE`; the map is divided by twice the image threshold (``vmax``) so that
-    the middle of the colour scale is the pass/fail threshold on every image."""
+    the middle of the colour scale is the pass/fail threshold on every image (``diffad detect`` and the app)."""
     from diffad.figures import overlay
 
     photo = photo.copy()
@@ -210,9 +218,7 @@ def _save_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[np
         mask = binary_opening(np.asarray(mask, dtype=bool), structure=np.ones((2, 2), dtype=bool))
         mask_img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         outline = np.asarray(mask_img) > 127
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    overlay(np.asarray(photo, dtype=np.uint8), heat_np, mask_outline=outline).save(tmp, format="PNG")
-    os.replace(tmp, out_path)
+    return overlay(np.asarray(photo, dtype=np.uint8), heat_np, mask_outline=outline)
 
 
 def format_score(score: float) -> str:

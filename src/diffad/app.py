@@ -1,0 +1,279 @@
+"""``diffad app``: a Gradio page for the inspection station.
+
+Drop photos (or a zip of a folder) on the page and see, for each part, the heat map over the photo, the score and
+PASS/FAIL; move the threshold and every decision is re-made from the stored scores, without running the model
+again; switch the map (``combined``, ``multiscale``, ...) the same way: one model call returns every map. Results
+download as a CSV with ``diffad detect``'s columns. Images are read by the same reader as ``detect``
+(:func:`diffad.data.read_image`), scored with the same seeding rule (an image's noise from ``--seed`` and its
+pixels), so a file gets the score ``detect`` gives it; a file that cannot be read shows its error in the table.
+
+The logic (:class:`Inspector`) is separate from the page (:func:`build_app`), so it is tested without a browser;
+``tests/test_app_browser.py`` drives the page in headless Chromium.
+
+Gradio is an optional extra: ``pip install 'diffad[app]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, format_score, load_pipeline, render_overlay
+
+__all__ = ["Inspection", "Inspector", "build_app", "register", "run"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "the app needs Gradio: pip install 'diffad[app]'"
+
+
+@dataclass
+class Inspection:
+    """One inspected file: every map's score (one model call), or the error that stopped it."""
+
+    file: str
+    scores: dict[str, float] = field(default_factory=dict)
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    mask: Optional[np.ndarray] = None
+    photo: Any = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+class Inspector:
+    """Scores photos as ``diffad detect`` does and re-decides them for any map and threshold.
+
+    Args:
+        pipe: a calibrated :class:`~diffad.pipelines.self_aware_inpaint.SelfAwareInpaintPipeline`.
+        method: ``"self_aware"`` (default) or ``"denoise"``.
+        seed: the seed of every image's noise (with its pixels), as ``detect --seed``.
+    """
+
+    def __init__(self, pipe, method: str = "self_aware", seed: int = 0):
+        self.pipe, self.method, self.seed = pipe, method, seed
+        self.model_calls = 0
+        self._lock = threading.Lock()  # one model call at a time (the app's queue may run sessions in parallel)
+
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        """The maps with a calibrated threshold (the only ones that can decide)."""
+        return tuple(m for m in self.pipe.map_names(self.method) if self.threshold(m) is not None)
+
+    @property
+    def default_map(self) -> str:
+        return self.pipe.default_map(self.method)
+
+    def threshold(self, name: str) -> Optional[float]:
+        """The calibrated image threshold of map ``name``."""
+        return self.pipe.calibration.threshold(f"{self.method}/{name}")
+
+    def inspect(self, path: str | Path, name: Optional[str] = None) -> Inspection:
+        """Read and score one file; a file that cannot be read (or judged) gives an :class:`Inspection` with its
+        error, never an exception."""
+        from diffad.data import read_image
+        from diffad.training_utils import image_generator
+
+        name = name or Path(path).name
+        try:
+            photo = read_image(path)
+        except (OSError, ValueError) as exc:
+            return Inspection(file=name, error=" ".join(f"{type(exc).__name__}: {exc}".split()))
+        start = time.perf_counter()
+        with self._lock:
+            out = self.pipe([photo], method=self.method, generator=[image_generator(self.seed, photo)],
+                            batch_size=1, output_type="np")
+            self.model_calls += 1
+        result = Inspection(file=name, photo=photo, mask=out.inpaint_masks[0], seconds=time.perf_counter() - start)
+        for m in self.map_names:
+            result.maps[m] = out.anomaly_maps[m][0]
+            result.scores[m] = float(out.scores[m][0])
+        if not all(np.isfinite(v) for v in result.scores.values()):
+            result.error = "the model produced a non-finite anomaly map: check the weights, or retrain"
+        return result
+
+    @staticmethod
+    def decision(item: Inspection, name: str, threshold: float) -> str:
+        """``"defect"``, ``"ok"`` or ``"error"`` (a NaN score is never ok)."""
+        if item.error or name not in item.scores:
+            return "error"
+        return "ok" if item.scores[name] <= threshold else "defect"
+
+    def rows(self, items: Sequence[Inspection], name: str, threshold: float) -> list[dict[str, str]]:
+        """``detect``'s CSV rows for ``items`` at map ``name`` and ``threshold``."""
+        return [{"file": it.file, "score": "" if it.error else format_score(it.scores[name]),
+                 "decision": self.decision(it, name, threshold),
+                 "overlay": "" if it.error else f"overlay of {it.file}", "error": it.error} for it in items]
+
+    def overlay(self, item: Inspection, name: str):
+        """The heat map of ``name`` and the mask outline over the photo (colour scale: the calibrated threshold)."""
+        return render_overlay(item.photo, item.maps[name], item.mask, self.threshold(name))
+
+
+def expand_uploads(paths: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
+    """``(display name, path)`` of every uploaded file; a zip contributes its images (a folder of photos)."""
+    files: list[tuple[str, Path]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.suffix.lower() == ".zip":
+            target = workdir / path.stem
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    for member in archive.infolist():
+                        inner = Path(member.filename)
+                        if member.is_dir() or inner.suffix.lower() not in IMAGE_EXTENSIONS or inner.is_absolute() \
+                                or ".." in inner.parts or inner.name.startswith("."):
+                            continue
+                        archive.extract(member, target)
+                        files.append((f"{path.name}/{inner.as_posix()}", target / inner))
+            except zipfile.BadZipFile as exc:
+                files.append((path.name, path))  # the reader reports it as unreadable
+                logger.warning("%s: not a zip archive (%s)", path, exc)
+        else:
+            files.append((path.name, path))
+    return files
+
+
+def _csv_text(rows: list[dict[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def model_summary(model: str | Path, inspector: Inspector) -> str:
+    """Markdown: category, resolution, sampler, precision, UNet passes, and the card's measured metrics."""
+    pipe = inspector.pipe
+    sampling = pipe.calibration.sampling
+    lines = [f"**Model** `{model}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
+             f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
+             f"`{inspector.method}`."]
+    card = Path(model) / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        category = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("category:")), "")
+        if category:
+            lines.append(f"**Category** `{category}`.")
+        table = [ln for ln in text.splitlines() if ln.startswith("| ") and ("AUROC" in ln or "self_aware/" in ln
+                                                                             or "denoise/" in ln or ln.startswith("|---"))]
+        if table:
+            lines += ["", "Measured (model card):", "", *table[:8]]
+    return "\n".join(lines)
+
+
+def build_app(inspector: Inspector, model: str | Path = ""):
+    """The Gradio Blocks page over ``inspector`` (see the module docstring)."""
+    try:
+        import gradio as gr
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+
+    names = list(inspector.map_names)
+    first = inspector.default_map if inspector.default_map in names else names[0]
+    workdir = Path(tempfile.mkdtemp(prefix="diffad-app-"))
+
+    def slider_for(name: str):
+        t = inspector.threshold(name)
+        return gr.Slider(minimum=0.0, maximum=float(3 * t) if t > 0 else 1.0, value=float(t), step=float(t) / 200 or 1e-3,
+                         label=f"threshold ({name}; calibrated {t:.4g})")
+
+    def views(items: list[Inspection], name: str, threshold: float):
+        rows = inspector.rows(items, name, threshold)
+        gallery = [(inspector.overlay(it, name), f"{it.file}: {it.scores[name]:.4g} "
+                    f"{'PASS' if row['decision'] == 'ok' else 'FAIL'}")
+                   for it, row in zip(items, rows) if not it.error]
+        table = [[r[k] for k in CSV_FIELDS] for r in rows]
+        csv_path = workdir / "results.csv"
+        csv_path.write_text(_csv_text(rows), encoding="utf-8")
+        scored = [it for it in items if not it.error]
+        seconds = np.mean([it.seconds for it in scored]) if scored else float("nan")
+        failed = sum(r["decision"] == "defect" for r in rows)
+        status = (f"{len(items)} files inspected since the page opened: {failed} FAIL, "
+                  f"{sum(r['decision'] == 'ok' for r in rows)} PASS, {sum(r['decision'] == 'error' for r in rows)} "
+                  f"errors. Model calls: {inspector.model_calls}; {seconds:.3f} s per image.")
+        return gallery, table, str(csv_path), status
+
+    def inspect(files, items, name, threshold, progress=gr.Progress()):
+        items = list(items or [])
+        uploads = expand_uploads([getattr(f, "name", f) for f in (files or [])], workdir)
+        for i, (display, path) in enumerate(uploads):
+            progress((i, len(uploads)), desc=f"inspecting {display}")
+            items.append(inspector.inspect(path, display))
+        return (items, *views(items, name, threshold))
+
+    def redecide(items, name, threshold):
+        return views(list(items or []), name, threshold)
+
+    def change_map(items, name):
+        slider = slider_for(name)
+        return (slider, *views(list(items or []), name, inspector.threshold(name)))
+
+    with gr.Blocks(title="diffad inspection") as demo:
+        gr.Markdown("# diffad inspection\nDrop photos of parts (or a zip of a folder): each gets a heat map, a "
+                    "score and PASS/FAIL. The threshold re-decides from the stored scores; the model does not run "
+                    "again.")
+        gr.Markdown(model_summary(model, inspector), elem_id="model-summary")
+        items = gr.State([])
+        with gr.Row():
+            files = gr.File(label="photos or a .zip", file_count="multiple", elem_id="uploads")
+            with gr.Column():
+                map_choice = gr.Dropdown(choices=names, value=first, label="anomaly map", elem_id="map")
+                threshold = slider_for(first)
+                threshold.elem_id = "threshold"
+                with gr.Row():
+                    run_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
+                    stop_button = gr.Button("Stop", elem_id="stop")
+        status = gr.Markdown("Nothing inspected yet.", elem_id="status")
+        gallery = gr.Gallery(label="overlays", columns=4, elem_id="gallery")
+        table = gr.Dataframe(headers=list(CSV_FIELDS), label="results (same columns as diffad detect)",
+                             elem_id="results", interactive=False)
+        download = gr.File(label="results.csv", elem_id="csv")
+        event = run_button.click(inspect, [files, items, map_choice, threshold],
+                                 [items, gallery, table, download, status], concurrency_limit=1)
+        stop_button.click(None, None, None, cancels=[event])
+        threshold.change(redecide, [items, map_choice, threshold], [gallery, table, download, status])
+        map_choice.change(change_map, [items, map_choice], [threshold, gallery, table, download, status])
+    return demo
+
+
+def register(subparsers) -> None:
+    """Add ``diffad app`` to the ``diffad`` command."""
+    parser = subparsers.add_parser(
+        "app", help="a web page for the inspection station: drop photos, see heat maps, scores and PASS/FAIL",
+        description="Serve a Gradio page over a trained, calibrated model (local folder or Hub id). Binds to "
+                    "127.0.0.1 unless --host says otherwise; never opens a public share link.")
+    parser.add_argument("--model", required=True, help="model folder or Hub repo id (org/name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware")
+    parser.add_argument("--seed", type=int, default=0, help="seeds each image's noise with its pixels (default: 0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``diffad app`` (blocks until interrupted)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
+    pipe = load_pipeline(args.model)
+    inspector = Inspector(pipe, method=args.method, seed=args.seed)
+    demo = build_app(inspector, args.model)
+    print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
+    return 0

@@ -1,0 +1,83 @@
+"""diffad app's logic without a browser (tests/test_app_browser.py drives the page itself)."""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffad.app import Inspector, expand_uploads
+from diffad.detect import detect, load_pipeline
+from tiny_components import saved_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return saved_tiny_pipeline(tmp_path_factory.mktemp("app") / "model")
+
+
+def _photos(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_text("not an image")
+    return folder
+
+
+def test_inspector_scores_as_detect_and_redecides_without_the_model(model, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    pipe = load_pipeline(model)
+    detect(model, [photos], tmp_path / "out", pipe=pipe)
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        expected = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
+    inspector = Inspector(pipe)
+    items = [inspector.inspect(photos / name) for name in sorted(expected)]
+    name = inspector.default_map
+    rows = {r["file"]: r for r in inspector.rows(items, name, inspector.threshold(name))}
+    for file, row in expected.items():  # same score, same decision, same error column as detect
+        assert rows[file]["score"] == row["score"] and rows[file]["decision"] == row["decision"], file
+    assert rows["broken.png"]["decision"] == "error" and "cannot identify image file" in rows["broken.png"]["error"]
+    calls = inspector.model_calls
+    assert calls == 3
+    # moving the threshold below every score flips every decision to defect, with no model call
+    low = inspector.rows(items, name, -1.0)
+    assert [r["decision"] for r in low if r["file"] != "broken.png"] == ["defect"] * 3
+    high = inspector.rows(items, name, 1e9)
+    assert [r["decision"] for r in high if r["file"] != "broken.png"] == ["ok"] * 3
+    # every map with a threshold comes from the same call
+    assert set(items[0].scores) == set(inspector.map_names) >= {"combined", "multiscale", "noise_error"}
+    assert inspector.model_calls == calls
+    assert inspector.overlay(items[0], name).size == (40, 40)
+
+
+def test_a_zip_contributes_its_images_and_nothing_outside(tmp_path):
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("parts/a.png", b"x")
+        z.writestr("parts/notes.txt", b"x")
+        z.writestr("../escape.png", b"x")
+        z.writestr(".hidden.png", b"x")
+    files = expand_uploads([str(archive), str(tmp_path / "single.png")], tmp_path / "work")
+    assert [name for name, _ in files] == ["batch.zip/parts/a.png", "single.png"]
+    assert not (tmp_path / "escape.png").exists()
+
+
+def test_app_without_gradio_says_how_to_install(model, monkeypatch, capsys):
+    import builtins
+
+    from diffad.cli import main
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ImportError("No module named 'gradio'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    assert main(["app", "--model", str(model)]) == 2
+    assert "pip install 'diffad[app]'" in capsys.readouterr().err
