@@ -29,7 +29,7 @@ test-browser: venv
 		 (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)) || \
 		echo "could not install chromium: the browser test will be skipped"
 	$(PY) -m pip install --quiet -e '.[browser]'
-	SE_OFFLINE=true $(PY) -m pytest -q -m browser tests/test_app_browser.py
+	SE_OFFLINE=true $(PY) -m pytest -q -m 'browser or not slow' tests/test_app.py tests/test_app_browser.py
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests

@@ -81,3 +81,28 @@ def test_app_without_gradio_says_how_to_install(model, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     assert main(["app", "--model", str(model)]) == 2
     assert "pip install 'diffad[app]'" in capsys.readouterr().err
+
+
+def test_space_folder_loads_offline_against_a_hub_form_model_folder(model, tmp_path, monkeypatch):
+    """`diffad space` writes app.py, requirements.txt and the Space front matter; app.py runs the same app over
+    a model folder in exactly the form the Hub serves (what `diffad push` assembles)."""
+    import runpy
+    import shutil
+
+    gradio = pytest.importorskip("gradio")
+    from diffad.cli import main
+    from diffad.hub import assemble_hub_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    hub_form = tmp_path / "hub"
+    assemble_hub_folder(folder, hub_form)
+    space = tmp_path / "space"
+    assert main(["space", "--model", str(folder), "--repo-id", "acme/diffad-part", "--out", str(space)]) == 0
+    readme = (space / "README.md").read_text()
+    assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+    assert "- acme/diffad-part" in readme and "diffad[app]" in (space / "requirements.txt").read_text()
+    monkeypatch.setenv("DIFFAD_MODEL", str(hub_form))
+    module = runpy.run_path(str(space / "app.py"))  # not __main__: builds the page, does not launch it
+    assert isinstance(module["demo"], gradio.Blocks) and module["MODEL"] == str(hub_form)

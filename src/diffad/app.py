@@ -31,7 +31,7 @@ import numpy as np
 
 from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, format_score, load_pipeline, render_overlay
 
-__all__ = ["Inspection", "Inspector", "build_app", "register", "run"]
+__all__ = ["Inspection", "Inspector", "build_app", "register", "register_space", "run", "write_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,3 +277,89 @@ def run(args: argparse.Namespace) -> int:
     print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
     return 0
+
+
+# ------------------------------------------------------------------ a Hugging Face Space running the same app
+
+SPACE_APP = '''"""diffad inspection app for {repo_id} (written by `diffad space`)."""
+import os
+
+from diffad.app import Inspector, build_app
+from diffad.detect import load_pipeline
+
+MODEL = os.environ.get("DIFFAD_MODEL", "{repo_id}")  # a local folder in the Hub's form works too
+demo = build_app(Inspector(load_pipeline(MODEL)), MODEL)
+
+if __name__ == "__main__":
+    demo.queue().launch()
+'''
+
+SPACE_README = '''---
+title: {title}
+emoji: 🔍
+colorFrom: blue
+colorTo: green
+sdk: gradio
+sdk_version: {gradio_version}
+app_file: app.py
+pinned: false
+models:
+- {repo_id}
+---
+
+# {title}
+
+Visual inspection with [diffad](https://github.com/diffad/diffad): drop photos of `{category}` parts and get,
+for each, the anomaly heat map over the photo, the score and PASS/FAIL from the model
+[{repo_id}](https://huggingface.co/{repo_id}). Move the threshold to re-decide without running the model again.
+Runs on the Space's CPU; the model card gives the measured accuracy and the speed per image.
+'''
+
+
+def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
+    """Write a Space folder (``app.py``, ``requirements.txt``, ``README.md`` with the Space front matter) that
+    loads the pushed model ``repo_id`` and serves :func:`build_app`; returns the files written."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from diffad import __version__
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from None
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"--model {model} is not a diffad model folder (no model_index.json)")
+    try:
+        import gradio
+
+        gradio_version = gradio.__version__
+    except ImportError:
+        gradio_version = "5.0.0"
+    import json
+
+    log = model / "training_log.json"
+    category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "app.py": SPACE_APP.format(repo_id=repo_id),
+        "requirements.txt": f"diffad[app]>={__version__}\ntorch\n",
+        "README.md": SPACE_README.format(title=f"diffad {category or repo_id.split('/')[-1]}", repo_id=repo_id,
+                                         gradio_version=gradio_version, category=category or "your"),
+    }
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]
+
+
+def register_space(subparsers) -> None:
+    """Add ``diffad space`` to the ``diffad`` command."""
+    parser = subparsers.add_parser("space", help="write a Hugging Face Space folder that serves `diffad app`",
+                                   description="Write app.py, requirements.txt and README.md (Space front matter) "
+                                               "into --out: a Gradio Space over the pushed model --repo-id.")
+    parser.add_argument("--model", required=True, help="the local model folder (for its category)")
+    parser.add_argument("--repo-id", required=True, help="the model's Hub id (ORG/NAME), as pushed by diffad push")
+    parser.add_argument("--out", required=True, help="the Space folder to write")
+    parser.set_defaults(func=lambda args: print("\n".join(
+        str(p) for p in write_space(args.model, args.repo_id, args.out))) or 0)

@@ -60,6 +60,7 @@ _SUBCOMMAND_MODULES = (
     ("card", "diffad.cards"),
     ("push", "diffad.hub"),
     ("app", "diffad.app"),
+    ("space", "diffad.app"),
 )
 
 
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
             register = _register_train
         elif name == "calibrate":
             register = _register_calibrate
+        elif name == "space":
+            from diffad.app import register_space as register
         else:
             try:
                 register = importlib.import_module(module_name).register
