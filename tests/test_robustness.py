@@ -428,3 +428,19 @@ def test_detect_refuses_another_precision_than_the_calibrations(model, tmp_path,
         assert code == 0
     assert main(["detect", "--model", str(model), str(photos), "--out", str(tmp_path / "o2"), "--precision",
                  "fp32"]) == 0
+
+
+def test_a_time_budget_progress_bar_counts_seconds_of_the_budget_not_a_made_up_step_total(capsys):
+    """issue 14: with only --max_train_minutes the bar showed `0/1000000 [1142:02:50]`."""
+    from diffad.training_utils import TrainingProgress
+
+    bar = TrainingProgress(max_steps=None, time_budget=120.0, desc="steps")
+    bar.step(1, 30.4, loss="0.1")
+    assert bar.bar.total == 120 and bar.bar.n == 30 and bar.bar.unit == "s"
+    bar.step(2, 500.0)
+    assert bar.bar.n == 120  # never past the budget
+    bar.close()
+    steps = TrainingProgress(max_steps=50, time_budget=120.0, initial_steps=10)
+    steps.step(11, 1.0)
+    assert steps.bar.total == 50 and steps.bar.n == 11
+    steps.close()

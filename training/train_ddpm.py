@@ -49,7 +49,6 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, estimate_x0, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
@@ -58,6 +57,7 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     CHECKPOINT_MARKER,
     OneLineArgumentParser,
     TrainingLog,
+    TrainingProgress,
     augment_batch,
     check_resume_config,
     clear_checkpoints,
@@ -420,12 +420,13 @@ def main(args: argparse.Namespace) -> Path:
                              f"has {steps_per_epoch}: resume with the same batch size, data and number of processes")
 
     # 4. train
-    # With a time budget and no step limit, the step total is not known in advance.
-    total = None if (args.max_train_minutes and not args.max_train_steps) else max_train_steps
-    progress = tqdm(total=total, initial=state["global_step"], desc="steps",
-                    disable=not accelerator.is_local_main_process)
+    # With a time budget and no step limit the bar counts seconds of the budget (the step total is unknown).
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
+    progress = TrainingProgress(max_steps=None if (time_budget and not args.max_train_steps) else max_train_steps,
+                                time_budget=time_budget, initial_steps=state["global_step"],
+                                initial_seconds=state["train_seconds"], desc="steps",
+                                disable=not accelerator.is_local_main_process)
     first_epoch = state["epoch"]
     stopped = False
     for epoch in range(first_epoch, num_epochs):
@@ -477,8 +478,6 @@ def main(args: argparse.Namespace) -> Path:
             state["global_step"] += 1
             step_loss = float(loss.detach())
             state["step_losses"].append(step_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             if args.report_to != "none":
                 accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
 
@@ -486,6 +485,8 @@ def main(args: argparse.Namespace) -> Path:
             state["epoch_seconds"] += now - tick
             state["train_seconds"] += now - tick
             tick = now
+            progress.step(state["global_step"], state["train_seconds"], loss=f"{step_loss:.4f}",
+                          lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             if state["global_step"] >= max_train_steps:
                 stopped = True
             elif time_budget_spent(accelerator, state["train_seconds"], time_budget):

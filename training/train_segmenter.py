@@ -84,6 +84,7 @@ from diffad.training_utils import (
     CHECKPOINT_MARKER,
     OneLineArgumentParser,
     TrainingLog,
+    TrainingProgress,
     commit_directory,
     image_generator,
     incomplete_path,
@@ -730,10 +731,12 @@ def main(args: argparse.Namespace) -> Path:
                                                                 "global_step": state["global_step"]}]
 
     # 6. train: focal + BCE on segmenter_logits(image, reconstruction) -> synthetic mask
-    progress = tqdm(total=max_train_steps, initial=state["global_step"], desc="segmenter steps",
-                    disable=not accelerator.is_local_main_process)
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
+    progress = TrainingProgress(max_steps=None if (time_budget and not args.max_train_steps) else max_train_steps,
+                                time_budget=time_budget, initial_steps=state["global_step"],
+                                initial_seconds=state["train_seconds"], desc="segmenter steps",
+                                disable=not accelerator.is_local_main_process)
     first_epoch, stopped = state["epoch"], state["global_step"] >= max_train_steps
     for epoch in range(first_epoch, num_epochs):
         if stopped:
@@ -769,12 +772,11 @@ def main(args: argparse.Namespace) -> Path:
             state["epoch_bce_sum"] += float(losses["bce"].detach())
             state["epoch_batches"] += 1
             state["step_losses"].append(step_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}")
             now = time.time()
             state["epoch_seconds"] += now - tick
             state["train_seconds"] += now - tick
             tick = now
+            progress.step(state["global_step"], state["train_seconds"], loss=f"{step_loss:.4f}")
             if state["global_step"] >= max_train_steps:
                 stopped = True
             elif time_budget_spent(accelerator, state["train_seconds"], time_budget):

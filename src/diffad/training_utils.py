@@ -521,6 +521,43 @@ def save_pipeline(pipeline: Any, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+class TrainingProgress:
+    """A training progress bar with a real total: optimiser steps of ``max_steps``, or, with a time budget and no
+    step limit, seconds of the budget (elapsed and remaining of the budget, the step count in the postfix),
+    never a made-up step total.
+
+    Args:
+        max_steps: the step limit, or None when only ``time_budget`` bounds the run.
+        time_budget: seconds, or None.
+        initial_steps / initial_seconds: where a resumed run starts.
+        desc: the bar's label; disable: no bar (other ranks).
+    """
+
+    def __init__(self, *, max_steps: Optional[int], time_budget: Optional[float], initial_steps: int = 0,
+                 initial_seconds: float = 0.0, desc: str = "steps", disable: bool = False):
+        from tqdm.auto import tqdm
+
+        self.by_time = max_steps is None and bool(time_budget)
+        if self.by_time:
+            self.bar = tqdm(total=round(float(time_budget)), initial=min(round(initial_seconds), round(time_budget)),
+                            desc=f"{desc} (time budget)", unit="s", disable=disable,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(total=max_steps, initial=initial_steps, desc=desc, disable=disable)
+
+    def step(self, global_step: int, train_seconds: float, **postfix: Any) -> None:
+        """One optimiser step done (``global_step`` in all, ``train_seconds`` of training so far)."""
+        if self.by_time:
+            self.bar.n = min(round(train_seconds), self.bar.total)
+            self.bar.set_postfix(step=global_step, **postfix)
+        else:
+            self.bar.update(1)
+            self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def time_budget_spent(accelerator: "Accelerator", train_seconds: float, time_budget: Optional[float]) -> bool:
     """Whether ``--max_train_minutes`` (``time_budget`` seconds; None = no budget) is spent on any rank.
 
