@@ -30,6 +30,14 @@ def _photo(seed: int = 0, size: int = 40) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
+def _one_photo(tmp_path: Path, seed: int = 0) -> Path:
+    """A folder ``photos/`` holding one readable photo, ``a.png``."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo(seed)).save(photos / "a.png")
+    return photos
+
+
 def _rows(path: Path) -> list[dict]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -55,10 +63,7 @@ def test_nan_weights_are_refused_at_load_naming_the_file(model, tmp_path, capsys
     bad = _corrupt(model, tmp_path)
     with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors holds 50 NaN or infinite"):
         SelfAwareInpaintPipeline.from_pretrained(bad)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(_photo()).save(photos / "a.png")
-    code = main(["detect", "--model", str(bad), str(photos), "--out", str(tmp_path / "out")])
+    code = main(["detect", "--model", str(bad), str(_one_photo(tmp_path)), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "NaN or infinite weights" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.csv").exists()
@@ -206,10 +211,7 @@ def test_a_missing_component_names_its_file_and_the_fix(model, tmp_path, capsys,
         (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=expected):
         SelfAwareInpaintPipeline.from_pretrained(broken)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(_photo()).save(photos / "a.png")
-    code = main(["detect", "--model", str(broken), str(photos), "--out", str(tmp_path / "out")])
+    code = main(["detect", "--model", str(broken), str(_one_photo(tmp_path)), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "is missing" in err and ".bin" not in err and "unsafe" not in err.lower()
 
