@@ -12,7 +12,8 @@ from diffad.cli import main
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--minutes-per-category", "0"], "--minutes-per-category must be positive"),
+    (["--ddpm-steps", "0"], "--ddpm-steps must be a positive number of steps"),
+    (["--segmenter-steps", "-3"], "--segmenter-steps must be a positive number of steps"),
     (["--categories", "weave,teapot"], "unknown synthetic categories ['teapot']"),
     (["--resolution", "16"], "--resolution must be at least 32"),
 ])
@@ -22,13 +23,15 @@ def test_demo_bad_options_exit_2(tmp_path, capsys, argv, message):
     assert code == 2 and len(err) == 1 and err[0].startswith("diffad demo: error: ") and message in err[0]
 
 
-def test_default_budget_is_split_across_categories():
-    from diffad.demo import DEFAULT_TRAIN_MINUTES_TOTAL, DemoConfig
-    from diffad.synthetic import SYNTHETIC_CATEGORIES
+def test_the_budget_is_in_steps_never_minutes():
+    """issue 14: a minutes budget made the demo's figures depend on the machine's load."""
+    import dataclasses
 
-    assert DemoConfig().minutes() == pytest.approx(DEFAULT_TRAIN_MINUTES_TOTAL / len(SYNTHETIC_CATEGORIES))
-    assert DemoConfig(categories=["weave"]).minutes() == pytest.approx(DEFAULT_TRAIN_MINUTES_TOTAL)
-    assert DemoConfig(minutes_per_category=2).minutes() == 2.0
+    from diffad.demo import DEFAULT_DDPM_STEPS, DEFAULT_SEGMENTER_STEPS, DemoConfig
+
+    config = DemoConfig()
+    assert (config.ddpm_steps, config.segmenter_steps) == (DEFAULT_DDPM_STEPS, DEFAULT_SEGMENTER_STEPS)
+    assert not any("minute" in f.name for f in dataclasses.fields(DemoConfig))
 
 
 def test_method_seconds_are_per_method():

@@ -1,15 +1,15 @@
-"""``diffad demo`` (and ``make demo``): the whole method on the embedded default, in about 15 CPU minutes.
+"""``diffad demo`` (and ``make demo``): the whole method on the embedded default, in about 10 CPU minutes.
 
 On a fresh machine with no download it:
 
 1. writes the synthetic default dataset (every category of :data:`diffad.synthetic.SYNTHETIC_CATEGORIES`,
    MVTec AD layout) under ``<out>/data``;
-2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, bounded by
-   ``--max_train_minutes``) into ``<out>/models/<category>``;
+2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, ``--ddpm-steps`` optimiser
+   steps) into ``<out>/models/<category>``;
 3. calibrates it on the held-out normal images with the ``fast`` sampling config
    (:func:`diffad.cli.calibrate_model`);
-4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded; it
-   recalibrates the pipeline with the segmenter in place);
+4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``,
+   ``--segmenter-steps``; it recalibrates the pipeline with the segmenter in place);
 5. evaluates ``self_aware`` and ``denoise`` on the test splits, every map of each method from one
    reconstruction (:func:`diffad.evaluation.evaluate_folder`: metrics, Table 4.1, Fig. 4.4 panels);
 6. writes a model card (README.md) into each model folder (:mod:`diffad.cards`);
@@ -17,9 +17,10 @@ On a fresh machine with no download it:
    the commands to run the same on one's own images.
 
 Every step is skipped when its output exists (a re-run only rewrites the cards and the report), and the
-training steps resume from their last checkpoint after an interruption. The training budget
-(``--minutes-per-category``) is split 3:1 between the DDPM and the segmenter; the other steps
-(data, calibration, reconstructions for the segmenter, evaluation) are bounded by the dataset sizes.
+training steps resume from their last checkpoint after an interruption. The training budget is in optimiser
+steps, never minutes, so two runs on different machines train the same models and give the same table within
+seed noise; the other steps (data, calibration, reconstructions for the segmenter, evaluation) are bounded by
+the dataset sizes. The report says how long the run took.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ __all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "m
 
 logger = logging.getLogger(__name__)
 
-# Default training minutes for all categories together (DDPM + segmenter); with data generation,
-# calibration, reconstructions and evaluation the whole demo stays under 15 minutes on 2 CPU cores.
-DEFAULT_TRAIN_MINUTES_TOTAL = 9.0
-DDPM_SHARE = 0.75
+# Training budget per category in optimiser steps: about 3.4 + 1.1 minutes on an idle 2-core machine at 32 px
+# (what the earlier minute budget reached there), about 10 minutes for the whole demo.
+DEFAULT_DDPM_STEPS = 800
+DEFAULT_SEGMENTER_STEPS = 130
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DemoConfig:
 
     Attributes:
         out: the output folder.
-        minutes_per_category: training minutes per category (DDPM + segmenter).
+        ddpm_steps / segmenter_steps: optimiser steps per category of the DDPM and of the segmenter.
         seed: seeds the data, the training runs, calibration and evaluation noise.
         categories: synthetic categories (default: all).
         resolution: image side R in pixels.
@@ -61,7 +62,8 @@ class DemoConfig:
     """
 
     out: str = "demo_output"
-    minutes_per_category: Optional[float] = None
+    ddpm_steps: int = DEFAULT_DDPM_STEPS
+    segmenter_steps: int = DEFAULT_SEGMENTER_STEPS
     seed: int = 0
     categories: Optional[list[str]] = None
     resolution: int = 32
@@ -80,17 +82,17 @@ class DemoConfig:
             raise ValueError(f"unknown synthetic categories {unknown}; choose from {list(SYNTHETIC_CATEGORIES)}")
         return cats
 
-    def minutes(self) -> float:
-        if self.minutes_per_category is not None:
-            if self.minutes_per_category <= 0:
-                raise ValueError(f"--minutes-per-category must be positive, got {self.minutes_per_category}")
-            return float(self.minutes_per_category)
-        return DEFAULT_TRAIN_MINUTES_TOTAL / len(self.resolved_categories())
+    def check(self) -> None:
+        """``ValueError`` for a budget that is not a positive number of steps."""
+        for name in ("ddpm_steps", "segmenter_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of steps, got {value!r}")
 
 
 # A budget small enough for a slow test (~3 minutes on 2 cores): tiny data (20 training images, so that the
-# validation split holds the 4 normal images calibration needs), a few seconds of training.
-TINY_BUDGET = dict(minutes_per_category=0.25, num_train=20, num_test_good=4, num_test_defect_per_type=1,
+# validation split holds the 4 normal images calibration needs), a few steps of training.
+TINY_BUDGET = dict(ddpm_steps=20, segmenter_steps=5, num_train=20, num_test_good=4, num_test_defect_per_type=1,
                    num_synthetic=16, resolution=32)
 
 
@@ -153,22 +155,22 @@ def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tup
     return done, make
 
 
-def _train_ddpm(config: DemoConfig, data_dir: Path, category: str, model_dir: Path, minutes: float) -> None:
+def _train_ddpm(config: DemoConfig, data_dir: Path, category: str, model_dir: Path) -> None:
     from diffad.training import train_ddpm
 
     argv = ["--data_dir", str(data_dir), "--category", category, "--output_dir", str(model_dir),
             "--preset", "tiny", "--resolution", str(config.resolution), "--train_batch_size", "16",
-            "--num_epochs", "100000", "--max_train_minutes", f"{minutes:.3f}", "--seed", str(config.seed),
+            "--num_epochs", "100000", "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
             "--report_to", "none", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
             "--resume_from_checkpoint", "latest", "--use_ema"]
     train_ddpm.main(train_ddpm.parse_args(argv))
 
 
-def _train_segmenter(config: DemoConfig, model_dir: Path, minutes: float) -> None:
+def _train_segmenter(config: DemoConfig, model_dir: Path) -> None:
     from diffad.training import train_segmenter
 
     argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
-            "--num_epochs", "100000", "--max_train_minutes", f"{minutes:.3f}", "--train_batch_size", "16",
+            "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps), "--train_batch_size", "16",
             "--seed", str(config.seed), "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
             "--resume_from_checkpoint", "latest",
             # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
@@ -207,25 +209,25 @@ def run_demo(config: DemoConfig) -> Path:
     from diffad.evaluation import evaluate_folder
 
     categories = config.resolved_categories()
-    minutes = config.minutes()
+    config.check()
     out = Path(config.out)
     data_dir, models_dir, eval_dir = out / "data", out / "models", out / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     steps = StepLog(config, out / "demo_log.json")
-    logger.info("demo: categories %s, %.2f training minutes per category, resolution %d, %d torch threads",
-                categories, minutes, config.resolution, torch.get_num_threads())
+    logger.info("demo: categories %s, %d DDPM + %d segmenter steps per category, resolution %d, %d torch threads",
+                categories, config.ddpm_steps, config.segmenter_steps, config.resolution, torch.get_num_threads())
 
     done, make = _data_step(config, data_dir, categories)
     steps.run("synthetic data", done, make)
     for category in categories:
         model_dir = models_dir / category
         steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
-                  lambda: _train_ddpm(config, data_dir, category, model_dir, minutes * DDPM_SHARE))
+                  lambda: _train_ddpm(config, data_dir, category, model_dir))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir=model_dir, data=data_dir, category=category, config="fast",
                                           seed=config.seed, batch_size=config.eval_batch_size))
         steps.run(f"{category}: train segmenter", has_component(model_dir, "segmenter"),
-                  lambda: _train_segmenter(config, model_dir, minutes * (1 - DDPM_SHARE)))
+                  lambda: _train_segmenter(config, model_dir))
     model_dirs = [models_dir / c for c in categories]
     steps.run("evaluate", evaluation_is_current(eval_dir, model_dirs),
               lambda: evaluate_folder(models_dir, data_dir, _evaluation_category(data_dir, categories), eval_dir,
@@ -291,8 +293,9 @@ def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_ti
 
 diffad {__version__}: self-aware reconstruction with a self-conditioned DDPM (Semchyshyn, 2023), on the embedded
 synthetic default (no download). Categories: {', '.join(f'`{c}`' for c in config.resolved_categories())};
-resolution {config.resolution} px; tiny UNet preset; {config.minutes():.2f} training minutes per category
-({DDPM_SHARE:.0%} DDPM, {1 - DDPM_SHARE:.0%} segmenter); seed {config.seed}.
+resolution {config.resolution} px; tiny UNet preset; {config.ddpm_steps} DDPM + {config.segmenter_steps} segmenter
+optimiser steps per category (steps, not minutes: the same models on any machine); seed {config.seed}; the run
+took {total / 60:.1f} min ({platform.machine()}, {os.cpu_count()} CPUs).
 
 This is a demonstration at toy scale on synthetic parts: it shows the workflow and the outputs, not what
 the method reaches on real images with a model trained for hours (see the project README for benchmarks).
@@ -367,18 +370,19 @@ Anyone can then load it with diffusers alone:
 def register(subparsers) -> None:
     """Add ``diffad demo`` to the ``diffad`` command."""
     parser = subparsers.add_parser(
-        "demo", help="the whole method on the built-in synthetic data, in about 15 CPU minutes",
+        "demo", help="the whole method on the built-in synthetic data, in about 10 CPU minutes",
         description="Generate the synthetic default, train a tiny DDPM and segmenter per category, calibrate, "
                     "evaluate, write model cards and OUT/report.md. Steps whose outputs exist are skipped.")
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    parser.add_argument("--minutes-per-category", type=float, default=None,
-                        help=f"training minutes per category, DDPM + segmenter (default: "
-                             f"{DEFAULT_TRAIN_MINUTES_TOTAL:g} / number of categories)")
+    parser.add_argument("--ddpm-steps", type=int, default=None,
+                        help=f"DDPM optimiser steps per category (default: {DEFAULT_DDPM_STEPS})")
+    parser.add_argument("--segmenter-steps", type=int, default=None,
+                        help=f"segmenter optimiser steps per category (default: {DEFAULT_SEGMENTER_STEPS})")
     parser.add_argument("--categories", default=None, help="comma-separated synthetic categories (default: all)")
     parser.add_argument("--resolution", type=int, default=DemoConfig.resolution,
                         help=f"image side in pixels (default: {DemoConfig.resolution})")
     parser.add_argument("--tiny-budget", action="store_true",
-                        help="a smoke run in about 3 minutes: tiny data and seconds of training (numbers meaningless)")
+                        help="a smoke run in about 3 minutes: tiny data and a few steps of training (numbers meaningless)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and noise (default: 0)")
     parser.set_defaults(func=run)
 
@@ -386,8 +390,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad demo``; prints where the report is."""
     kwargs: dict[str, Any] = dict(TINY_BUDGET) if args.tiny_budget else {}
-    if args.minutes_per_category is not None:
-        kwargs["minutes_per_category"] = args.minutes_per_category
+    for name in ("ddpm_steps", "segmenter_steps"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     if args.resolution != DemoConfig.resolution or "resolution" not in kwargs:
         kwargs["resolution"] = args.resolution
     if args.resolution < 32:
@@ -395,10 +400,14 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(out=args.out, seed=args.seed,
                         categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories
                         else None, **kwargs)
+    config.check()
     start = time.time()
     report = run_demo(config)
     table = Path(config.out) / "evaluation" / "table.md"
     if table.is_file():
         print(table.read_text(encoding="utf-8"))
     print(f"demo finished in {(time.time() - start) / 60:.1f} min; open {report}")
+    one = config.resolved_categories()[0]
+    print(f"inspect photos in your browser: pip install 'diffad[app]' && diffad app --model "
+          f"{Path(config.out) / 'models' / one}  (then open http://127.0.0.1:7860)")
     return 0
