@@ -63,7 +63,8 @@ def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
         evals = card.data.eval_results
         # every map of every method, from one reconstruction per method
         assert {e.metric_config for e in evals} == {"self_aware/multiscale", "self_aware/learned",
-                                                    "self_aware/noise_error", "denoise/multiscale", "denoise/learned"}
+                                                    "self_aware/noise_error", "self_aware/combined",
+                                                    "denoise/multiscale", "denoise/learned"}
         assert all(0.0 <= e.metric_value <= 1.0 for e in evals)
         assert re.search(r"Inference time: self_aware [0-9.]+ s/image, denoise [0-9.]+ s/image\.", card.text)
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
@@ -73,6 +74,8 @@ def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) == len(SYNTHETIC_CATEGORIES) and all((out / link).is_file() for link in links)
     assert "diffad detect --model" in report and "diffad push --model" in report
+    assert re.search(r"20 DDPM \+ 5 segmenter\s+optimiser steps per category", report)
+    assert re.search(r"the run\s+took [0-9.]+ min", report)
     log = json.loads((out / "demo_log.json").read_text())
     assert all(not step["skipped_last_run"] for step in log["steps"].values())
 

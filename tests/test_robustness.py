@@ -446,3 +446,35 @@ def test_a_time_budget_progress_bar_counts_seconds_of_the_budget_not_a_made_up_s
     steps.step(11, 1.0)
     assert steps.bar.total == 50 and steps.bar.n == 11
     steps.close()
+
+
+# ------------------------------------------------------------------ clean cases worth keeping
+
+
+def test_unicode_and_spaces_in_paths_and_a_6000_px_photo(model, tmp_path):
+    photos = tmp_path / "fotos de piezas ü"
+    photos.mkdir()
+    Image.fromarray(_photo(70)).save(photos / "pièce 1.png")
+    Image.new("RGB", (6000, 40), (120, 130, 140)).save(photos / "wide.png")
+    out = tmp_path / "résultats"
+    assert main(["detect", "--model", str(model), str(photos), "--out", str(out)]) == 0
+    rows = {Path(r["file"]).name: r for r in _rows(out / "results.csv")}
+    assert set(rows) == {"pièce 1.png", "wide.png"} and all(r["decision"] in ("ok", "defect") for r in rows.values())
+    assert max(Image.open(out / rows["wide.png"]["overlay"]).size) <= 512  # overlays stay small
+
+
+@pytest.mark.parametrize("damage", ["model_index", "safetensors"])
+def test_corrupt_json_or_safetensors_is_one_line(model, tmp_path, capsys, damage):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    if damage == "model_index":
+        (broken / "model_index.json").write_text("{not json")
+    else:
+        weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    code = main(["detect", "--model", str(broken), str(_one_photo(tmp_path)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and len(err) == 1 and "Traceback" not in err[0]
+    assert not (tmp_path / "out" / "results.csv").exists()
