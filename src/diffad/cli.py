@@ -60,6 +60,7 @@ _SUBCOMMAND_MODULES = (
     ("card", "diffad.cards"),
     ("push", "diffad.hub"),
     ("app", "diffad.app"),
+    ("export", "diffad.export"),
     ("space", "diffad.app"),
 )
 

@@ -107,7 +107,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def load_pipeline(model: str | os.PathLike):
-    """Load a ``SelfAwareInpaintPipeline`` from a local folder or a Hub repo id (``org/name``).
+    """Load a ``SelfAwareInpaintPipeline`` from a local folder, a folder written by ``diffad export`` (OpenVINO
+    networks) or a Hub repo id (``org/name``).
 
     A Hub id needs the network (unset ``HF_HUB_OFFLINE``) or a cached copy.
 
@@ -120,6 +121,15 @@ def load_pipeline(model: str | os.PathLike):
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     path = Path(model)
+    if path.is_dir() and (path / "export.json").is_file():  # `diffad export`: OpenVINO networks
+        from diffad.export import INSTALL_HINT, load_exported
+
+        try:
+            pipe = load_exported(path)
+        except ImportError:
+            raise ValueError(f"--model {path}: {INSTALL_HINT}") from None
+        _require_calibration(pipe, model)
+        return pipe
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffad model folder (no model_index.json)")
