@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-browser test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-segmenter anomaly-samples clean
+.PHONY: venv test test-browser test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
 # One seed, 400 DDPM steps: for iterating (~25 min).
+# Issue 12's choice of default, on VALIDATION data with subtle synthetic defects (never a test split), with
+# bench-quality's seed-0 DDPMs of the three real categories (~5 min).
+detector-candidates: venv
+	for c in bottle tire metal_plate; do d=../shared/data/more_real; [ $$c = bottle ] && d=../shared/data/mvtec_subset; \
+		OMP_NUM_THREADS=1 $(PY) benchmarks/detector_candidates.py --model $(BENCH_OUT)/quality/$$c/seed0/models/$$c \
+		--data_dir $$d --category $$c --defects subtle --output $(BENCH_OUT)/candidates_$$c.json || exit 1; done
+
 # fp32 against bf16 on this CPU: UNet forward speed-ups and the default detector's AUROC (needs bench-quality's
 # bottle seed-0 model; ~5 min).
 bench-cpu: venv
