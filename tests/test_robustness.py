@@ -478,3 +478,38 @@ def test_corrupt_json_or_safetensors_is_one_line(model, tmp_path, capsys, damage
     err = capsys.readouterr().err.strip().splitlines()
     assert code in (1, 2) and len(err) == 1 and "Traceback" not in err[0]
     assert not (tmp_path / "out" / "results.csv").exists()
+
+
+# ------------------------------------------------------------------ 11. no pickle in a checkpoint
+
+
+def test_checkpoints_hold_no_pickle_and_resume_the_ema(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
+    from diffad.training import train_ddpm
+    from diffad.training_utils import CHECKPOINT_MARKER, STATE_TENSORS, latest_checkpoint
+
+    data = make_synthetic_dataset(tmp_path / "data", resolution=32, num_train=10, num_test_good=2,
+                                  num_test_defect_per_type=1, categories=[SYNTHETIC_CATEGORIES[0]])
+
+    def train(out: Path, steps: int, *extra: str):
+        return train_ddpm.main(train_ddpm.parse_args([
+            "--data_dir", str(data), "--category", SYNTHETIC_CATEGORIES[0], "--preset", "tiny", "--resolution", "32",
+            "--train_batch_size", "4", "--report_to", "none", "--output_dir", str(out), "--checkpointing_steps", "2",
+            "--num_epochs", "100", "--use_ema", "--seed", "3", "--max_train_steps", str(steps), *extra]))
+
+    train(tmp_path / "a", 2)
+    checkpoint = latest_checkpoint(tmp_path / "a")
+    assert not list(checkpoint.rglob("*.pkl")), sorted(p.name for p in checkpoint.iterdir())
+    saved = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+    assert saved["ema"]["optimization_step"] == 2 and len(load_file(str(checkpoint / STATE_TENSORS))) > 0
+    # resumed to 4 steps, the final EMA weights equal an uninterrupted 4-step run's
+    train(tmp_path / "a", 4, "--resume_from_checkpoint", "latest")
+    train(tmp_path / "b", 4)
+    a = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

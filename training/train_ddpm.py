@@ -61,6 +61,8 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     augment_batch,
     check_resume_config,
     clear_checkpoints,
+    ema_state,
+    load_ema_state,
     parse_int_list,
     remove_incomplete,
     run_with_clear_errors,
@@ -376,9 +378,8 @@ def main(args: argparse.Namespace) -> Path:
                                  num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=max_train_steps * world)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
-    if ema is not None:
+    if ema is not None:  # its state goes into diffad's own safetensors, never accelerate's pickle
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
         raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
 
@@ -409,6 +410,8 @@ def main(args: argparse.Namespace) -> Path:
         check_resume_config(resume_path, saved, config, RESUME_KEYS)
         logger.info(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
+        if ema is not None:
+            load_ema_state(ema, saved.get("ema") or {}, resume_path)
         state.update(saved["state"])
         log.load_state_dict(saved["log"])
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
@@ -492,9 +495,11 @@ def main(args: argparse.Namespace) -> Path:
             elif time_budget_spent(accelerator, state["train_seconds"], time_budget):
                 stopped, stop_reason = True, "max_train_minutes"
             if state["global_step"] % args.checkpointing_steps == 0:
+                ema_scalars, ema_tensors = ema_state(ema) if ema is not None else (None, None)
                 save_checkpoint(accelerator, output_dir, state["global_step"],
-                                {"state": state, "log": log.state_dict(), "steps_per_epoch": steps_per_epoch},
-                                best_weights, args.checkpoints_total_limit)
+                                {"state": state, "log": log.state_dict(), "steps_per_epoch": steps_per_epoch,
+                                 "ema": ema_scalars},
+                                best_weights, args.checkpoints_total_limit, tensors=ema_tensors)
                 tick = time.time()  # checkpoint I/O is not training time
             if stopped:
                 break

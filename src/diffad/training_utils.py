@@ -69,6 +69,8 @@ PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_PREFIX = "checkpoint"
 CHECKPOINT_MARKER = "diffad_training_state.json"
+#: diffad's own tensors in a checkpoint (the EMA's shadow weights), in safetensors: never a pickle.
+STATE_TENSORS = "diffad_state.safetensors"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 _INCOMPLETE_SUFFIX = ".incomplete"
 
@@ -425,13 +427,38 @@ def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
 # --------------------------------------------------------------------------------------
 # Checkpoints and pipeline folders, shared by train_ddpm.py, train_segmenter.py and `diffad calibrate`
 # --------------------------------------------------------------------------------------
+def ema_state(ema) -> tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """An ``EMAModel``'s state as JSON-able scalars and named tensors (for :data:`STATE_TENSORS`)."""
+    state = ema.state_dict()
+    tensors = {f"ema.{i}": t.detach().cpu().contiguous() for i, t in enumerate(state.pop("shadow_params"))}
+    return to_jsonable(state), tensors
+
+
+def load_ema_state(ema, scalars: Dict[str, Any], checkpoint: Path) -> None:
+    """Restore an ``EMAModel`` from :func:`ema_state`'s parts saved in ``checkpoint``."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / STATE_TENSORS
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {STATE_TENSORS} (its EMA state): it was written by diffad "
+                                "0.2, which pickled it; resume it with diffad 0.2 or start a new run")
+    tensors = load_file(str(path))
+    shadow = [tensors[f"ema.{i}"] for i in range(len(tensors))]
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    ema.load_state_dict({**scalars, "shadow_params": [t.to(device) for t in shadow]})
+
+
 def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, state: Dict[str, Any],
-                    best_weights: Optional[Dict[str, torch.Tensor]], total_limit: Optional[int]) -> Path:
+                    best_weights: Optional[Dict[str, torch.Tensor]], total_limit: Optional[int],
+                    tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Save a resumable checkpoint ``output_dir/checkpoint-<step>`` crash-safely.
 
-    Every process writes its share (``accelerator.save_state``: model, optimiser, lr scheduler,
-    EMA, RNG states) into ``.checkpoint-<step>.incomplete``; then the main process adds the best
-    weights and the training state (the marker file, written last) and renames the folder.
+    Every process writes its share (``accelerator.save_state``: model, optimiser, lr scheduler)
+    into ``.checkpoint-<step>.incomplete``; then the main process adds the best weights and
+    ``tensors`` (e.g. the EMA, :data:`STATE_TENSORS`) as safetensors and the training state (JSON, the
+    marker file, written last) and renames the folder. accelerate's pickled RNG states are deleted: every
+    random draw of diffad's training comes from a generator seeded by its position
+    (:func:`seeded_generator`), and a checkpoint should hold no pickle.
     """
     dest = output_dir / f"checkpoint-{step}"
     tmp = incomplete_path(dest)
@@ -442,8 +469,12 @@ def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, sta
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for pickled in tmp.glob("random_states_*.pkl"):
+            pickled.unlink()
         if best_weights is not None:
             save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
+        if tensors:
+            save_file(tensors, str(tmp / STATE_TENSORS))
         atomic_write_json(tmp / CHECKPOINT_MARKER, state)
         commit_directory(tmp, dest)
         rotate_checkpoints(output_dir, total_limit)
