@@ -202,7 +202,7 @@ def _register_calibrate(subparsers) -> None:
     passes = ", ".join(f"{name}: {SamplingConfig.from_preset(name).unet_passes('self_aware')}"
                        for name in SAMPLING_PRESETS)
     parser = subparsers.add_parser(
-        "calibrate", help="fit the inpainting-mask threshold map and pass/fail thresholds on normal images",
+        "calibrate", help="fit the noise-error threshold map and pass/fail thresholds on normal images",
         description="Calibrate a trained model on the validation split (held-out train/good images) of "
                     "its category with a sampling config, and save the calibration into the model folder "
                     "(atomically). `diffad detect` and `diffad evaluate` then run exactly that config.")
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="diffad",
         description="Visual inspection with diffusion models: train on good parts, find defects in new "
-                    "photos (self-aware inpainting, Semchyshyn 2023).",
+                    "photos (self-aware reconstruction, Semchyshyn 2023).",
         epilog="Start with `diffad demo`. Exit codes: 0 ok, 1 the run failed, 2 bad arguments or input.")
     parser.add_argument("--version", action="version", version=f"diffad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
