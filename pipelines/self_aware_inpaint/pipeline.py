@@ -244,6 +244,15 @@ MIN_IMAGE_SIDE = 8
 _EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
 
+def exif_orientation(image: Any) -> Optional[int]:
+    """The EXIF orientation tag of a PIL image (None when absent or when the EXIF block is malformed, which PIL's
+    ``exif_transpose`` ignores too)."""
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def rgb_array(image: Any) -> np.ndarray:
     """diffad's one image reader: a PIL image of any mode as an ``(H, W, 3)`` float32 array in [0, 1].
 
@@ -256,10 +265,7 @@ def rgb_array(image: Any) -> np.ndarray:
     if min(image.size) < MIN_IMAGE_SIDE:
         raise ValueError(f"the image is {image.size[0]}x{image.size[1]} px; diffad needs at least {MIN_IMAGE_SIDE} "
                          "px per side")
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as PIL's exif_transpose does
-        orientation = None
+    orientation = exif_orientation(image)
     if orientation in _EXIF_TRANSPOSE:
         image = image.transpose(_EXIF_TRANSPOSE[orientation])
     mode = image.mode
@@ -705,18 +711,14 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         b = x.shape[0]
         masks = torch.zeros(b, 1, *x.shape[-2:], device=x.device)
         passes = torch.zeros(b, dtype=torch.long)
-        if method == "denoise":
-            recs = denoise(self.unet, acp, x, start=config.inpaint_start, num_steps=config.denoise_steps,
-                           generators=generators)
-            passes += config.denoise_steps
-        elif config.reconstruction == "denoise":
-            masks = (q > q_threshold).float().unsqueeze(1)
-            recs = denoise(self.unet, acp, x, start=config.inpaint_start, num_steps=config.inpaint_steps,
-                           generators=generators)
-            passes += config.mask_noise_draws * len(config.mask_timesteps) + config.inpaint_steps
-        else:
+        if method == "self_aware":
             masks = (q > q_threshold).float().unsqueeze(1)
             passes += config.mask_noise_draws * len(config.mask_timesteps)
+        if method == "denoise" or config.reconstruction == "denoise":
+            steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
+            recs = denoise(self.unet, acp, x, start=config.inpaint_start, num_steps=steps, generators=generators)
+            passes += steps
+        else:
             recs = x.clone()
             todo = torch.nonzero(masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
             if todo:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, format_score, load_pipeline, render_overlay
+from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
 
 __all__ = ["Inspection", "Inspector", "build_app", "register", "register_space", "run", "write_space"]
 
@@ -99,7 +99,7 @@ class Inspector:
             result.maps[m] = out.anomaly_maps[m][0]
             result.scores[m] = float(out.scores[m][0])
         if not all(np.isfinite(v) for v in result.scores.values()):
-            result.error = "the model produced a non-finite anomaly map: check the weights, or retrain"
+            result.error = NONFINITE_ERROR
         return result
 
     @staticmethod

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, rgb_array
+from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, exif_orientation, rgb_array
 
 __all__ = [
     "CLASS_NAMES",
@@ -192,22 +192,22 @@ def _open(path: Path) -> Image.Image:
                              "replace or delete it") from err
 
 
-def _needs_conversion(image: Image.Image) -> bool:
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - malformed EXIF: rgb_array ignores it too
-        orientation = None
-    return image.mode != "RGB" or orientation not in (None, 1)
-
-
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB with EXIF orientation applied, by the pipeline's one reader
-    (:func:`diffad.pipelines.self_aware_inpaint.rgb_array`); ``ValueError`` for an image that is too small."""
-    if not _needs_conversion(image):
-        if min(image.size) < MIN_IMAGE_SIDE:
-            rgb_array(image)  # raises the reader's message
+    (:func:`diffad.pipelines.self_aware_inpaint.rgb_array`); an upright RGB image of a valid size is returned as
+    is. ``ValueError`` for an image that is too small."""
+    upright = exif_orientation(image) in (None, 1)
+    if image.mode == "RGB" and upright and min(image.size) >= MIN_IMAGE_SIDE:
         return image
     return Image.fromarray((rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+
+
+def _checked_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """:func:`_to_rgb`, its error naming the file."""
+    try:
+        return _to_rgb(image)
+    except ValueError as err:
+        raise MVTecDataError(f"{path}: {err}; replace or delete it") from None
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -216,11 +216,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     applied. ``MVTecDataError`` (a ``ValueError``) naming the file when it cannot be read or is smaller than
     ``MIN_IMAGE_SIDE`` px."""
     path = Path(path)
-    image = _open(path)
-    try:
-        return _to_rgb(image)
-    except ValueError as err:
-        raise MVTecDataError(f"{path}: {err}; replace or delete it") from None
+    return _checked_rgb(_open(path), path)
 
 
 def _to_mask(image: Image.Image) -> Image.Image:
@@ -241,10 +237,7 @@ def _load_row(image_path: Path, mask_path: Path | None, resolution: int | None) 
     """Return ``(image, mask)``: image is the path when it is stored unchanged, else a converted PIL image."""
     image = _open(image_path)
     size = image.size
-    try:
-        rgb = _to_rgb(image)
-    except ValueError as err:
-        raise MVTecDataError(f"{image_path}: {err}; replace or delete it") from None
+    rgb = _checked_rgb(image, image_path)
     unchanged = rgb is image and (resolution is None or size == (resolution, resolution))
     if mask_path is None:
         mask = Image.new("L", size, 0)

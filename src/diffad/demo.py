@@ -400,7 +400,6 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(out=args.out, seed=args.seed,
                         categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories
                         else None, **kwargs)
-    config.check()
     start = time.time()
     report = run_demo(config)
     table = Path(config.out) / "evaluation" / "table.md"

@@ -62,6 +62,8 @@ CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
 RESULTS_NAME = "results.csv"
 OVERLAY_DIR = "overlays"
 LOCK_NAME = ".diffad-detect.lock"
+#: The error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
+NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weights, or retrain"
 # Overlays are drawn at the photo's own size, capped on the long side to keep files small.
 MAX_OVERLAY_SIDE = 512
 
@@ -118,12 +120,11 @@ def load_pipeline(model: str | os.PathLike):
     """
     from diffusers.utils import logging as diffusers_logging
 
+    from diffad.export import INSTALL_HINT, is_exported, load_exported
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     path = Path(model)
-    if path.is_dir() and (path / "export.json").is_file():  # `diffad export`: OpenVINO networks
-        from diffad.export import INSTALL_HINT, load_exported
-
+    if path.is_dir() and is_exported(path):  # `diffad export`: OpenVINO networks
         try:
             pipe = load_exported(path)
         except ImportError:
@@ -383,10 +384,9 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
             for i, (path, photo) in enumerate(batch):
                 if not np.isfinite(output.anomaly_maps[anomaly_map][i]).all():
                     # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
-                    message = "the model produced a non-finite anomaly map: check the weights, or retrain"
-                    logger.error("%s: %s", path, message)
+                    logger.error("%s: %s", path, NONFINITE_ERROR)
                     writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
-                                     "error": message})
+                                     "error": NONFINITE_ERROR})
                     summary.failed += 1
                     summary.failed_files.append(str(path))
                     summary.nonfinite += 1
@@ -431,7 +431,9 @@ def register(subparsers) -> None:
     parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,
                         help="assert the sampling preset the model was calibrated with (detect always runs the "
                              "calibration's; `diffad calibrate --config` picks it): exit 2 when it differs")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    from diffad.precision import PRECISION_CHOICES
+
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                         help="assert the networks' precision the model was calibrated with (detect always runs the "
                              "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
     parser.add_argument("--seed", type=int, default=0,

@@ -575,7 +575,9 @@ def evaluate_folder(
         bars = diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()  # a bar for loading a few small components is noise
         try:
-            if (Path(model_dirs[c]) / "export.json").is_file():  # `diffad export`: OpenVINO networks on CPU
+            from diffad.export import is_exported
+
+            if is_exported(model_dirs[c]):  # `diffad export`: OpenVINO networks on CPU
                 from diffad.detect import load_pipeline
 
                 pipe = load_pipeline(model_dirs[c])
@@ -630,7 +632,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling preset the model must be calibrated with: fast or thesis (default: whatever "
                              "it was calibrated with; another one is an error: recalibrate with "
                              "`diffad calibrate --config ...`)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    from diffad.precision import PRECISION_CHOICES
+
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                         help="the networks' precision the model must be calibrated with (default: whatever it was "
                              "calibrated with; another one is an error: recalibrate with `diffad calibrate "
                              "--precision ...`)")

@@ -33,9 +33,13 @@ logger = logging.getLogger(__name__)
 EXPORT_FILE = "export.json"
 INSTALL_HINT = "exported models need OpenVINO: pip install 'diffad[openvino]'"
 _NETWORKS = ("unet", "segmenter")
-_CARRIED = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json",
-            "scheduler/scheduler_config.json", "calibration/config.json",
-            "calibration/diffusion_pytorch_model.safetensors", "calibration/pipeline.py")
+
+def _carried() -> tuple[str, ...]:
+    """What an export copies as is: ``diffad push``'s allow-list, less the networks it converts."""
+    from diffad.hub import COMPONENT_FILES, HUB_TOP_LEVEL_FILES
+
+    return HUB_TOP_LEVEL_FILES + tuple(f"{c}/{f}" for c, files in COMPONENT_FILES.items() if c not in _NETWORKS
+                                       for f in files)
 
 
 def _openvino():
@@ -100,7 +104,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     pipe = load_pipeline(model)  # calibrated, finite weights
     tmp = out.with_name(f".{out.name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
-    for rel in _CARRIED:
+    for rel in _carried():
         if (model / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model / rel, tmp / rel)
