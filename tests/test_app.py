@@ -106,3 +106,20 @@ def test_space_folder_loads_offline_against_a_hub_form_model_folder(model, tmp_p
     monkeypatch.setenv("DIFFAD_MODEL", str(hub_form))
     module = runpy.run_path(str(space / "app.py"))  # not __main__: builds the page, does not launch it
     assert isinstance(module["demo"], gradio.Blocks) and module["MODEL"] == str(hub_form)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["space", "--repo-id", "not a repo id", "--out", "SPACE"], "--repo-id 'not a repo id' is not a valid Hub repo id"),
+    (["space", "--repo-id", "acme/part", "--out", "SPACE", "--model", "NOWHERE"], "is not a diffad model folder"),
+    (["app", "--port", "0"], "--port must be in 1..65535"),
+])
+def test_app_and_space_bad_input_is_one_line(model, tmp_path, capsys, argv, message):
+    pytest.importorskip("gradio")
+    from diffad.cli import main
+
+    argv = [a.replace("SPACE", str(tmp_path / "space")).replace("NOWHERE", str(tmp_path / "none")) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(model)]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

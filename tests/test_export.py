@@ -69,3 +69,15 @@ def test_detect_on_the_exported_folder_gives_torchs_decisions(model, exported, t
         other = results["openvino"][file]
         assert other["decision"] == row["decision"]
         assert abs(float(other["score"]) - float(row["score"])) < 1e-3 * max(1.0, abs(float(row["score"])))
+
+
+def test_export_bad_input_is_one_line(model, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file.txt").write_text("x")
+    for argv, message in ((["--out", str(taken)], "exists and is not empty"),
+                          (["--out", str(model)], "--out must be a new folder")):
+        code = main(["export", "--model", str(model), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    assert (taken / "file.txt").read_text() == "x"
