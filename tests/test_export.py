@@ -1,4 +1,5 @@
-"""``diffad export --format openvino``: the exported networks reproduce torch's, and every command runs the folder."""
+"""``diffad export``: the exported networks (OpenVINO fp32/bf16, ONNX) reproduce torch's, the folder loads with
+``SelfAwareInpaintPipeline.from_pretrained`` and every command runs it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from diffad.detect import load_pipeline
 from tiny_components import saved_tiny_pipeline
 
 pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+#: (format, precision) of every exported folder the tests build.
+EXPORTS = (("openvino", "fp32"), ("openvino", "bf16"), ("onnx", "fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +33,69 @@ def model(tmp_path_factory) -> Path:
 def exported(model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exported")
     folders = {}
-    for precision in ("fp32", "bf16"):
-        folders[precision] = root / precision
-        assert main(["export", "--model", str(model), "--precision", precision, "--out", str(folders[precision])]) == 0
+    for fmt, precision in EXPORTS:
+        folders[fmt, precision] = root / f"{fmt}_{precision}"
+        assert main(["export", "--model", str(model), "--format", fmt, "--precision", precision,
+                     "--out", str(folders[fmt, precision])]) == 0
     return folders
 
 
-def test_exported_folder_is_complete_and_self_describing(model, exported):
-    folder = exported["bf16"]
+@pytest.mark.parametrize("fmt, precision, files", [("openvino", "bf16", ("openvino_model.xml", "openvino_model.bin")),
+                                                   ("onnx", "fp32", ("model.onnx",))])
+def test_exported_folder_is_complete_and_self_describing(model, exported, fmt, precision, files):
+    folder = exported[fmt, precision]
     manifest = json.loads((folder / "export.json").read_text())
-    assert manifest["format"] == "openvino" and manifest["precision"] == "bf16" and manifest["source"] == "model"
-    assert (folder / "unet" / "openvino_model.xml").is_file() and (folder / "unet" / "openvino_model.bin").is_file()
+    assert manifest["format"] == fmt and manifest["precision"] == precision and manifest["source"] == "model"
+    assert manifest["calibration"]["sampling_config"]["precision"] in ("fp32", "bf16")
+    assert all((folder / "unet" / f).is_file() for f in files)
     assert not list(folder.rglob("*.pkl")) and not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     for rel in ("calibration/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "pipeline.py"):
         assert (folder / rel).read_bytes() == (model / rel).read_bytes(), rel
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffad.export", {"openvino": "OpenVINONetwork", "onnx": "ONNXNetwork"}[fmt]]
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet_config["_diffad_export"] == {"format": fmt, "precision": precision, "source": "model"}
 
 
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.1)])
-def test_exported_networks_reproduce_torch(model, exported, precision, tolerance):
-    torch_pipe, ov_pipe = load_pipeline(model), load_pipeline(exported[precision])
+def test_from_pretrained_loads_the_exported_folder_and_saves_it_again(model, exported, tmp_path):
+    from diffad import SelfAwareInpaintPipeline
+    from diffad.export import ONNXNetwork, OpenVINONetwork
+
+    for (fmt, precision), cls in (((("openvino", "bf16")), OpenVINONetwork), (("onnx", "fp32"), ONNXNetwork)):
+        pipe = SelfAwareInpaintPipeline.from_pretrained(exported[fmt, precision])
+        assert isinstance(pipe.unet, cls) and pipe.unet.precision == precision and pipe.is_calibrated
+        assert pipe.resolution == 32 and pipe.device.type == "cpu"
+        pipe.save_pretrained(tmp_path / fmt)  # e.g. after recalibrating: the exported files travel along
+        again = SelfAwareInpaintPipeline.from_pretrained(tmp_path / fmt)
+        assert isinstance(again.unet, cls)
+        x = torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(again.unet(x, 150).sample, pipe.unet(x, 150).sample)
+
+
+def test_a_missing_exported_file_is_one_line(exported, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported["onnx", "fp32"], broken)
+    (broken / "unet" / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match=r"unet/model.onnx is missing .*export the model again"):
+        load_pipeline(broken)
+
+
+def test_exporting_an_exported_folder_or_onnx_in_bf16_is_refused(exported, model, tmp_path):
+    from diffad.export import export_model
+
+    with pytest.raises(ValueError, match="already exported"):
+        export_model(exported["onnx", "fp32"], tmp_path / "again", fmt="onnx", precision="fp32")
+    with pytest.raises(ValueError, match="--format onnx runs in fp32"):
+        export_model(model, tmp_path / "bf16", fmt="onnx", precision="bf16")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.parametrize("fmt, precision, tolerance", [("openvino", "fp32", 1e-4), ("openvino", "bf16", 0.1),
+                                                       ("onnx", "fp32", 1e-4)])
+def test_exported_networks_reproduce_torch(model, exported, fmt, precision, tolerance):
+    torch_pipe, ov_pipe = load_pipeline(model), load_pipeline(exported[fmt, precision])
     x = torch.randn(3, 6, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([5, 150, 700])
     with torch.no_grad():
@@ -61,14 +111,15 @@ def test_detect_on_the_exported_folder_gives_torchs_decisions(model, exported, t
     for i in range(4):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos / f"{i}.png")
     results = {}
-    for name, folder in (("torch", model), ("openvino", exported["fp32"])):
+    for name, folder in (("torch", model), ("openvino", exported["openvino", "fp32"]), ("onnx", exported["onnx", "fp32"])):
         assert main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / name)]) == 0
         with (tmp_path / name / "results.csv").open() as handle:
             results[name] = {r["file"]: r for r in csv.DictReader(handle)}
     for file, row in results["torch"].items():
-        other = results["openvino"][file]
-        assert other["decision"] == row["decision"]
-        assert abs(float(other["score"]) - float(row["score"])) < 1e-3 * max(1.0, abs(float(row["score"])))
+        for backend in ("openvino", "onnx"):
+            other = results[backend][file]
+            assert other["decision"] == row["decision"]
+            assert abs(float(other["score"]) - float(row["score"])) < 1e-3 * max(1.0, abs(float(row["score"])))
 
 
 def test_export_bad_input_is_one_line(model, tmp_path, capsys):
@@ -81,3 +132,18 @@ def test_export_bad_input_is_one_line(model, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert (taken / "file.txt").read_text() == "x"
+
+
+def test_an_exported_folder_without_its_backend_says_how_to_install_it(exported, tmp_path, capsys, monkeypatch):
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(photos / "a.png")
+    for module, fmt in (("openvino", "openvino"), ("onnxruntime", "onnx")):
+        monkeypatch.setitem(sys.modules, module, None)  # `import openvino` raises ImportError, as when not installed
+        code = main(["detect", "--model", str(exported[fmt, "fp32"]), str(photos), "--out", str(tmp_path / fmt)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "pip install 'diffad[openvino]'" in err[0], err
+        assert not (tmp_path / fmt / "results.csv").exists()
+        monkeypatch.undo()

@@ -101,6 +101,51 @@ def test_push_calls_create_repo_and_upload_folder(folders, monkeypatch):
     assert checked == [sorted({f.split("/")[0] for f in EXPECTED_FILES})]  # checked before the upload
 
 
+def test_push_with_space_uploads_the_space_after_the_model(folders, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls: list = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+            return f"https://huggingface.co/{'spaces/' if kwargs['repo_type'] == 'space' else ''}{kwargs['repo_id']}"
+
+        def upload_folder(self, **kwargs):
+            folder = Path(kwargs["folder_path"])
+            calls.append(("upload_folder", {"repo_id": kwargs["repo_id"], "repo_type": kwargs["repo_type"],
+                                            "files": {p.name: p.read_text() for p in folder.iterdir()
+                                                      if kwargs["repo_type"] == "space"}}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("diffad.hub.check_loads_offline", lambda folder: {"calibrated": True})
+    code = main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/diffad-weave", "--with-space"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert [(name, kw["repo_type"], kw["repo_id"]) for name, kw in calls] == [
+        ("create_repo", "model", "acme/diffad-weave"), ("upload_folder", "model", "acme/diffad-weave"),
+        ("create_repo", "space", "acme/diffad-weave"), ("upload_folder", "space", "acme/diffad-weave")]
+    assert calls[2][1]["space_sdk"] == "gradio"
+    space = calls[3][1]["files"]
+    assert sorted(space) == ["README.md", "app.py", "requirements.txt"]
+    assert '"acme/diffad-weave"' in space["app.py"] and "sdk: gradio" in space["README.md"]
+    assert "uploaded the Space (README.md, app.py, requirements.txt) to https://huggingface.co/spaces/acme" in out
+
+    calls.clear()  # another Space id, and a dry run that lists the Space and uploads nothing
+    code = main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/diffad-weave", "--with-space",
+                 "acme/weave-station", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and calls == []
+    assert "and the Space acme/weave-station (gradio): README.md, app.py, requirements.txt" in out
+    code = main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/diffad-weave", "--with-space", "a/b/c"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--with-space 'a/b/c' is not a valid Hub repo id" in err[0]
+
+
 def test_push_offline_is_refused_before_uploading(folders, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/x"]) == 2

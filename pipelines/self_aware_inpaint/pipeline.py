@@ -498,18 +498,20 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     threshold calibrated on normal images.
 
     Args:
-        unet: self-conditioned denoiser, ``UNet2DModel`` 6 -> 3.
+        unet: self-conditioned denoiser, ``UNet2DModel`` 6 -> 3 (or a network exported from one by ``diffad export``:
+            any ``ModelMixin`` that answers ``unet(x, t).sample`` and has its ``config``).
         scheduler: ``DDPMScheduler`` (its ``alphas_cumprod`` define the noise levels).
-        segmenter: optional ``UNet2DModel`` 6 -> 1 for the learned map.
+        segmenter: optional ``UNet2DModel`` 6 -> 1 for the learned map (or its export).
         calibration: optional :class:`AnomalyCalibration`, set by :meth:`calibrate`.
     """
 
     model_cpu_offload_seq = "unet->segmenter"
     _optional_components = ["segmenter", "calibration"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, segmenter: Optional[UNet2DModel] = None,
+    def __init__(self, unet: ModelMixin, scheduler: DDPMScheduler, segmenter: Optional[ModelMixin] = None,
                  calibration: Optional[ModelMixin] = None):
-        # ``calibration`` is annotated ModelMixin: through remote code its class comes from calibration/pipeline.py.
+        # Annotated ModelMixin: an exported network is not a UNet2DModel, and through remote code the calibration's
+        # class comes from calibration/pipeline.py.
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter, calibration=calibration)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, resample="bicubic", do_convert_rgb=True)
@@ -553,7 +555,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             for name in ("unet", "segmenter", CALIBRATION_COMPONENT):
                 entry = index.get(name)
                 weights = os.path.join(folder, name, "diffusion_pytorch_model.safetensors")
-                if isinstance(entry, list) and entry[0] is not None and not os.path.isfile(weights):
+                torch_weights = isinstance(entry, list) and entry[0] in ("diffusers", PIPELINE_FILE[:-3])
+                if torch_weights and not os.path.isfile(weights):
                     fix = {"unet": "copy it back or retrain (training/train_ddpm.py)",
                            "segmenter": "copy it back or retrain it (training/train_segmenter.py)",
                            CALIBRATION_COMPONENT: f"recalibrate: `diffad calibrate --model {folder} ...`"}[name]

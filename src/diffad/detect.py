@@ -109,8 +109,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def load_pipeline(model: str | os.PathLike):
-    """Load a ``SelfAwareInpaintPipeline`` from a local folder, a folder written by ``diffad export`` (OpenVINO
-    networks) or a Hub repo id (``org/name``).
+    """Load a ``SelfAwareInpaintPipeline`` from a local folder, a folder written by ``diffad export`` (OpenVINO or
+    ONNX networks) or a Hub repo id (``org/name``).
 
     A Hub id needs the network (unset ``HF_HUB_OFFLINE``) or a cached copy.
 
@@ -120,17 +120,10 @@ def load_pipeline(model: str | os.PathLike):
     """
     from diffusers.utils import logging as diffusers_logging
 
-    from diffad.export import INSTALL_HINT, is_exported, load_exported
+    from diffad.export import INSTALL_HINT
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     path = Path(model)
-    if path.is_dir() and is_exported(path):  # `diffad export`: OpenVINO networks
-        try:
-            pipe = load_exported(path)
-        except ImportError:
-            raise ValueError(f"--model {path}: {INSTALL_HINT}") from None
-        _require_calibration(pipe, model)
-        return pipe
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffad model folder (no model_index.json)")
@@ -143,6 +136,8 @@ def load_pipeline(model: str | os.PathLike):
     diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar around detect's own lines
     try:
         pipe = SelfAwareInpaintPipeline.from_pretrained(source)
+    except ImportError as exc:  # a `diffad export` folder without its backend
+        raise ValueError(f"--model {model}: {INSTALL_HINT} ({exc})") from None
     except OSError as exc:
         if path.is_dir():
             raise

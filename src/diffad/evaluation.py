@@ -575,14 +575,7 @@ def evaluate_folder(
         bars = diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()  # a bar for loading a few small components is noise
         try:
-            from diffad.export import is_exported
-
-            if is_exported(model_dirs[c]):  # `diffad export`: OpenVINO networks on CPU
-                from diffad.detect import load_pipeline
-
-                pipe = load_pipeline(model_dirs[c])
-            else:
-                pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
+            pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
         finally:
             if bars:
                 diffusers_logging.enable_progress_bar()

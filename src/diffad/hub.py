@@ -45,12 +45,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json")
+HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json",
+                       "export.json")
 #: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
 #: and caches stay behind).
+_NETWORK_FILES = ("config.json", "diffusion_pytorch_model.safetensors",
+                  "openvino_model.xml", "openvino_model.bin", "model.onnx")  # torch, or `diffad export`'s formats
 COMPONENT_FILES = {
-    "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
-    "segmenter": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "unet": _NETWORK_FILES,
+    "segmenter": _NETWORK_FILES,
     "scheduler": ("scheduler_config.json",),
     "calibration": ("config.json", "diffusion_pytorch_model.safetensors", "pipeline.py"),
 }
@@ -81,6 +84,10 @@ class PushResult:
     uploaded: bool = False
     url: Optional[str] = None
     load_check: dict = field(default_factory=dict)
+    #: ``--with-space``: the Space repo id, its files and, once uploaded, its URL.
+    space_id: Optional[str] = None
+    space_files: list[str] = field(default_factory=list)
+    space_url: Optional[str] = None
 
 
 def _read_json(path: Path) -> dict:
@@ -226,6 +233,7 @@ def push_model(
     token: Optional[str] = None,
     dry_run: bool = False,
     commit_message: Optional[str] = None,
+    space_id: Optional[str] = None,
 ) -> PushResult:
     """Assemble, check and upload ``model_dir`` as the Hub model repo ``repo_id``.
 
@@ -236,6 +244,8 @@ def push_model(
         token: a Hub token (default: ``huggingface_hub``'s, from ``HF_TOKEN`` or ``hf auth login``).
         dry_run: stop before ``create_repo``/``upload_folder``; the result lists what would be uploaded.
         commit_message: the upload's commit message.
+        space_id: also write the Space of ``diffad space`` for ``repo_id`` and upload it as the Gradio Space
+            ``space_id`` (Spaces and models have separate namespaces: ``repo_id`` itself is a fine choice).
 
     Raises:
         ValueError / FileNotFoundError: a bad repo id or a model that may not be published.
@@ -244,19 +254,26 @@ def push_model(
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from exc
+    for flag, value in (("--repo-id", repo_id), ("--with-space", space_id)):
+        try:
+            if value is not None:
+                validate_repo_id(value)
+        except HFValidationError as exc:
+            raise ValueError(f"{flag} {value!r} is not a valid Hub repo id (ORG/NAME): {exc}") from exc
     if not dry_run and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError("HF_HUB_OFFLINE is set: unset it to push (the Makefile sets it for tests), "
                          "or pass --dry-run")
-    result = PushResult(repo_id=repo_id)
+    result = PushResult(repo_id=repo_id, space_id=space_id)
     with tempfile.TemporaryDirectory(prefix="diffad-hub-") as tmp:
         folder = Path(tmp) / "repo"
         result.files = assemble_hub_folder(model_dir, folder)
         logger.info("checking that %s loads with diffusers alone, offline, in a fresh process", folder)
         result.load_check = check_loads_offline(folder)
+        space = Path(tmp) / "space"
+        if space_id is not None:
+            from diffad.app import write_space
+
+            result.space_files = sorted(p.name for p in write_space(model_dir, repo_id, space))
         if dry_run:
             return result
         api = HfApi(token=token)
@@ -265,6 +282,12 @@ def push_model(
                           commit_message=commit_message or f"Upload diffad model from {Path(model_dir).name}")
         result.uploaded = True
         result.url = str(repo_url)
+        if space_id is not None:  # after the model: the Space loads it by its id on start
+            space_url = api.create_repo(repo_id=space_id, repo_type="space", space_sdk="gradio", private=private,
+                                        exist_ok=True)
+            api.upload_folder(folder_path=str(space), repo_id=space_id, repo_type="space",
+                              commit_message=f"diffad app for {repo_id}")
+            result.space_url = str(space_url)
     return result
 
 
@@ -280,12 +303,17 @@ def register(subparsers) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--dry-run", action="store_true", help="assemble and check, list the files, upload nothing")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--with-space", nargs="?", const="", default=None, metavar="SPACE_ID",
+                        help="also upload the Gradio Space of `diffad space` that serves the model (default Space "
+                             "id: the model's --repo-id; Spaces have their own namespace)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad push``: exit 0, 2 for a model that may not be published, 1 when the check or upload fails."""
-    result = push_model(args.model, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
+    space_id = None if args.with_space is None else (args.with_space or args.repo_id)
+    result = push_model(args.model, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run,
+                        space_id=space_id)
     if not result.uploaded:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
               f"({'private' if args.private else 'public'}); the folder loads with diffusers alone "
@@ -293,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
               f"sampling config: {result.load_check.get('sampling')}):")
         for name in result.files:
             print(f"  {name}")
+        if space_id is not None:
+            print(f"and the Space {space_id} (gradio): {', '.join(result.space_files)}")
     else:
         print(f"uploaded {len(result.files)} files to {result.url}")
+        if result.space_url:
+            print(f"uploaded the Space ({', '.join(result.space_files)}) to {result.space_url}")
     return 0
