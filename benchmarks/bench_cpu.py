@@ -1,17 +1,24 @@
-"""``make bench-cpu`` (issue 15): fp32 against bf16 on this CPU, in one run, on the same trained model and seeds.
+"""``make bench-cpu`` (issue 15): every CPU backend of the default detector, in one run, on the same trained models.
 
-For a trained DDPM (default: ``make bench-quality``'s bottle seed-0 model) it measures
+For three bottle DDPMs -- the tiny preset at 64 px (``make bench-quality``'s seed-0 model, 1500 steps), the small
+preset at 64 px and at 128 px (trained here from the real bottle images when missing: a short step budget,
+resumable) -- and five backends:
 
-* the UNet forward pass (batch 8, the model's resolution, one thread): fp32, bf16 autocast, and bf16 autocast with
-  channels_last; interleaved repetitions, median time and the ratio to fp32 (the machine is shared and noisy);
-* the default detector end to end: calibrate on the validation split and evaluate on the test split once per
-  precision with the same noise: image and pixel AUROC of the default map, seconds per image, and peak memory
-  (the process's maximum resident set, measured after each precision).
+* ``torch fp32`` and ``torch bf16``: the model folder calibrated with ``diffad calibrate --precision fp32|bf16``;
+* ``OpenVINO fp32``, ``OpenVINO bf16`` and ``ONNX fp32``: ``diffad export`` of the calibration of that precision;
 
-Writes ``<out>/bench_cpu.json`` and ``<out>/table.md``. Example::
+it measures
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_cpu.py --model bench_output/quality/bottle/seed0/models/bottle \
-        --data ../shared/data/mvtec_subset --category bottle
+* **quality**: image and pixel AUROC (and AUPRO) of the default map on the real bottle test split, each backend in
+  its own process with the same noise, and that process's **peak memory** (maximum resident set, ``wait4``);
+* **speed**, interleaved in one process so that the machine's load hits every backend alike: the UNet forward pass
+  (batch 16) and the default detector end to end (16 test images per call), median over rounds, and the ratio to
+  ``torch fp32``.
+
+Writes ``<out>/bench_cpu.json`` and ``<out>/table.md``; re-runs skip models, calibrations, exports and evaluations
+already done. Run with one thread (the Makefile sets ``OMP_NUM_THREADS=1``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_cpu.py --out bench_output/cpu
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,100 +37,183 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT.parent / "shared/data/mvtec_subset"
+CATEGORY = "bottle"
+#: name -> (preset, resolution, DDPM steps when trained here, or an existing model folder)
+MODELS = {
+    "tiny 64 px": ("tiny", 64, REPO_ROOT / "bench_output/quality/bottle/seed0/models/bottle"),
+    "small 64 px": ("small", 64, 200),
+    "small 128 px": ("small", 128, 80),
+}
+BACKENDS = ("torch fp32", "torch bf16", "OpenVINO fp32", "OpenVINO bf16", "ONNX fp32")
 
 
-def forward_times(unet, resolution: int, repeats: int, ov_nets: dict) -> dict:
-    x = torch.randn(8, 6, resolution, resolution, generator=torch.Generator().manual_seed(0))
-    t = torch.full((8,), 300, dtype=torch.long)
-    variants = {"fp32": (False, False), "bf16": (True, False), "bf16 + channels_last": (True, True)}
-    times: dict = {name: [] for name in list(variants) + list(ov_nets)}
+def slug(text: str) -> str:
+    return text.replace(" ", "_")
+
+
+def train(folder: Path, preset: str, resolution: int, steps: int, seed: int) -> None:
+    """The DDPM of ``training/train_ddpm.py`` with a step budget (bf16 autocast, resumes from ``latest``)."""
+    from diffad.training import train_ddpm
+
+    if (folder / "model_index.json").is_file():
+        return
+    argv = ["--data_dir", str(DATA), "--category", CATEGORY, "--output_dir", str(folder), "--preset", preset,
+            "--resolution", str(resolution), "--train_batch_size", "16", "--num_epochs", "100000",
+            "--max_train_steps", str(steps), "--seed", str(seed), "--random_flip", "--use_ema", "--report_to", "none",
+            "--learning_rate", "1e-3", "--lr_warmup_steps", "20", "--mixed_precision", "bf16",
+            "--checkpointing_steps", "40", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
+    train_ddpm.main(train_ddpm.parse_args(argv))
+
+
+def backend_folders(model: Path, work: Path, seed: int) -> dict[str, Path]:
+    """Calibrate DDPM-only copies of ``model`` in fp32 and bf16 (the real ``diffad calibrate``) and export them (the real
+    ``diffad export``): one model folder per backend."""
+    from diffad.cli import calibrate_model
+    from diffad.export import export_model
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    folders = {}
+    for precision in ("fp32", "bf16"):
+        folder = work / f"torch_{precision}"
+        if not (folder / "calibration" / "config.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            pipe = SelfAwareInpaintPipeline.from_pretrained(model)  # the DDPM alone: the default needs no segmenter
+            SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(folder)
+            calibrate_model(folder, DATA, CATEGORY, config="fast", precision=precision, seed=seed, batch_size=16)
+        folders[f"torch {precision}"] = folder
+    for label, fmt, precision in (("OpenVINO fp32", "openvino", "fp32"), ("OpenVINO bf16", "openvino", "bf16"),
+                                  ("ONNX fp32", "onnx", "fp32")):
+        folder = work / f"{fmt}_{precision}"
+        if not (folder / "export.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            export_model(folders[f"torch {precision}"], folder, fmt=fmt, precision=precision)
+        folders[label] = folder
+    return folders
+
+
+def quality_worker(folder: str, out: str, seed: int) -> None:
+    """In a fresh process: evaluate ``folder``'s default detector on the bottle test split, write JSON."""
+    from diffad.data import load_mvtec
+    from diffad.detect import load_pipeline
+    from diffad.evaluation import evaluate_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(folder)
+    split = load_mvtec(DATA, CATEGORY, resolution=pipe.resolution, seed=seed)["test"]
+    ev = evaluate_pipeline(pipe, split, methods=("self_aware",), batch_size=16, seed=seed, progress=False,
+                           num_figure_rows=0)
+    m = ev.metrics[f"self_aware/{pipe.default_map('self_aware')}"]
+    Path(out).write_text(json.dumps({k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro", "seconds_per_image",
+                                                       "unet_passes_per_image")}))
+
+
+def quality(folder: Path, out: Path, seed: int) -> dict:
+    """:func:`quality_worker` in a child process; adds the child's peak resident memory (MiB)."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    tmp = out.with_suffix(".partial")
+    proc = subprocess.Popen([sys.executable, __file__, "--quality-worker", str(folder), "--worker-out", str(tmp),
+                             "--seed", str(seed)])
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"evaluating {folder} failed (exit {os.waitstatus_to_exitcode(status)})")
+    result = {**json.loads(tmp.read_text()), "peak_rss_mib": usage.ru_maxrss / 1024}
+    out.write_text(json.dumps(result))
+    tmp.unlink()
+    return result
+
+
+def speed(folders: dict[str, Path], rounds: int, seed: int) -> dict:
+    """UNet forward (batch 16) and the default detector on 16 test images, every backend interleaved per round."""
+    from diffad.data import load_mvtec
+    from diffad.detect import load_pipeline
+    from diffad.training_utils import image_generator
+
+    pipes = {label: load_pipeline(folder) for label, folder in folders.items()}
+    r = next(iter(pipes.values())).resolution
+    rows = load_mvtec(DATA, CATEGORY, resolution=r, seed=seed)["test"]
+    images = [rows[i]["image"].convert("RGB") for i in range(0, len(rows), max(1, len(rows) // 16))][:16]
+    x = torch.randn(16, 6, r, r, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((16,), 150, dtype=torch.long)
+    forward: dict[str, list[float]] = {k: [] for k in pipes}
+    end_to_end: dict[str, list[float]] = {k: [] for k in pipes}
     with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up and is dropped
-            for name, (bf16, channels_last) in variants.items():
-                unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                inp = x.to(memory_format=torch.channels_last) if channels_last else x
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            for label, pipe in pipes.items():
+                with pipe._autocast(pipe.calibration.sampling):  # the precision the folder runs at
+                    start = time.perf_counter()
+                    pipe.unet(x, t)
+                    forward[label].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    unet(inp, t)
-                times[name].append(time.perf_counter() - start)
-            for name, net in ov_nets.items():
-                start = time.perf_counter()
-                net(x, t)
-                times[name].append(time.perf_counter() - start)
-    unet.to(memory_format=torch.contiguous_format)
-    base = statistics.median(times["fp32"][1:])
-    return {name: {"median_ms": 1000 * statistics.median(v[1:]), "speedup": base / statistics.median(v[1:])}
-            for name, v in times.items()}
+                pipe(images, generator=[image_generator(seed, im) for im in images], batch_size=16,
+                     output_type="np")
+                end_to_end[label].append((time.perf_counter() - start) / len(images))
+    out = {}
+    for name, times in (("forward_ms", forward), ("seconds_per_image", end_to_end)):
+        base = statistics.median(times["torch fp32"][1:])
+        for label, v in times.items():
+            m = statistics.median(v[1:])
+            out.setdefault(label, {})[name] = 1000 * m if name == "forward_ms" else m
+            out[label][name.replace("_ms", "") + "_speedup"] = base / m
+    return out
+
+
+def table(result: dict) -> str:
+    lines = ["Default detector (`combined`, 10 UNet passes) on the real bottle test split, one thread. Speed: "
+             "interleaved in one process, median of rounds; quality and peak memory: each backend in its own "
+             "process, same noise.", "",
+             "| model | backend | forward (batch 16) ms | speed-up | s / image | speed-up | image AUROC | "
+             "pixel AUROC | AUPRO | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, rows in result["models"].items():
+        for label, v in rows.items():
+            lines.append(f"| {model} | {label} | {v['forward_ms']:.1f} | {v['forward_speedup']:.2f}x | "
+                         f"{v['seconds_per_image']:.4f} | {v['seconds_per_image_speedup']:.2f}x | "
+                         f"{v['image_auroc']:.4f} | {v['pixel_auroc']:.4f} | {v['aupro']:.4f} | "
+                         f"{v['peak_rss_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(REPO_ROOT / "bench_output/quality/bottle/seed0/models/bottle"))
-    p.add_argument("--data", default=str(REPO_ROOT.parent / "shared/data/mvtec_subset"))
-    p.add_argument("--category", default="bottle")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=str(REPO_ROOT / "bench_output/cpu"))
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated names of MODELS")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.quality_worker:
+        quality_worker(a.quality_worker, a.worker_out, a.seed)
+        return 0
     torch.set_num_threads(1)
-    from diffad.data import load_mvtec
-    from diffad.evaluation import evaluate_pipeline
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
     from diffad.precision import cpu_has_bf16
-    from diffad.training_utils import image_generator
 
-    pipe = SelfAwareInpaintPipeline.from_pretrained(a.model)
-    pipe.set_progress_bar_config(disable=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ov_nets = {}
-    try:  # OpenVINO rows when the extra is installed: the UNet converted as `diffad export` does
-        import openvino as ov
-
-        from diffad.export import OpenVINONetwork, _Traceable
-
-        r = pipe.resolution
-        with torch.no_grad():
-            ov_model = ov.convert_model(_Traceable(pipe.unet.eval()),
-                                        example_input=(torch.zeros(2, 6, r, r), torch.tensor([0, 10])))
-        ov_model.reshape({0: [-1, 6, r, r], 1: [-1]})
-        ov.save_model(ov_model, str(out / "unet.xml"), compress_to_fp16=False)
-        for precision in ("fp32", "bf16"):
-            ov_nets[f"OpenVINO {precision}"] = OpenVINONetwork(out / "unet.xml", dict(pipe.unet.config), precision)
-    except ImportError:
-        print("openvino not installed: no OpenVINO rows (pip install 'diffad[openvino]')")
-    result: dict = {"model": a.model, "category": a.category, "cpu_has_bf16": cpu_has_bf16(),
-                    "forward": forward_times(pipe.unet, pipe.resolution, a.repeats, ov_nets), "detector": {}}
-    data = load_mvtec(a.data, a.category, resolution=pipe.resolution, seed=a.seed)
-    val = [row["image"] for row in data["validation"]]
-    name = pipe.default_map("self_aware")
-    torch_unet = pipe.unet
-    runs = [("torch fp32", "fp32", None), ("torch bf16", "bf16", None)]
-    runs += [(k, "fp32", net) for k, net in ov_nets.items()]  # OpenVINO: the torch fp32 calibration, carried over
-    for label, precision, net in runs:
-        pipe.register_modules(unet=torch_unet)
-        config = dataclasses.replace(SamplingConfig.fast(), precision=precision)
-        pipe.calibrate(val, config=config, generator=[image_generator(a.seed, im) for im in val], batch_size=16)
-        if net is not None:
-            pipe.register_modules(unet=net)
-        ev = evaluate_pipeline(pipe, data["test"], methods=("self_aware",), batch_size=16, seed=a.seed,
-                               progress=False, num_figure_rows=0)
-        m = ev.metrics[f"self_aware/{name}"]
-        result["detector"][label] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
-                                     "aupro": m["aupro"], "seconds_per_image": m["seconds_per_image"],
-                                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    lines = [f"UNet forward, batch 8, {pipe.resolution} px, one thread (median of {a.repeats}, interleaved):", "",
-             "| variant | ms | speed-up |", "|---|---|---|"]
-    lines += [f"| {k} | {v['median_ms']:.1f} | {v['speedup']:.2f}x |" for k, v in result["forward"].items()]
-    lines += ["", f"Default detector ({name}) on the {a.category} test split, same model and noise:", "",
-              "| backend | image AUROC | pixel AUROC | AUPRO | s / image | peak RSS MiB (process so far) |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['image_auroc']:.4f} | {v['pixel_auroc']:.4f} | {v['aupro']:.4f} | "
-              f"{v['seconds_per_image']:.3f} | {v['peak_rss_mib']:.0f} |" for k, v in result["detector"].items()]
-    table = "\n".join(lines) + "\n"
-    (out / "bench_cpu.json").write_text(json.dumps(result, indent=2))
-    (out / "table.md").write_text(table)
-    print(table)
+    result: dict = {"category": CATEGORY, "cpu_has_bf16": cpu_has_bf16(), "threads": 1, "models": {},
+                    "training": {}}
+    for name in a.models.split(","):
+        preset, resolution, source = MODELS[name]
+        work = out / slug(name)
+        if isinstance(source, Path):
+            model = source
+        else:
+            model = out / "models" / f"{preset}_{resolution}"
+            train(model, preset, resolution, source, a.seed)
+        log = model / "training_log.json"
+        if log.is_file():
+            summary = json.loads(log.read_text()).get("summary", {})
+            result["training"][name] = {k: summary.get(k) for k in ("total_optimizer_steps", "train_seconds",
+                                                                    "best_val_loss")}
+        folders = backend_folders(model, work, a.seed)
+        rows = {label: quality(folders[label], work / f"quality_{slug(label)}.json", a.seed) for label in BACKENDS}
+        for label, v in speed(folders, a.rounds, a.seed).items():
+            rows[label].update(v)
+        result["models"][name] = rows
+        (out / "bench_cpu.json").write_text(json.dumps(result, indent=2))
+        print(table(result), flush=True)
+    (out / "table.md").write_text(table(result))
     return 0
 
 
