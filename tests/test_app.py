@@ -112,12 +112,21 @@ def test_space_folder_loads_offline_against_a_hub_form_model_folder(model, tmp_p
     (["space", "--repo-id", "not a repo id", "--out", "SPACE"], "--repo-id 'not a repo id' is not a valid Hub repo id"),
     (["space", "--repo-id", "acme/part", "--out", "SPACE", "--model", "NOWHERE"], "is not a diffad model folder"),
     (["app", "--port", "0"], "--port must be in 1..65535"),
+    (["app", "--precision", "PRECISION"], "recalibrate with `diffad calibrate --model"),
 ])
 def test_app_and_space_bad_input_is_one_line(model, tmp_path, capsys, argv, message):
     pytest.importorskip("gradio")
     from diffad.cli import main
 
-    argv = [a.replace("SPACE", str(tmp_path / "space")).replace("NOWHERE", str(tmp_path / "none")) for a in argv]
+    from diffad.detect import load_pipeline
+    from diffad.precision import resolve_precision
+
+    fitted = load_pipeline(model).calibration.sampling.precision
+    other = "fp32" if fitted != "fp32" else ("bf16" if resolve_precision("bf16") == "bf16" else None)
+    if "PRECISION" in argv and other is None:
+        pytest.skip("this CPU runs only fp32: no other precision to ask for")
+    argv = [a.replace("SPACE", str(tmp_path / "space")).replace("NOWHERE", str(tmp_path / "none"))
+            .replace("PRECISION", other or "") for a in argv]
     if "--model" not in argv:
         argv += ["--model", str(model)]
     code = main(argv)

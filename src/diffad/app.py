@@ -258,6 +258,11 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware")
     parser.add_argument("--seed", type=int, default=0, help="seeds each image's noise with its pixels (default: 0)")
+    from diffad.precision import PRECISION_CHOICES
+
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="assert the networks' precision the model was calibrated with (the app runs the "
+                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
     parser.set_defaults(func=run)
 
 
@@ -271,7 +276,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
+    from diffad.precision import check_precision
+
     pipe = load_pipeline(args.model)
+    check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)
     demo = build_app(inspector, args.model)
     print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
