@@ -26,27 +26,44 @@ EXPORTS = (("openvino", "fp32"), ("openvino", "bf16"), ("onnx", "fp32"))
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return saved_tiny_pipeline(tmp_path_factory.mktemp("export") / "model")
+    return saved_tiny_pipeline(tmp_path_factory.mktemp("export") / "model")  # calibrated in fp32
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory) -> dict[str, Path]:
+def model_bf16(tmp_path_factory) -> Path:
+    """The same model calibrated with its networks in bf16 (what ``diffad calibrate --precision bf16`` does)."""
+    import dataclasses
+
+    from tiny_components import CHEAP_CONFIG, random_images, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.calibrate(random_images(4), config=dataclasses.replace(CHEAP_CONFIG, precision="bf16"),
+                   generator=torch.Generator().manual_seed(0))
+    folder = tmp_path_factory.mktemp("export") / "model_bf16"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(model, model_bf16, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exported")
     folders = {}
-    for fmt, precision in EXPORTS:
+    for fmt, precision in EXPORTS:  # the precision is the calibration's (the default of --precision)
         folders[fmt, precision] = root / f"{fmt}_{precision}"
-        assert main(["export", "--model", str(model), "--format", fmt, "--precision", precision,
-                     "--out", str(folders[fmt, precision])]) == 0
+        source = model_bf16 if precision == "bf16" else model
+        assert main(["export", "--model", str(source), "--format", fmt, "--out", str(folders[fmt, precision])]) == 0
     return folders
 
 
 @pytest.mark.parametrize("fmt, precision, files", [("openvino", "bf16", ("openvino_model.xml", "openvino_model.bin")),
                                                    ("onnx", "fp32", ("model.onnx",))])
-def test_exported_folder_is_complete_and_self_describing(model, exported, fmt, precision, files):
+def test_exported_folder_is_complete_and_self_describing(model, model_bf16, exported, fmt, precision, files):
     folder = exported[fmt, precision]
     manifest = json.loads((folder / "export.json").read_text())
-    assert manifest["format"] == fmt and manifest["precision"] == precision and manifest["source"] == "model"
-    assert manifest["calibration"]["sampling_config"]["precision"] in ("fp32", "bf16")
+    model = model_bf16 if precision == "bf16" else model
+    source = model.name
+    assert manifest["format"] == fmt and manifest["precision"] == precision and manifest["source"] == source
+    assert manifest["calibration"]["sampling_config"]["precision"] == precision
     assert all((folder / "unet" / f).is_file() for f in files)
     assert not list(folder.rglob("*.pkl")) and not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     for rel in ("calibration/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "pipeline.py"):
@@ -54,7 +71,7 @@ def test_exported_folder_is_complete_and_self_describing(model, exported, fmt, p
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffad.export", {"openvino": "OpenVINONetwork", "onnx": "ONNXNetwork"}[fmt]]
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    assert unet_config["_diffad_export"] == {"format": fmt, "precision": precision, "source": "model"}
+    assert unet_config["_diffad_export"] == {"format": fmt, "precision": precision, "source": source}
 
 
 def test_from_pretrained_loads_the_exported_folder_and_saves_it_again(model, exported, tmp_path):
@@ -90,6 +107,20 @@ def test_exporting_an_exported_folder_or_onnx_in_bf16_is_refused(exported, model
     with pytest.raises(ValueError, match="--format onnx runs in fp32"):
         export_model(model, tmp_path / "bf16", fmt="onnx", precision="bf16")
     assert not (tmp_path / "again").exists() and not (tmp_path / "bf16").exists()
+
+
+def test_export_runs_the_calibrations_precision_or_refuses(model, model_bf16, tmp_path, capsys):
+    """A bf16 network under fp32 thresholds (or the reverse) would decide with a calibration of another model."""
+    for source, argv, message in (
+            (model, ["--precision", "bf16"], "was calibrated in fp32, and the exported networks run at the "
+                                             "calibration's precision; recalibrate"),
+            (model_bf16, ["--precision", "fp32"], "was calibrated in bf16"),
+            (model_bf16, ["--format", "onnx"], "was calibrated in bf16 and ONNX runs fp32")):
+        out = tmp_path / "out"
+        code = main(["export", "--model", str(source), *argv, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt, precision, tolerance", [("openvino", "fp32", 1e-4), ("openvino", "bf16", 0.1),

@@ -205,18 +205,21 @@ def _convert(net: torch.nn.Module, fmt: str, resolution: int, folder: Path) -> N
 
 
 def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "openvino",
-                 precision: str = "bf16") -> Path:
+                 precision: str | None = None) -> Path:
     """Export the networks of the calibrated model folder ``model`` into the new model folder ``out``: ``fmt`` is
-    ``"openvino"`` (``precision`` ``"bf16"`` or ``"fp32"``) or ``"onnx"`` (``"fp32"`` only: onnxruntime has no bf16
-    convolutions on CPU)."""
+    ``"openvino"`` (bf16 or fp32) or ``"onnx"`` (fp32 only: onnxruntime has no bf16 convolutions on CPU).
+
+    The exported networks run at the precision the model was calibrated with (what is calibrated is what runs):
+    ``precision`` (``"bf16"``/``"fp32"``, default: the calibration's) must be that one; to export at another,
+    recalibrate first (``diffad calibrate --precision ...``)."""
     from diffad import __version__
     from diffad.detect import load_pipeline
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if precision not in ("bf16", "fp32"):
+    if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"--precision must be bf16 or fp32, got {precision!r}")
-    if fmt == "onnx" and precision != "fp32":
+    if fmt == "onnx" and precision == "bf16":
         raise ValueError("--format onnx runs in fp32 (onnxruntime has no bf16 convolutions on CPU): pass "
                          "--precision fp32, or --format openvino for bf16")
     _backend("openvino" if fmt == "openvino" else "onnxruntime")
@@ -228,6 +231,15 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     pipe = load_pipeline(model)  # calibrated, finite weights
     if any(isinstance(getattr(pipe, name, None), ExportedNetwork) for name in _NETWORKS):
         raise ValueError(f"--model {model} is already exported: export the torch model folder it came from")
+    fitted = pipe.calibration.sampling.precision
+    precision = precision or fitted
+    if fmt == "onnx" and fitted != "fp32":
+        raise ValueError(f"--model {model} was calibrated in {fitted} and ONNX runs fp32: calibrate a copy with "
+                         f"`diffad calibrate --precision fp32 ...` and export that, or use --format openvino")
+    if precision != fitted:
+        raise ValueError(f"--precision {precision}: {model} was calibrated in {fitted}, and the exported networks run "
+                         f"at the calibration's precision; recalibrate a copy with `diffad calibrate --precision "
+                         f"{precision} ...` and export that (or drop --precision)")
     tmp = out.with_name(f".{out.name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     for rel in _carried():
@@ -269,17 +281,18 @@ def register(subparsers) -> None:
     parser.add_argument("--format", default="openvino", choices=FORMATS,
                         help="openvino (fp32 or bf16) or onnx (fp32, onnxruntime) (default: openvino)")
     parser.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                        help="the inference precision on CPU (default: bf16 for openvino; onnx is fp32)")
+                        help="the networks' precision: the one the model was calibrated with (the default; another "
+                             "is an error: recalibrate first); onnx runs fp32 only")
     parser.add_argument("--out", required=True, help="the new model folder")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad export``."""
-    precision = args.precision or ("bf16" if args.format == "openvino" else "fp32")
     try:
-        path = export_model(args.model, args.out, fmt=args.format, precision=precision)
+        path = export_model(args.model, args.out, fmt=args.format, precision=args.precision)
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    print(f"exported {args.model} to {path} ({args.format}, {precision})")
+    manifest = json.loads((path / EXPORT_FILE).read_text(encoding="utf-8"))
+    print(f"exported {args.model} to {path} ({manifest['format']}, {manifest['precision']})")
     return 0
