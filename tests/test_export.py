@@ -178,3 +178,27 @@ def test_an_exported_folder_without_its_backend_says_how_to_install_it(exported,
         assert code == 2 and len(err) == 1 and "pip install 'diffad[openvino]'" in err[0], err
         assert not (tmp_path / fmt / "results.csv").exists()
         monkeypatch.undo()
+
+
+def test_a_fresh_process_loads_the_exported_folder_and_push_checks_it(model, model_bf16, exported, tmp_path, capsys):
+    """diffusers imports a component's module only when it is already imported: ``from diffad import
+    SelfAwareInpaintPipeline`` must be enough, and ``diffad push`` must check the folder the way it will load."""
+    import subprocess
+    import sys
+
+    folder = exported["openvino", "bf16"]
+    code = ("import sys; from diffad import SelfAwareInpaintPipeline as P; p = P.from_pretrained(sys.argv[1]); "
+            "print(type(p.unet).__name__, p.is_calibrated, p.unet.precision)")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["OpenVINONetwork", "True", "bf16"]
+
+    import shutil
+
+    carded = tmp_path / "carded"
+    shutil.copytree(folder, carded)
+    (carded / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# card\n")
+    assert main(["push", "--model", str(carded), "--repo-id", "acme/part-openvino", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "loads with diffusers and diffad.export (SelfAwareInpaintPipeline" in out
+    assert "  unet/openvino_model.bin\n" in out and "  export.json\n" in out

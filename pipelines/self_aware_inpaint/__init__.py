@@ -1,5 +1,9 @@
 """The self-aware inpainting pipeline. ``pipeline.py`` is the very file every Hub repo carries."""
 
+# diffusers loads the networks of a `diffad export` folder (model_index.json: ["diffad.export", ...]) only from a
+# module already imported: importing the pipeline makes them loadable.
+from diffad import export as _exported_networks  # noqa: F401  (openvino/onnxruntime are imported only when used)
+
 from .pipeline import (
     COMBINED_MAPS,
     MAP_NAMES,

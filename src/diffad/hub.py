@@ -64,7 +64,10 @@ LOAD_CHECK_TIMEOUT_S = 600
 _LOAD_CHECK_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.modules["diffad"] = None  # the check must pass with diffusers alone, as on a Hub user's machine
+    if sys.argv[2] == "exported":  # `diffad export`'s networks are diffad.export components: diffad[openvino]
+        import diffad.export
+    else:
+        sys.modules["diffad"] = None  # the check must pass with diffusers alone, as on a Hub user's machine
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
     components = sorted(k for k, v in pipe.components.items() if v is not None)
@@ -205,7 +208,8 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
 
 def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHECK_TIMEOUT_S) -> dict:
     """Load ``folder`` with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` in a fresh,
-    offline process where ``diffad`` cannot be imported; return what it reported.
+    offline process where ``diffad`` cannot be imported; return what it reported. A ``diffad export`` folder
+    (``export.json``) is loaded after ``import diffad.export`` instead: its networks are that module's components.
 
     Raises:
         RuntimeError: the folder does not load (the child's last error line is in the message),
@@ -214,11 +218,14 @@ def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHEC
     with tempfile.TemporaryDirectory(prefix="diffad-load-check-") as hf_home:
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=hf_home, HF_DATASETS_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1")
-        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK_SCRIPT, str(Path(folder).resolve())],
+        exported = (Path(folder) / "export.json").is_file()
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK_SCRIPT, str(Path(folder).resolve()),
+                               "exported" if exported else "torch"],
                               env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"the Hub folder does not load with diffusers alone: {lines[-1] if lines else proc.returncode}")
+        alone = "diffusers and diffad.export" if exported else "diffusers alone"
+        raise RuntimeError(f"the Hub folder does not load with {alone}: {lines[-1] if lines else proc.returncode}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if not report.get("calibrated"):
         raise RuntimeError("the Hub folder loads but its pipeline is not calibrated")
@@ -267,7 +274,7 @@ def push_model(
     with tempfile.TemporaryDirectory(prefix="diffad-hub-") as tmp:
         folder = Path(tmp) / "repo"
         result.files = assemble_hub_folder(model_dir, folder)
-        logger.info("checking that %s loads with diffusers alone, offline, in a fresh process", folder)
+        logger.info("checking that %s loads offline in a fresh process", folder)
         result.load_check = check_loads_offline(folder)
         space = Path(tmp) / "space"
         if space_id is not None:
@@ -316,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
                         space_id=space_id)
     if not result.uploaded:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
-              f"({'private' if args.private else 'public'}); the folder loads with diffusers alone "
+              f"({'private' if args.private else 'public'}); the folder loads with "
+              f"{'diffusers and diffad.export' if 'export.json' in result.files else 'diffusers alone'} "
               f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}, "
               f"sampling config: {result.load_check.get('sampling')}):")
         for name in result.files:
