@@ -79,8 +79,9 @@ detector-candidates: venv
 		OMP_NUM_THREADS=1 $(PY) benchmarks/detector_candidates.py --model $(BENCH_OUT)/quality/$$c/seed0/models/$$c \
 		--data_dir $$d --category $$c --defects subtle --output $(BENCH_OUT)/candidates_$$c.json || exit 1; done
 
-# fp32 against bf16 on this CPU: UNet forward speed-ups and the default detector's AUROC (needs bench-quality's
-# bottle seed-0 model; ~5 min).
+# Every CPU backend (torch fp32/bf16, OpenVINO fp32/bf16, ONNX fp32) of the default detector on the real bottle test
+# split: tiny 64 px (bench-quality's bottle seed-0 DDPM), small 64 px and small 128 px (trained here, 200 and 80
+# steps): AUROCs and peak memory per backend, interleaved speed ratios. Resumable; ~1 h with the training.
 bench-cpu: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_cpu.py --out $(BENCH_OUT)/cpu
 
