@@ -257,7 +257,8 @@ def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained)
 def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):
     model_dir, cache_dir = trained["model_dir"], trained["cache_dir"]
     caches = sorted(p.name for p in cache_dir.iterdir())
-    assert len(caches) == 1 and caches[0].startswith("segmenter-reconstructions-")
+    builds = [name for name in caches if not name.endswith(".lock")]  # the lock file stays, like detect's
+    assert len(builds) == 1 and builds[0].startswith("segmenter-reconstructions-")
 
     def no_ddpm(*args, **kwargs):
         raise AssertionError("the rerun reconstructed images instead of reusing the cache")
@@ -268,6 +269,37 @@ def test_rerun_reuses_the_cache_without_calling_the_ddpm(trained, monkeypatch):
     assert log["summary"]["cache_hit"] is True
     assert log["config"]["cache_key"] == trained["log"]["config"]["cache_key"]
     assert sorted(p.name for p in cache_dir.iterdir()) == caches  # nothing new written
+
+
+def test_a_second_build_of_the_same_cache_waits_for_the_first_and_reuses_it(trained, tmp_path, monkeypatch):
+    """Two trainings of one model into sibling folders share <parent>/.diffad_cache: without a lock the second
+    deleted the first's partial shards mid-build (FileNotFoundError)."""
+    import threading
+
+    from diffad.training_utils import file_lock
+
+    model_dir, key = trained["model_dir"], trained["log"]["config"]["cache_key"]
+    name = f"segmenter-reconstructions-{key}"
+    calls = []
+    monkeypatch.setattr(ts, "reconstruct", lambda *a, **k: calls.append(1) or pytest.fail("rebuilt the cache"))
+    errors: list = []
+    with file_lock(tmp_path / f"{name}.lock"):  # "the first process", still building
+        worker = threading.Thread(target=lambda: _run_catching(errors, _args(model_dir, tmp_path)))
+        worker.start()
+        worker.join(timeout=3)
+        assert worker.is_alive()  # the second waits on the lock instead of building next to the first
+        shutil.copytree(trained["cache_dir"] / name, tmp_path / name)  # the first finishes its cache
+    worker.join(timeout=120)
+    assert not worker.is_alive() and errors == [] and calls == []
+    log = json.loads((model_dir / ts.LOG_NAME).read_text())
+    assert log["summary"]["cache_hit"] is True
+
+
+def _run_catching(errors: list, args) -> None:
+    try:
+        ts.main(args)
+    except BaseException as exc:  # noqa: BLE001  (reported to the test's thread)
+        errors.append(exc)
 
 
 def test_resume_from_latest_checkpoint_continues_the_step_count(trained, tmp_path):

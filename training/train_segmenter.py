@@ -50,6 +50,7 @@ map's included, is fitted with the segmenter. ``segmenter_log.json`` records the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -86,6 +87,7 @@ from diffad.training_utils import (
     TrainingLog,
     TrainingProgress,
     commit_directory,
+    file_lock,
     image_generator,
     incomplete_path,
     parse_int_list,
@@ -658,22 +660,28 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process and args.overwrite_cache and cache_path.exists():
         shutil.rmtree(cache_path)
     accelerator.wait_for_everyone()
-    cache_hit = cache_path.is_dir() and (cache_path / "diffad_cache_key.json").is_file()
     tick = time.time()
-    if cache_hit:
-        logger.info(f"reusing cached reconstructions {cache_path} (cache key {key})")
-    else:
-        logger.info(f"computing {num_synthetic} self-aware reconstructions once (cache key {key}) into {cache_path}")
-        bars = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # one bar (ours) instead of one per saved shard
-        try:
-            build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer,
-                                       train_images=train_images, num_synthetic=num_synthetic, seed=args.seed,
-                                       batch_size=args.reconstruction_batch_size,
-                                       shard_size=args.cache_shard_size, key_payload=payload)
-        finally:
-            if bars:
-                datasets.enable_progress_bars()
+    # Two trainings of the same model (e.g. sibling copies sharing <parent>/.diffad_cache) build one cache: the
+    # second waits for the first's lock, then reuses its cache.
+    lock = file_lock(cache_dir / f"{cache_path.name}.lock") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        accelerator.wait_for_everyone()
+        cache_hit = cache_path.is_dir() and (cache_path / "diffad_cache_key.json").is_file()
+        if cache_hit:
+            logger.info(f"reusing cached reconstructions {cache_path} (cache key {key})")
+        else:
+            logger.info(f"computing {num_synthetic} self-aware reconstructions once (cache key {key}) into "
+                        f"{cache_path}")
+            bars = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()  # one bar (ours) instead of one per saved shard
+            try:
+                build_reconstruction_cache(pipe, accelerator, cache_path, synthesizer=synthesizer,
+                                           train_images=train_images, num_synthetic=num_synthetic, seed=args.seed,
+                                           batch_size=args.reconstruction_batch_size,
+                                           shard_size=args.cache_shard_size, key_payload=payload)
+            finally:
+                if bars:
+                    datasets.enable_progress_bars()
     cache_seconds = time.time() - tick
     train_set = datasets.load_from_disk(str(cache_path)).with_format("torch", columns=["image", "reconstruction",
                                                                                          "mask"])

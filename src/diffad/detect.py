@@ -336,21 +336,14 @@ def detect(
 def _exclusive(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/.diffad-detect.lock`` (an OS lock, released even by a killed process) for the run: a second
     ``diffad detect`` into the same folder fails at once with one line instead of interleaving rows."""
+    from diffad.training_utils import file_lock
+
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with (out_dir / LOCK_NAME).open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another diffad detect is writing to {out_dir}: wait for it to finish, or pass "
-                             "another --out") from None
-        try:
+        with file_lock(out_dir / LOCK_NAME, blocking=False):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise ValueError(f"another diffad detect is writing to {out_dir}: wait for it to finish, or pass "
+                         "another --out") from None
 
 
 def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomaly_map: str, method: str,

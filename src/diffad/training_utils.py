@@ -11,6 +11,7 @@ half-written one. Checkpoint folders carry a marker file written last
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +39,7 @@ __all__ = [
     "EXIT_USAGE",
     "OneLineArgumentParser",
     "TrainingLog",
+    "file_lock",
     "atomic_write_json",
     "atomic_write_text",
     "augment_batch",
@@ -132,6 +134,26 @@ def incomplete_path(dest: PathLike) -> Path:
     writes its share of a checkpoint into the same folder."""
     dest = Path(dest)
     return dest.parent / f".{dest.name}{_INCOMPLETE_SUFFIX}"
+
+
+@contextlib.contextmanager
+def file_lock(path: PathLike, *, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on the file ``path`` (created when missing) for the ``with`` block.
+
+    The OS releases it even when the holder is killed, so no stale lock ever blocks a rerun. With
+    ``blocking=False`` a lock held by another process raises ``BlockingIOError`` at once. Not POSIX: no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def commit_directory(tmp: PathLike, dest: PathLike) -> Path:
