@@ -24,7 +24,6 @@ already done. Run with one thread (the Makefile sets ``OMP_NUM_THREADS=1``)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil

@@ -202,3 +202,22 @@ def test_a_fresh_process_loads_the_exported_folder_and_push_checks_it(model, mod
     out = capsys.readouterr().out
     assert "loads with diffusers and diffad.export (SelfAwareInpaintPipeline" in out
     assert "  unet/openvino_model.bin\n" in out and "  export.json\n" in out
+
+
+def test_calibrating_an_exported_folder_records_its_networks_precision(exported, synthetic_root, tmp_path, capsys):
+    import shutil
+
+    from diffad import SelfAwareInpaintPipeline
+    from diffad.export import OpenVINONetwork
+
+    folder = tmp_path / "ov_fp32"
+    shutil.copytree(exported["openvino", "fp32"], folder)
+    base = ["calibrate", "--model", str(folder), "--data", str(synthetic_root), "--category", "weave"]
+    assert main(base) == 0, capsys.readouterr().err  # --precision auto: the networks' fp32, even on a bf16 CPU
+    pipe = SelfAwareInpaintPipeline.from_pretrained(folder)
+    assert isinstance(pipe.unet, OpenVINONetwork) and (folder / "unet" / "openvino_model.bin").is_file()
+    assert pipe.calibration.sampling.precision == "fp32" and pipe.calibration.sampling.preset_name == "fast"
+    capsys.readouterr()
+    assert main(base + ["--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds networks exported in fp32" in err[0], err

@@ -140,7 +140,7 @@ def calibrate_model(
         ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate.
     """
     from diffad.data import load_mvtec
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
     from diffad.training_utils import image_generator
 
     model_dir = Path(model_dir)
@@ -156,8 +156,17 @@ def calibrate_model(
         raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
     from diffad.precision import resolve_precision
 
-    pipe = SelfAwareInpaintPipeline.from_pretrained(model_dir)
-    sampling = dataclasses.replace(sampling, precision=resolve_precision(precision, pipe.device))
+    from diffad.detect import from_pretrained_quietly
+
+    pipe = from_pretrained_quietly(model_dir)
+    resolved = resolve_precision(precision, pipe.device)
+    exported = getattr(pipe.unet, "precision", None)  # `diffad export`'s networks run the precision they were built at
+    if exported is not None and resolved != exported:
+        if precision != "auto":
+            raise ValueError(f"--precision {precision}: {model_dir} holds networks exported in {exported}; calibrate "
+                             f"it with --precision {exported}, or export the torch model again at {precision}")
+        resolved = exported
+    sampling = dataclasses.replace(sampling, precision=resolved)
     pipe.set_progress_bar_config(disable=True)
     splits = load_mvtec(data, category, resolution=pipe.resolution,
                         validation_fraction=validation_fraction, seed=seed)

@@ -118,10 +118,7 @@ def load_pipeline(model: str | os.PathLike):
         FileNotFoundError: ``model`` is neither an existing model folder nor a Hub id.
         ValueError: the model is not calibrated (``diffad calibrate`` first).
     """
-    from diffusers.utils import logging as diffusers_logging
-
     from diffad.export import INSTALL_HINT
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     path = Path(model)
     if path.is_dir():
@@ -132,10 +129,8 @@ def load_pipeline(model: str | os.PathLike):
         source = str(model)
         if source.count("/") != 1 or source.startswith((".", "/")) or path.suffix:
             raise FileNotFoundError(f"--model {source}: no such folder, and not a Hub repo id (org/name)")
-    bars = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar around detect's own lines
     try:
-        pipe = SelfAwareInpaintPipeline.from_pretrained(source)
+        pipe = from_pretrained_quietly(source)
     except ImportError as exc:  # a `diffad export` folder without its backend
         raise ValueError(f"--model {model}: {INSTALL_HINT} ({exc})") from None
     except OSError as exc:
@@ -144,12 +139,25 @@ def load_pipeline(model: str | os.PathLike):
         raise FileNotFoundError(f"--model {source}: could not load it from the Hub "
                                 f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
                                 ) from exc
-    finally:
-        if bars:
-            diffusers_logging.enable_progress_bar()
     _require_calibration(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
+    """``SelfAwareInpaintPipeline.from_pretrained`` without diffusers' "Loading pipeline components" bar (noise
+    around a command's own lines, and never part of a one-line error)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        return SelfAwareInpaintPipeline.from_pretrained(str(source), **kwargs)
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
 
 
 def _require_calibration(pipe, model) -> None:

@@ -552,10 +552,7 @@ def evaluate_folder(
     Returns:
         One :class:`CategoryEvaluation` per category.
     """
-    from diffusers.utils import logging as diffusers_logging
-
     from diffad.data import list_categories, load_mvtec
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     all_methods, _, _ = _pipeline_names()
     methods = list(all_methods if methods is None else methods)
@@ -572,13 +569,9 @@ def evaluate_folder(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for c in categories:
-        bars = diffusers_logging.is_progress_bar_enabled()
-        diffusers_logging.disable_progress_bar()  # a bar for loading a few small components is noise
-        try:
-            pipe = SelfAwareInpaintPipeline.from_pretrained(model_dirs[c]).to(device)
-        finally:
-            if bars:
-                diffusers_logging.enable_progress_bar()
+        from diffad.detect import from_pretrained_quietly
+
+        pipe = from_pretrained_quietly(model_dirs[c]).to(device)
         check_config(pipe, config, where=str(model_dirs[c]))
         from diffad.precision import check_precision
 
