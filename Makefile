@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-browser test-slow demo bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
+.PHONY: venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test-browser: venv
 		echo "could not install chromium: the browser test will be skipped"
 	$(PY) -m pip install --quiet -e '.[browser]'
 	SE_OFFLINE=true $(PY) -m pytest -q -m 'browser or not slow' tests/test_app.py tests/test_app_browser.py
+
+# The browser test over the demo's weave model (run `make demo` first) and two of its test photos, a good one and a
+# defective one: screenshots at the calibrated threshold and at 0 in bench_output/app_screenshot/.
+DEMO_OUT ?= demo_output
+app-screenshot: venv
+	$(PY) -m pip install --quiet -e '.[browser]'
+	DIFFAD_APP_MODEL=$(DEMO_OUT)/models/weave \
+	DIFFAD_APP_PHOTOS=$(DEMO_OUT)/data/weave/test/good/000.png:$(DEMO_OUT)/data/weave/test/hole/000.png \
+	DIFFAD_SCREENSHOT_DIR=bench_output/app_screenshot SE_OFFLINE=true $(PY) -m pytest -q -m browser tests/test_app_browser.py
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests

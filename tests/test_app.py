@@ -54,6 +54,26 @@ def test_inspector_scores_as_detect_and_redecides_without_the_model(model, tmp_p
     assert inspector.overlay(items[0], name).size == (40, 40)
 
 
+def test_model_summary_shows_the_cards_category_and_results_table(model, tmp_path):
+    import shutil
+
+    from diffad.app import Inspector, model_summary
+    from diffad.detect import load_pipeline
+
+    folder = tmp_path / "carded"
+    shutil.copytree(model, folder)
+    (folder / "README.md").write_text("\n".join([
+        "---", "license: apache-2.0", "---", "# card", "", "| hyper-parameter | value |", "|---|---|",
+        "| category | weave |", "| preset | tiny |", "", "| method / map | Image AUROC | Pixel AUROC |", "|---|---|---|",
+        "| self_aware/combined | 0.985 | 0.981 |", "| denoise/multiscale | 0.870 | 0.955 |", "", "text after"]))
+    text = model_summary(folder, Inspector(load_pipeline(folder)))
+    assert "**Category** `weave`." in text
+    # a whole markdown table, separator included (without it the page shows raw pipes)
+    assert "\n| method / map | Image AUROC | Pixel AUROC |\n|---|---|---|\n| self_aware/combined | 0.985 | 0.981 |\n" \
+           "| denoise/multiscale | 0.870 | 0.955 |" in text
+    assert "| preset | tiny |" not in text and "text after" not in text
+
+
 def test_a_zip_contributes_its_images_and_nothing_outside(tmp_path):
     archive = tmp_path / "batch.zip"
     with zipfile.ZipFile(archive, "w") as z:

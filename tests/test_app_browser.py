@@ -2,8 +2,11 @@
 
 Starts ``diffad app`` on a free local port over the tiny calibrated fixture, uploads two photos and a broken
 file, and asserts on what the page shows: two overlays, two scores with their decisions, the broken file's
-error, and a threshold change that flips the decisions without another model call. The screenshot goes to
-``$DIFFAD_SCREENSHOT_DIR`` (default: the test's temporary folder).
+error, and a threshold change that flips the decisions without another model call. The screenshots (at the
+calibrated threshold, then at 0) go to ``$DIFFAD_SCREENSHOT_DIR`` (default: the test's temporary folder).
+
+``make app-screenshot`` runs the same test over a real model: ``$DIFFAD_APP_MODEL`` (a calibrated model folder) and
+``$DIFFAD_APP_PHOTOS`` (two photos joined by ``os.pathsep``) replace the fixture and the random photos.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def app_url(tmp_path):
     pytest.importorskip("gradio")
     from tiny_components import saved_tiny_pipeline
 
-    model = saved_tiny_pipeline(tmp_path / "model")
+    model = os.environ.get("DIFFAD_APP_MODEL") or saved_tiny_pipeline(tmp_path / "model")
     port = _free_port()
     log = (tmp_path / "app.log").open("w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
@@ -71,9 +74,11 @@ def test_app_in_headless_chromium(app_url, tmp_path):
 
     photos = tmp_path / "photos"
     photos.mkdir()
+    given = [p for p in os.environ.get("DIFFAD_APP_PHOTOS", "").split(os.pathsep) if p]
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
-            photos / f"part{i}.png")
+        image = Image.open(given[i]).convert("RGB") if given else Image.fromarray(
+            np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+        image.save(photos / f"part{i}.png")
     (photos / "broken.png").write_text("not an image")
 
     options = webdriver.ChromeOptions()
@@ -99,6 +104,9 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         captions = driver.find_element(By.CSS_SELECTOR, "#gallery").text
         assert "part0.png" in captions and "part1.png" in captions, captions
         before = table.count("defect")
+        shots = Path(os.environ.get("DIFFAD_SCREENSHOT_DIR", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(shots / "diffad_app.png"))  # at the calibrated threshold
         # the threshold's number box: 0 flags every part, with no model call
         box = driver.find_element(By.CSS_SELECTOR, "#threshold input[type=number]")
         box.send_keys(Keys.CONTROL, "a")
@@ -107,8 +115,6 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         after = driver.find_element(By.CSS_SELECTOR, "#status").text
         assert "2 FAIL" in after and "Model calls: 2" in after, after
         assert before < 2 or "0 PASS" in after
-        shots = Path(os.environ.get("DIFFAD_SCREENSHOT_DIR", tmp_path))
-        shots.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(shots / "diffad_app.png"))
+        assert driver.save_screenshot(str(shots / "diffad_app_threshold_0.png"))
     finally:
         driver.quit()

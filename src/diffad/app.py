@@ -152,6 +152,17 @@ def _csv_text(rows: list[dict[str, str]]) -> str:
     return buffer.getvalue()
 
 
+def _card_table(lines: list[str], header: str) -> list[str]:
+    """The first markdown table of ``lines`` whose header row contains ``header``: header, separator and rows."""
+    for i, line in enumerate(lines):
+        if line.startswith("|") and header in line and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            end = i
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            return lines[i:end]
+    return []
+
+
 def model_summary(model: str | Path, inspector: Inspector) -> str:
     """Markdown: category, resolution, sampler, precision, UNet passes, and the card's measured metrics."""
     pipe = inspector.pipe
@@ -161,14 +172,13 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
              f"`{inspector.method}`."]
     card = Path(model) / "README.md"
     if card.is_file():
-        text = card.read_text(encoding="utf-8", errors="replace")
-        category = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("category:")), "")
+        text = card.read_text(encoding="utf-8", errors="replace").splitlines()
+        category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")
         if category:
             lines.append(f"**Category** `{category}`.")
-        table = [ln for ln in text.splitlines() if ln.startswith("| ") and ("AUROC" in ln or "self_aware/" in ln
-                                                                             or "denoise/" in ln or ln.startswith("|---"))]
+        table = _card_table(text, "Image AUROC")
         if table:
-            lines += ["", "Measured (model card):", "", *table[:8]]
+            lines += ["", "Measured (model card):", "", *table[:9]]
     return "\n".join(lines)
 
 
