@@ -571,3 +571,16 @@ def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_the_maps_close():
         assert torch.allclose(a.anomaly_maps[name], b.anomaly_maps[name], rtol=0.1, atol=0.05), name
     with pytest.raises(ValueError, match="precision must be one of"):
         SamplingConfig(precision="fp16")
+
+
+def test_a_calibrated_config_matches_its_preset_at_any_precision_and_nothing_else():
+    import dataclasses
+
+    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+
+    fast_bf16 = dataclasses.replace(SamplingConfig.fast(), precision="bf16")
+    assert fast_bf16.matches("fast") and SamplingConfig.fast().matches("fast")
+    assert not fast_bf16.matches("thesis") and not fast_bf16.matches(SamplingConfig.fast())
+    assert fast_bf16.matches(dataclasses.replace(SamplingConfig.fast(), precision="bf16"))
+    custom = dataclasses.replace(SamplingConfig.fast(), denoise_steps=5)
+    assert not custom.matches("fast") and custom.matches(dataclasses.replace(custom))

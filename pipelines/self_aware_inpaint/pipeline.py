@@ -393,6 +393,13 @@ class SamplingConfig:
         return next((name for name in SAMPLING_PRESETS
                      if dataclasses.replace(getattr(type(self), name)(), precision=self.precision) == self), None)
 
+    def matches(self, config: Union[str, "SamplingConfig"]) -> bool:
+        """Whether a call asking for ``config`` runs this (calibrated) config: a preset name matches that preset at
+        any precision (the precision is the calibration's), a ``SamplingConfig`` must be equal."""
+        if isinstance(config, str):
+            return self.preset_name == config or self == SamplingConfig.from_preset(config)
+        return self == config
+
     def unet_passes(self, method: str) -> int:
         """Denoiser passes per image (with ``reconstruction="inpaint"``, an image whose mask comes out empty skips
         inpainting)."""
@@ -668,8 +675,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             raise ValueError(f"the calibration was made at resolution {cal.config.resolution} but the model's is "
                              f"{self.resolution}: recalibrate with pipe.calibrate(normal_images)")
         fitted = cal.sampling
-        same_preset = isinstance(config, str) and fitted.preset_name == config  # "fast" at any precision
-        if wanted is not None and wanted != fitted and not same_preset:
+        if wanted is not None and not fitted.matches(config):
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
                              f"to run {wanted.preset_name or wanted}, recalibrate: "
                              f"pipe.calibrate(normal_images, config={wanted.preset_name or 'your_config'!r})")

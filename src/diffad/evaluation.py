@@ -188,8 +188,7 @@ def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline
     if not pipe.is_calibrated:
         return (wanted or SamplingConfig.fast()).to_dict()
     fitted = pipe.calibration.sampling  # raises for a diffad 0.1 calibration: recalibrate
-    same_preset = isinstance(config, str) and fitted.preset_name == config  # a preset at any precision
-    if wanted is not None and wanted != fitted and not same_preset:
+    if wanted is not None and not fitted.matches(config):
         have = fitted.preset_name or "a custom"
         name = wanted.preset_name or "the wanted"
         raise ValueError(f"{where} was calibrated with the {have!r} sampling config, not {name!r}: recalibrate with "
