@@ -221,3 +221,15 @@ def test_calibrating_an_exported_folder_records_its_networks_precision(exported,
     assert main(base + ["--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds networks exported in fp32" in err[0], err
+
+
+def test_evaluate_on_the_exported_folder_gives_torchs_metrics(model, exported, synthetic_root, tmp_path):
+    metrics = {}
+    for name, folder in (("torch", model), ("onnx", exported["onnx", "fp32"])):
+        assert main(["evaluate", "--model", str(folder), "--data", str(synthetic_root), "--category", "weave",
+                     "--methods", "self_aware", "--out", str(tmp_path / name), "--figure-rows", "0"]) == 0
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())["categories"]["weave"]
+    assert set(metrics["onnx"]) == set(metrics["torch"]) and "self_aware/combined" in metrics["torch"]
+    for kind, row in metrics["torch"].items():
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            assert abs(metrics["onnx"][kind][key] - row[key]) < 1e-3, (kind, key)
