@@ -233,3 +233,10 @@ def test_evaluate_on_the_exported_folder_gives_torchs_metrics(model, exported, s
     for kind, row in metrics["torch"].items():
         for key in ("image_auroc", "pixel_auroc", "aupro"):
             assert abs(metrics["onnx"][kind][key] - row[key]) < 1e-3, (kind, key)
+
+
+def test_the_space_of_an_exported_model_installs_its_backend(exported, tmp_path):
+    from diffad.app import write_space
+
+    write_space(exported["openvino", "bf16"], "acme/part-openvino", tmp_path / "space")
+    assert (tmp_path / "space" / "requirements.txt").read_text().startswith("diffad[app,openvino]>=")

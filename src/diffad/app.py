@@ -362,7 +362,9 @@ def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "app.py": SPACE_APP.format(repo_id=repo_id),
-        "requirements.txt": f"diffad[app]>={__version__}\ntorch\n",
+        # an exported model (`diffad export`) runs its networks with OpenVINO or onnxruntime
+        "requirements.txt": f"diffad[{'app,openvino' if (model / 'export.json').is_file() else 'app'}]>={__version__}"
+                            "\ntorch\n",
         "README.md": SPACE_README.format(title=f"diffad {category or repo_id.split('/')[-1]}", repo_id=repo_id,
                                          gradio_version=gradio_version, category=category or "your"),
     }
