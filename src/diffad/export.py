@@ -138,19 +138,34 @@ class ExportedNetwork(ModelMixin, ConfigMixin):
 
 
 class OpenVINONetwork(ExportedNetwork):
-    """OpenVINO IR on CPU, with ``INFERENCE_PRECISION_HINT`` bf16 or f32 as exported."""
+    """OpenVINO IR on CPU, with ``INFERENCE_PRECISION_HINT`` bf16 or f32 as exported.
+
+    The IR has a dynamic batch size; each batch size met is compiled once with a static shape (about 10% faster
+    than the dynamic one on this CPU, 0.3-0.8 s to compile), keeping the :attr:`max_shapes` most recent."""
 
     weights_name = "openvino_model.xml"
     format = "openvino"
+    max_shapes = 4
 
     def _compile(self, weights: Path) -> None:
         ov = _backend("openvino")
-        self._compiled = ov.Core().compile_model(str(weights), "CPU", {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self._core = ov.Core()
+        self._ir = self._core.read_model(str(weights))
+        self._options = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                         "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self._by_shape: dict[tuple[int, ...], Any] = {}
 
     def _run(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        return self._compiled([sample, timestep])[0]
+        shape = tuple(sample.shape)
+        compiled = self._by_shape.pop(shape, None)
+        if compiled is None:
+            if len(self._by_shape) >= self.max_shapes:
+                self._by_shape.pop(next(iter(self._by_shape)))  # the least recently used
+            model = self._ir.clone()
+            model.reshape({0: list(shape), 1: [shape[0]]})
+            compiled = self._core.compile_model(model, "CPU", self._options)
+        self._by_shape[shape] = compiled  # most recent last
+        return compiled([sample, timestep])[0]
 
 
 class ONNXNetwork(ExportedNetwork):
