@@ -275,6 +275,8 @@ def _target_line(metrics: dict[str, Any], target: float = 0.90) -> str:
 
 def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_times: dict[str, Any]) -> Path:
     """Write ``<out>/report.md``: results, figures (relative links), timings, and what to do next."""
+    import torch
+
     from diffad import __version__
 
     eval_dir = out / "evaluation"
@@ -295,7 +297,7 @@ diffad {__version__}: self-aware reconstruction with a self-conditioned DDPM (Se
 synthetic default (no download). Categories: {', '.join(f'`{c}`' for c in config.resolved_categories())};
 resolution {config.resolution} px; tiny UNet preset; {config.ddpm_steps} DDPM + {config.segmenter_steps} segmenter
 optimiser steps per category (steps, not minutes: the same models on any machine); seed {config.seed}; the run
-took {total / 60:.1f} min ({platform.machine()}, {os.cpu_count()} CPUs).
+took {total / 60:.1f} min ({platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads).
 
 This is a demonstration at toy scale on synthetic parts: it shows the workflow and the outputs, not what
 the method reaches on real images with a model trained for hours (see the project README for benchmarks).
