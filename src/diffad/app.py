@@ -340,6 +340,7 @@ def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from diffad import __version__
+    from diffad.export import is_exported
 
     try:
         validate_repo_id(repo_id)
@@ -363,7 +364,7 @@ def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
     files = {
         "app.py": SPACE_APP.format(repo_id=repo_id),
         # an exported model (`diffad export`) runs its networks with OpenVINO or onnxruntime
-        "requirements.txt": f"diffad[{'app,openvino' if (model / 'export.json').is_file() else 'app'}]>={__version__}"
+        "requirements.txt": f"diffad[{'app,openvino' if is_exported(model) else 'app'}]>={__version__}"
                             "\ntorch\n",
         "README.md": SPACE_README.format(title=f"diffad {category or repo_id.split('/')[-1]}", repo_id=repo_id,
                                          gradio_version=gradio_version, category=category or "your"),

@@ -34,12 +34,13 @@ import torch
 from diffusers import ConfigMixin, ModelMixin  # diffusers finds the load method of our classes through ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from diffad.hub import EXPORT_FILE
+
 __all__ = ["EXPORT_FILE", "FORMATS", "ExportedNetwork", "ONNXNetwork", "OpenVINONetwork", "export_model",
            "is_exported", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FILE = "export.json"
 #: ``--format``: OpenVINO IR (fp32 or bf16 on CPU) or ONNX (fp32, run by onnxruntime).
 FORMATS = ("openvino", "onnx")
 INSTALL_HINT = "exported models need OpenVINO and onnxruntime: pip install 'diffad[openvino]'"

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+
 __all__ = [
     "HUB_TOP_LEVEL_FILES",
     "PushResult",
@@ -45,8 +46,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: What ``diffad export`` writes into an exported model folder: which model, format, precision and calibration.
+EXPORT_FILE = "export.json"
 HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json",
-                       "export.json")
+                       EXPORT_FILE)
 #: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
 #: and caches stay behind).
 _NETWORK_FILES = ("config.json", "diffusion_pytorch_model.safetensors",
@@ -218,7 +221,9 @@ def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHEC
     with tempfile.TemporaryDirectory(prefix="diffad-load-check-") as hf_home:
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=hf_home, HF_DATASETS_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1")
-        exported = (Path(folder) / "export.json").is_file()
+        from diffad.export import is_exported
+
+        exported = is_exported(folder)
         proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK_SCRIPT, str(Path(folder).resolve()),
                                "exported" if exported else "torch"],
                               env=env, capture_output=True, text=True, timeout=timeout)
@@ -324,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.uploaded:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
               f"({'private' if args.private else 'public'}); the folder loads with "
-              f"{'diffusers and diffad.export' if 'export.json' in result.files else 'diffusers alone'} "
+              f"{'diffusers and diffad.export' if EXPORT_FILE in result.files else 'diffusers alone'} "
               f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}, "
               f"sampling config: {result.load_check.get('sampling')}):")
         for name in result.files:
