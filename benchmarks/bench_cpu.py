@@ -10,7 +10,9 @@ the real bottle images: 200 and 80 steps, bf16 autocast, resumable) -- and five 
 it measures
 
 * **quality**: image and pixel AUROC (and AUPRO) of the default map on the real bottle test split, each backend in
-  its own process with the same noise, and that process's **peak memory** (maximum resident set, ``wait4``);
+  its own process with the same noise;
+* **peak memory**: a fresh process loading the model and running one call on 16 test images, its high-water mark
+  reset after the images are read (``/proc/self/clear_refs``), so that it measures the backend;
 * **speed**, interleaved in one process so that the machine's load hits every backend alike: the UNet forward pass
   (batch 16) and the default detector end to end (16 test images per call), median over rounds, and the ratio to
   ``torch fp32``.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -109,20 +110,15 @@ def quality_worker(folder: str, out: str, seed: int) -> None:
                                                        "unet_passes_per_image")}))
 
 
-def quality(folder: Path, out: Path, seed: int) -> dict:
-    """:func:`quality_worker` in a child process; adds the child's peak resident memory (MiB)."""
-    if out.is_file():
-        return json.loads(out.read_text())
-    tmp = out.with_suffix(".partial")
-    proc = subprocess.Popen([sys.executable, __file__, "--quality-worker", str(folder), "--worker-out", str(tmp),
-                             "--seed", str(seed)])
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"evaluating {folder} failed (exit {os.waitstatus_to_exitcode(status)})")
-    result = {**json.loads(tmp.read_text()), "peak_rss_mib": usage.ru_maxrss / 1024}
-    out.write_text(json.dumps(result))
-    tmp.unlink()
-    return result
+def in_child(worker: str, folder: Path, out: Path, seed: int) -> dict:
+    """Run ``--<worker>-worker`` (:func:`quality_worker` or :func:`memory_worker`) on ``folder`` in a fresh process,
+    once: its JSON is written to ``out`` (under a temporary name until the child succeeds) and reused by re-runs."""
+    if not out.is_file():
+        tmp = out.with_suffix(".partial")
+        subprocess.run([sys.executable, __file__, f"--{worker}-worker", str(folder), "--worker-out", str(tmp),
+                        "--seed", str(seed)], check=True)
+        tmp.replace(out)
+    return json.loads(out.read_text())
 
 
 def _test_images(resolution: int, seed: int) -> list:
@@ -157,15 +153,6 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
     pipe = load_pipeline(folder)
     pipe(images, generator=[image_generator(seed, im) for im in images], batch_size=16, output_type="np")
     Path(out).write_text(json.dumps({"peak_rss_mib": _proc_status_mib("VmHWM"), "baseline_rss_mib": baseline}))
-
-
-def memory(folder: Path, out: Path, seed: int) -> dict:
-    """:func:`memory_worker` in a child process."""
-    if out.is_file():
-        return json.loads(out.read_text())
-    subprocess.run([sys.executable, __file__, "--memory-worker", str(folder), "--worker-out", str(out),
-                    "--seed", str(seed)], check=True)
-    return json.loads(out.read_text())
 
 
 def speed(folders: dict[str, Path], rounds: int, seed: int) -> dict:
@@ -254,9 +241,11 @@ def main(argv=None) -> int:
             result["training"][name] = {k: summary.get(k) for k in ("total_optimizer_steps", "train_seconds",
                                                                     "best_val_loss")}
         folders = backend_folders(model, work, a.seed)
-        rows = {label: quality(folders[label], work / f"quality_{slug(label)}.json", a.seed) for label in BACKENDS}
+        rows = {}
         for label in BACKENDS:
-            rows[label].update(memory(folders[label], work / f"memory_{slug(label)}.json", a.seed))
+            quality = in_child("quality", folders[label], work / f"quality_{slug(label)}.json", a.seed)
+            memory = in_child("memory", folders[label], work / f"memory_{slug(label)}.json", a.seed)
+            rows[label] = {**quality, **memory}
         speed_file = work / "speed.json"
         if not speed_file.is_file():
             speed_file.write_text(json.dumps(speed(folders, a.rounds, a.seed), indent=2))

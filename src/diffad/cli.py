@@ -157,10 +157,12 @@ def calibrate_model(
     from diffad.precision import resolve_precision
 
     from diffad.detect import from_pretrained_quietly
+    from diffad.export import ExportedNetwork
 
     pipe = from_pretrained_quietly(model_dir)
     resolved = resolve_precision(precision, pipe.device)
-    exported = getattr(pipe.unet, "precision", None)  # `diffad export`'s networks run the precision they were built at
+    # `diffad export`'s networks run the precision they were built at
+    exported = pipe.unet.precision if isinstance(pipe.unet, ExportedNetwork) else None
     if exported is not None and resolved != exported:
         if precision != "auto":
             raise ValueError(f"--precision {precision}: {model_dir} holds networks exported in {exported}; calibrate "

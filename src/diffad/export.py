@@ -238,7 +238,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     if fmt == "onnx" and precision == "bf16":
         raise ValueError("--format onnx runs in fp32 (onnxruntime has no bf16 convolutions on CPU): pass "
                          "--precision fp32, or --format openvino for bf16")
-    _backend("openvino" if fmt == "openvino" else "onnxruntime")
+    backend = _backend("openvino" if fmt == "openvino" else "onnxruntime")
     model, out = Path(model), Path(out)
     if out.resolve() == model.resolve():
         raise ValueError("--out must be a new folder, not the model folder")
@@ -274,7 +274,6 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
         index[name] = [__name__, _CLASSES[fmt].__name__]
         exported[name] = f"{name}/{_CLASSES[fmt].weights_name}"
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    backend = _backend("openvino" if fmt == "openvino" else "onnxruntime")
     manifest = {"format": fmt, "precision": precision, "source": model.name, "diffad_version": __version__,
                 f"{backend.__name__}_version": backend.__version__, "networks": exported,
                 "calibration": {"sampling_config": pipe.calibration.sampling.to_dict(),
