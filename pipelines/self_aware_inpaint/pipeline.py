@@ -914,3 +914,96 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         cal.thresholds.copy_(torch.tensor([quantile(scores[name]) for name in names], dtype=torch.float32))
         self.register_modules(calibration=cal.to(self.device))
         return self
+
+
+# =============================================================================== one photo, as diffad judges it
+# What `diffad detect`, `diffad serve`, `diffad watch` and a Hub repo's `handler.py` run for each photo. It lives in
+# this file so that a Hub user with diffusers alone gets the very score `diffad detect` writes: the same 8-bit RGB
+# photo, the same noise generator, the same decision.
+
+#: The error of a photo the model could not judge (a NaN/inf map): an error, never a decision.
+NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weights, or retrain"
+
+
+def rgb_image(image: Any) -> Any:
+    """A PIL image of any mode as the upright 8-bit RGB photo diffad scores (by :func:`rgb_array`); an upright RGB
+    image of a valid size is returned as is. ``ValueError`` for an image that is too small."""
+    from PIL import Image  # a dependency of diffusers
+
+    if image.mode == "RGB" and exif_orientation(image) in (None, 1) and min(image.size) >= MIN_IMAGE_SIDE:
+        return image
+    return Image.fromarray((rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+
+
+def seeded_generator(seed: int, *stream: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded from ``seed`` and a stream index (e.g. epoch, batch, rank).
+
+    Deriving each batch's generator from its position makes a resumed run draw exactly the
+    noise, timesteps and augmentations the uninterrupted run would have drawn, with no RNG
+    state to save.
+    """
+    value = int(seed) & 0xFFFFFFFF
+    for s in stream:
+        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def image_generator(seed: int, image: Any) -> torch.Generator:
+    """The diffusion-noise generator of one image: seeded from ``seed`` and the image's decoded pixels.
+
+    The one seeding rule of inference (``diffad detect``, ``diffad evaluate``, the demo): an image's
+    result depends only on the image, the model and ``seed``, never on its batch, its position in
+    it, its file name or what an interrupted run skipped.
+
+    Args:
+        seed: the run's seed.
+        image: a PIL image (hashed as decoded: mode, size and pixel bytes) or a tensor.
+    """
+    import hashlib
+
+    if isinstance(image, torch.Tensor):
+        t = image.detach().to("cpu").contiguous()
+        payload = f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()
+    else:
+        payload = f"{image.mode}{image.size}".encode() + image.tobytes()
+    digest = hashlib.sha256(payload).digest()
+    return seeded_generator(seed, *(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)))
+
+
+@dataclass
+class PhotoVerdict:
+    """One photo judged as ``diffad detect`` judges it.
+
+    ``decision`` is ``"ok"``, ``"defect"``, ``"unknown"`` (the map has no calibrated threshold) or ``"error"`` (the
+    map is not finite: ``error`` says so and ``score`` is NaN; never ``"ok"``). ``anomaly_map`` and ``inpaint_mask``
+    are ``(R, R)``; ``threshold`` is the map's calibrated image threshold (None when it has none).
+    """
+
+    score: float
+    decision: str
+    threshold: Optional[float]
+    anomaly_map: np.ndarray
+    inpaint_mask: np.ndarray
+    error: str = ""
+
+
+def inspect_photos(pipe: "SelfAwareInpaintPipeline", photos: Sequence[Any], *, method: str = "self_aware",
+                   anomaly_map: Optional[str] = None, seed: int = 0) -> List[PhotoVerdict]:
+    """Judge 8-bit RGB photos (:func:`rgb_image`) with a calibrated pipeline: each photo's noise from
+    ``image_generator(seed, photo)`` and the UNet run one photo at a time (batched arithmetic differs at 1e-7), so
+    a photo's verdict never depends on the other photos of the call. ``anomaly_map`` None: the method's default."""
+    photos = list(photos)
+    anomaly_map = anomaly_map or pipe.default_map(method)
+    output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos], batch_size=1,
+                  output_type="np")
+    decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
+    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")
+    verdicts = []
+    for i in range(len(photos)):
+        amap, mask = output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i]
+        if not np.isfinite(amap).all():
+            verdicts.append(PhotoVerdict(float("nan"), "error", threshold, amap, mask, NONFINITE_ERROR))
+            continue
+        decision = "unknown" if decisions is None else ("defect" if bool(decisions[i]) else "ok")
+        verdicts.append(PhotoVerdict(float(output.scores[anomaly_map][i]), decision, threshold, amap, mask))
+    return verdicts

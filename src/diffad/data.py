@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, exif_orientation, rgb_array
+from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, exif_orientation, rgb_array, rgb_image
 
 __all__ = [
     "CLASS_NAMES",
@@ -192,14 +192,8 @@ def _open(path: Path) -> Image.Image:
                              "replace or delete it") from err
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB with EXIF orientation applied, by the pipeline's one reader
-    (:func:`diffad.pipelines.self_aware_inpaint.rgb_array`); an upright RGB image of a valid size is returned as
-    is. ``ValueError`` for an image that is too small."""
-    upright = exif_orientation(image) in (None, 1)
-    if image.mode == "RGB" and upright and min(image.size) >= MIN_IMAGE_SIDE:
-        return image
-    return Image.fromarray((rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+#: Any PIL mode -> upright 8-bit RGB, by the pipeline's one reader (the function a Hub repo's handler.py runs too).
+_to_rgb = rgb_image
 
 
 def _checked_rgb(image: Image.Image, path: Path) -> Image.Image:

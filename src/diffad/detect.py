@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffad.data import read_image
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
+# NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
+from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, NONFINITE_ERROR, SAMPLING_PRESETS, inspect_photos
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -49,6 +50,8 @@ __all__ = [
     "DetectSummary",
     "find_images",
     "load_pipeline",
+    "read_or_record",
+    "record_batch",
     "detect",
     "format_score",
     "register",
@@ -62,8 +65,6 @@ CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
 RESULTS_NAME = "results.csv"
 OVERLAY_DIR = "overlays"
 LOCK_NAME = ".diffad-detect.lock"
-#: The error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
-NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weights, or retrain"
 # Overlays are drawn at the photo's own size, capped on the long side to keep files small.
 MAX_OVERLAY_SIDE = 512
 
@@ -178,20 +179,30 @@ def _done_files(results_csv: Path) -> set[str]:
         return {row["file"] for row in csv.DictReader(handle) if row.get("file")}
 
 
+def read_or_record(path: Path, writer: csv.DictWriter,
+                   summary: DetectSummary) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
+    """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row written and
+    counted in ``summary`` (``diffad detect`` and ``diffad watch``)."""
+    try:
+        return read_image(path), None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        logger.warning("skipping unreadable file %s (%s)", path, message)
+        row = {"file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
+        writer.writerow(row)
+        summary.failed += 1
+        summary.failed_files.append(str(path))
+        return None, row
+
+
 def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
              writer: csv.DictWriter) -> Iterator[list[tuple[Path, Image.Image]]]:
     """Yield lists of up to ``batch_size`` decoded images; unreadable files are recorded and skipped."""
     batch: list[tuple[Path, Image.Image]] = []
     for path in paths:
-        try:
-            batch.append((path, read_image(path)))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
-            logger.warning("skipping unreadable file %s (%s)", path, message)
-            writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
-                             "error": message})
-            summary.failed += 1
-            summary.failed_files.append(str(path))
+        photo, _ = read_or_record(path, writer, summary)
+        if photo is not None:
+            batch.append((path, photo))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -356,8 +367,6 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 
 def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomaly_map: str, method: str,
                  seed: int) -> DetectSummary:
-    from diffad.training_utils import image_generator
-
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
     done = _done_files(results_csv)
@@ -365,41 +374,45 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
     summary.skipped_done = len(paths) - len(todo)
     if summary.skipped_done:
         logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
-    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the overlays' colour scale
-
     new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
     with results_csv.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         if new_file:
             writer.writeheader()
         for batch in _batches(todo, batch_size, summary, writer):
-            photos = [img for _, img in batch]
-            output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos],
-                          batch_size=1, output_type="np")
-            decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
-            for i, (path, photo) in enumerate(batch):
-                if not np.isfinite(output.anomaly_maps[anomaly_map][i]).all():
-                    # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
-                    logger.error("%s: %s", path, NONFINITE_ERROR)
-                    writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
-                                     "error": NONFINITE_ERROR})
-                    summary.failed += 1
-                    summary.failed_files.append(str(path))
-                    summary.nonfinite += 1
-                    continue
-                name = _overlay_name(path)
-                _save_overlay(photo, output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i], threshold,
-                              out_dir / OVERLAY_DIR / name)
-                decision = "unknown" if decisions is None else ("defect" if bool(decisions[i]) else "ok")
-                writer.writerow({"file": str(path), "score": format_score(output.scores[anomaly_map][i]),
-                                 "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
-                summary.scored += 1
-                summary.defective += decision == "defect"
+            record_batch(pipe, batch, writer, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
+                         summary=summary)
             handle.flush()
             os.fsync(handle.fileno())
             logger.info("scored %d/%d images", summary.scored + summary.failed, len(todo))
         handle.flush()
     return summary
+
+
+def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], writer: csv.DictWriter, out_dir: Path, *,
+                 method: str, anomaly_map: str, seed: int, summary: DetectSummary) -> list[dict[str, str]]:
+    """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write each one's row and
+    overlay into ``out_dir`` and count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the overlays' colour scale
+    verdicts = inspect_photos(pipe, [img for _, img in batch], method=method, anomaly_map=anomaly_map, seed=seed)
+    rows = []
+    for (path, photo), verdict in zip(batch, verdicts):
+        if verdict.error:
+            # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
+            logger.error("%s: %s", path, NONFINITE_ERROR)
+            rows.append({"file": str(path), "score": "", "decision": "error", "overlay": "", "error": NONFINITE_ERROR})
+            summary.failed += 1
+            summary.failed_files.append(str(path))
+            summary.nonfinite += 1
+        else:
+            name = _overlay_name(path)
+            _save_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, threshold, out_dir / OVERLAY_DIR / name)
+            rows.append({"file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
+                         "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
+            summary.scored += 1
+            summary.defective += verdict.decision == "defect"
+        writer.writerow(rows[-1])
+    return rows
 
 
 def register(subparsers) -> None:
