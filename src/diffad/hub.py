@@ -9,6 +9,7 @@ Steps (each a function, so scripts and tests can run them separately):
    ``README.md`` and the training logs with local paths replaced by their last part; ``pipeline.py`` (top
    level and in ``calibration/``) is installed diffad's own file, never the folder's. Nothing is read through
    a symbolic link (a link is an error naming it); checkpoints, stray files, caches and pickles stay behind.
+   ``handler.py`` (Inference Endpoints' ``EndpointHandler``) is diffad's own file too, written into every repo.
 3. :func:`check_loads_offline` loads that folder with ``DiffusionPipeline.from_pretrained(folder,
    trust_remote_code=True)`` in a FRESH Python process with ``HF_HUB_OFFLINE=1``, a private
    ``HF_HOME`` and ``diffad`` made unimportable: exactly what a Hub user with diffusers alone gets. The only
@@ -48,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 #: What ``diffad export`` writes into an exported model folder: which model, format, precision and calibration.
 EXPORT_FILE = "export.json"
+#: Inference Endpoints' entry point (``EndpointHandler``): diffad's own file, written into every pushed repo.
+HANDLER_FILE = "handler.py"
 HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json",
-                       EXPORT_FILE)
+                       EXPORT_FILE, HANDLER_FILE)
 #: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
 #: and caches stay behind).
 _NETWORK_FILES = ("config.json", "diffusion_pytorch_model.safetensors",
@@ -180,24 +183,25 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
     Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
     link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
     diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder."""
-    from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
+    from diffad.pipelines.self_aware_inpaint import handler as handler_module, pipeline as pipeline_module
 
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    own_code = Path(pipeline_module.__file__)
+    own_code = {"pipeline.py": Path(pipeline_module.__file__), HANDLER_FILE: Path(handler_module.__file__)}
     wanted = [name for name in HUB_TOP_LEVEL_FILES]
     wanted += [f"{c}/{f}" for c in _components(index) for f in COMPONENT_FILES.get(c, ())]
     files: list[str] = []
     for rel in wanted:
         source = _source_file(model_dir, rel)
-        if source is None:
+        if source is None and rel != HANDLER_FILE:  # the handler is always written
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        if Path(rel).name == "pipeline.py":
-            if source.read_bytes() != own_code.read_bytes():
-                logger.warning("%s differs from diffad's pipeline.py: publishing diffad's own", source)
-            shutil.copyfile(own_code, dest / rel)
+        if Path(rel).name in own_code:
+            own = own_code[Path(rel).name]
+            if source is not None and source.read_bytes() != own.read_bytes():
+                logger.warning("%s differs from diffad's %s: publishing diffad's own", source, own.name)
+            shutil.copyfile(own, dest / rel)
         elif rel in _LOG_FILES:
             (dest / rel).write_text(json.dumps(_strip_local_paths(_read_json(source)), indent=2), encoding="utf-8")
         else:

@@ -1,0 +1,108 @@
+"""A pushed repo's `handler.py`: Inference Endpoints' `EndpointHandler` called as Endpoints call it, on a Hub-form
+folder (assembled by `diffad push`), offline, in a fresh process where only diffusers is importable (not diffad):
+bytes, a PIL image and base64 give `diffad detect`'s score and decision; with diffad installed, the overlay is
+detect's overlay file."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffad.detect import detect, format_score
+from tiny_components import saved_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory) -> Path:
+    """What `diffad push` uploads for a calibrated tiny model with a card."""
+    from diffad.hub import assemble_hub_folder
+
+    root = tmp_path_factory.mktemp("handler")
+    model = saved_tiny_pipeline(root / "model")
+    (model / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# card\n")
+    assemble_hub_folder(model, root / "repo")
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def photo_and_row(hub_folder, tmp_path_factory) -> tuple[Path, dict]:
+    """A non-square 16-bit grayscale photo (the reader scales and converts it) and detect's row for it."""
+    folder = tmp_path_factory.mktemp("handler_photos")
+    path = folder / "part.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 65535, (40, 52), dtype=np.uint16)).save(path)
+    detect(hub_folder, [path], folder / "out")
+    with (folder / "out" / "results.csv").open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    return path, {**row, "out": folder / "out"}
+
+
+ENDPOINTS_CALL = textwrap.dedent("""
+    import base64, importlib.util, io, json, sys
+    sys.modules["diffad"] = None  # an Endpoints container: diffusers, no diffad
+    from PIL import Image
+    repo, photo = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("handler", f"{repo}/handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(repo)
+    data = open(photo, "rb").read()
+    answers = [handler({"inputs": data}), handler({"inputs": Image.open(io.BytesIO(data))}),
+               handler({"inputs": base64.b64encode(data).decode(), "parameters": {"overlay": True}}),
+               handler({"inputs": "data:image/png;base64," + base64.b64encode(data).decode()})]
+    errors = []
+    for bad in ({"inputs": b"not an image"}, {"inputs": "%%%"}, {"nothing": 1}, {"inputs": data, "parameters": {"map": "learned"}}):
+        try:
+            handler(bad)
+        except ValueError as exc:
+            errors.append(str(exc))
+    print(json.dumps({"answers": answers, "errors": errors}))
+""")
+
+
+def test_endpoints_call_with_diffusers_alone_gives_detects_verdict(hub_folder, photo_and_row, tmp_path):
+    path, row = photo_and_row
+    assert (hub_folder / "handler.py").is_file()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", ENDPOINTS_CALL, str(hub_folder), str(path)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for answer in report["answers"]:
+        assert format_score(answer["score"]) == row["score"]  # detect's float32, every bit
+        assert answer["decision"] == row["decision"] and answer["map"] == "combined" and answer["error"] == ""
+        assert isinstance(answer["threshold"], float)
+    # no diffad, no overlay renderer: said so, never a silent gap
+    assert report["answers"][2]["overlay_png"] is None and "needs diffad" in report["answers"][2]["overlay_error"]
+    bad_image, bad_base64, no_inputs, bad_map = report["errors"]
+    assert "not a readable image" in bad_image and "not base64" in bad_base64
+    assert "'inputs'" in no_inputs and "parameters.map 'learned'" in bad_map
+
+
+def test_handler_with_diffad_installed_draws_detects_overlay(hub_folder, photo_and_row):
+    path, row = photo_and_row
+    spec = importlib.util.spec_from_file_location("pushed_handler", hub_folder / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(str(hub_folder))
+    answer = handler({"inputs": path.read_bytes(), "parameters": {"overlay": True}})
+    assert format_score(answer["score"]) == row["score"]
+    assert base64.b64decode(answer["overlay_png"]) == (row["out"] / row["overlay"]).read_bytes()
+
+
+def test_push_writes_diffads_own_handler(hub_folder):
+    from diffad.pipelines.self_aware_inpaint import handler
+
+    assert (hub_folder / "handler.py").read_bytes() == Path(handler.__file__).read_bytes()
+    source = (hub_folder / "handler.py").read_text()
+    assert "import diffad" not in source.replace("from diffad.detect import render_overlay", "")
