@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
+.PHONY: bench-atline venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -96,3 +96,15 @@ bench-cpu: venv
 
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2
+
+# Latency at the line: POST /inspect (diffad serve) and diffad watch (photo written -> row in the CSV), on a tiny 64 px
+# DDPM trained 100 steps on the synthetic weave and calibrated (~2 min; re-runs reuse the model).
+bench-atline: venv
+	test -f $(BENCH_OUT)/atline/model/calibration/config.json || ( \
+	  $(PY) -c "from diffad import make_synthetic_dataset; make_synthetic_dataset('$(BENCH_OUT)/atline/data', seed=0, resolution=64)" && \
+	  OMP_NUM_THREADS=1 $(PY) -m diffad.cli train --data_dir $(BENCH_OUT)/atline/data --category weave --preset tiny \
+	    --resolution 64 --max_train_steps 100 --checkpointing_steps 100000 --seed 0 --report_to none \
+	    --output_dir $(BENCH_OUT)/atline/model && \
+	  OMP_NUM_THREADS=1 $(PY) -m diffad.cli calibrate --model $(BENCH_OUT)/atline/model --data $(BENCH_OUT)/atline/data --category weave )
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_atline.py --model $(BENCH_OUT)/atline/model \
+	  --photos $(BENCH_OUT)/atline/data/weave/test --output $(BENCH_OUT)/atline/latency.json

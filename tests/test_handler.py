@@ -52,8 +52,11 @@ ENDPOINTS_CALL = textwrap.dedent("""
     sys.modules["diffad"] = None  # an Endpoints container: diffusers, no diffad
     from PIL import Image
     repo, photo = sys.argv[1], sys.argv[2]
-    spec = importlib.util.spec_from_file_location("handler", f"{repo}/handler.py")
+    # as huggingface-inference-toolkit's check_and_register_custom_pipeline_from_directory loads a repo's handler.py
+    spec = importlib.util.spec_from_file_location("handler.EndpointHandler", f"{repo}/handler.py")
+    sys.path.insert(0, repo)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["handler.EndpointHandler"] = module
     spec.loader.exec_module(module)
     handler = module.EndpointHandler(repo)
     data = open(photo, "rb").read()
@@ -93,6 +96,7 @@ def test_handler_with_diffad_installed_draws_detects_overlay(hub_folder, photo_a
     path, row = photo_and_row
     spec = importlib.util.spec_from_file_location("pushed_handler", hub_folder / "handler.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["pushed_handler"] = module
     spec.loader.exec_module(module)
     handler = module.EndpointHandler(str(hub_folder))
     answer = handler({"inputs": path.read_bytes(), "parameters": {"overlay": True}})
@@ -101,8 +105,8 @@ def test_handler_with_diffad_installed_draws_detects_overlay(hub_folder, photo_a
 
 
 def test_push_writes_diffads_own_handler(hub_folder):
-    from diffad.pipelines.self_aware_inpaint import handler
+    from diffad.pipelines.self_aware_inpaint import inspection
 
-    assert (hub_folder / "handler.py").read_bytes() == Path(handler.__file__).read_bytes()
+    assert (hub_folder / "handler.py").read_bytes() == Path(inspection.__file__).read_bytes()
     source = (hub_folder / "handler.py").read_text()
     assert "import diffad" not in source.replace("from diffad.detect import render_overlay", "")

@@ -4,17 +4,24 @@
 # module already imported: importing the pipeline makes them loadable.
 from diffad import export as _exported_networks  # noqa: F401  (openvino/onnxruntime are imported only when used)
 
+from .inspection import (
+    NONFINITE_ERROR,
+    EndpointHandler,
+    PhotoVerdict,
+    image_generator,
+    inspect_photos,
+    rgb_image,
+    seeded_generator,
+)
 from .pipeline import (
     COMBINED_MAPS,
     MAP_NAMES,
     METHODS,
     MIN_IMAGE_SIDE,
-    NONFINITE_ERROR,
     SAMPLING_PRESETS,
     AnomalyCalibration,
     SamplingConfig,
     SelfAwareInpaintPipeline,
-    PhotoVerdict,
     SelfAwareInpaintPipelineOutput,
     add_noise,
     combined_map,
@@ -22,9 +29,7 @@ from .pipeline import (
     denoise,
     estimate_x0,
     exif_orientation,
-    image_generator,
     inpaint,
-    inspect_photos,
     mean_filter,
     multiscale_anomaly_map,
     noise_error,
@@ -32,8 +37,6 @@ from .pipeline import (
     posterior_step,
     predict_noise,
     rgb_array,
-    rgb_image,
-    seeded_generator,
     segmenter_logits,
     strided_timesteps,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "NONFINITE_ERROR",
     "SAMPLING_PRESETS",
     "AnomalyCalibration",
+    "EndpointHandler",
     "SamplingConfig",
     "SelfAwareInpaintPipeline",
     "PhotoVerdict",

@@ -183,7 +183,7 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
     Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
     link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
     diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder."""
-    from diffad.pipelines.self_aware_inpaint import handler as handler_module, pipeline as pipeline_module
+    from diffad.pipelines.self_aware_inpaint import inspection as handler_module, pipeline as pipeline_module
 
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)

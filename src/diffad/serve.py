@@ -3,7 +3,7 @@
 * ``POST /inspect``: the photo as the raw request body (any ``Content-Type``), or as ``multipart/form-data`` files
   (any field names, several at once). Answers JSON: for a raw body one object, for a form ``{"results": [...]}`` with
   one object per file (its ``file`` name added). Each object is what a Hub repo's ``handler.py`` answers
-  (:func:`diffad.pipelines.self_aware_inpaint.handler.answer`): ``score``, ``decision`` (``ok``/``defect``, or
+  (:func:`diffad.pipelines.self_aware_inpaint.inspection.answer`): ``score``, ``decision`` (``ok``/``defect``, or
   ``error`` with ``error`` saying why), ``threshold``, ``map``, ``method`` and, with ``?overlay=1``, ``overlay_png``
   (base64 PNG: the heat map over the photo, as ``diffad detect`` draws it). An unreadable photo sent as the body
   is a 422 with that object; a request over ``--max-upload-mb`` is a 413.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffad.detect import load_pipeline, render_overlay
-from diffad.pipelines.self_aware_inpaint.handler import MAX_IMAGE_BYTES, answer, decode_photo, model_facts
+from diffad.pipelines.self_aware_inpaint.inspection import MAX_IMAGE_BYTES, answer, decode_photo, model_facts
 
 __all__ = ["INSTALL_HINT", "LOCAL_HOSTS", "Service", "build_api", "register", "run"]
 
@@ -63,7 +63,7 @@ class Service:
     def inspect(self, data: bytes, *, overlay: bool = False) -> tuple[dict[str, Any], bool]:
         """``(answer, readable)`` for one uploaded file; an unreadable one gets ``decision: error`` and its ``error``."""
         try:
-            photo = decode_photo(self.pipe, data)
+            photo = decode_photo(data)
         except ValueError as exc:
             return {"score": None, "decision": "error", "threshold": self.threshold, "map": self.anomaly_map,
                     "method": self.method, "error": str(exc)}, False

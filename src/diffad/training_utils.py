@@ -288,9 +288,9 @@ class TrainingLog:
 # --------------------------------------------------------------------------- randomness
 
 
-# The inference seeding rule lives in the pipeline file, so that a Hub repo's handler.py (diffusers alone) seeds a
-# photo exactly as `diffad detect` does; re-exported here for the training scripts and commands.
-from diffad.pipelines.self_aware_inpaint.pipeline import image_generator, seeded_generator  # noqa: E402
+# The inference seeding rule lives in the file every Hub repo carries as handler.py, so that Inference Endpoints
+# (diffusers alone) seed a photo exactly as `diffad detect` does; re-exported here for the scripts and commands.
+from diffad.pipelines.self_aware_inpaint.inspection import image_generator, seeded_generator  # noqa: E402
 
 
 def augment_batch(
