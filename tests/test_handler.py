@@ -1,5 +1,5 @@
 """A pushed repo's `handler.py`: Inference Endpoints' `EndpointHandler` called as Endpoints call it, on a Hub-form
-folder (assembled by `diffad push`), offline, in a fresh process where only diffusers is importable (not diffad):
+folder (assembled by `diffad push`, a model tiled at its working resolution), offline, in a fresh process where only diffusers is importable (not diffad):
 bytes, a PIL image and base64 give `diffad detect`'s score and decision; with diffad installed, the overlay is
 detect's overlay file."""
 
@@ -20,16 +20,25 @@ import pytest
 from PIL import Image
 
 from diffad.detect import detect, format_score
-from tiny_components import saved_tiny_pipeline
+from tiny_components import CHEAP_CONFIG, tiny_unet
 
 
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory) -> Path:
-    """What `diffad push` uploads for a calibrated tiny model with a card."""
+    """What `diffad push` uploads for a calibrated tiny model with a card, inspecting at a working resolution of
+    48 px in 32 px tiles."""
+    import torch
+    from diffusers import DDPMScheduler
+
     from diffad.hub import assemble_hub_folder
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
     root = tmp_path_factory.mktemp("handler")
-    model = saved_tiny_pipeline(root / "model")
+    pipe = SelfAwareInpaintPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(1000, beta_schedule="sigmoid"),
+                                    working_resolution=48)
+    pipe.calibrate(torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1, config=CHEAP_CONFIG)
+    model = root / "model"
+    pipe.save_pretrained(model)
     (model / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# card\n")
     assemble_hub_folder(model, root / "repo")
     return root / "repo"

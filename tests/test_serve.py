@@ -148,6 +148,7 @@ def test_health_and_model(base_url, service, model_dir):
     cal = service.pipe.calibration
     assert status == 200
     assert facts["model"] == str(model_dir) and facts["resolution"] == service.pipe.resolution
+    assert (facts["tile_size"], facts["tiles"]) == (service.pipe.tile_size, service.pipe.num_tiles)
     assert facts["map"] == "combined" and facts["threshold"] == cal.threshold("self_aware/combined")
     assert facts["unet_passes"] == cal.sampling.unet_passes("self_aware")
     assert facts["calibration_images"] == cal.config.num_images

@@ -184,13 +184,14 @@ def answer(pipe: Any, photo: Any, *, method: str = "self_aware", anomaly_map: Op
 
 
 def model_facts(pipe: Any, *, method: str = "self_aware", anomaly_map: Optional[str] = None) -> Dict[str, Any]:
-    """What the model decides with: resolution, sampler, precision, UNet passes, the map and its threshold, and the
-    calibration's held-out measurements (``diffad serve``'s ``GET /model``)."""
+    """What the model decides with: working resolution, tile size and tiles per photo, sampler, precision, UNet
+    passes per tile, the map and its threshold, and the calibration's held-out measurements (``GET /model``)."""
     anomaly_map = anomaly_map or pipe.default_map(method)
     cal = pipe.calibration
     sampling = cal.sampling
     config = cal.config
-    return {"resolution": pipe.resolution, "method": method, "map": anomaly_map,
+    return {"resolution": pipe.resolution, "tile_size": getattr(pipe, "tile_size", pipe.resolution),
+            "tiles": getattr(pipe, "num_tiles", 1), "method": method, "map": anomaly_map,
             "maps": list(pipe.map_names(method)), "threshold": cal.threshold(f"{method}/{anomaly_map}"),
             "sampling_config": sampling.preset_name or "custom", "precision": sampling.precision,
             "unet_passes": sampling.unet_passes(method), "calibration_images": config.num_images,

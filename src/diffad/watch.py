@@ -201,7 +201,11 @@ def watch(
         with file_lock(out_dir / LOCK_NAME, blocking=False):
             pending = _Pending(input_dir, out_dir)
             observer = _observer(input_dir, pending, poll)
-            observer.start()  # before listing the folder: a photo arriving meanwhile is seen by one or the other
+            try:
+                observer.start()  # before listing the folder: a photo arriving meanwhile is seen by one or the other
+            except OSError as exc:  # e.g. the inotify watch limit
+                raise ValueError(f"cannot watch {input_dir} for events ({exc}): pass --poll 2 to list it every 2 s "
+                                 "instead") from None
             for path in sorted(input_dir.rglob("*")):
                 if path.is_file():
                     pending.seen(str(path))
