@@ -97,14 +97,19 @@ bench-cpu: venv
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2
 
-# Latency at the line: POST /inspect (diffad serve) and diffad watch (photo written -> row in the CSV), on a tiny 64 px
-# DDPM trained 100 steps on the synthetic weave and calibrated (~2 min; re-runs reuse the model).
+# Latency at the line: POST /inspect (diffad serve) and diffad watch (photo written -> row in the CSV) with two DDPMs
+# trained 100 steps on the synthetic weave and calibrated: tiny at 64 px, and the cpu preset inspecting 256 px photos
+# in 64 px tiles (its working resolution). ~10 min with the training; re-runs reuse the models.
+ATLINE := $(BENCH_OUT)/atline
 bench-atline: venv
-	test -f $(BENCH_OUT)/atline/model/calibration/config.json || ( \
-	  $(PY) -c "from diffad import make_synthetic_dataset; make_synthetic_dataset('$(BENCH_OUT)/atline/data', seed=0, resolution=64)" && \
-	  OMP_NUM_THREADS=1 $(PY) -m diffad.cli train --data_dir $(BENCH_OUT)/atline/data --category weave --preset tiny \
-	    --resolution 64 --max_train_steps 100 --checkpointing_steps 100000 --seed 0 --report_to none \
-	    --output_dir $(BENCH_OUT)/atline/model && \
-	  OMP_NUM_THREADS=1 $(PY) -m diffad.cli calibrate --model $(BENCH_OUT)/atline/model --data $(BENCH_OUT)/atline/data --category weave )
-	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_atline.py --model $(BENCH_OUT)/atline/model \
-	  --photos $(BENCH_OUT)/atline/data/weave/test --output $(BENCH_OUT)/atline/latency.json
+	for spec in "64 tiny" "256 cpu"; do set -- $$spec; \
+	  test -f $(ATLINE)/model$$1/calibration/config.json || ( \
+	    $(PY) -c "from diffad import make_synthetic_dataset; make_synthetic_dataset('$(ATLINE)/data$$1', seed=0, resolution=$$1)" && \
+	    OMP_NUM_THREADS=1 $(PY) -m diffad.cli train --data_dir $(ATLINE)/data$$1 --category weave --preset $$2 \
+	      --resolution $$1 --max_train_steps 100 --checkpointing_steps 100000 --seed 0 --report_to none \
+	      --output_dir $(ATLINE)/model$$1 && \
+	    OMP_NUM_THREADS=1 $(PY) -m diffad.cli calibrate --model $(ATLINE)/model$$1 --data $(ATLINE)/data$$1 \
+	      --category weave ) || exit 1; \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_atline.py --model $(ATLINE)/model$$1 \
+	    --photos $(ATLINE)/data$$1/weave/test --output $(ATLINE)/latency_$$1.json || exit 1; \
+	done
