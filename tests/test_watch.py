@@ -151,6 +151,8 @@ def test_photos_appearing_while_it_runs_are_scored_as_detect_scores_them(model_d
 
 
 def test_killed_watcher_restarts_without_rescoring_and_stops_on_sigterm(model_dir, tmp_path):
+    from diffad.watch import HASHES_NAME
+
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -160,7 +162,9 @@ def test_killed_watcher_restarts_without_rescoring_and_stops_on_sigterm(model_di
     try:
         (inbox / "a.png").write_bytes(_photo(4))
         (inbox / "b.png").write_bytes(_photo(5))
-        _wait(lambda: len(_rows(out / "results.csv")) == 2, what="the first watcher's 2 rows")
+        hashes = out / HASHES_NAME  # written right after each row: a kill between the two re-scores that photo
+        _wait(lambda: len(_rows(out / "results.csv")) == 2 and hashes.is_file()
+              and len(hashes.read_text().splitlines()) == 2, what="the first watcher's 2 rows and hashes")
     finally:
         first.kill()  # SIGKILL: no clean-up at all
         first.communicate()
