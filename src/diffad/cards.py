@@ -28,6 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
+
+from diffad import __version__
+from diffad.pipelines.self_aware_inpaint import SamplingConfig
+from diffad.training_utils import atomic_write_text
+
 __all__ = [
     "METRICS",
     "ResultRow",
@@ -202,8 +209,6 @@ def _num_parameters(model_dir: Path) -> str:
     weights = sorted((model_dir / "unet").glob("*.safetensors")) if (model_dir / "unet").is_dir() else []
     if weights:
         try:
-            from safetensors import safe_open
-
             total = 0
             with safe_open(str(weights[0]), framework="np") as handle:
                 for key in handle.keys():
@@ -220,8 +225,6 @@ def _sampling_preset(model_dir: Path) -> Optional[str]:
     values = _read_json(model_dir / "calibration" / "config.json").get("sampling_config")
     if not isinstance(values, Mapping):
         return None
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
-
     try:
         return SamplingConfig.from_dict(values).preset_name or "custom"
     except (TypeError, ValueError):
@@ -271,10 +274,6 @@ def make_model_card(
         FileNotFoundError: ``model_dir`` is not a model folder.
         ValueError: no results for the category, or the category is ambiguous.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from diffad import __version__
-
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
@@ -386,8 +385,6 @@ def make_model_card(
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
     """Write ``card`` as ``model_dir/README.md`` atomically (temporary file, then rename)."""
-    from diffad.training_utils import atomic_write_text
-
     return atomic_write_text(Path(model_dir) / "README.md", str(card))
 
 
