@@ -4,7 +4,9 @@
 ``diffad.model_cards``) through ``huggingface_hub.ModelCard.from_template``. The YAML metadata
 carries a ``model-index`` built from ``EvalResult`` objects (dataset, category, metric name and
 value for every method and anomaly map), so the Hub and ``huggingface_hub`` parse the results;
-the hyper-parameters come from ``training_log.json`` in the model folder.
+the hyper-parameters come from ``training_log.json`` in the model folder, and what the calibration fixed (the
+false-positive rate its thresholds were set for, the sampler, the precision, the number of normal images) from
+the calibration component.
 
 ``diffad card --model DIR --results results.json`` writes ``DIR/README.md`` atomically.
 
@@ -32,6 +34,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from diffad import __version__
+from diffad.model_folder import calibration_config
 from diffad.pipelines.self_aware_inpaint import SamplingConfig
 from diffad.training_utils import atomic_write_text
 
@@ -219,16 +222,36 @@ def _num_parameters(model_dir: Path) -> str:
     return "an unknown number of" if not config_path.is_file() else "(see unet/config.json)"
 
 
-def _sampling_preset(model_dir: Path) -> Optional[str]:
-    """The name of the sampling config the model was calibrated with (``"fast"``, ``"thesis"``, ``"custom"``),
-    from ``calibration/config.json``; None when it does not say (a diffad 0.1 calibration)."""
-    values = _read_json(model_dir / "calibration" / "config.json").get("sampling_config")
-    if not isinstance(values, Mapping):
-        return None
+#: The template's fields about the calibration (:func:`_calibration_facts`).
+_CALIBRATION_FACTS = ("target_fpr_percent", "calibration_images", "sampling_preset", "calibration_precision")
+
+
+def _calibration_facts(model_dir: Path) -> dict[str, Any]:
+    """What the card says about the calibration, read from the calibration component (the one owner of what runs):
+    ``target_fpr_percent`` (the false-positive rate its thresholds were set for), ``calibration_images``,
+    ``sampling_preset`` (``"fast"``, ``"thesis"``, ``"custom"``) and ``calibration_precision``; each None when the
+    model is not calibrated (or, for the sampler, was calibrated by diffad 0.1, which did not record it)."""
+    facts: dict[str, Any] = dict.fromkeys(_CALIBRATION_FACTS)
     try:
-        return SamplingConfig.from_dict(values).preset_name or "custom"
-    except (TypeError, ValueError):
-        return "custom"
+        calibration = calibration_config(model_dir) or {}
+    except ValueError:
+        logger.warning("ignoring the unreadable calibration of %s", model_dir)
+        return facts
+    fpr = calibration.get("target_false_positive_rate")
+    if _is_number(fpr):
+        facts["target_fpr_percent"] = f"{100 * float(fpr):g}%"
+    if _is_number(calibration.get("num_images")):
+        facts["calibration_images"] = int(calibration["num_images"])
+    values = calibration.get("sampling_config")
+    if isinstance(values, Mapping):
+        try:
+            sampling = SamplingConfig.from_dict(values)
+        except (TypeError, ValueError):
+            facts["sampling_preset"] = "custom"
+        else:
+            facts["sampling_preset"] = sampling.preset_name or "custom"
+            facts["calibration_precision"] = sampling.precision
+    return facts
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -369,18 +392,17 @@ def make_model_card(
         data_license_note = ""
 
     default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
-    sampling_preset = _sampling_preset(model_dir) if is_calibrated else None
+    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
         diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
-        has_segmenter=has_segmenter, is_calibrated=is_calibrated,
-        target_fpr_percent=f"{100 * float(config.get('target_false_positive_rate', 0.05)):.0f}%",
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
         num_train_images=num_train, data_license_note=data_license_note,
         dataset_description=dataset_description, hyperparameters=hyperparameters,
         segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
         training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map=default_map, sampling_preset=sampling_preset)
+        default_map=default_map)
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
