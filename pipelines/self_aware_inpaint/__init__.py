@@ -30,6 +30,7 @@ from .pipeline import (
     rgb_array,
     segmenter_logits,
     strided_timesteps,
+    threshold_key,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "rgb_array",
     "segmenter_logits",
     "strided_timesteps",
+    "threshold_key",
 ]

@@ -35,6 +35,7 @@ from diffad import __version__
 from diffad.data import read_image
 from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
 from diffad.model_folder import TRAINING_LOG, is_exported, require_model_folder
+from diffad.pipelines.self_aware_inpaint import threshold_key
 from diffad.precision import PRECISION_CHOICES, check_precision
 from diffad.training_utils import image_generator
 
@@ -83,7 +84,7 @@ class Inspector:
 
     def threshold(self, name: str) -> Optional[float]:
         """The calibrated image threshold of map ``name``."""
-        return self.pipe.calibration.threshold(f"{self.method}/{name}")
+        return self.pipe.calibration.threshold(threshold_key(self.method, name))
 
     def inspect(self, path: str | Path, name: Optional[str] = None) -> Inspection:
         """Read and score one file; a file that cannot be read (or judged) gives an :class:`Inspection` with its

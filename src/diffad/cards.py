@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from diffad import __version__
 from diffad.model_folder import calibration_config
-from diffad.pipelines.self_aware_inpaint import SamplingConfig
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
 from diffad.training_utils import atomic_write_text
 
 __all__ = [
@@ -83,9 +83,9 @@ def _row_from_flat(row: Mapping[str, Any], category: Optional[str] = None) -> Op
     method = str(row.get("method", "self_aware"))
     amap = row.get("anomaly_map")
     if amap and "/" not in method and method != "denoise":
-        method = f"{method}/{amap}"
+        method = threshold_key(method, amap)
     elif amap and method == "denoise" and amap != "multiscale":
-        method = f"{method}/{amap}"
+        method = threshold_key(method, amap)
     return ResultRow(str(row.get("category", category or "unknown")), method, metrics)
 
 

@@ -46,7 +46,8 @@ from diffad.data import read_image
 from diffad.figures import overlay
 from diffad.model_folder import require_model_folder
 from diffad.networks import INSTALL_HINT
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SelfAwareInpaintPipeline
+from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SelfAwareInpaintPipeline,
+                                                 threshold_key)
 from diffad.precision import PRECISION_CHOICES, check_precision
 from diffad.training_utils import file_lock, image_generator
 
@@ -245,8 +246,9 @@ def _check_options(pipe, model, method: str, anomaly_map: str, config: Optional[
         raise ValueError(f"--anomaly-map {anomaly_map} exists only with --method self_aware (it uses the mask "
                          f"stage's noise error); with --method {method} choose from "
                          f"{', '.join(pipe.map_names(method))}")
-    if pipe.calibration.threshold(f"{method}/{anomaly_map}") is None:  # no threshold: no decision, never "ok"
-        raise ValueError(f"{model} has no calibrated threshold for {method}/{anomaly_map}: run "
+    key = threshold_key(method, anomaly_map)
+    if pipe.calibration.threshold(key) is None:  # no threshold: no decision, never "ok"
+        raise ValueError(f"{model} has no calibrated threshold for {key}: run "
                          f"`diffad calibrate --model {model} ...` (it fits one for every map)")
     fitted = pipe.calibration.sampling  # a diffad 0.1 calibration says to recalibrate
     if config is not None and fitted.preset_name != config:
@@ -352,7 +354,7 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
     summary.skipped_done = len(paths) - len(todo)
     if summary.skipped_done:
         logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
-    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the overlays' colour scale
+    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the overlays' colour scale
 
     new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
     with results_csv.open("a", newline="", encoding="utf-8") as handle:

@@ -71,7 +71,7 @@ from diffad.data import list_categories, load_mvtec
 from diffad.detect import from_pretrained_quietly
 from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig
+from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
 from diffad.precision import PRECISION_CHOICES, check_precision
 from diffad.training_utils import atomic_write_text, image_generator, report_error
 
@@ -312,7 +312,7 @@ def evaluate_pipeline(
                 for j, res in enumerate(results):
                     for kind in maps_of[method]:
                         decisions = out.is_anomalous.get(kind)
-                        res["out"][f"{method}/{kind}"] = {
+                        res["out"][threshold_key(method, kind)] = {
                             "score": float(out.scores[kind][j]),
                             "decision": None if decisions is None else bool(decisions[j]),
                             "map": np.asarray(out.anomaly_maps[kind][j], dtype=np.float32),
@@ -321,7 +321,7 @@ def evaluate_pipeline(
                     if method == "self_aware":
                         res["mask_counts"] = (int(masks[j].sum()), int((masks[j] & res["gt"]).sum()))
                     if res["index"] in figure_set and method == figure_method:
-                        res["figure"] = {kind: res["out"][f"{method}/{kind}"]["map"] for kind in maps_of[method]}
+                        res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"] for kind in maps_of[method]}
                         res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
                         res["figure"]["inpainting_mask"] = masks[j]
                         res["figure"]["image"] = np.asarray(images[j].resize((resolution, resolution),
@@ -361,7 +361,7 @@ def evaluate_pipeline(
     records: list[dict[str, Any]] = []
     metrics: dict[str, dict[str, Any]] = {}
     for method, kind in combos:
-        key = f"{method}/{kind}"
+        key = threshold_key(method, kind)
         scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
         maps = np.stack([r["out"][key]["map"] for r in gathered])
         values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
