@@ -128,8 +128,7 @@ def test_exporting_an_exported_folder_or_onnx_in_bf16_is_refused(exported, model
 def test_export_runs_the_calibrations_precision_or_refuses(model, model_bf16, tmp_path, capsys):
     """A bf16 network under fp32 thresholds (or the reverse) would decide with a calibration of another model."""
     for source, argv, message in (
-            (model, ["--precision", "bf16"], "was calibrated in fp32, and the exported networks run at the "
-                                             "calibration's precision; recalibrate"),
+            (model, ["--precision", "bf16"], "was calibrated in fp32; recalibrate with `diffad calibrate --model"),
             (model_bf16, ["--precision", "fp32"], "was calibrated in bf16"),
             (model_bf16, ["--format", "onnx"], "was calibrated in bf16 and ONNX runs fp32")):
         out = tmp_path / "out"

@@ -36,7 +36,7 @@ from diffad.data import read_image
 from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
 from diffad.model_folder import TRAINING_LOG, is_exported, require_model_folder
 from diffad.pipelines.self_aware_inpaint import threshold_key
-from diffad.precision import PRECISION_CHOICES, check_precision
+from diffad.precision import add_precision_assertion, check_precision
 from diffad.training_utils import image_generator
 
 __all__ = ["Inspection", "Inspector", "build_app", "register", "register_space", "run", "write_space"]
@@ -273,9 +273,7 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware")
     parser.add_argument("--seed", type=int, default=0, help="seeds each image's noise with its pixels (default: 0)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="assert the networks' precision the model was calibrated with (the app runs the "
-                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
+    add_precision_assertion(parser, "the app")
     parser.set_defaults(func=run)
 
 

@@ -48,7 +48,7 @@ from diffad.model_folder import require_model_folder
 from diffad.networks import INSTALL_HINT
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SelfAwareInpaintPipeline,
                                                  threshold_key)
-from diffad.precision import PRECISION_CHOICES, check_precision
+from diffad.precision import add_precision_assertion, check_precision
 from diffad.training_utils import file_lock, image_generator
 
 __all__ = [
@@ -416,9 +416,7 @@ def register(subparsers) -> None:
     parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,
                         help="assert the sampling preset the model was calibrated with (detect always runs the "
                              "calibration's; `diffad calibrate --config` picks it): exit 2 when it differs")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="assert the networks' precision the model was calibrated with (detect always runs the "
-                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
+    add_precision_assertion(parser, "detect")
     parser.add_argument("--seed", type=int, default=0,
                         help="with each image's pixels, seeds that image's diffusion noise (default: 0)")
     parser.set_defaults(func=run)

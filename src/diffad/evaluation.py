@@ -72,7 +72,7 @@ from diffad.detect import from_pretrained_quietly
 from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
-from diffad.precision import PRECISION_CHOICES, check_precision
+from diffad.precision import add_precision_assertion, check_precision
 from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
@@ -321,7 +321,8 @@ def evaluate_pipeline(
                     if method == "self_aware":
                         res["mask_counts"] = (int(masks[j].sum()), int((masks[j] & res["gt"]).sum()))
                     if res["index"] in figure_set and method == figure_method:
-                        res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"] for kind in maps_of[method]}
+                        res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"]
+                                         for kind in maps_of[method]}
                         res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
                         res["figure"]["inpainting_mask"] = masks[j]
                         res["figure"]["image"] = np.asarray(images[j].resize((resolution, resolution),
@@ -595,10 +596,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling preset the model must be calibrated with: fast or thesis (default: whatever "
                              "it was calibrated with; another one is an error: recalibrate with "
                              "`diffad calibrate --config ...`)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="the networks' precision the model must be calibrated with (default: whatever it was "
-                             "calibrated with; another one is an error: recalibrate with `diffad calibrate "
-                             "--precision ...`)")
+    add_precision_assertion(parser, "evaluate")
     parser.add_argument("--out", required=True, help="output folder (CSV, JSON, table.md, figures/)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image diffusion noise (default: 0)")

@@ -37,10 +37,14 @@ from diffad.model_folder import COMPONENT_FILES, CONFIG_FILE, EXPORT_FILE, HUB_T
 # OpenVINONetwork and ONNXNetwork stay importable from here (and ModelMixin, through which diffusers finds their load
 # method): folders exported before diffad.networks existed name ["diffad.export", ...] in their model_index.json.
 from diffad.networks import EXPORT_KEY, FORMATS, NETWORK_CLASSES, ExportedNetwork, ONNXNetwork, OpenVINONetwork, backend
+from diffad.precision import check_precision
 
 __all__ = ["CARRIED", "export_model", "register", "run"]
 
 logger = logging.getLogger(__name__)
+
+#: ``--precision`` of an export: what the networks are built at (``auto`` would describe this machine, not them).
+EXPORT_PRECISIONS = ("bf16", "fp32")
 
 #: What an export copies as is: ``diffad push``'s allow-list, less the networks it converts.
 CARRIED = HUB_TOP_LEVEL_FILES + tuple(f"{c}/{f}" for c, files in COMPONENT_FILES.items() if c not in NETWORKS
@@ -97,8 +101,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     recalibrate first (``diffad calibrate --precision ...``)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if precision not in (None, "bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, got {precision!r}")
+    if precision not in (None, *EXPORT_PRECISIONS):
+        raise ValueError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
     if fmt == "onnx" and precision == "bf16":
         raise ValueError("--format onnx runs in fp32 (onnxruntime has no bf16 convolutions on CPU): pass "
                          "--precision fp32, or --format openvino for bf16")
@@ -111,15 +115,11 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     pipe = load_pipeline(model)  # calibrated, finite weights
     if any(isinstance(getattr(pipe, name, None), ExportedNetwork) for name in NETWORKS):
         raise ValueError(f"--model {model} is already exported: export the torch model folder it came from")
-    fitted = pipe.calibration.sampling.precision
-    precision = precision or fitted
-    if fmt == "onnx" and fitted != "fp32":
-        raise ValueError(f"--model {model} was calibrated in {fitted} and ONNX runs fp32: calibrate a copy with "
+    check_precision(pipe, precision, str(model), here=False)  # the networks are built at the calibration's
+    precision = pipe.calibration.sampling.precision
+    if fmt == "onnx" and precision != "fp32":
+        raise ValueError(f"--model {model} was calibrated in {precision} and ONNX runs fp32: calibrate a copy with "
                          f"`diffad calibrate --precision fp32 ...` and export that, or use --format openvino")
-    if precision != fitted:
-        raise ValueError(f"--precision {precision}: {model} was calibrated in {fitted}, and the exported networks run "
-                         f"at the calibration's precision; recalibrate a copy with `diffad calibrate --precision "
-                         f"{precision} ...` and export that (or drop --precision)")
     tmp = out.with_name(f".{out.name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     for rel in CARRIED:
@@ -159,7 +159,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="a calibrated model folder")
     parser.add_argument("--format", default="openvino", choices=FORMATS,
                         help="openvino (fp32 or bf16) or onnx (fp32, onnxruntime) (default: openvino)")
-    parser.add_argument("--precision", default=None, choices=("bf16", "fp32"),
+    parser.add_argument("--precision", default=None, choices=EXPORT_PRECISIONS,
                         help="the networks' precision: the one the model was calibrated with (the default; another "
                              "is an error: recalibrate first); onnx runs fp32 only")
     parser.add_argument("--out", required=True, help="the new model folder")
