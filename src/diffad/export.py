@@ -132,7 +132,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
         net = getattr(pipe, name, None)
         if net is None:
             continue
-        _convert(net, fmt, pipe.resolution, tmp / name)
+        _convert(net, fmt, pipe.tile_size, tmp / name)  # the networks run on tiles
         config = {**dict(net.config), EXPORT_KEY: {"format": fmt, "precision": precision, "source": model.name}}
         (tmp / name / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
         index[name] = [NETWORK_CLASSES[fmt].__module__, NETWORK_CLASSES[fmt].__name__]
