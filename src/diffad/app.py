@@ -34,7 +34,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from diffad import __version__
 from diffad.data import read_image
 from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
-from diffad.model_folder import TRAINING_LOG, is_exported, require_model_folder
+from diffad.model_folder import CARD_FILE, TRAINING_LOG, is_exported, require_model_folder
 from diffad.pipelines.self_aware_inpaint import threshold_key
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.training_utils import image_generator
@@ -175,7 +175,7 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     lines = [f"**Model** `{model}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
-    card = Path(model) / "README.md"
+    card = Path(model) / CARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").splitlines()
         category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")

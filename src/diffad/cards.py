@@ -34,7 +34,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from diffad import __version__
-from diffad.model_folder import calibration_config
+from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CONFIG_FILE, MODEL_INDEX, SEGMENTER_LOG,
+                                 TRAINING_LOG, calibration_config, components, require_model_folder)
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
 from diffad.training_utils import atomic_write_text
 
@@ -133,7 +134,7 @@ def normalize_results(results: Any) -> list[ResultRow]:
 
 def read_training_log(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``training_log.json`` of the model folder as a dict (empty when absent or unreadable)."""
-    path = Path(model_dir) / "training_log.json"
+    path = Path(model_dir) / TRAINING_LOG
     if not path.is_file():
         return {}
     try:
@@ -189,7 +190,7 @@ _SEGMENTER_SUMMARY_KEYS = ("total_optimizer_steps", "stopped_by", "final_train_l
 
 def _segmenter_hyperparameters(model_dir: Path) -> list[tuple[str, str]]:
     """Rows of the segmenter table from ``segmenter_log.json`` (written by ``training/train_segmenter.py``)."""
-    log = _read_json(model_dir / "segmenter_log.json")
+    log = _read_json(model_dir / SEGMENTER_LOG)
     config = log.get("config") if isinstance(log.get("config"), Mapping) else {}
     summary = log.get("summary") if isinstance(log.get("summary"), Mapping) else {}
     items = [(k, config[k]) for k in _SEGMENTER_KEYS if config.get(k) is not None]
@@ -208,7 +209,7 @@ def _eval_table(rows: list[ResultRow]) -> str:
 
 
 def _num_parameters(model_dir: Path) -> str:
-    config_path = model_dir / "unet" / "config.json"
+    config_path = model_dir / "unet" / CONFIG_FILE
     weights = sorted((model_dir / "unet").glob("*.safetensors")) if (model_dir / "unet").is_dir() else []
     if weights:
         try:
@@ -297,9 +298,7 @@ def make_model_card(
         FileNotFoundError: ``model_dir`` is not a model folder.
         ValueError: no results for the category, or the category is ambiguous.
     """
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+    model_dir = require_model_folder(model_dir)
     if isinstance(results, (str, os.PathLike)):
         results_path = Path(results)
         if not results_path.is_file():
@@ -353,10 +352,9 @@ def make_model_card(
         tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
         eval_results=eval_results)
 
-    index = _read_json(model_dir / "model_index.json")
-    has_segmenter = isinstance(index.get("segmenter"), list) and index["segmenter"][0] is not None
-    is_calibrated = isinstance(index.get("calibration"), list) and index["calibration"][0] is not None
-    unet_config = _read_json(model_dir / "unet" / "config.json")
+    present = components(_read_json(model_dir / MODEL_INDEX))
+    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
+    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
     resolution = config.get("resolution") or unet_config.get("sample_size", "?")
     num_train = log.get("num_train_images") or config.get("num_train_images")
 
@@ -407,7 +405,7 @@ def make_model_card(
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
     """Write ``card`` as ``model_dir/README.md`` atomically (temporary file, then rename)."""
-    return atomic_write_text(Path(model_dir) / "README.md", str(card))
+    return atomic_write_text(Path(model_dir) / CARD_FILE, str(card))
 
 
 def register(subparsers) -> None:

@@ -71,6 +71,7 @@ from diffad.data import list_categories, load_mvtec
 from diffad.detect import from_pretrained_quietly
 from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
+from diffad.model_folder import MODEL_INDEX
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.training_utils import atomic_write_text, image_generator, report_error
@@ -497,9 +498,9 @@ def resolve_model_dir(model: Path, category: str, num_categories: int) -> Path:
     Raises:
         FileNotFoundError: neither exists.
     """
-    if (model / category / "model_index.json").is_file():
+    if (model / category / MODEL_INDEX).is_file():
         return model / category
-    if (model / "model_index.json").is_file():
+    if (model / MODEL_INDEX).is_file():
         if num_categories == 1:
             return model
         raise FileNotFoundError(f"{model} is one model but {num_categories} categories are evaluated: put one model "
