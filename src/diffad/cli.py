@@ -178,12 +178,10 @@ def calibration_summary(model_dir: str | os.PathLike) -> str:
     (the share of pixels masked, and each image threshold's false-positive rate against the target)."""
     try:
         cal = calibration_config(model_dir)
-    except (OSError, ValueError) as exc:
-        cal, error = None, type(exc).__name__
-    else:
-        error = "no calibration"
+    except (OSError, ValueError):
+        cal = None
     if cal is None:
-        raise FileNotFoundError(f"{Path(model_dir) / CALIBRATION_COMPONENT}: no readable calibration ({error}); run "
+        raise FileNotFoundError(f"{Path(model_dir) / CALIBRATION_COMPONENT}: no readable calibration; run "
                                 "`diffad calibrate`")
     sampling = SamplingConfig.from_dict(cal["sampling_config"])
     share = cal.get("heldout_mask_share")
