@@ -91,3 +91,35 @@ def test_random_crops_are_seeded_and_inside_the_image():
         top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 16)
         assert torch.equal(crop, image[:, top:top + 8, left:left + 8])
     assert random_crops(images, 16, torch.Generator()) is images
+
+
+def test_detect_and_export_work_at_the_working_resolution(tmp_path):
+    """`diffad detect` scores a tiled model's photos as the pipeline does; `diffad export` converts its tile-size
+    networks, and the exported folder scores the photo as torch does."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from diffad.cli import main
+    from diffad.detect import format_score, load_pipeline
+    from diffad.training_utils import image_generator
+
+    pipe = tiled_pipeline(48)
+    pipe.calibrate(torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1, config=CHEAP_CONFIG)
+    pipe.save_pretrained(tmp_path / "model")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 90, 3), dtype=np.uint8))
+    (tmp_path / "photos").mkdir()
+    photo.save(tmp_path / "photos" / "a.png")
+    expected = load_pipeline(tmp_path / "model")(photo, generator=[image_generator(0, photo)], batch_size=1)
+    assert expected.anomaly_maps["combined"].shape == (1, 48, 48)
+    assert main(["detect", "--model", str(tmp_path / "model"), str(tmp_path / "photos"), "--out",
+                 str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "results.csv").open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["score"] == format_score(expected.scores["combined"][0])
+    assert Image.open(tmp_path / "out" / row["overlay"]).size == photo.size
+    assert main(["export", "--model", str(tmp_path / "model"), "--format", "onnx", "--out",
+                 str(tmp_path / "onnx")]) == 0
+    exported = load_pipeline(tmp_path / "onnx")(photo, generator=[image_generator(0, photo)], batch_size=1)
+    assert exported.scores["combined"][0] == pytest.approx(expected.scores["combined"][0], rel=1e-3)

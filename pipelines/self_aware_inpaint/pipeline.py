@@ -840,8 +840,11 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return merge_tiles(recs, self.resolution), passes.view(b, n).sum(dim=1)
 
     def _learned_map(self, x: torch.Tensor, recs: torch.Tensor) -> torch.Tensor:
-        """The segmenter's defect probability over the tiles of ``(image, reconstruction)``, stitched: ``(B, S, S)``."""
-        tiles, rec_tiles = split_tiles(x, self.tile_size), split_tiles(recs, self.tile_size)
+        """The segmenter's defect probability over the tiles of ``(image, reconstruction)`` (tiles of the
+        segmenter's own ``sample_size``: the images it was trained on), stitched: ``(B, S, S)``."""
+        size = self.segmenter.config.sample_size
+        size = min(int(size[0] if isinstance(size, (list, tuple)) else size), self.resolution)
+        tiles, rec_tiles = split_tiles(x, size), split_tiles(recs, size)
         logits = torch.cat([segmenter_logits(self.segmenter, tiles[idx], rec_tiles[idx]).float()
                             for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
         return merge_tiles(torch.sigmoid(logits), self.resolution)[:, 0]
