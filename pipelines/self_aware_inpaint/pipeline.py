@@ -477,8 +477,7 @@ class SamplingConfig:
 
 
 def threshold_key(method: str, map_name: str) -> str:
-    """The name of the image threshold of map ``map_name`` under ``method`` (and of its metrics):
-    ``"<method>/<map>"``, e.g. ``"self_aware/combined"``."""
+    """The name of the image threshold (and metrics) of map ``map_name`` under ``method``: ``"<method>/<map>"``."""
     return f"{method}/{map_name}"
 
 

@@ -37,7 +37,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from diffad.app import write_space
 from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, COMPONENT_FILES, EXPORT_FILE, HUB_TOP_LEVEL_FILES,
-                                 LOG_FILES, PIPELINE_FILE, calibration_config, components, is_exported,
+                                 LOG_FILES, PIPELINE_FILE, calibration_config, components, is_exported, read_json,
                                  read_model_index)
 from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
 
@@ -170,8 +170,7 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
                 logger.warning("%s differs from diffad's pipeline.py: publishing diffad's own", source)
             shutil.copyfile(own_code, dest / rel)
         elif rel in LOG_FILES:
-            log = json.loads(source.read_text(encoding="utf-8"))
-            (dest / rel).write_text(json.dumps(_strip_local_paths(log), indent=2), encoding="utf-8")
+            (dest / rel).write_text(json.dumps(_strip_local_paths(read_json(source)), indent=2), encoding="utf-8")
         else:
             shutil.copyfile(source, dest / rel)
         files.append(rel)

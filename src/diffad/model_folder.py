@@ -35,6 +35,7 @@ __all__ = [
     "calibration_config",
     "components",
     "is_exported",
+    "read_json",
     "read_model_index",
     "require_model_folder",
 ]
@@ -77,7 +78,9 @@ def require_model_folder(folder: str | os.PathLike, *, name: Optional[str] = Non
     return folder
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file of a model folder (index, configs, logs); ValueError naming the file when it is not valid JSON."""
+    path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -90,7 +93,7 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FileNotFoundError: not a model folder. ValueError: the index is not valid JSON.
     """
-    return _read_json(require_model_folder(folder) / MODEL_INDEX)
+    return read_json(require_model_folder(folder) / MODEL_INDEX)
 
 
 def components(index: dict[str, Any]) -> list[str]:
@@ -113,4 +116,4 @@ def calibration_config(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
         ValueError: the calibration's config is not valid JSON.
     """
     path = Path(folder) / CALIBRATION_COMPONENT / CONFIG_FILE
-    return _read_json(path) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
