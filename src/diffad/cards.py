@@ -356,6 +356,7 @@ def make_model_card(
     has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
     unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
     resolution = config.get("resolution") or unet_config.get("sample_size", "?")
+    tile_size = config.get("crop_size") or unet_config.get("sample_size")
     num_train = log.get("num_train_images") or config.get("num_train_images")
 
     hyperparameters = _hyperparameters(config, log)
@@ -395,6 +396,7 @@ def make_model_card(
         card_data, template_path=str(template_path()),
         model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
         diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
+        tile_size=tile_size,
         has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
         num_train_images=num_train, data_license_note=data_license_note,
         dataset_description=dataset_description, hyperparameters=hyperparameters,
