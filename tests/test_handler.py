@@ -1,6 +1,6 @@
 """A pushed repo's `handler.py`: Inference Endpoints' `EndpointHandler` called as Endpoints call it, on a Hub-form
 folder (assembled by `diffad push`, a model tiled at its working resolution), offline, in a fresh process where only diffusers is importable (not diffad):
-bytes, a PIL image and base64 give `diffad detect`'s score and decision; with diffad installed, the overlay is
+bytes, a PIL image and base64 give `diffad detect`'s score and decision; given detect's renderer, the overlay is
 detect's overlay file."""
 
 from __future__ import annotations
@@ -94,20 +94,22 @@ def test_endpoints_call_with_diffusers_alone_gives_detects_verdict(hub_folder, p
         assert format_score(answer["score"]) == row["score"]  # detect's float32, every bit
         assert answer["decision"] == row["decision"] and answer["map"] == "combined" and answer["error"] == ""
         assert isinstance(answer["threshold"], float)
-    # no diffad, no overlay renderer: said so, never a silent gap
-    assert report["answers"][2]["overlay_png"] is None and "needs diffad" in report["answers"][2]["overlay_error"]
+    # no overlay renderer on Endpoints (the handler may not import diffad's commands): said so, never a silent gap
+    assert report["answers"][2]["overlay_png"] is None and "no overlay renderer" in report["answers"][2]["overlay_error"]
     bad_image, bad_base64, no_inputs, bad_map = report["errors"]
     assert "not a readable image" in bad_image and "not base64" in bad_base64
     assert "'inputs'" in no_inputs and "parameters.map 'learned'" in bad_map
 
 
-def test_handler_with_diffad_installed_draws_detects_overlay(hub_folder, photo_and_row):
+def test_handler_given_detects_renderer_draws_detects_overlay(hub_folder, photo_and_row):
+    from diffad.detect import render_overlay
+
     path, row = photo_and_row
     spec = importlib.util.spec_from_file_location("pushed_handler", hub_folder / "handler.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["pushed_handler"] = module
     spec.loader.exec_module(module)
-    handler = module.EndpointHandler(str(hub_folder))
+    handler = module.EndpointHandler(str(hub_folder), render_overlay=render_overlay)
     answer = handler({"inputs": path.read_bytes(), "parameters": {"overlay": True}})
     assert format_score(answer["score"]) == row["score"]
     assert base64.b64decode(answer["overlay_png"]) == (row["out"] / row["overlay"]).read_bytes()
@@ -117,5 +119,12 @@ def test_push_writes_diffads_own_handler(hub_folder):
     from diffad.pipelines.self_aware_inpaint import inspection
 
     assert (hub_folder / "handler.py").read_bytes() == Path(inspection.__file__).read_bytes()
-    source = (hub_folder / "handler.py").read_text()
-    assert "import diffad" not in source.replace("from diffad.detect import render_overlay", "")
+    import ast
+
+    imported = set()
+    for node in ast.walk(ast.parse((hub_folder / "handler.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            imported.add(node.module.split(".")[0])
+    assert "diffad" not in imported and imported <= set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "diffusers"}

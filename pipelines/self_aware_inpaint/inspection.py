@@ -45,8 +45,8 @@ NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weight
 
 
 def rgb_image(image: Any) -> Any:
-    """A PIL image of any mode as the upright 8-bit RGB photo diffad scores (by the pipeline's ``rgb_array``); an upright RGB
-    image of a valid size is returned as is. ``ValueError`` for an image that is too small."""
+    """A PIL image of any mode as the upright 8-bit RGB photo diffad scores (by the pipeline's ``rgb_array``); an
+    upright RGB image of a valid size is returned as is. ``ValueError`` for an image that is too small."""
     from PIL import Image
 
     if image.mode == "RGB" and _pipeline.exif_orientation(image) in (None, 1) and min(image.size) >= _pipeline.MIN_IMAGE_SIDE:
@@ -114,7 +114,7 @@ def inspect_photos(pipe: Any, photos: Sequence[Any], *, method: str = "self_awar
     output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos], batch_size=1,
                   output_type="np")
     decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
-    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")
+    threshold = pipe.calibration.threshold(_pipeline.threshold_key(method, anomaly_map))
     verdicts = []
     for i in range(len(photos)):
         amap, mask = output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i]
@@ -175,7 +175,8 @@ def answer(pipe: Any, photo: Any, *, method: str = "self_aware", anomaly_map: Op
             result["overlay_png"] = None
         elif render_overlay is None:
             result["overlay_png"] = None
-            result["overlay_error"] = "drawing the overlay needs diffad: pip install diffad"
+            result["overlay_error"] = ("no overlay renderer here: diffad serve draws overlays "
+                                       "(pip install 'diffad[serve]')")
         else:
             buffer = io.BytesIO()
             render_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, verdict.threshold).save(buffer, "PNG")
@@ -192,7 +193,8 @@ def model_facts(pipe: Any, *, method: str = "self_aware", anomaly_map: Optional[
     config = cal.config
     return {"resolution": pipe.resolution, "tile_size": getattr(pipe, "tile_size", pipe.resolution),
             "tiles": getattr(pipe, "num_tiles", 1), "method": method, "map": anomaly_map,
-            "maps": list(pipe.map_names(method)), "threshold": cal.threshold(f"{method}/{anomaly_map}"),
+            "maps": list(pipe.map_names(method)),
+            "threshold": cal.threshold(_pipeline.threshold_key(method, anomaly_map)),
             "sampling_config": sampling.preset_name or "custom", "precision": sampling.precision,
             "unet_passes": sampling.unet_passes(method), "calibration_images": config.num_images,
             "target_false_positive_rate": config.target_false_positive_rate,
@@ -200,30 +202,24 @@ def model_facts(pipe: Any, *, method: str = "self_aware", anomaly_map: Optional[
             "heldout_mask_share": config.heldout_mask_share}
 
 
-def _overlay_renderer() -> Optional[OverlayRenderer]:
-    """diffad's overlay renderer where diffad is installed (a ``requirements.txt`` with ``diffad``), else None."""
-    try:
-        from diffad.detect import render_overlay
-    except ImportError:
-        return None
-    return render_overlay
-
-
 class EndpointHandler:
     """The Inference Endpoints entry point: loads the repo with diffusers alone, answers like ``POST /inspect``.
 
     Args:
         path: the repo's local folder (Endpoints pass it; "" is the current folder).
+        render_overlay: draws ``parameters.overlay``'s heat map (``diffad.detect.render_overlay``, as ``diffad serve``
+            does); Endpoints pass none, and this file may not import diffad's commands (the layer rule), so there an
+            overlay request is answered with ``overlay_error`` beside the complete verdict.
     """
 
-    def __init__(self, path: str = ""):
+    def __init__(self, path: str = "", render_overlay: Optional[OverlayRenderer] = None):
         from diffusers import DiffusionPipeline
 
         self.pipe = DiffusionPipeline.from_pretrained(path or ".", trust_remote_code=True)
         if not getattr(self.pipe, "is_calibrated", False):
             raise ValueError(f"{path or '.'} holds no calibrated diffad model: run `diffad calibrate` before pushing")
         self.pipe.set_progress_bar_config(disable=True)
-        self.render_overlay = _overlay_renderer()
+        self.render_overlay = render_overlay
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         """``data["inputs"]``: the image; ``data["parameters"]``: ``overlay`` (bool), ``map`` (an anomaly map name),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffad.detect import load_pipeline, render_overlay
+from diffad.pipelines.self_aware_inpaint import threshold_key
 from diffad.pipelines.self_aware_inpaint.inspection import MAX_IMAGE_BYTES, answer, decode_photo, model_facts
 
 __all__ = ["INSTALL_HINT", "LOCAL_HOSTS", "Service", "build_api", "register", "run"]
@@ -73,7 +74,7 @@ class Service:
 
     @property
     def threshold(self) -> Optional[float]:
-        return self.pipe.calibration.threshold(f"{self.method}/{self.anomaly_map}")
+        return self.pipe.calibration.threshold(threshold_key(self.method, self.anomaly_map))
 
     def facts(self) -> dict[str, Any]:
         """``GET /model``: the model, the card's summary (markdown) and :func:`model_facts`."""
