@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, exif_orientation, rgb_array, rgb_image
+from diffad.pipelines.self_aware_inpaint import rgb_image
 
 __all__ = [
     "CLASS_NAMES",
@@ -208,7 +208,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     """diffad's one image reader for files (training data, calibration, ``diffad detect``): decode ``path`` fully
     and return it as 8-bit RGB, any PIL mode (16-bit and float scaled, never saturated), EXIF orientation
     applied. ``MVTecDataError`` (a ``ValueError``) naming the file when it cannot be read or is smaller than
-    ``MIN_IMAGE_SIDE`` px."""
+    ``MIN_IMAGE_SIDE`` px (the pipeline's)."""
     path = Path(path)
     return _checked_rgb(_open(path), path)
 
