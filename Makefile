@@ -75,12 +75,15 @@ bench-segmenter: venv
 bench-real: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_real.py --preset tiny --resolution 64 --ddpm_steps 1500 --segmenter_steps 500 --out $(BENCH_OUT)/real
 
-# Every detector (denoise, the thesis sampler, the fast default and its maps) on the three real categories
-# (bottle, tire, metal_plate) x 3 seeds, budgets in optimiser steps; resumable (re-run to continue). ~2-2.5 h.
+# The default detector (`diffad train`'s cpu preset: 256 px working resolution, 64 px crops and tiles, 1500 steps;
+# the fast sampler; maps combined, noise_error, multiscale) and denoising, on the five real categories (bottle, tire,
+# metal_plate, transistor, toothbrush) x 3 seeds, budgets in optimiser steps, precision auto; seed 0 also on
+# VALIDATION (synthetic scratches, cracks, pits, stains and DRAEM blobs on held-out good parts), where the tiled
+# default is compared with running the UNet on the whole image. Resumable (re-run to continue); about 6 CPU-hours.
 bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
-# One seed, 400 DDPM steps: for iterating (~25 min).
+# bottle and tire, one seed, 400 DDPM steps, the default detector: for iterating (~30 min).
 # Issue 12's choice of default, on VALIDATION data with subtle synthetic defects (never a test split), with
 # bench-quality's seed-0 DDPMs of the three real categories (~5 min).
 detector-candidates: venv

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -28,8 +29,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from diffad import __version__
+from diffad.data import read_image
 from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
+from diffad.model_folder import CARD_FILE, TRAINING_LOG, is_exported, require_model_folder
+from diffad.pipelines.self_aware_inpaint import threshold_key
+from diffad.precision import add_precision_assertion, check_precision
+from diffad.training_utils import image_generator
 
 __all__ = ["Inspection", "Inspector", "build_app", "register", "register_space", "run", "write_space"]
 
@@ -76,14 +84,11 @@ class Inspector:
 
     def threshold(self, name: str) -> Optional[float]:
         """The calibrated image threshold of map ``name``."""
-        return self.pipe.calibration.threshold(f"{self.method}/{name}")
+        return self.pipe.calibration.threshold(threshold_key(self.method, name))
 
     def inspect(self, path: str | Path, name: Optional[str] = None) -> Inspection:
         """Read and score one file; a file that cannot be read (or judged) gives an :class:`Inspection` with its
         error, never an exception."""
-        from diffad.data import read_image
-        from diffad.training_utils import image_generator
-
         name = name or Path(path).name
         try:
             photo = read_image(path)
@@ -170,7 +175,7 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     lines = [f"**Model** `{model}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
-    card = Path(model) / "README.md"
+    card = Path(model) / CARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").splitlines()
         category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")
@@ -268,11 +273,7 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware")
     parser.add_argument("--seed", type=int, default=0, help="seeds each image's noise with its pixels (default: 0)")
-    from diffad.precision import PRECISION_CHOICES
-
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="assert the networks' precision the model was calibrated with (the app runs the "
-                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
+    add_precision_assertion(parser, "the app")
     parser.set_defaults(func=run)
 
 
@@ -286,8 +287,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
-    from diffad.precision import check_precision
-
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)
@@ -337,27 +336,18 @@ Runs on the Space's CPU; the model card gives the measured accuracy and the spee
 def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
     """Write a Space folder (``app.py``, ``requirements.txt``, ``README.md`` with the Space front matter) that
     loads the pushed model ``repo_id`` and serves :func:`build_app`; returns the files written."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from diffad import __version__
-    from diffad.export import is_exported
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from None
-    model = Path(model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"--model {model} is not a diffad model folder (no model_index.json)")
+    model = require_model_folder(model, name=f"--model {model}")
     try:
         import gradio
 
         gradio_version = gradio.__version__
     except ImportError:
         gradio_version = "5.0.0"
-    import json
-
-    log = model / "training_log.json"
+    log = model / TRAINING_LOG
     category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
