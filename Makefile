@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: bench-atline venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
+.PHONY: venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-peer bench-peer-quick peer-venv bench-atline detector-candidates bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -99,6 +99,33 @@ bench-cpu: venv
 
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2
+
+# The peer (issue 20): anomalib's DRAEM (no pretrained weights) on the same five real categories, splits (diffad's
+# load_mvtec rule, written by diffad's venv), 256 px and step budget (~15 CPU-minutes per cell on one thread), 3 seeds,
+# scored with diffad's metric code. Its own venv .venv-peer, never in diffad's dependencies. Resumable. The PyPI
+# torchvision is a CUDA build: its two unguarded register_fake calls are made conditional (no CPU wheel exists here).
+PEER_VENV := .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+$(PEER_VENV)/.installed:
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+	$(PEER_PY) -m pip install --quiet torch==2.13.0
+	$(PEER_PY) -m pip install --quiet anomalib==2.7.0 torch==2.13.0 torchvision==0.28.0
+	sed -i 's/^@torch\.library\.register_fake("torchvision::\(q\{0,1\}nms\)")$$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' \
+		"$$($(PEER_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchvision/_meta_registrations.py"
+	$(PEER_PY) -W ignore -c "import torchvision; from anomalib.models.image.draem.torch_model import DraemModel"
+	touch $@
+
+peer-venv: $(PEER_VENV)/.installed
+
+# 5 categories x 3 seeds, 11 steps (~81 CPU-s each) per cell, one cell at a time (a cell peaks at ~11 GB of RSS at
+# batch 8, 256 px: two at once do not fit beside other work in 24 GB). ~5 CPU-hours, see the README.
+bench-peer: venv peer-venv
+	OMP_NUM_THREADS=1 $(PEER_PY) benchmarks/bench_peer.py --out $(BENCH_OUT)/peer --jobs 1
+
+# One seed, 3 steps, the five categories, whole test splits: checks the whole path (~45 CPU-minutes).
+bench-peer-quick: venv peer-venv
+	OMP_NUM_THREADS=1 $(PEER_PY) benchmarks/bench_peer.py --out $(BENCH_OUT)/peer_quick --quick --jobs 1
 
 # Latency at the line: POST /inspect (diffad serve) and diffad watch (photo written -> row in the CSV) with two DDPMs
 # trained 100 steps on the synthetic weave and calibrated: tiny at 64 px, and the cpu preset inspecting 256 px photos
