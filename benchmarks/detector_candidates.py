@@ -42,8 +42,8 @@ from diffad.data import load_mvtec  # noqa: E402
 from diffad.metrics import compute_anomaly_metrics  # noqa: E402
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline  # noqa: E402
 from diffad.pipelines.self_aware_inpaint.pipeline import (  # noqa: E402
-    add_noise, estimate_x0, mean_filter, multiscale_anomaly_map, noise_error, per_pixel_quantile, posterior_step,
-    predict_noise, randn_tensor,
+    NoiseSchedule, denoise, mean_filter, multiscale_anomaly_map, noise_error, per_pixel_quantile, predict_noise,
+    randn_tensor,
 )
 
 DEFECTS = {"draem": {}, "subtle": {"beta_range": (0.1, 0.4), "min_scale_exponent": 3}}
@@ -69,27 +69,26 @@ def gens(n, seed):
 def redraw(unet, acp, x, mask, start, steps, paste_until, generators):
     """Masked pixels redrawn from the noised original at ``start``; known pixels pasted at matching noise while
     ``t >= paste_until``, then everything denoised."""
-    ts = [int(t) for t in np.linspace(start - 1, 0, steps).round().astype(int)]
-    x_t = add_noise(x, randn_tensor(x.shape, generator=generators), ts[0], acp)
+    schedule = NoiseSchedule(acp)
+    ts = schedule.timesteps(start, steps)
+    x_t = schedule.add_noise(x, randn_tensor(x.shape, generator=generators), ts[0][0])
     x0 = None
-    for i, t in enumerate(ts):
+    for i, (t, t_prev) in enumerate(ts):
         if t >= paste_until and i > 0:
-            x_t = mask * x_t + (1 - mask) * add_noise(x, randn_tensor(x.shape, generator=generators), t, acp)
-        x0 = estimate_x0(x_t, predict_noise(unet, x_t, t, x0), t, acp)
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            x_t = mask * x_t + (1 - mask) * schedule.add_noise(x, randn_tensor(x.shape, generator=generators), t)
+        x0 = schedule.estimate_x0(x_t, predict_noise(unet, x_t, t, x0), t)
         noise = randn_tensor(x.shape, generator=generators) if t_prev >= 0 else None
-        x_t = posterior_step(x_t, x0, t, t_prev, acp, noise)
+        x_t = schedule.step(x_t, x0, t, t_prev, noise)
     return x_t.clamp(-1, 1)
 
 
 def q_maps(pipe, x, seed, t=150, draws=3):
-    return torch.cat([noise_error(pipe.unet, pipe.scheduler.alphas_cumprod, x[i:i + 16], (t,), draws,
+    return torch.cat([noise_error(pipe.unet, pipe.schedule, x[i:i + 16], (t,), draws,
                                   gens(len(x), seed)[i:i + 16]) for i in range(0, len(x), 16)])
 
 
 def denoise_maps(pipe, x, seed, steps):
-    from diffad.pipelines.self_aware_inpaint.pipeline import denoise
-    recs = torch.cat([denoise(pipe.unet, pipe.scheduler.alphas_cumprod, x[i:i + 16], start=50, num_steps=steps,
+    recs = torch.cat([denoise(pipe.unet, pipe.schedule, x[i:i + 16], start=50, num_steps=steps,
                               generators=gens(len(x), seed + 5)[i:i + 16]) for i in range(0, len(x), 16)])
     return multiscale_anomaly_map(x, recs)
 

@@ -19,16 +19,14 @@ from diffad.pipelines.self_aware_inpaint import (
     SamplingConfig,
     SelfAwareInpaintPipeline,
     default_mean_filter_size,
+    NoiseSchedule,
     denoise,
-    estimate_x0,
     inpaint,
     mean_filter,
     multiscale_anomaly_map,
     per_pixel_quantile,
-    posterior_step,
     predict_noise,
     segmenter_logits,
-    strided_timesteps,
 )
 from tiny_components import tiny_pipeline, tiny_unet
 
@@ -55,8 +53,8 @@ def calibrated() -> SelfAwareInpaintPipeline:
 
 
 @pytest.fixture(scope="module")
-def acp() -> torch.Tensor:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid").alphas_cumprod
+def schedule() -> NoiseSchedule:
+    return NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid").alphas_cumprod)
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy():
@@ -76,11 +74,11 @@ def test_pipeline_file_reads_stages_config_calibration_pipeline():
     """The file's top-level order is the thesis's: stage functions, then the config, calibration and pipeline."""
     tree = ast.parse(PIPELINE_FILE.read_text())
     order = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    stages = ["noise_error", "inpaint", "denoise", "posterior_step", "multiscale_anomaly_map"]
+    stages = ["NoiseSchedule", "noise_error", "inpaint", "denoise", "multiscale_anomaly_map"]
     classes = ["SamplingConfig", "AnomalyCalibration", "SelfAwareInpaintPipeline"]
     assert max(order.index(s) for s in stages) < order.index("SamplingConfig")
     assert [order.index(c) for c in classes] == sorted(order.index(c) for c in classes)
-    assert len(PIPELINE_FILE.read_text().splitlines()) <= 1040  # issue 21: <= 600 once the plumbing moves out
+    assert len(PIPELINE_FILE.read_text().splitlines()) <= 1046  # issue 21: <= 600
 
 
 # ------------------------------------------------------------------ the stages against diffusers
@@ -89,34 +87,36 @@ def test_pipeline_file_reads_stages_config_calibration_pipeline():
 @pytest.mark.parametrize("start", [1, 6, 50, 1000])
 def test_strided_timesteps_start_at_t_minus_one_for_every_step_count(start):
     for n in sorted({1, min(2, start), min(3, start), min(10, start), start}):
-        steps = strided_timesteps(start, n)
+        pairs = NoiseSchedule.timesteps(start, n)
+        steps = [t for t, _ in pairs]
         assert steps[0] == start - 1 and steps[-1] == (0 if n > 1 else start - 1), (start, n, steps)
         assert len(steps) == n and steps == sorted(set(steps), reverse=True)
+        assert [t_prev for _, t_prev in pairs] == steps[1:] + [-1]
     with pytest.raises(ValueError, match="num_steps"):
-        strided_timesteps(6, 7)
+        NoiseSchedule.timesteps(6, 7)
 
 
-def test_posterior_step_equals_ddpm_scheduler_step(acp):
+def test_posterior_step_equals_ddpm_scheduler_step(schedule):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")
     assert scheduler.config.variance_type == "fixed_small"
-    timesteps = strided_timesteps(50, 6)
+    timesteps = [t for t, _ in NoiseSchedule.timesteps(50, 6)]
     scheduler.set_timesteps(timesteps=timesteps)
     x_t, eps = images(2, seed=1), images(2, seed=2)
     for t in timesteps:
         t_prev = scheduler.previous_timestep(t)
         expected = scheduler.step(eps, t, x_t, generator=gens(5, 6)).prev_sample
         noise = randn_tensor(x_t.shape, generator=gens(5, 6)) if t_prev >= 0 else None
-        ours = posterior_step(x_t, estimate_x0(x_t, eps, t, acp), t, int(t_prev), acp, noise)
+        ours = schedule.step(x_t, schedule.estimate_x0(x_t, eps, t), t, int(t_prev), noise)
         torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_denoise_equals_a_plain_scheduler_loop(acp):
+def test_denoise_equals_a_plain_scheduler_loop(schedule):
     unet = tiny_unet(seed=3).eval()
     x = images(2, seed=4)
     with torch.no_grad():
-        ours = denoise(unet, acp, x, start=50, num_steps=5, generators=gens(1, 2))
+        ours = denoise(unet, schedule, x, start=50, num_steps=5, generators=gens(1, 2))
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid")
-        scheduler.set_timesteps(timesteps=strided_timesteps(50, 5))
+        scheduler.set_timesteps(timesteps=[t for t, _ in NoiseSchedule.timesteps(50, 5)])
         g = gens(1, 2)
         x_t = scheduler.add_noise(x, randn_tensor(x.shape, generator=g), torch.tensor([49]))
         x0 = None
@@ -139,13 +139,13 @@ class _RecordingUNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("renoise", ["fixed", "fresh"])
-def test_fixed_renoising_reuses_the_start_eps(acp, renoise):
+def test_fixed_renoising_reuses_the_start_eps(schedule, renoise):
     unet = _RecordingUNet(tiny_unet(seed=1).eval())
     x = images(1, seed=2)
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:20, 8:20] = 1
     with torch.no_grad():
-        inpaint(unet, acp, x, mask, start=50, num_steps=1, resample_steps=3, renoise=renoise, generators=gens(0))
+        inpaint(unet, schedule, x, mask, start=50, num_steps=1, resample_steps=3, renoise=renoise, generators=gens(0))
     first, second, third = unet.inputs
     known = (mask == 0).expand_as(x)
     # the known pixels of x0_hat are x itself: with the start's eps, every re-noised x_t equals the start there
@@ -154,13 +154,13 @@ def test_fixed_renoising_reuses_the_start_eps(acp, renoise):
     assert not torch.equal(second[~known], first[~known])  # the masked pixels were predicted, not kept
 
 
-def test_inpaint_keeps_known_pixels_exactly_and_redraws_the_mask(acp):
+def test_inpaint_keeps_known_pixels_exactly_and_redraws_the_mask(schedule):
     x = images(2, seed=3)
     mask = torch.zeros(2, 1, 32, 32)
     mask[0, :, 4:12, 4:12] = 1
     mask[1] = 1
     with torch.no_grad():
-        out = inpaint(tiny_unet().eval(), acp, x, mask, start=50, num_steps=3, resample_steps=2, renoise="fresh",
+        out = inpaint(tiny_unet().eval(), schedule, x, mask, start=50, num_steps=3, resample_steps=2, renoise="fresh",
                       generators=gens(0, 1))
     keep = (mask == 0).expand_as(x)
     assert torch.equal(out[keep], x[keep])
@@ -248,7 +248,7 @@ def test_calibration_stores_its_config_and_cross_fitted_thresholds():
     seeds = [g.initial_seed() for g in pipe._generators(torch.Generator().manual_seed(0), 8)]
     generators = gens(*seeds)  # the mask stage, then the reconstruction, continue each image's generator
     with torch.no_grad():
-        q = pipe._mask_stage(pipe.preprocess(x), QUICK, generators)
+        q = pipe._noise_error(pipe.preprocess(x), QUICK, generators)
     expected = np.quantile(q.numpy(), 0.8, axis=0, method="weibull")  # exceeded by 20% of new images, any N
     torch.testing.assert_close(cal.q_threshold, torch.from_numpy(expected).float())
     # the image thresholds come from scores on images whose Q_p did not see them: at least one score reaches it
@@ -256,8 +256,8 @@ def test_calibration_stores_its_config_and_cross_fitted_thresholds():
     fold_q_p = [torch.from_numpy(np.quantile(q[k::2].numpy(), 0.8, axis=0, method="weibull")).float()
                 for k in (0, 1)]
     with torch.no_grad():
-        part = pipe._reconstruct(pipe.preprocess(x), q, torch.stack([fold_q_p[1 - i % 2] for i in range(8)]),
-                                 "self_aware", QUICK, generators)
+        part = pipe._inspect(pipe.preprocess(x), q, torch.stack([fold_q_p[1 - i % 2] for i in range(8)]),
+                             "self_aware", QUICK, generators)
     scores = part["maps"]["multiscale"].flatten(1).amax(1)
     assert np.isclose(cal.threshold("self_aware/multiscale"), float(scores.max()), atol=1e-6)
 
@@ -360,7 +360,7 @@ def test_one_call_returns_every_map_with_its_score_and_decision(calibrated):
     # the mask-stage map is Q / Q_p, smoothed like every map
     with torch.no_grad():
         g = calibrated._generators(torch.Generator().manual_seed(0), 2)
-        q = calibrated._mask_stage(x, QUICK, g)
+        q = calibrated._noise_error(x, QUICK, g)
     expected = mean_filter(q / calibrated.calibration.q_threshold, default_mean_filter_size(32))
     np.testing.assert_allclose(out.anomaly_maps["noise_error"], expected.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.inpaint_masks, (q > calibrated.calibration.q_threshold).numpy())
@@ -387,10 +387,10 @@ def test_denoise_reconstruction_redraws_every_pixel_like_the_baseline():
     assert base.reconstructions.shape == aware.reconstructions.shape
     with pytest.raises(ValueError, match="resample_steps must be 1"):
         dataclasses.replace(config, resample_steps=2)
-    # a config stored before ``reconstruction`` existed inpainted
-    stored = {k: v for k, v in dataclasses.replace(config, reconstruction="inpaint").to_dict().items()
-              if k != "reconstruction"}
-    assert SamplingConfig.from_dict(stored).reconstruction == "inpaint"
+    # a config stored before ``reconstruction`` existed: recalibrate
+    stored = {k: v for k, v in config.to_dict().items() if k != "reconstruction"}
+    with pytest.raises(ValueError, match="recalibrate"):
+        SamplingConfig.from_dict(stored)
 
 
 def test_output_types(calibrated):

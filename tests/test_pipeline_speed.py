@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from diffad.pipelines.self_aware_inpaint import SamplingConfig, noise_error
+from diffad.pipelines.self_aware_inpaint import NoiseSchedule, SamplingConfig, noise_error
 from test_pipeline import gens, images
 from tiny_components import tiny_pipeline, tiny_unet
 
@@ -70,8 +70,8 @@ def test_mask_noise_draws_average_independent_draws():
     acp = DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid").alphas_cumprod
     x = images(2, seed=4)
     with torch.no_grad():
-        both = noise_error(unet, acp, x, (300, 320), 2, gens(1, 2))
+        both = noise_error(unet, NoiseSchedule(acp), x, (300, 320), 2, gens(1, 2))
         g = gens(1, 2)
-        first, second = noise_error(unet, acp, x, (300, 320), 1, g), noise_error(unet, acp, x, (300, 320), 1, g)
+        first, second = noise_error(unet, NoiseSchedule(acp), x, (300, 320), 1, g), noise_error(unet, NoiseSchedule(acp), x, (300, 320), 1, g)
     torch.testing.assert_close(both, (first + second) / 2)
     assert not torch.allclose(first, second)

@@ -24,7 +24,8 @@ from diffad.presets import (UNET_PRESETS, count_parameters, make_scheduler, make
 from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch, checkpoint_step,
                                    commit_directory, incomplete_path, latest_checkpoint, list_checkpoints,
                                    remove_incomplete, rotate_checkpoints, run_with_clear_errors, seeded_generator)
-from diffad.training.train_ddpm import PROG, estimate_x0, parse_args, resolve_resume, self_conditioned_eps
+from diffad.pipelines.self_aware_inpaint import NoiseSchedule
+from diffad.training.train_ddpm import PROG, parse_args, resolve_resume, self_conditioned_eps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training" / "train_ddpm.py"
@@ -125,7 +126,7 @@ def test_estimate_x0_inverts_add_noise():
     eps = torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 50, 350, 999])
     x_t = sched.add_noise(x0, eps, t)
-    torch.testing.assert_close(estimate_x0(x_t, eps, t, sched.alphas_cumprod), x0, atol=2e-3, rtol=0)
+    torch.testing.assert_close(NoiseSchedule(sched.alphas_cumprod).estimate_x0(x_t, eps, t), x0, atol=2e-3, rtol=0)
 
 
 def test_self_conditioning_feeds_the_no_grad_estimate_back():
@@ -146,7 +147,7 @@ def test_self_conditioning_feeds_the_no_grad_estimate_back():
     assert [grad for _, grad in seen] == [False, True]
     with torch.no_grad():
         first = unet(torch.cat([x_t, torch.zeros_like(x_t)], 1), t).sample
-    torch.testing.assert_close(seen[1][0], estimate_x0(x_t, first, t, sched.alphas_cumprod))
+    torch.testing.assert_close(seen[1][0], NoiseSchedule(sched.alphas_cumprod).estimate_x0(x_t, first, t))
     assert seen[1][0].abs().max() <= 1.0 and seen[1][0].abs().sum() > 0
     eps.pow(2).mean().backward()
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)

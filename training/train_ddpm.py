@@ -50,7 +50,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from diffad.pipelines.self_aware_inpaint.pipeline import SelfAwareInpaintPipeline, estimate_x0, predict_noise
+from diffad.pipelines.self_aware_inpaint.pipeline import NoiseSchedule, SelfAwareInpaintPipeline, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
 from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pipeline: shared with train_segmenter.py
     BEST_WEIGHTS,
@@ -258,7 +258,8 @@ def self_conditioned_eps(unet: torch.nn.Module, x_t: torch.Tensor, timesteps: to
     x0_prev = None
     if self_condition:
         with torch.no_grad():
-            x0_prev = estimate_x0(x_t, predict_noise(unet, x_t, timesteps), timesteps, alphas_cumprod).to(x_t.dtype)
+            eps = predict_noise(unet, x_t, timesteps)
+            x0_prev = NoiseSchedule(alphas_cumprod).estimate_x0(x_t, eps, timesteps).to(x_t.dtype)
     return predict_noise(unet, x_t, timesteps, x0_prev)
 
 
@@ -324,7 +325,7 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
         x_t = (acp[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - acp[t]).sqrt().view(-1, 1, 1, 1) * eps)
         with accelerator.autocast():
             plain = predict_noise(unet, x_t, t)
-            x0_hat = estimate_x0(x_t, plain, t, acp).to(x_t.dtype)
+            x0_hat = NoiseSchedule(acp).estimate_x0(x_t, plain, t).to(x_t.dtype)
             cond = predict_noise(unet, x_t, t, x0_hat)
         sums[0] += F.mse_loss(cond.float(), eps, reduction="none").mean(dim=(1, 2, 3)).sum()
         sums[1] += F.mse_loss(plain.float(), eps, reduction="none").mean(dim=(1, 2, 3)).sum()

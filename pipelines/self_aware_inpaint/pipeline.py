@@ -89,51 +89,57 @@ def predict_noise(unet: UNet2DModel, x_t: torch.Tensor, t: Union[int, torch.Tens
     return unet(torch.cat([x_t, x0_prev.to(x_t.dtype)], dim=1), t).sample.float()
 
 
-def estimate_x0(x_t: torch.Tensor, eps: torch.Tensor, t: Union[int, torch.Tensor],
-                alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al., eq. 15), clipped to [-1, 1].
+class NoiseSchedule:
+    """The diffusion arithmetic over a ``DDPMScheduler``'s ``alphas_cumprod`` (``abar``), in float32: what
+    diffusers' ``RePaintScheduler`` holds as ``add_noise``/``step``/``undo_step``, with the clean-image estimate as
+    the posterior's input so that inpainting can paste the known pixels into it first."""
 
-    ``t``: one integer timestep or ``(B,)`` timesteps. Shared with the training script's self-conditioning pass.
-    """
-    if isinstance(t, torch.Tensor):
-        abar = alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
-    else:
-        abar = alphas_cumprod[int(t)].float().to(x_t.device)
-    return ((x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()).clamp(-1.0, 1.0)
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod
+
+    def _abar(self, t: int, device: torch.device) -> torch.Tensor:
+        return self.alphas_cumprod[int(t)].float().to(device)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (the forward process, as ``DDPMScheduler.add_noise``)."""
+        abar = self._abar(t, x0.device)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+    def estimate_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: Union[int, torch.Tensor]) -> torch.Tensor:
+        """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al., eq. 15), clipped to [-1, 1];
+        ``t``: one timestep or ``(B,)`` of them (the training script's self-conditioning pass)."""
+        if isinstance(t, torch.Tensor):
+            abar = self.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+        else:
+            abar = self._abar(t, x_t.device)
+        return ((x_t.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()).clamp(-1.0, 1.0)
+
+    def step(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int,
+             noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """Sample the posterior ``q(x_{t_prev} | x_t, x0)`` (Ho et al., eq. 6-7), strided as ``DDPMScheduler.step``
+        with fixed_small variance: with ``beta = 1 - abar_t / abar_prev``, mean ``sqrt(abar_prev) beta / (1 - abar_t)
+        x0 + sqrt(1 - beta) (1 - abar_prev) / (1 - abar_t) x_t``, variance ``(1 - abar_prev) / (1 - abar_t) beta``.
+        ``t_prev = -1`` is the clean image (``abar = 1``, no noise)."""
+        abar_t = self._abar(t, x_t.device)
+        abar_prev = self._abar(t_prev, x_t.device) if t_prev >= 0 else torch.ones_like(abar_t)
+        beta = 1 - abar_t / abar_prev
+        mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
+        if t_prev < 0:
+            return mean
+        variance = ((1 - abar_prev) / (1 - abar_t) * beta).clamp(min=1e-20)
+        return mean + variance.sqrt() * noise
+
+    @staticmethod
+    def timesteps(start: int, num_steps: int) -> List[Tuple[int, int]]:
+        """``(t, t_prev)`` pairs of ``num_steps`` timesteps from ``start - 1`` down to 0, evenly spaced (all of them
+        when equal; one step noises to ``T`` and jumps to the clean image, ``t_prev = -1``)."""
+        if not 1 <= num_steps <= start:
+            raise ValueError(f"num_steps must be in [1, {start}] for a start of {start}; got {num_steps}")
+        ts = [int(t) for t in np.linspace(start - 1, 0, num_steps).round().astype(int)]
+        return list(zip(ts, ts[1:] + [-1]))
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (the forward process, as ``DDPMScheduler.add_noise``)."""
-    abar = alphas_cumprod[int(t)].float().to(x0.device)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-
-
-def posterior_step(x_t: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int, alphas_cumprod: torch.Tensor,
-                   noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """Sample ``q(x_{t_prev} | x_t, x0)`` (Ho et al., eq. 6-7), strided as ``DDPMScheduler.step`` with fixed_small
-    variance: with ``beta = 1 - abar_t / abar_prev``, mean ``sqrt(abar_prev) beta / (1 - abar_t) x0 +
-    sqrt(1 - beta) (1 - abar_prev) / (1 - abar_t) x_t`` and variance ``(1 - abar_prev) / (1 - abar_t) beta``.
-    ``t_prev = -1`` is the clean image (``abar = 1``, no noise). Taking ``x0`` (not eps) lets inpainting paste the
-    known pixels into it first."""
-    abar_t = alphas_cumprod[int(t)].float().to(x_t.device)
-    abar_prev = alphas_cumprod[int(t_prev)].float().to(x_t.device) if t_prev >= 0 else torch.ones_like(abar_t)
-    beta = 1 - abar_t / abar_prev
-    mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
-    if t_prev < 0:
-        return mean
-    variance = ((1 - abar_prev) / (1 - abar_t) * beta).clamp(min=1e-20)
-    return mean + variance.sqrt() * noise
-
-
-def strided_timesteps(start: int, num_steps: int) -> List[int]:
-    """``num_steps`` timesteps from ``start - 1`` down to 0, evenly spaced (all of them when equal); always starts at
-    ``start - 1``, so one step noises to ``T`` and jumps to the clean image."""
-    if not 1 <= num_steps <= start:
-        raise ValueError(f"num_steps must be in [1, {start}] for a start of {start}; got {num_steps}")
-    return [int(t) for t in np.linspace(start - 1, 0, num_steps).round().astype(int)]
-
-
-def noise_error(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, timesteps: Sequence[int],
+def noise_error(unet: UNet2DModel, schedule: NoiseSchedule, x: torch.Tensor, timesteps: Sequence[int],
                 noise_draws: int, generators: Generators) -> torch.Tensor:
     """Thesis Algorithm 2: the noise-prediction error ``Q(x)``, ``(B, R, R)`` >= 0.
 
@@ -146,12 +152,12 @@ def noise_error(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor
     for _ in range(noise_draws):
         eps = randn_tensor(x.shape, generator=generators, device=x.device, dtype=torch.float32)
         for t in timesteps:
-            x_t = add_noise(x, eps, t, alphas_cumprod)
+            x_t = schedule.add_noise(x, eps, t)
             q += (predict_noise(unet, x_t, t) - eps).abs().mean(dim=1)
     return q / (noise_draws * len(timesteps))
 
 
-def inpaint(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, anomaly_mask: torch.Tensor, *,
+def inpaint(unet: UNet2DModel, schedule: NoiseSchedule, x: torch.Tensor, anomaly_mask: torch.Tensor, *,
             start: int, num_steps: int, resample_steps: int, renoise: str, generators: Generators) -> torch.Tensor:
     """Thesis Algorithm 1: resampled inpainting of ``anomaly_mask`` (``(B, 1, R, R)`` in {0, 1}).
 
@@ -162,39 +168,38 @@ def inpaint(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, an
     ``num_steps * resample_steps`` UNet passes. Returns ``(B, 3, R, R)``, equal to ``x`` where the mask is 0.
     """
     known = 1.0 - anomaly_mask
-    timesteps = strided_timesteps(start, num_steps)
+    steps = schedule.timesteps(start, num_steps)
     eps = randn_tensor(x.shape, generator=generators, device=x.device, dtype=torch.float32)
-    x_t = add_noise(known * x, eps, timesteps[0], alphas_cumprod)
+    x_t = schedule.add_noise(known * x, eps, steps[0][0])
     x0_hat: Optional[torch.Tensor] = None
-    for i, t in enumerate(timesteps):
+    for t, t_prev in steps:
         for r in range(resample_steps):
             # 1. predict the clean image and paste the known pixels into it
-            x0_hat = known * x + anomaly_mask * estimate_x0(x_t, predict_noise(unet, x_t, t, x0_hat), t,
-                                                            alphas_cumprod)
+            x0_hat = known * x + anomaly_mask * schedule.estimate_x0(x_t, predict_noise(unet, x_t, t, x0_hat), t)
             if r < resample_steps - 1:
                 # 2. resample: re-noise the harmonised estimate back to t
                 noise = eps if renoise == "fixed" else randn_tensor(x.shape, generator=generators, device=x.device)
-                x_t = add_noise(x0_hat, noise, t, alphas_cumprod)
+                x_t = schedule.add_noise(x0_hat, noise, t)
         # 3. step to the next noise level with the DDPM posterior
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         noise = randn_tensor(x.shape, generator=generators, device=x.device) if t_prev >= 0 else None
-        x_t = posterior_step(x_t, x0_hat, t, t_prev, alphas_cumprod, noise)
+        x_t = schedule.step(x_t, x0_hat, t, t_prev, noise)
     return known * x + anomaly_mask * x_t.clamp(-1.0, 1.0)
 
 
-def denoise(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, *, start: int, num_steps: int,
+def denoise(unet: UNet2DModel, schedule: NoiseSchedule, x: torch.Tensor, *, start: int, num_steps: int,
             generators: Generators) -> torch.Tensor:
     """The thesis's basic baseline: noise ``x`` to ``T = start`` and run the DDPM reverse process over
     ``num_steps`` strided timesteps, no mask, self-conditioned (``num_steps`` UNet passes). ``(B, 3, R, R)``."""
-    timesteps = strided_timesteps(start, num_steps)
-    x_t = add_noise(x, randn_tensor(x.shape, generator=generators, device=x.device, dtype=torch.float32),
-                    timesteps[0], alphas_cumprod)
+    steps = schedule.timesteps(start, num_steps)
+    eps = randn_tensor(x.shape, generator=generators, device=x.device, dtype=torch.float32)
+    x_t = schedule.add_noise(x, eps, steps[0][0])
     x0_hat: Optional[torch.Tensor] = None
-    for i, t in enumerate(timesteps):
-        x0_hat = estimate_x0(x_t, predict_noise(unet, x_t, t, x0_hat), t, alphas_cumprod)
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in steps:
+        # 1. predict the clean image (self-conditioned on the last estimate)
+        x0_hat = schedule.estimate_x0(x_t, predict_noise(unet, x_t, t, x0_hat), t)
+        # 2. step x_t -> x_t_prev with the DDPM posterior
         noise = randn_tensor(x.shape, generator=generators, device=x.device) if t_prev >= 0 else None
-        x_t = posterior_step(x_t, x0_hat, t, t_prev, alphas_cumprod, noise)
+        x_t = schedule.step(x_t, x0_hat, t, t_prev, noise)
     return x_t.clamp(-1.0, 1.0)
 
 
@@ -469,8 +474,10 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SamplingConfig":
-        """A config from :meth:`to_dict`'s fields; a dict stored before ``reconstruction`` existed inpainted."""
-        return cls(**{"reconstruction": "inpaint", **dict(values)})
+        """A config from :meth:`to_dict`'s fields (one stored before ``reconstruction`` existed: recalibrate)."""
+        if "reconstruction" not in values:
+            raise ValueError("the calibration's sampling config predates `reconstruction`: recalibrate")
+        return cls(**values)
 
 
 # =============================================================================== the calibration
@@ -488,8 +495,7 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
 
     Args:
         resolution: the working resolution ``S`` the pipeline inspects at (:attr:`SelfAwareInpaintPipeline.resolution`).
-        tile_size: the side of the tiles the networks ran on (the UNet's ``sample_size``); None in calibrations made
-            before tiling existed, which ran one tile of ``resolution``.
+        tile_size: the side of the tiles the networks ran on (the UNet's ``sample_size``); None: one tile.
         sampling_config: :meth:`SamplingConfig.to_dict` of the sampler every later call runs; None only in folders
             calibrated by diffad 0.1, which must be recalibrated.
         threshold_names: ``"<method>/<map>"`` names of the image thresholds.
@@ -683,6 +689,11 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
+    def schedule(self) -> NoiseSchedule:
+        """The diffusion arithmetic over the scheduler's noise levels."""
+        return NoiseSchedule(self.scheduler.alphas_cumprod)
+
+    @property
     def num_tiles(self) -> int:
         """Tiles per image (:func:`tile_origins` in each direction)."""
         return len(tile_origins(self.resolution, self.tile_size)) ** 2
@@ -754,13 +765,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 raise ValueError("this pipeline is not calibrated: call pipe.calibrate(normal_images) first (or use "
                                  "method='denoise', which needs no calibration for maps and scores)")
             return self._check_fits(wanted or SamplingConfig.fast())
-        cal = self.calibration
+        cal, fitted = self.calibration, self.calibration.sampling
         fitted_layout = (int(cal.config.resolution), int(cal.config.get("tile_size") or cal.config.resolution))
         if fitted_layout != (self.resolution, self.tile_size):
             raise ValueError(f"the calibration was made at {fitted_layout[0]} px in {fitted_layout[1]} px tiles but the "
                              f"model inspects at {self.resolution} px in {self.tile_size} px tiles: recalibrate with "
                              "pipe.calibrate(normal_images)")
-        fitted = cal.sampling
         if wanted is not None and not fitted.matches(config):
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
                              f"to run {wanted.preset_name or wanted}, recalibrate: "
@@ -804,11 +814,11 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         size = total if num_tiles == 1 else TILE_BATCH
         return [list(range(i, min(i + size, total))) for i in range(0, total, size)]
 
-    def _mask_stage(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
+    def _noise_error(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
         """``Q`` (:func:`noise_error`) of ``(B, 3, S, S)`` images over their tiles, stitched: ``(B, S, S)``."""
         tiles = split_tiles(x, self.tile_size)
         gens = tile_generators(generators, tiles.shape[0] // x.shape[0])
-        q = torch.cat([noise_error(self.unet, self.scheduler.alphas_cumprod, tiles[idx], config.mask_timesteps,
+        q = torch.cat([noise_error(self.unet, self.schedule, tiles[idx], config.mask_timesteps,
                                    config.mask_noise_draws, [gens[i] for i in idx])
                        for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
         return merge_tiles(q.unsqueeze(1), self.resolution)[:, 0]
@@ -817,14 +827,14 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                         generators: Generators) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each tile denoised (:func:`denoise`) or its masked pixels inpainted (:func:`inpaint`), stitched:
         ``(B, 3, S, S)`` reconstructions and the ``(B,)`` UNet passes they took."""
-        acp, b = self.scheduler.alphas_cumprod, x.shape[0]
+        b, schedule, start = x.shape[0], self.schedule, config.inpaint_start
         tiles, tile_masks = split_tiles(x, self.tile_size), split_tiles(masks, self.tile_size)
         n = tiles.shape[0] // b
         gens = tile_generators(generators, n)
         passes = torch.zeros(b * n, dtype=torch.long)
         if method == "denoise" or config.reconstruction == "denoise":
             steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
-            recs = torch.cat([denoise(self.unet, acp, tiles[idx], start=config.inpaint_start, num_steps=steps,
+            recs = torch.cat([denoise(self.unet, schedule, tiles[idx], start=start, num_steps=steps,
                                       generators=[gens[i] for i in idx]) for idx in self._tile_batches(b, n)])
             passes += steps
         else:
@@ -832,7 +842,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             todo = torch.nonzero(tile_masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
             size = max(len(todo), 1) if n == 1 else TILE_BATCH
             for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
-                recs[batch] = inpaint(self.unet, acp, tiles[batch], tile_masks[batch], start=config.inpaint_start,
+                recs[batch] = inpaint(self.unet, schedule, tiles[batch], tile_masks[batch], start=start,
                                       num_steps=config.inpaint_steps, resample_steps=config.resample_steps,
                                       renoise=config.renoise, generators=[gens[i] for i in batch])
                 passes[batch] += config.inpaint_steps * config.resample_steps
@@ -848,36 +858,32 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                             for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
         return merge_tiles(torch.sigmoid(logits), self.resolution)[:, 0]
 
-    def _reconstruct(self, x: torch.Tensor, q: Optional[torch.Tensor], q_threshold: Optional[torch.Tensor],
-                     method: str, config: SamplingConfig, generators: Generators,
-                     thresholds: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
-        """Reconstruct a batch and compute every map at the working resolution. ``q``/``q_threshold``
-        (``(B, S, S)``) for ``self_aware``; ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the
-        ``combined`` map."""
-        b = x.shape[0]
-        masks = torch.zeros(b, 1, *x.shape[-2:], device=x.device)
-        passes = torch.zeros(b, dtype=torch.long)
+    def _inspect(self, x: torch.Tensor, q: Optional[torch.Tensor], q_p: Optional[torch.Tensor], method: str,
+                 config: SamplingConfig, generators: Generators,
+                 thresholds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        """One batch: the mask ``Q > Q_p`` (``self_aware``; ``(B, S, S)`` each), the reconstruction and every map.
+        ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the ``combined`` map."""
+        masks = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
+        passes = torch.zeros(x.shape[0], dtype=torch.long)
         if method == "self_aware":
-            masks = (q > q_threshold).float().unsqueeze(1)
+            masks = (q > q_p).float().unsqueeze(1)
             passes += config.mask_noise_draws * len(config.mask_timesteps) * self.num_tiles
         recs, rec_passes = self._reconstruction(x, masks, method, config, generators)
-        passes += rec_passes
         size = config.map_filter_size or default_mean_filter_size(self.tile_size)
         maps = {"multiscale": multiscale_anomaly_map(x, recs, mean_filter_size=size)}
         if self.segmenter is not None:
             maps["learned"] = mean_filter(self._learned_map(x, recs), size)
         if method == "self_aware":
-            maps["noise_error"] = mean_filter(q / q_threshold.clamp_min(1e-12), size)
+            maps["noise_error"] = mean_filter(q / q_p.clamp_min(1e-12), size)
             if thresholds is not None:
                 maps["combined"] = combined_map(maps, thresholds)
-        return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes}
-
-    def _combined_thresholds(self) -> Dict[str, float]:
-        return {name: self.calibration.threshold(threshold_key("self_aware", name)) for name in COMBINED_MAPS}
+        return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes + rec_passes}
 
     def _autocast(self, config: SamplingConfig):
         """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+    # ------------------------------------------------------------------ inspection
 
     @torch.no_grad()
     def __call__(
@@ -911,39 +917,42 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         config = self._sampling(config, method)
         x = self.preprocess(images)
         generators = self._generators(generator, x.shape[0])
+        thresholds = q_p = None
+        if method == "self_aware":
+            thresholds = {name: self.calibration.threshold(threshold_key(method, name)) for name in COMBINED_MAPS}
+            q_p = self.calibration.q_threshold.to(x.device)
         parts: List[Dict[str, Any]] = []
         for idx in self.progress_bar(self._chunks(x.shape[0], batch_size)):
             gens = [generators[i] for i in idx]
-            q = q_threshold = None
             with self._autocast(config):
-                if method == "self_aware":
-                    q = self._mask_stage(x[idx], config, gens)
-                    q_threshold = self.calibration.q_threshold.to(q.device).expand_as(q)
-                thresholds = self._combined_thresholds() if method == "self_aware" else None
-                parts.append(self._reconstruct(x[idx], q, q_threshold, method, config, gens, thresholds))
+                # 1. Algorithm 2: the noise error Q(x); the pixels over the calibrated Q_p are suspect
+                q = self._noise_error(x[idx], config, gens) if method == "self_aware" else None
+                # 2. Algorithm 1 (or denoising): reconstruct the image as a normal part; 3. compare: every map
+                parts.append(self._inspect(x[idx], q, None if q is None else q_p.expand_as(q), method, config, gens,
+                                           thresholds))
+        # 4. a score is a map's maximum; a decision compares it with the map's calibrated image threshold
         maps = {name: torch.cat([p["maps"][name] for p in parts]).float() for name in parts[0]["maps"]}
         scores = {name: m.flatten(1).amax(dim=1) for name, m in maps.items()}
         decisions = {name: self._decide(method, name, s) for name, s in scores.items()}
         masks, recs = torch.cat([p["masks"] for p in parts]), torch.cat([p["recs"] for p in parts])
-        passes = torch.cat([p["passes"] for p in parts])
-        if output_type == "pt":
-            out = (maps, scores, decisions, masks, recs, passes)
-        else:
+        out = (maps, scores, decisions, masks, recs, torch.cat([p["passes"] for p in parts]))
+        if output_type != "pt":
             to_np = lambda d: {k: None if v is None else v.cpu().numpy() for k, v in d.items()}  # noqa: E731
             out = (to_np(maps), to_np(scores), to_np(decisions), masks.cpu().numpy(),
-                   self.image_processor.postprocess(recs, output_type=output_type), passes.numpy())
+                   self.image_processor.postprocess(recs, output_type=output_type), out[-1].numpy())
         self.maybe_free_model_hooks()
         return SelfAwareInpaintPipelineOutput(*out) if return_dict else out
 
     def _decide(self, method: str, name: str, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """``score > threshold`` (fail closed: a NaN score is never "ok"), or None with a warning (once per map)."""
         threshold = self.calibration.threshold(threshold_key(method, name)) if self.is_calibrated else None
-        if threshold is None and (method, name) not in _WARNED:
+        if threshold is not None:
+            return ~(scores <= threshold)
+        if (method, name) not in _WARNED:
             _WARNED.add((method, name))
             logger.warning(f"no image threshold calibrated for {threshold_key(method, name)}: is_anomalous[{name!r}] "
                            "is None; pipe.calibrate(normal_images) fits one for every map")
-            return None
-        # fail closed: a NaN score is never "ok" (NaN > threshold would be False)
-        return None if threshold is None else ~(scores <= threshold)
+        return None
 
     # ------------------------------------------------------------------ calibration
 
@@ -964,9 +973,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         every map's score on images its ``Q_p`` never saw. Each image threshold is the ``1 -
         target_false_positive_rate`` quantile of those scores (:func:`per_pixel_quantile`'s unbiased position;
         ``combined`` is built from the same maps once its two maps' thresholds are fitted); the stored ``Q_p`` is
-        fitted on all images (a numpy quantile: any number of images). The calibration also records the false-positive rate of each
-        threshold fitted on one fold and measured on the other, and the share of pixels masked on held-out normal
-        images (about ``1 - mask_percentile``).
+        fitted on all images. The calibration also records the false-positive rate of each threshold fitted on one
+        fold and measured on the other, and the share of pixels masked on held-out normal images (about ``1 - p``).
 
         Args:
             images: at least 4 normal images (see :meth:`preprocess`).
@@ -975,66 +983,63 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             methods: the methods to fit thresholds for.
             generator: a generator or one per image (each method restarts every image's generator from its initial
                 seed, as a call would); batch_size: images per UNet batch.
-
-        Returns:
-            ``self``, calibrated.
         """
-        config = SamplingConfig.from_preset(config)
-        fpr = target_false_positive_rate
+        config, fpr = SamplingConfig.from_preset(config), target_false_positive_rate
         if isinstance(fpr, bool) or not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
             raise ValueError(f"target_false_positive_rate must be in (0, 1); got {fpr!r}")
         if not methods or any(m not in METHODS for m in methods):
             raise ValueError(f"methods must be a non-empty selection of {METHODS}; got {methods!r}")
         x = self.preprocess(images)
-        n = x.shape[0]
-        if n < 4:
-            raise ValueError(f"calibration needs at least 4 normal images (two folds of 2); got {n}")
-        seeds = [g.initial_seed() for g in self._generators(generator, n)]
+        if x.shape[0] < 4:
+            raise ValueError(f"calibration needs at least 4 normal images (two folds of 2); got {x.shape[0]}")
+        seeds = [g.initial_seed() for g in self._generators(generator, x.shape[0])]
         self._check_fits(config)
-        fold = np.arange(n) % 2
-        chunks = self._chunks(n, batch_size)
-
-        def quantile(values: np.ndarray) -> float:
-            return float(per_pixel_quantile(torch.from_numpy(values)[:, None, None], 1.0 - fpr))
-
-        names: List[str] = []
+        fold, chunks = np.arange(x.shape[0]) % 2, self._chunks(x.shape[0], batch_size)
+        quantile = lambda s: float(per_pixel_quantile(torch.from_numpy(s)[:, None, None], 1.0 - fpr))  # noqa: E731
         scores: Dict[str, np.ndarray] = {}
-        q_all, mask_share, q_p = None, float("nan"), torch.zeros(self.resolution, self.resolution)
+        q_p, mask_share = torch.zeros(self.resolution, self.resolution), None
         for method in methods:
             gens = [torch.Generator().manual_seed(s) for s in seeds]  # each method as a call with these seeds
+            q = heldout_q_p = None
             if method == "self_aware":
+                # Algorithm 2 on every image: Q_p over all of them, and each image against the other fold's Q_p
                 with self._autocast(config):
-                    q_all = torch.cat([self._mask_stage(x[idx], config, [gens[i] for i in idx]).cpu()
-                                       for idx in chunks])
-                q_p = per_pixel_quantile(q_all, config.mask_percentile)
-                fold_q_p = torch.stack([per_pixel_quantile(q_all[fold == k], config.mask_percentile) for k in (0, 1)])
-                heldout_q_p = fold_q_p[1 - fold]  # each image against the other fold's Q_p
-            shares, per_map = [], {}
-            for idx in chunks:
-                q = q_all[idx].to(x.device) if method == "self_aware" else None
-                qt = heldout_q_p[idx].to(x.device) if method == "self_aware" else None
-                with self._autocast(config):
-                    part = self._reconstruct(x[idx], q, qt, method, config, [gens[i] for i in idx])
-                shares.append(part["masks"].flatten(1).float().mean(dim=1).cpu())
-                for name, m in part["maps"].items():
-                    per_map.setdefault(name, []).append(m.cpu())
-            per_map = {name: torch.cat(values) for name, values in per_map.items()}
+                    q = torch.cat([self._noise_error(x[idx], config, [gens[i] for i in idx]).cpu() for idx in chunks])
+                q_p = per_pixel_quantile(q, config.mask_percentile)
+                heldout_q_p = torch.stack([per_pixel_quantile(q[fold == k], config.mask_percentile)
+                                           for k in (0, 1)])[1 - fold]
+            maps, shares = self._heldout_maps(x, q, heldout_q_p, method, config, gens, chunks)
             if method == "self_aware":
-                mask_share = float(torch.cat(shares).mean())
+                mask_share = float(shares.mean())
                 # ``combined`` divides its maps by their thresholds: fitted first, on these same held-out maps
-                per_map["combined"] = combined_map(per_map, {
-                    name: quantile(per_map[name].flatten(1).amax(dim=1).double().numpy()) for name in COMBINED_MAPS})
-            for name, values in per_map.items():
-                names.append(threshold_key(method, name))
-                scores[names[-1]] = values.flatten(1).amax(dim=1).double().numpy()
-
-        heldout = [float(np.mean([np.mean(scores[name][fold == 1 - k] > quantile(scores[name][fold == k]))
-                                  for k in (0, 1)])) for name in names]
+                maps["combined"] = combined_map(maps, {name: quantile(maps[name].flatten(1).amax(dim=1).double()
+                                                                      .numpy()) for name in COMBINED_MAPS})
+            scores.update({threshold_key(method, name): m.flatten(1).amax(dim=1).double().numpy()
+                           for name, m in maps.items()})
+        heldout = [float(np.mean([np.mean(s[fold == 1 - k] > quantile(s[fold == k])) for k in (0, 1)]))
+                   for s in scores.values()]
         cal = AnomalyCalibration(resolution=self.resolution, tile_size=self.tile_size,
-                                 sampling_config=config.to_dict(), threshold_names=names,
+                                 sampling_config=config.to_dict(), threshold_names=list(scores),
                                  target_false_positive_rate=float(fpr), heldout_false_positive_rates=heldout,
-                                 heldout_mask_share=mask_share if "self_aware" in methods else None, num_images=n)
+                                 heldout_mask_share=mask_share, num_images=x.shape[0])
         cal.q_threshold.copy_(q_p)
-        cal.thresholds.copy_(torch.tensor([quantile(scores[name]) for name in names], dtype=torch.float32))
+        cal.thresholds.copy_(torch.tensor([quantile(s) for s in scores.values()], dtype=torch.float32))
         self.register_modules(calibration=cal.to(self.device))
         return self
+
+    def _heldout_maps(self, x: torch.Tensor, q: Optional[torch.Tensor], q_p: Optional[torch.Tensor], method: str,
+                      config: SamplingConfig, generators: Generators,
+                      chunks: List[np.ndarray]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Every map of every image (masked with its held-out ``q_p`` for ``self_aware``), on the CPU, and the
+        share of each image's pixels masked."""
+        maps: Dict[str, List[torch.Tensor]] = {}
+        shares = []
+        for idx in chunks:
+            with self._autocast(config):
+                part = self._inspect(x[idx], None if q is None else q[idx].to(x.device),
+                                     None if q_p is None else q_p[idx].to(x.device), method, config,
+                                     [generators[i] for i in idx])
+            shares.append(part["masks"].flatten(1).float().mean(dim=1).cpu())
+            for name, m in part["maps"].items():
+                maps.setdefault(name, []).append(m.cpu())
+        return {name: torch.cat(values) for name, values in maps.items()}, torch.cat(shares)
