@@ -2,27 +2,23 @@
 # This file ships inside every Hub repo: it imports only torch, diffusers and numpy.
 """SelfAwareInpaintPipeline: DDPM reconstruction by self-aware inpainting for anomaly detection.
 
-References:
-    - Semchyshyn, "Automated visual inspection in the industrial setup via deep learning" (2023): Algorithm 2 (the
-      inpainting mask from the noise-prediction error), Algorithm 1 (resampled inpainting), the multi-scale map.
-    - Ho et al., "Denoising Diffusion Probabilistic Models" (2020): the posterior q(x_{t-1} | x_t, x_0), eq. 6-7.
-    - Lugmayr et al., "RePaint" (2022): resampling with fresh noise.
-    - Chen et al., "Analog Bits" (2022): self-conditioning on the previous estimate of x_0.
-    - Zavrtanik et al., "DRAEM" (2021): the learned (segmenter) anomaly map.
+References: Semchyshyn, "Automated visual inspection in the industrial setup via deep learning" (2023):
+Algorithm 2 (the mask from the noise-prediction error), Algorithm 1 (resampled inpainting), the multi-scale map;
+Ho et al., DDPM (2020): the posterior, eq. 6-7; Lugmayr et al., RePaint (2022): resampling with fresh noise;
+Chen et al., Analog Bits (2022): self-conditioning; Zavrtanik et al., DRAEM (2021): the learned map.
 
-The file reads top to bottom as: the stages (module-level functions, one per algorithm), the sampler's
+Top to bottom: the stages (:class:`NoiseSchedule`, one function per algorithm, tiles, maps), the sampler's
 :class:`SamplingConfig`, the :class:`AnomalyCalibration` component, and the pipeline that wires them.
 
-Conventions: images are ``(B, 3, S, S)`` tensors in [-1, 1] at the working resolution ``S``; the networks run on
-``(3, R, R)`` tiles of them (``R``: the UNet's ``sample_size``, the crops it was trained on) stitched back
-(:func:`split_tiles`, :func:`merge_tiles`); ``anomaly_mask`` is 1 where pixels are redrawn and
-``known_mask = 1 - anomaly_mask`` is 1 where they are kept. Timesteps are diffusers' 0-based indices into
-``scheduler.alphas_cumprod``: a start of ``T = 50`` noises to index 49 (the thesis's "t = 50").
+Conventions: images are ``(B, 3, S, S)`` in [-1, 1] at the working resolution ``S``; the networks run on
+``(3, R, R)`` tiles (``R``: the UNet's ``sample_size``) stitched back. ``anomaly_mask`` is 1 where pixels are
+redrawn, ``known = 1 - anomaly_mask`` where they are kept. Timesteps are diffusers' 0-based indices into
+``alphas_cumprod``: a start of ``T = 50`` noises to index 49 (the thesis's "t = 50").
 
-Loading: a folder written by :meth:`SelfAwareInpaintPipeline.save_pretrained` carries this file twice
-(``pipeline.py``, ``calibration/pipeline.py``) and a ``model_index.json`` naming ``["pipeline", ...]``, so
-``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` needs only diffusers, while
-``SelfAwareInpaintPipeline.from_pretrained(folder)`` needs no remote code.
+A folder written by :meth:`SelfAwareInpaintPipeline.save_pretrained` carries this file (``pipeline.py``,
+``calibration/pipeline.py``) and a ``model_index.json`` naming it, so ``DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`` needs only diffusers; ``SelfAwareInpaintPipeline.from_pretrained(folder)`` needs no
+remote code.
 """
 
 from __future__ import annotations
@@ -46,30 +42,22 @@ from diffusers.utils.torch_utils import randn_tensor
 
 logger = logging.get_logger(__name__)
 
-#: The name this file has inside every saved folder (``model_index.json`` refers to it).
-PIPELINE_FILE = "pipeline.py"
+PIPELINE_FILE = "pipeline.py"  # this file's name inside every saved folder (model_index.json names it)
 CALIBRATION_COMPONENT = "calibration"
-#: ``"self_aware"``: the noise error, then a reconstruction (the thesis); ``"denoise"``: the basic baseline (noise,
-#: denoise, no noise error).
+#: ``"self_aware"``: the noise error, then a reconstruction (the thesis); ``"denoise"``: the basic baseline.
 METHODS = ("self_aware", "denoise")
-#: Every anomaly map a call can return: the multi-scale reconstruction error, the learned (segmenter) map, the
-#: mask stage's own normalised noise error ``Q / Q_p`` and ``combined`` (self_aware only): the mean of the
-#: noise-error and multi-scale maps, each divided by its calibrated image threshold.
+#: The multi-scale error, the learned (segmenter) map, the noise error ``Q / Q_p`` and ``combined`` (self_aware
+#: only): the mean of the :data:`COMBINED_MAPS`, each over its calibrated image threshold.
 MAP_NAMES = ("multiscale", "learned", "noise_error", "combined")
-#: The maps ``combined`` averages.
 COMBINED_MAPS = ("noise_error", "multiscale")
 RENOISE_KINDS = ("fixed", "fresh")
-#: How ``self_aware`` reconstructs: ``"denoise"`` (every pixel, like the baseline) or ``"inpaint"`` (the thesis:
-#: redraw only the masked pixels).
 RECONSTRUCTIONS = ("denoise", "inpaint")
-#: The networks' arithmetic (:attr:`SamplingConfig.precision`).
 PRECISIONS = ("fp32", "bf16")
 SAMPLING_PRESETS = ("fast", "thesis")
 ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
 Generators = List[torch.Generator]
-_WARNED: set = set()
-#: At most this many tiles go through a network at once (memory stays bounded whatever the working resolution).
-TILE_BATCH = 32  # (method, map) pairs already warned about having no threshold: once per process
+_WARNED: set = set()  # (method, map) pairs already warned about having no threshold: once per process
+TILE_BATCH = 32  # at most this many tiles go through a network at once (bounded memory at any resolution)
 
 
 # =============================================================================== the stages
@@ -123,7 +111,8 @@ class NoiseSchedule:
         abar_t = self._abar(t, x_t.device)
         abar_prev = self._abar(t_prev, x_t.device) if t_prev >= 0 else torch.ones_like(abar_t)
         beta = 1 - abar_t / abar_prev
-        mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
+        mean = ((abar_prev.sqrt() * beta / (1 - abar_t)) * x0
+                + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t)
         if t_prev < 0:
             return mean
         variance = ((1 - abar_prev) / (1 - abar_t) * beta).clamp(min=1e-20)
@@ -298,16 +287,13 @@ def combined_map(maps: Dict[str, torch.Tensor], thresholds: Dict[str, float]) ->
     return sum(maps[name] / max(thresholds[name], 1e-12) for name in COMBINED_MAPS) / len(COMBINED_MAPS)
 
 
-#: The smallest image side diffad accepts: smaller images carry no detail to judge (a 1 x 1 image upscales to grey).
-MIN_IMAGE_SIDE = 8
-#: EXIF orientation -> PIL ``Image.transpose`` method (FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2,
-#: ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6), as ``PIL.ImageOps.exif_transpose`` applies them.
+MIN_IMAGE_SIDE = 8  # smaller images carry no detail to judge (a 1 x 1 image upscales to grey)
+#: EXIF orientation -> PIL ``Image.transpose`` method, as ``PIL.ImageOps.exif_transpose`` applies them.
 _EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
 
 def exif_orientation(image: Any) -> Optional[int]:
-    """The EXIF orientation tag of a PIL image (None when absent or when the EXIF block is malformed, which PIL's
-    ``exif_transpose`` ignores too)."""
+    """The EXIF orientation tag of a PIL image (None when absent or malformed, as PIL's ``exif_transpose``)."""
     try:
         return image.getexif().get(0x0112)
     except Exception:  # noqa: BLE001
@@ -315,14 +301,10 @@ def exif_orientation(image: Any) -> Optional[int]:
 
 
 def rgb_array(image: Any) -> np.ndarray:
-    """diffad's one image reader: a PIL image of any mode as an ``(H, W, 3)`` float32 array in [0, 1].
-
-    EXIF orientation is applied; grayscale (``1``, ``L``, ``LA``) is repeated; palette, CMYK, YCbCr, LAB and HSV
-    are converted; alpha is dropped; 16-bit and 32-bit integer (``I;16*``, ``I``) and float (``F``) images are
-    scaled by their type's range (``I;16``: 65535; ``I``/``F``: 65535 when a value exceeds 255, else 255; ``F``
-    in [0, 1] when no value exceeds 1), never clipped to white by an 8-bit conversion. ``ValueError`` when a side
-    is below :data:`MIN_IMAGE_SIDE` or the pixels are not finite.
-    """
+    """diffad's one image reader: a PIL image of any mode as an ``(H, W, 3)`` float32 array in [0, 1], EXIF
+    orientation applied, gray repeated, alpha dropped; 16/32-bit integer and float modes scaled by their range
+    (``I;16``: 65535; ``I``/``F``: 65535 above 255, else 255; ``F`` in [0, 1] stays), never clipped to white.
+    ``ValueError`` for a side below :data:`MIN_IMAGE_SIDE` or non-finite pixels."""
     if min(image.size) < MIN_IMAGE_SIDE:
         raise ValueError(f"the image is {image.size[0]}x{image.size[1]} px; diffad needs at least {MIN_IMAGE_SIDE} "
                          "px per side")
@@ -336,10 +318,9 @@ def rgb_array(image: Any) -> np.ndarray:
             arr = arr[..., 0]
         if not np.isfinite(arr).all():
             raise ValueError(f"the image (mode {mode}) has NaN or infinite pixels")
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else (1.0 if arr.max() <= 1 and mode == "F"
-                                                                           else 255.0)
-        arr = np.clip(arr / top, 0.0, 1.0)
-        return np.repeat(arr[..., None], 3, axis=-1).astype(np.float32)
+        top = 1.0 if arr.max() <= 1 and mode == "F" else 255.0
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else top
+        return np.repeat(np.clip(arr / top, 0.0, 1.0)[..., None], 3, axis=-1).astype(np.float32)
     if mode in ("P", "PA"):
         image = image.convert("RGBA")  # palette transparency without PIL's warning
     if image.mode != "RGB":
@@ -362,27 +343,24 @@ def _is_int(value: Any, low: int = 1) -> bool:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Every lever of the sampler, validated once. :meth:`SelfAwareInpaintPipeline.calibrate` stores it in the
-    calibration, and every later call runs exactly it: what was fitted is what runs.
+    """Every lever of the sampler, validated once; the calibration stores it and every later call runs exactly it.
 
     Args:
         mask_timesteps: the ``t`` the noise error ``Q`` is averaged over (thesis: 300..350).
-        mask_noise_draws: independent ``eps`` draws ``Q`` is averaged over (thesis: 1). Mask cost:
-            ``mask_noise_draws * len(mask_timesteps)`` UNet passes.
-        mask_percentile: ``p``: ``Q_p`` is the per-pixel ``p``-quantile of ``Q`` over normal images, and the mask is
-            ``Q > Q_p``, so about ``1 - p`` of a normal image's pixels are redrawn (thesis: 0.8).
-        inpaint_start: ``T``, the noise level the reconstruction (and ``method="denoise"``) starts from (thesis: 50).
-        inpaint_steps: strided steps of ``self_aware``'s reconstruction from ``T - 1`` to 0 (thesis: ``T``).
+        mask_noise_draws: ``eps`` draws ``Q`` is averaged over (thesis: 1); the mask costs ``draws * len(t)`` passes.
+        mask_percentile: ``p``: the mask is ``Q > Q_p``, ``Q_p`` the per-pixel ``p``-quantile of ``Q`` over normal
+            images, so about ``1 - p`` of a normal image's pixels are redrawn (thesis: 0.8).
+        inpaint_start: ``T``, the noise level every reconstruction starts from (thesis: 50).
+        inpaint_steps: strided steps of ``self_aware``'s reconstruction (inpainting or denoising) from ``T - 1``.
         resample_steps: UNet passes per inpainting step (thesis: 5; 1 for ``reconstruction="denoise"``).
         renoise: ``"fixed"`` (the thesis: the start's eps) or ``"fresh"`` (RePaint) noise when resampling.
         denoise_steps: strided steps of ``method="denoise"`` from the same ``T`` (thesis: ``T``).
-        map_filter_size: odd mean-filter size of every anomaly map; None = :func:`default_mean_filter_size`.
-        reconstruction: how ``self_aware`` reconstructs the image its maps compare with: ``"inpaint"`` (the thesis:
-            redraw the masked pixels, keep the rest) or ``"denoise"`` (every pixel, as ``method="denoise"``; the
-            mask is still returned). Measured at 10 UNet passes on validation with synthetic defects, on three
-            real categories: denoising plus ``Q / Q_p`` (the ``combined`` map) beats inpainting.
-        precision: the networks' arithmetic: ``"fp32"`` or ``"bf16"`` (autocast; fast on CPUs with AMX or
-            AVX512-BF16). The diffusion arithmetic (noising, posterior steps, maps) stays float32.
+        map_filter_size: odd mean-filter size of every map; None = :func:`default_mean_filter_size`.
+        reconstruction: ``"inpaint"`` (the thesis: redraw the masked pixels) or ``"denoise"`` (every pixel; the
+            mask is still returned): at 10 UNet passes on three real categories, denoising plus the ``combined``
+            map beat inpainting.
+        precision: the networks' arithmetic, ``"fp32"`` or ``"bf16"`` (autocast); the diffusion arithmetic and
+            the maps stay float32.
     """
 
     mask_timesteps: Tuple[int, ...] = (150,)
@@ -412,12 +390,10 @@ class SamplingConfig:
         if isinstance(self.mask_percentile, bool) or not (isinstance(self.mask_percentile, (int, float))
                                                           and 0.0 < self.mask_percentile < 1.0):
             raise ValueError(f"mask_percentile must be in (0, 1) (e.g. 0.8); got {self.mask_percentile!r}")
-        if self.renoise not in RENOISE_KINDS:
-            raise ValueError(f"renoise must be one of {RENOISE_KINDS}; got {self.renoise!r}")
-        if self.reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}; got {self.reconstruction!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+        for name, allowed in zip(("renoise", "reconstruction", "precision"), (RENOISE_KINDS, RECONSTRUCTIONS,
+                                                                                PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
         if self.reconstruction == "denoise" and self.resample_steps != 1:
             raise ValueError(f"resample_steps must be 1 with reconstruction='denoise' (resampling harmonises an "
                              f"inpainted region; there is none); got {self.resample_steps}")
@@ -489,23 +465,18 @@ def threshold_key(method: str, map_name: str) -> str:
 
 
 class AnomalyCalibration(ModelMixin, ConfigMixin):
-    """What :meth:`SelfAwareInpaintPipeline.calibrate` fitted: the sampler it was fitted with, the per-pixel
-    threshold map ``Q_p``, and one image threshold per ``"<method>/<map>"``. Saved as the ``calibration``
-    component (config.json + safetensors).
+    """What :meth:`SelfAwareInpaintPipeline.calibrate` fitted, saved as the ``calibration`` component: the sampler,
+    the per-pixel threshold map ``Q_p`` (buffer ``q_threshold``, ``(S, S)``) and one image threshold per
+    ``"<method>/<map>"`` (buffer ``thresholds``).
 
     Args:
-        resolution: the working resolution ``S`` the pipeline inspects at (:attr:`SelfAwareInpaintPipeline.resolution`).
-        tile_size: the side of the tiles the networks ran on (the UNet's ``sample_size``); None: one tile.
-        sampling_config: :meth:`SamplingConfig.to_dict` of the sampler every later call runs; None only in folders
-            calibrated by diffad 0.1, which must be recalibrated.
+        resolution: the working resolution ``S``; tile_size: the networks' tile side (None: one tile).
+        sampling_config: :meth:`SamplingConfig.to_dict` of the sampler every later call runs (None: diffad 0.1).
         threshold_names: ``"<method>/<map>"`` names of the image thresholds.
         target_false_positive_rate: the fraction of normal images the thresholds flag.
-        heldout_false_positive_rates: per threshold, the false-positive rate measured on normal images its fit did
-            not see (2-fold cross-fit).
+        heldout_false_positive_rates: per threshold, the false-positive rate on the fold its fit did not see.
         heldout_mask_share: mean share of pixels masked on normal images ``Q_p`` did not see (about ``1 - p``).
         num_images: normal images calibrated on.
-
-    Buffers: ``q_threshold`` ``(S, S)``, ``Q_p``; ``thresholds`` ``(len(threshold_names),)``.
     """
 
     @register_to_config
@@ -524,8 +495,7 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
     def sampling(self) -> SamplingConfig:
         """The :class:`SamplingConfig` this calibration was fitted with."""
         if self.config.sampling_config is None:
-            raise ValueError("this calibration was made by diffad 0.1 and does not say how its sampler ran: "
-                             "recalibrate (`diffad calibrate` or pipe.calibrate(normal_images))")
+            raise ValueError("this calibration was made by diffad 0.1: recalibrate (`diffad calibrate`)")
         return SamplingConfig.from_dict(self.config.sampling_config)
 
     def threshold(self, name: str) -> Optional[float]:
@@ -539,22 +509,17 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
 
 @dataclass
 class SelfAwareInpaintPipelineOutput(BaseOutput):
-    """Output of :class:`SelfAwareInpaintPipeline`: every map from one reconstruction.
-
-    ``S`` is the working resolution (:attr:`SelfAwareInpaintPipeline.resolution`).
+    """Every map from one reconstruction, at the working resolution ``S``.
 
     Args:
-        anomaly_maps: ``{map name: (B, S, S) float32}``, higher = more anomalous; the names are those of
-            :meth:`SelfAwareInpaintPipeline.map_names` (``multiscale``, ``learned`` with a segmenter, and for
-            ``method="self_aware"`` ``noise_error`` = ``Q / Q_p`` and ``combined``, the default).
+        anomaly_maps: ``{map name: (B, S, S) float32}``, higher = more anomalous (the pipeline's ``map_names``).
         scores: ``{map name: (B,) float32}``, each map's maximum.
-        is_anomalous: ``{map name: (B,) bool}``, ``score > threshold`` with the calibrated threshold of that method
-            and map (a NaN score counts as anomalous: never "ok"); None for a map with no calibrated threshold.
-        inpaint_masks: ``(B, S, S)`` bool, ``Q > Q_p``: the pixels the noise error marks as suspect (redrawn when
-            the config inpaints; all False for ``method="denoise"``).
+        is_anomalous: ``{map name: (B,) bool}``, ``score > threshold`` (a NaN score is never "ok"); None for a map
+            with no calibrated threshold.
+        inpaint_masks: ``(B, S, S)`` bool, ``Q > Q_p`` (all False for ``method="denoise"``).
         reconstructions: ``"pt"``: ``(B, 3, S, S)`` in **[-1, 1], the range of tensor inputs**; ``"np"``:
             ``(B, S, S, 3)`` in [0, 1]; ``"pil"``: a list of PIL images.
-        unet_passes: ``(B,)`` int, denoiser passes each image needed (segmenter passes not counted).
+        unet_passes: ``(B,)`` int, denoiser passes per image (segmenter passes not counted).
     """
 
     anomaly_maps: Dict[str, Union[np.ndarray, torch.Tensor]]
@@ -568,20 +533,19 @@ class SelfAwareInpaintPipelineOutput(BaseOutput):
 class SelfAwareInpaintPipeline(DiffusionPipeline):
     """Anomaly detection by self-aware DDPM inpainting (Semchyshyn, 2023).
 
-    For an image ``x``: the noise error ``Q(x)`` (:func:`noise_error`) over the calibrated threshold map ``Q_p``
-    marks suspected anomalies and is a map of its own (``noise_error``); the image is reconstructed as a normal
-    part would show it, by resampled inpainting of the suspect pixels (:func:`inpaint`, the thesis) or by
-    denoising (:func:`denoise`, the default config: it measured better at 10 UNet passes); the anomaly maps compare
-    ``x`` with that reconstruction (multi-scale error, a learned segmenter), and ``combined`` averages the
-    noise-error and multi-scale maps (the default map). A score is a map's maximum; a decision compares it with a
-    threshold calibrated on normal images.
+    For an image ``x``: the noise error ``Q(x)`` (:func:`noise_error`) over the calibrated ``Q_p`` marks suspect
+    pixels; the image is reconstructed as a normal part would show it, by inpainting them (:func:`inpaint`, the
+    thesis) or denoising (:func:`denoise`, the default config); the maps compare ``x`` with it (multi-scale,
+    learned), ``noise_error`` is ``Q / Q_p`` and ``combined`` their mean. A score is a map's maximum; a decision
+    compares it with a threshold calibrated on normal images.
 
     Args:
-        unet: self-conditioned denoiser, ``UNet2DModel`` 6 -> 3 (or a network exported from one by ``diffad export``:
-            any ``ModelMixin`` that answers ``unet(x, t).sample`` and has its ``config``).
+        unet: self-conditioned denoiser, ``UNet2DModel`` 6 -> 3, or its ``diffad export`` (any ``ModelMixin`` with
+            ``unet(x, t).sample`` and a ``config``).
         scheduler: ``DDPMScheduler`` (its ``alphas_cumprod`` define the noise levels).
         segmenter: optional ``UNet2DModel`` 6 -> 1 for the learned map (or its export).
         calibration: optional :class:`AnomalyCalibration`, set by :meth:`calibrate`.
+        working_resolution: ``S`` (default: the UNet's ``sample_size``, one tile).
     """
 
     model_cpu_offload_seq = "unet->segmenter"
@@ -589,8 +553,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     def __init__(self, unet: ModelMixin, scheduler: DDPMScheduler, segmenter: Optional[ModelMixin] = None,
                  calibration: Optional[ModelMixin] = None, working_resolution: Optional[int] = None):
-        # Annotated ModelMixin: an exported network is not a UNet2DModel, and through remote code the calibration's
-        # class comes from calibration/pipeline.py.
+        # ModelMixin: an exported network is not a UNet2DModel (nor, remotely, calibration/pipeline.py's class)
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter, calibration=calibration)
         if working_resolution is not None:
@@ -630,9 +593,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained`` with safetensors only (never pickle weights), then refuse weights
-        that are not finite: a corrupted file would otherwise give NaN maps and pass every part. A local folder
-        missing a component's files gets one ``FileNotFoundError`` naming the file and what to run."""
+        """``DiffusionPipeline.from_pretrained``, safetensors only; a local folder missing a component's weights is a
+        ``FileNotFoundError``, weights that are not finite (a corrupt file: NaN maps would pass every part) a
+        ``ValueError``, each naming the file and what to do."""
         folder = str(pretrained_model_name_or_path)
         index_path = os.path.join(folder, "model_index.json")
         if os.path.isfile(index_path):
@@ -678,8 +641,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     @property
     def resolution(self) -> int:
-        """``S``, the working resolution: every image is inspected (and every map returned) at ``S x S``; the
-        networks run on overlapping tiles of :attr:`tile_size` stitched into one map (one tile when equal)."""
+        """``S``, the working resolution every image is inspected (and every map returned) at, in tiles."""
         return int(self.config.working_resolution or self.tile_size)
 
     @property
@@ -710,15 +672,13 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     @staticmethod
     def default_map(method: str = "self_aware") -> str:
-        """The map decisions are read from by default: ``combined`` for ``self_aware``, ``multiscale`` for
-        ``denoise``."""
+        """The map decisions are read from by default: ``combined`` (self_aware) or ``multiscale`` (denoise)."""
         return "combined" if method == "self_aware" else "multiscale"
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images as a ``(B, 3, S, S)`` float tensor in [-1, 1] at the working resolution: PIL images of any mode (read by :func:`rgb_array`,
-        resized bicubic by ``VaeImageProcessor``) or a ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1]
-        (resized bilinear, antialiased). ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range
-        values, an image below :data:`MIN_IMAGE_SIDE`, or a type."""
+        """Images as ``(B, 3, S, S)`` in [-1, 1]: PIL images of any mode (:func:`rgb_array`, resized bicubic) or a
+        ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1] (resized bilinear, antialiased). ``ValueError`` for
+        an empty input, a wrong shape or type, NaN/inf or out-of-range values, a side below :data:`MIN_IMAGE_SIDE`."""
         r = self.resolution
         if isinstance(images, torch.Tensor):
             x = images.unsqueeze(0) if images.ndim == 3 else images
@@ -768,9 +728,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         cal, fitted = self.calibration, self.calibration.sampling
         fitted_layout = (int(cal.config.resolution), int(cal.config.get("tile_size") or cal.config.resolution))
         if fitted_layout != (self.resolution, self.tile_size):
-            raise ValueError(f"the calibration was made at {fitted_layout[0]} px in {fitted_layout[1]} px tiles but the "
-                             f"model inspects at {self.resolution} px in {self.tile_size} px tiles: recalibrate with "
-                             "pipe.calibrate(normal_images)")
+            raise ValueError(f"the calibration was made at {fitted_layout[0]} px in {fitted_layout[1]} px tiles but "
+                             f"the model inspects at {self.resolution} px in {self.tile_size} px tiles: recalibrate "
+                             "with pipe.calibrate(normal_images)")
         if wanted is not None and not fitted.matches(config):
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
                              f"to run {wanted.preset_name or wanted}, recalibrate: "
@@ -900,17 +860,15 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
         Args:
             images: a PIL image, a list of them, or a ``(B, 3, H, W)`` tensor in [-1, 1] (see :meth:`preprocess`).
-            method: ``"self_aware"`` (mask, then resampled inpainting; needs :meth:`calibrate`) or ``"denoise"``
+            method: ``"self_aware"`` (the mask, then the reconstruction; needs :meth:`calibrate`) or ``"denoise"``
                 (the basic baseline: noise to ``T`` and denoise, no mask).
-            config: the sampler. A calibrated pipeline runs its calibration's config; passing another (a
-                :class:`SamplingConfig` or a preset name, ``"fast"``/``"thesis"``) raises ``ValueError`` saying to
-                recalibrate. Uncalibrated, ``"denoise"`` runs ``config`` (default fast) with no decisions.
-            generator: one ``torch.Generator`` (seeds one per image) or a list with one per image. An image's noise
-                depends only on its generator, never on the batch or its position; batched UNet arithmetic differs
-                from one image at a time by float rounding (~1e-7), so for bit-identical results use batch_size=1.
+            config: a calibrated pipeline runs its calibration's config; asking for another (a
+                :class:`SamplingConfig` or ``"fast"``/``"thesis"``) is a ``ValueError``: recalibrate. Uncalibrated,
+                ``"denoise"`` runs ``config`` (default fast) with no decisions.
+            generator: one ``torch.Generator`` (seeds one per image) or one per image: an image's noise depends only
+                on its generator (batched UNet arithmetic differs by float rounding: batch_size=1 is bit-exact).
             batch_size: images per UNet batch (default: all at once).
-            output_type: ``"np"``, ``"pt"`` or ``"pil"`` (see :class:`SelfAwareInpaintPipelineOutput`).
-            return_dict: return a :class:`SelfAwareInpaintPipelineOutput`, else a tuple in its field order.
+            output_type: ``"np"``, ``"pt"`` or ``"pil"``; return_dict: else a tuple in the output's field order.
         """
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'pil'; got {output_type!r}")
@@ -968,13 +926,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     ) -> "SelfAwareInpaintPipeline":
         """Fit ``Q_p`` and every image threshold on normal images, with exactly the sampler later calls run.
 
-        Two-fold cross-fit (images at even and odd positions): ``Q`` of every image is computed with ``config``'s
-        estimator; each fold's images are masked with the ``Q_p`` of the OTHER fold and reconstructed once, giving
-        every map's score on images its ``Q_p`` never saw. Each image threshold is the ``1 -
-        target_false_positive_rate`` quantile of those scores (:func:`per_pixel_quantile`'s unbiased position;
-        ``combined`` is built from the same maps once its two maps' thresholds are fitted); the stored ``Q_p`` is
-        fitted on all images. The calibration also records the false-positive rate of each threshold fitted on one
-        fold and measured on the other, and the share of pixels masked on held-out normal images (about ``1 - p``).
+        Two-fold cross-fit (images at even and odd positions): ``Q`` of every image (Algorithm 2); each fold masked
+        with the OTHER fold's ``Q_p`` and reconstructed once, so every map is scored on images its ``Q_p`` never
+        saw. Each image threshold is the ``1 - target_false_positive_rate`` quantile of those scores
+        (:func:`per_pixel_quantile`; ``combined`` once its two maps' thresholds are fitted); the stored ``Q_p`` is
+        fitted on all images. Also recorded: each threshold's false-positive rate fitted on one fold and measured
+        on the other, and the share of pixels masked on held-out images (about ``1 - p``).
 
         Args:
             images: at least 4 normal images (see :meth:`preprocess`).
