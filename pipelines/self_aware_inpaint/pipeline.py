@@ -614,14 +614,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for name in ("unet", "segmenter", "calibration"):
             module = getattr(pipe, name, None)
-            if module is None:
-                continue
-            bad = sum(int((~torch.isfinite(t)).sum()) for t in list(module.parameters()) + list(module.buffers())
-                      if t.is_floating_point())
+            tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
             if bad:
-                weights = os.path.join(str(pretrained_model_name_or_path), name, "diffusion_pytorch_model.safetensors")
-                raise ValueError(f"{weights} holds {bad} "
-                                 "NaN or infinite weights: the file is corrupt; download it again or retrain")
+                weights = os.path.join(folder, name, "diffusion_pytorch_model.safetensors")
+                raise ValueError(f"{weights} holds {bad} NaN or infinite weights: the file is corrupt; download it "
+                                 "again or retrain")
         return pipe
 
     @classmethod
