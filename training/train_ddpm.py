@@ -62,6 +62,7 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     check_resume_config,
     clear_checkpoints,
     ema_state,
+    holds_output_folder,
     load_ema_state,
     parse_int_list,
     remove_incomplete,
@@ -307,6 +308,7 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
 # --------------------------------------------------------------------------- checkpoints
 
 
+@holds_output_folder("output_dir", "--output_dir")  # one run at a time writes the folder
 def main(args: argparse.Namespace) -> Path:
     """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder."""
     start_time = time.time()

@@ -104,8 +104,8 @@ def calibrate_model(
     percentile: Optional[float] = None,
     precision: str = "auto",
     target_false_positive_rate: float = 0.05,
-    seed: int = 0,
-    validation_fraction: float = 0.2,
+    seed: Optional[int] = None,
+    validation_fraction: Optional[float] = None,
     batch_size: Optional[int] = None,
 ) -> Path:
     """Calibrate a saved pipeline on the validation split of its category and save it back.
@@ -128,8 +128,10 @@ def calibrate_model(
         precision: the networks' arithmetic, ``"auto"`` (bf16 where the hardware has it natively, else fp32),
             ``"fp32"`` or ``"bf16"``; recorded in the calibration and run by every later call.
         target_false_positive_rate: fraction of normal images the image thresholds flag.
-        seed: seeds the validation split and the calibration noise.
-        validation_fraction: must match the one used in training.
+        seed: seeds the validation split and the calibration noise; None: the training run's (its
+            ``training_log.json``), another value than the training run's is refused.
+        validation_fraction: None: the training run's; another value is refused (the split would hold images the
+            model was trained on). Without a training log: 0.2 and seed 0, with a warning.
         batch_size: images per UNet call (``None``: all at once).
 
     Returns:
@@ -137,7 +139,8 @@ def calibrate_model(
 
     Raises:
         FileNotFoundError: ``model_dir`` holds no ``model_index.json``.
-        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate.
+        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
+            a seed, validation fraction or category other than the training run's.
     """
     from diffad.data import load_mvtec
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
@@ -147,6 +150,7 @@ def calibrate_model(
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json); "
                                 "train one with `diffad train` first")
+    validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
     sampling = SamplingConfig.from_preset(config)
     if percentile is not None:
         if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
@@ -182,6 +186,42 @@ def calibrate_model(
     pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
                    generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
     return save_pipeline_atomically(pipe, model_dir)
+
+
+#: What calibration uses when a model folder has no training log (a model trained elsewhere).
+_SPLIT_DEFAULTS = {"validation_fraction": 0.2, "seed": 0}
+
+
+def training_split(model_dir: Path, category: str, validation_fraction: Optional[float],
+                   seed: Optional[int]) -> tuple[float, int]:
+    """The validation split calibration must use: the training run's ``validation_fraction`` and ``seed`` (from
+    ``training_log.json``), so it holds only images the model never trained on. A given value that differs from
+    the training run's, or another category than it was trained on, is refused in one line (``ValueError``)."""
+    log = model_dir / "training_log.json"
+    try:
+        trained = json.loads(log.read_text(encoding="utf-8")).get("config") or {}
+    except FileNotFoundError:
+        trained = {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
+                         "--validation-fraction and --seed as in training") from None
+    if trained.get("category") not in (None, category):
+        raise ValueError(f"--category {category}: {model_dir} was trained on {trained['category']!r} "
+                         f"(training_log.json); calibrate it on {trained['category']!r} images")
+    chosen = {"validation_fraction": validation_fraction, "seed": seed}
+    for key, flag in (("validation_fraction", "--validation-fraction"), ("seed", "--seed")):
+        if trained.get(key) is None:
+            if chosen[key] is None:
+                chosen[key] = _SPLIT_DEFAULTS[key]
+                logger.warning("%s has no training log: calibrating with %s %s; pass the training run's value if "
+                               "it differs", model_dir, flag, chosen[key])
+        elif chosen[key] is None:
+            chosen[key] = trained[key]
+        elif chosen[key] != trained[key]:
+            raise ValueError(f"{flag} {chosen[key]}: {model_dir} was trained with {flag} {trained[key]} "
+                             f"(training_log.json), and another split would calibrate on training images; drop "
+                             f"{flag} to use the training run's")
+    return float(chosen["validation_fraction"]), int(chosen["seed"])
 
 
 def calibration_summary(model_dir: str | os.PathLike) -> str:
@@ -233,11 +273,13 @@ def _register_calibrate(subparsers) -> None:
                         help="the networks' arithmetic, recorded in the calibration: auto (bf16 where the CPU has "
                              "AVX512-BF16/AMX or the GPU has bf16, else fp32), fp32 or bf16 (default: "
                              f"{DEFAULT_PRECISION})")
-    parser.add_argument("--validation-fraction", type=float, default=0.2,
-                        help="held-out fraction of train/good; must match training (default: 0.2)")
+    parser.add_argument("--validation-fraction", type=float, default=None,
+                        help="held-out fraction of train/good (default: the training run's, from its "
+                             "training_log.json; another value is refused)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: all)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the validation split (as in training) and the noise (default: 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds the validation split and the noise (default: the training run's, from its "
+                             "training_log.json; another value is refused)")
     parser.set_defaults(func=_run_calibrate)
 
 

@@ -12,6 +12,13 @@ interrupted run already did (scores are written with every digit of their float3
 ``--batch-size`` is the number of images read, scored and written per step: memory stays bounded
 for thousands of images; the CSV is appended and flushed after every batch, so an interrupted run
 loses at most one batch, and a re-run skips every file already in the CSV (delete its row to redo it).
+Rows are written whole or not at all, and a torn last row (a full disk, a killed run) is cut off on resume
+(:class:`diffad.results.ResultsFile`). ``results.json`` beside the CSV records the model, its calibration's hash,
+the method, map, threshold and seed that decided the rows; a re-run under other ones is refused in one line.
+Every row carries its map and threshold.
+
+Folders are walked by diffad's one rule (:mod:`diffad.inputs`: recursive, symbolic links to folders followed);
+every file skipped there is counted and named.
 
 Unreadable files (truncated, not an image, permission denied) are logged on one line each,
 recorded in the CSV with ``decision = error``, and skipped: they never abort the run.
@@ -29,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import logging
 import os
@@ -40,7 +46,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffad.data import read_image
+from diffad.data import ImageReadError, read_image
+from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
 
 __all__ = [
@@ -57,9 +64,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
+#: The columns of ``results.csv`` (and of the app's download): ``map`` and ``threshold`` decided the row.
+CSV_FIELDS = ("file", "score", "decision", "overlay", "error", "map", "threshold")
 RESULTS_NAME = "results.csv"
+#: Beside ``results.csv``: what decided its rows (:func:`diffad.results.check_identity`).
+IDENTITY_NAME = "results.json"
 OVERLAY_DIR = "overlays"
 LOCK_NAME = ".diffad-detect.lock"
 #: The error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
@@ -79,33 +88,23 @@ class DetectSummary:
     skipped_done: int = 0
     failed_files: list[str] = field(default_factory=list)
     nonfinite: int = 0  # files the model could not judge (a non-finite map): an error, not a decision
+    scan: ImageScan = field(default_factory=ImageScan)  # the inputs found, and every file skipped in a folder
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of image paths.
-
-    A folder contributes every file below it (recursively) whose extension is in
-    :data:`IMAGE_EXTENSIONS`, case-insensitively; a file named explicitly is always taken,
-    whatever its extension (it is reported later if it is not an image).
+def find_images(inputs: Sequence[str | os.PathLike], *, exclude: Optional[Path] = None) -> ImageScan:
+    """Expand files and folders by diffad's one walking rule (:func:`diffad.inputs.walk_images`): a file named
+    explicitly is always taken (reported later if it is not an image); a folder gives every image below it,
+    symbolic links to folders followed, and names every file it skips.
 
     Raises:
         FileNotFoundError: an input does not exist, or no image was found at all.
     """
-    found: dict[Path, None] = {}
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for candidate in sorted(path.rglob("*")):
-                if candidate.is_file() and candidate.suffix.lower() in IMAGE_EXTENSIONS:
-                    found[candidate.resolve()] = None
-        elif path.is_file():
-            found[path.resolve()] = None
-        else:
-            raise FileNotFoundError(f"{path} does not exist: pass image files or folders of images")
-    if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in "
-                                f"{', '.join(str(p) for p in inputs)}")
-    return list(found)
+    scan = walk_images(inputs, exclude=exclude)
+    if not scan.images:
+        skipped = f"; {scan.skipped_summary()}" if scan.skipped else ""
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in "
+                                f"{', '.join(str(p) for p in inputs)}{skipped}")
+    return scan
 
 
 def load_pipeline(model: str | os.PathLike):
@@ -165,31 +164,37 @@ def _require_calibration(pipe, model) -> None:
         raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
 
 
+#: The most bytes of an image's stem kept in its overlay's name: with the hash and suffix, far below the 255
+#: bytes a file name may have on every common file system, whatever the image's name.
+OVERLAY_STEM_BYTES = 100
+
+
 def _overlay_name(path: Path) -> str:
-    """A unique, stable overlay file name: the image's stem plus a short hash of its full path."""
-    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
-    return f"{path.stem}_{digest}.png"
+    """A unique, stable overlay file name that fits any file system: the image's stem (cut to
+    :data:`OVERLAY_STEM_BYTES` bytes of UTF-8, at a character boundary) plus a short hash of its full path."""
+    digest = hashlib.sha1(str(path).encode("utf-8", errors="surrogateescape")).hexdigest()[:8]
+    stem = path.stem.encode("utf-8", errors="surrogateescape")[:OVERLAY_STEM_BYTES].decode("utf-8", errors="ignore")
+    return f"{stem}_{digest}.png"
 
 
-def _done_files(results_csv: Path) -> set[str]:
-    if not results_csv.is_file():
-        return set()
-    with results_csv.open(newline="", encoding="utf-8") as handle:
-        return {row["file"] for row in csv.DictReader(handle) if row.get("file")}
+def read_error_words(exc: BaseException) -> str:
+    """Why a file could not be read, in words on one line: an :class:`~diffad.data.ImageReadError`'s reason, else
+    the error's own text (never a class name or a traceback)."""
+    text = exc.reason if isinstance(exc, ImageReadError) else (str(exc) or type(exc).__name__)
+    return " ".join(text.split())
 
 
-def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
-             writer: csv.DictWriter) -> Iterator[list[tuple[Path, Image.Image]]]:
+def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary, table,
+             row: dict) -> Iterator[list[tuple[Path, Image.Image]]]:
     """Yield lists of up to ``batch_size`` decoded images; unreadable files are recorded and skipped."""
     batch: list[tuple[Path, Image.Image]] = []
     for path in paths:
         try:
             batch.append((path, read_image(path)))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            message = read_error_words(exc)
             logger.warning("skipping unreadable file %s (%s)", path, message)
-            writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
-                             "error": message})
+            table.write([{**row, "file": str(path), "decision": "error", "error": message}])
             summary.failed += 1
             summary.failed_files.append(str(path))
         if len(batch) == batch_size:
@@ -318,13 +323,16 @@ def detect(
         raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
     out_root = Path(out_dir).resolve()
     paths, own = [], 0
-    for p in find_images(inputs):  # never score our own overlays when --out lies inside an input folder
+    scan = find_images(inputs, exclude=out_root)
+    for p in scan.images:  # never score our own overlays when --out lies inside an input folder
         if out_root == p.resolve().parent or out_root in p.resolve().parents:
             own += 1
         else:
             paths.append(p)
     if own:
         logger.info("left out %d files inside the output folder %s", own, out_dir)
+    for path, reason in scan.skipped:
+        logger.info("skipped %s: %s", path, reason)
     if not paths:
         raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
     if pipe is None:
@@ -337,7 +345,15 @@ def detect(
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        return _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+        from diffad.results import calibration_hash, check_identity
+
+        identity = {"model": str(model), "calibration": calibration_hash(pipe), "method": method,
+                    "map": anomaly_map, "threshold": pipe.calibration.threshold(f"{method}/{anomaly_map}"),
+                    "seed": seed}
+        check_identity(out_dir / IDENTITY_NAME, identity, out_dir / RESULTS_NAME)
+        summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+    summary.scan = scan
+    return summary
 
 
 @contextlib.contextmanager
@@ -356,33 +372,30 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 
 def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomaly_map: str, method: str,
                  seed: int) -> DetectSummary:
+    from diffad.results import ResultsFile, safe_cell
     from diffad.training_utils import image_generator
 
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
-    done = _done_files(results_csv)
-    todo = [p for p in paths if str(p) not in done]
-    summary.skipped_done = len(paths) - len(todo)
-    if summary.skipped_done:
-        logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
-    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the overlays' colour scale
-
-    new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
-    with results_csv.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-        for batch in _batches(todo, batch_size, summary, writer):
+    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the decisions' and the overlays' scale
+    base = {"score": "", "overlay": "", "error": "", "map": anomaly_map, "threshold": format_score(threshold)}
+    with ResultsFile(results_csv, CSV_FIELDS) as table:
+        done = table.done()
+        todo = [p for p in paths if safe_cell(str(p)) not in done]
+        summary.skipped_done = len(paths) - len(todo)
+        if summary.skipped_done:
+            logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
+        for batch in _batches(todo, batch_size, summary, table, base):
             photos = [img for _, img in batch]
             output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos],
                           batch_size=1, output_type="np")
             decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
+            rows = []
             for i, (path, photo) in enumerate(batch):
                 if not np.isfinite(output.anomaly_maps[anomaly_map][i]).all():
                     # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
                     logger.error("%s: %s", path, NONFINITE_ERROR)
-                    writer.writerow({"file": str(path), "score": "", "decision": "error", "overlay": "",
-                                     "error": NONFINITE_ERROR})
+                    rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
                     summary.failed += 1
                     summary.failed_files.append(str(path))
                     summary.nonfinite += 1
@@ -391,14 +404,12 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
                 _save_overlay(photo, output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i], threshold,
                               out_dir / OVERLAY_DIR / name)
                 decision = "unknown" if decisions is None else ("defect" if bool(decisions[i]) else "ok")
-                writer.writerow({"file": str(path), "score": format_score(output.scores[anomaly_map][i]),
-                                 "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
+                rows.append({**base, "file": str(path), "score": format_score(output.scores[anomaly_map][i]),
+                             "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}"})
                 summary.scored += 1
                 summary.defective += decision == "defect"
-            handle.flush()
-            os.fsync(handle.fileno())
+            table.write(rows)  # the batch's rows, whole, on disk
             logger.info("scored %d/%d images", summary.scored + summary.failed, len(todo))
-        handle.flush()
     return summary
 
 
@@ -442,8 +453,10 @@ def run(args: argparse.Namespace) -> int:
     summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
                      anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
                      precision=args.precision)
+    skipped = summary.scan.skipped_summary()
     print(f"scored {summary.scored} images ({summary.defective} defective), "
-          f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
+          f"{summary.failed} unreadable, {summary.skipped_done} already done"
+          f"{'; not images, ' + skipped if skipped else ''}; results in {summary.results_csv}")
     if summary.nonfinite:
         raise ValueError(f"the model produced non-finite anomaly maps for {summary.nonfinite} images (error rows "
                          f"in {summary.results_csv}): check or retrain the model")
