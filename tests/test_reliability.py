@@ -435,3 +435,112 @@ def test_case10_calibrate_takes_the_training_split_and_refuses_another(model, tm
     monkeypatch.setattr(diffad.data, "load_mvtec", spy)
     assert main(["calibrate", "--model", str(folder), "--data", str(data), "--category", category]) == 0
     assert seen["validation_fraction"] == 0.5 and seen["seed"] == 3
+
+
+# ------------------------------------------------------------------ properties: any name, size or format; sessions
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAME_CHARS = st.sampled_from(list("ab=+-@,\"' \t;é漢") + ["\n"])
+_FORMATS = {"png": "PNG", "jpg": "JPEG", "gif": "GIF", "bmp": "BMP", "tif": "TIFF", "webp": "WEBP", "txt": None}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stem=st.text(_NAME_CHARS, min_size=1, max_size=40), long=st.booleans(), side=st.sampled_from((3, 9, 40)),
+       suffix=st.sampled_from(sorted(_FORMATS)), seed=st.integers(0, 2**16))
+def test_any_name_size_or_format_never_crashes_detect_or_the_app(model, pipe, tmp_path_factory, capsys, stem, long,
+                                                                 side, suffix, seed):
+    from diffad.app import Inspector, expand_uploads
+    from diffad.results import safe_cell
+
+    folder = tmp_path_factory.mktemp("names")
+    name = (stem + "x" * 200 if long else stem) + "." + suffix
+    path = folder / "photos" / name
+    path.parent.mkdir()
+    if _FORMATS[suffix] is None:
+        path.write_text("not an image")
+    else:
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            path, format=_FORMATS[suffix])
+    code = main(["detect", "--model", str(model), str(path), "--out", str(folder / "out")])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out and code in (0, 2)
+    rows = _rows(folder / "out" / "results.csv")
+    assert [r["file"] for r in rows] == [safe_cell(str(path.resolve()))]
+    assert (rows[0]["decision"] in ("ok", "defect")) == (code == 0)
+    inspector = Inspector(pipe)
+    items = [inspector.inspect(u.path, u.name) for u in expand_uploads([str(path)], folder / "work")]
+    row = inspector.rows(items, "combined", 1.0)[0]
+    assert row["file"] == name and (row["decision"] == "error") == (code == 2)
+    if row["error"]:
+        assert str(folder) not in row["error"] and row["error"].startswith(name)
+
+
+def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    _demo, handlers, _ = _app(pipe, model)
+    name = pipe.default_map("self_aware")
+    seen: dict[str, list[list[str]]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def user(who: str) -> None:
+        try:
+            session = None
+            for i in range(3):
+                photo = _photo(tmp_path / who, f"{who}{i}.png", seed={"a": 10, "b": 20}[who] + i)
+                session, *_, csv_path, _ = handlers["inspect"]([str(photo)], session, name, 1.0)
+                _, _, csv_path, _ = handlers["redecide"](session, name, 0.5 + i)
+                seen[who].append([r["file"] for r in _rows(Path(csv_path))])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(who,)) for who in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for who, downloads in seen.items():
+        assert downloads == [[f"{who}{j}.png" for j in range(i + 1)] for i in range(3)]
+
+
+# ------------------------------------------------------------------ an exported folder tampered with (case 13)
+
+
+def test_case13_a_network_running_another_precision_than_the_calibration_is_refused(model, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    folder = tmp_path / "exported"
+    assert main(["export", "--model", str(model), "--format", "openvino", "--out", str(folder)]) == 0
+    photos = tmp_path / "photos"
+    _photo(photos, "a.png")
+    config_path = folder / "calibration" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["sampling_config"]["precision"] == "fp32"
+    config["sampling_config"]["precision"] = "bf16"  # as if another export's networks were swapped in
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unet/ runs fp32 but it was calibrated in bf16" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ the app on a busy port (case 18, third part)
+
+
+def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["app", "--model", str(model), "--port", str(port)])
+    captured = capsys.readouterr()
+    assert code == 2 and f"--port {port}: 127.0.0.1:{port} is in use" in captured.err and "another --port" in captured.err
+    assert "http://" not in captured.out and "GRADIO_SERVER_PORT" not in captured.err

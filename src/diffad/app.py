@@ -43,8 +43,8 @@ from diffad.inputs import skip_reason
 from diffad.results import csv_text
 from diffad.training_utils import atomic_write_text
 
-__all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "close_app",
-           "expand_uploads", "register", "register_space", "run", "write_space"]
+__all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
+           "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -420,6 +420,25 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """``ValueError`` (one line naming ``--port``) when ``host:port`` cannot be bound: another program listens there.
+    The probe binds as the server does (``SO_REUSEADDR``), so a port left in TIME_WAIT by a stopped app is free."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); stop what uses it, or pass "
+                             "another --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad app`` (blocks until interrupted)."""
     try:
@@ -432,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
     from diffad.precision import check_precision
 
+    check_port_free(args.host, args.port)  # before the model loads, and before a URL is printed
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)

@@ -139,8 +139,23 @@ def load_pipeline(model: str | os.PathLike):
                                 f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
                                 ) from exc
     _require_calibration(pipe, model)
+    _check_network_precision(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_network_precision(pipe, model) -> None:
+    """Refuse a folder whose loaded networks run another precision than its calibration's: an exported network
+    runs the precision it was built at, so another export's ``unet/`` swapped in, or an edited config, would run
+    unnoticed."""
+    from diffad.export import ExportedNetwork
+
+    fitted = pipe.calibration.sampling.precision
+    for name in ("unet", "segmenter"):
+        network = getattr(pipe, name, None)
+        if isinstance(network, ExportedNetwork) and network.precision != fitted:
+            raise ValueError(f"--model {model}: its {name}/ runs {network.precision} but it was calibrated in "
+                             f"{fitted}: the folder changed after `diffad export`; export the model again")
 
 
 def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
