@@ -544,3 +544,30 @@ def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys):
     captured = capsys.readouterr()
     assert code == 2 and f"--port {port}: 127.0.0.1:{port} is in use" in captured.err and "another --port" in captured.err
     assert "http://" not in captured.out and "GRADIO_SERVER_PORT" not in captured.err
+
+
+# ------------------------------------------------------------------ the data identified by content (cases 12, 11)
+
+
+def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_and_case11_calibrate_warns(
+        tmp_path, caplog):
+    import logging
+    import shutil
+
+    from diffad.cli import calibrate_model
+    from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
+    from diffad.training import train_ddpm
+
+    def data(seed: int) -> Path:
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
+        return make_synthetic_dataset(tmp_path / "data", seed=seed, resolution=32, num_train=20, num_test_good=1,
+                                      num_test_defect_per_type=1, categories=[SYNTHETIC_CATEGORIES[0]])
+
+    out = tmp_path / "run"
+    train_ddpm.main(_train_args(data(0), out, "--checkpointing_steps", "1", "--seed", "0"))
+    other = data(1)  # the same folder names, other images
+    with pytest.raises(ValueError, match="was trained on other images"):
+        train_ddpm.main(_train_args(other, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    with caplog.at_level(logging.WARNING, logger="diffad.cli"):
+        calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None)
+    assert "are not the ones" in caplog.text and "content differs" in caplog.text

@@ -93,7 +93,7 @@ def _tensorboard_available() -> bool:
 
 
 #: The settings a resumed run must share with the checkpoint's run (anything else may change, e.g. logging).
-RESUME_KEYS = ("preset", "resolution", "data_dir", "category", "validation_fraction", "seed", "learning_rate",
+RESUME_KEYS = ("preset", "resolution", "data_fingerprint", "category", "validation_fraction", "seed", "learning_rate",
                "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "lr_scheduler",
                "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "block_out_channels",
                "layers_per_block", "attention_resolutions", "norm_num_groups", "num_train_timesteps", "use_ema",
@@ -244,7 +244,7 @@ def _stack_pixels(batch: Dict[str, Any]) -> torch.Tensor:
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """The train split (a transformed ``datasets.Dataset``) and the validation images
     ``(V, 3, R, R)`` in [-1, 1] (V may be 0)."""
-    from diffad.data import load_mvtec, make_transform
+    from diffad.data import load_mvtec, make_transform, split_fingerprint
 
     data_dir, category = args.data_dir, args.category
     if data_dir is None:  # the embedded default: procedural parts in MVTec layout
@@ -261,6 +261,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     if category is None and len(train) and "category" in train.column_names:
         category = train[0]["category"]  # load_mvtec resolved the only category there
     args.category, args.resolved_data_dir = category, str(Path(data_dir).resolve())
+    args.data_fingerprint = {name: split_fingerprint(splits[name]) for name in ("train", "validation")}  # by content
     transform = make_transform(args.resolution)
     if len(train) == 0:
         raise ValueError(f"no training images in {data_dir}/{category}/train/good")

@@ -142,7 +142,7 @@ def calibrate_model(
         ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
             a seed, validation fraction or category other than the training run's.
     """
-    from diffad.data import load_mvtec
+    from diffad.data import load_mvtec, split_fingerprint
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
     from diffad.training_utils import image_generator
 
@@ -180,12 +180,29 @@ def calibrate_model(
     if len(validation) < 4:
         raise ValueError(f"the validation split of {category!r} in {data} has {len(validation)} images and "
                          "calibration needs at least 4: raise --validation-fraction or add train/good images")
+    trained_on = (_training_config(model_dir).get("data_fingerprint") or {}).get("validation")
+    if trained_on is not None and split_fingerprint(validation) != trained_on:
+        logger.warning("WARNING: the validation images of %r in %s are not the ones %s was trained beside (their "
+                       "content differs): calibrating on other data than the model's gives thresholds that do not "
+                       "hold for it; pass the training run's --data", category, data, model_dir)
     images = [row["image"] for row in validation]
     logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
                 category, sampling.preset_name or sampling, sampling.precision)
     pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
                    generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
     return save_pipeline_atomically(pipe, model_dir)
+
+
+def _training_config(model_dir: Path) -> dict:
+    """The ``config`` of ``model_dir/training_log.json`` ({} when there is none)."""
+    log = model_dir / "training_log.json"
+    try:
+        return json.loads(log.read_text(encoding="utf-8")).get("config") or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
+                         "--validation-fraction and --seed as in training") from None
 
 
 #: What calibration uses when a model folder has no training log (a model trained elsewhere).
@@ -197,14 +214,7 @@ def training_split(model_dir: Path, category: str, validation_fraction: Optional
     """The validation split calibration must use: the training run's ``validation_fraction`` and ``seed`` (from
     ``training_log.json``), so it holds only images the model never trained on. A given value that differs from
     the training run's, or another category than it was trained on, is refused in one line (``ValueError``)."""
-    log = model_dir / "training_log.json"
-    try:
-        trained = json.loads(log.read_text(encoding="utf-8")).get("config") or {}
-    except FileNotFoundError:
-        trained = {}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
-                         "--validation-fraction and --seed as in training") from None
+    trained = _training_config(model_dir)
     if trained.get("category") not in (None, category):
         raise ValueError(f"--category {category}: {model_dir} was trained on {trained['category']!r} "
                          f"(training_log.json); calibrate it on {trained['category']!r} images")

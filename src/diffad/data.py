@@ -24,6 +24,7 @@ good images), ``label`` (``ClassLabel(names=["good", "defect"])``), ``category``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -52,6 +53,7 @@ __all__ = [
     "max_image_pixels",
     "read_image",
     "mvtec_features",
+    "split_fingerprint",
     "tensor_to_pil",
 ]
 
@@ -428,6 +430,20 @@ def _load_hub(repo_id: str, category: str | None, *, resolution: int | None, val
         ds = loaded[split] if split in loaded else loaded["train"].select([])
         out[split] = ds.map(convert, remove_columns=ds.column_names, features=mvtec_features())
     return datasets.DatasetDict(out)
+
+
+def split_fingerprint(dataset: datasets.Dataset) -> str:
+    """A short hash of a split's images by content, in order (a file's bytes, or a converted image's PNG bytes):
+    the same images give the same hash wherever they lie; other images under the same folder names do not."""
+    if len(dataset) == 0 or "image" not in dataset.column_names:
+        return hashlib.sha256(b"").hexdigest()[:16]
+    digest = hashlib.sha256()
+    for item in dataset.cast_column("image", datasets.Image(decode=False))["image"]:
+        data = item.get("bytes") if isinstance(item, dict) else None
+        if data is None:
+            data = Path(item["path"]).read_bytes()
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- tensors

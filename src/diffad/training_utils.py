@@ -614,6 +614,11 @@ def check_resume_config(path: Path, saved: Dict[str, Any], config: Dict[str, Any
     differs from this run's ``config`` in any of ``keys``: one line naming the first difference."""
     old = (saved.get("log") or {}).get("config") or {}
     for key in keys:
+        if key == "data_fingerprint" and key in old and key in config and to_jsonable(old[key]) != to_jsonable(
+                config[key]):
+            raise ValueError(f"--resume_from_checkpoint: {path} was trained on other images (their content "
+                             "differs, whatever the folder's name); resume with that run's data, or start a new run "
+                             "with --overwrite_output_dir or another --output_dir")
         if key in old and key in config and to_jsonable(old[key]) != to_jsonable(config[key]):
             raise ValueError(f"--resume_from_checkpoint: {path} belongs to a run with {key}={old[key]!r}, this run "
                              f"has {key}={config[key]!r}; resume with the same settings, or start a new run with "
