@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -244,12 +246,16 @@ class SessionFolders:
         self._lock = threading.Lock()
         atexit.register(self.close)
 
-    def new_folder(self) -> Path:
-        """A new, empty folder for one session."""
+    def ensure_root(self) -> Path:
+        """The app's root folder, made now if needed."""
         with self._lock:
             if self.root is None or not self.root.is_dir():
                 self.root = Path(tempfile.mkdtemp(prefix="diffad-app-"))
-            return Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
+            return self.root
+
+    def new_folder(self) -> Path:
+        """A new, empty folder for one session."""
+        return Path(tempfile.mkdtemp(prefix="session-", dir=self.ensure_root()))
 
     def close(self) -> None:
         """Delete every session's folder and the root."""
@@ -265,14 +271,20 @@ class Session:
 
     folder: Path
     items: list[Inspection] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)  # gradio's copies of this session's uploads
 
     @property
     def results_csv(self) -> Path:
         return self.folder / "results.csv"
 
     def close(self) -> None:
-        """Delete the session's folder (gradio calls this when the session ends)."""
+        """Delete the session's folder, and gradio's copies of its uploads where they lie in the app's folder
+        (gradio calls this when the session ends)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        app_root = self.folder.parent.resolve()
+        for upload in self.uploads:
+            if upload.resolve().is_relative_to(app_root):
+                upload.unlink(missing_ok=True)
 
     def __deepcopy__(self, memo) -> "Session":  # gradio may copy states: a session stays one object
         return self
@@ -320,8 +332,9 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     return "\n".join(lines)
 
 
-def build_app(inspector: Inspector, model: str | Path = ""):
-    """The Gradio Blocks page over ``inspector`` (see the module docstring)."""
+def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["SessionFolders"] = None):
+    """The Gradio Blocks page over ``inspector`` (see the module docstring); ``folders`` holds the sessions'
+    folders (default: new ones, made when the first session needs one)."""
     try:
         import gradio as gr
     except ImportError as exc:
@@ -329,7 +342,7 @@ def build_app(inspector: Inspector, model: str | Path = ""):
 
     names = list(inspector.map_names)
     first = inspector.default_map if inspector.default_map in names else names[0]
-    folders = SessionFolders()  # nothing is made on disk before a session needs it
+    folders = folders or SessionFolders()  # nothing is made on disk before a session needs it
 
     def slider_for(name: str):
         t = inspector.threshold(name)
@@ -357,7 +370,9 @@ def build_app(inspector: Inspector, model: str | Path = ""):
 
     def inspect(files, session, name, threshold, progress=gr.Progress()):
         session = session if isinstance(session, Session) else Session(folders.new_folder())
-        uploads = expand_uploads([getattr(f, "name", f) for f in (files or [])], session.folder)
+        paths = [getattr(f, "name", f) for f in (files or [])]
+        session.uploads += [Path(p) for p in paths]
+        uploads = expand_uploads(paths, session.folder)
         for i, upload in enumerate(uploads):
             progress((i, len(uploads)), desc=f"inspecting {upload.name}")
             session.items.append(Inspection(file=upload.name, error=upload.error) if upload.path is None
@@ -455,13 +470,27 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)
-    demo = build_app(inspector, args.model)
-    print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    folders = SessionFolders()
+    gradio_cache = os.environ.get("GRADIO_TEMP_DIR")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the app as Ctrl+C does: folders deleted
     try:
+        # gradio's own copies (uploads, downloads, gallery images) live in the app's folder too, and go with it
+        os.environ["GRADIO_TEMP_DIR"] = str(folders.ensure_root() / "gradio")
+        demo = build_app(inspector, args.model, folders=folders)
+        print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
         demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
     finally:
-        close_app(demo)
+        signal.signal(signal.SIGTERM, previous)
+        folders.close()
+        if gradio_cache is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = gradio_cache
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------ a Hugging Face Space running the same app
