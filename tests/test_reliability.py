@@ -165,6 +165,13 @@ def test_case20_app_error_rows_name_the_upload_in_words(pipe, model, tmp_path, m
     assert "not an image" in row["error"]
 
 
+def test_case20_the_page_shows_a_model_folder_by_its_name_not_a_local_path(pipe, model):
+    from diffad.app import Inspector, model_summary
+
+    text = model_summary(model, Inspector(pipe))
+    assert f"**Model** `{model.name}`" in text and str(model.parent) not in text
+
+
 # ------------------------------------------------------------------ bombs (cases 3, 4)
 
 

@@ -314,10 +314,12 @@ def _card_table(lines: list[str], header: str) -> list[str]:
 
 
 def model_summary(model: str | Path, inspector: Inspector) -> str:
-    """Markdown: category, resolution, sampler, precision, UNet passes, and the card's measured metrics."""
+    """Markdown: the model (a local folder by its name only: the page shows no path of this machine), category,
+    resolution, sampler, precision, UNet passes, and the card's measured metrics."""
     pipe = inspector.pipe
     sampling = pipe.calibration.sampling
-    lines = [f"**Model** `{model}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
+    shown = Path(model).name if Path(model).is_dir() else str(model)  # a folder's name, never its local path
+    lines = [f"**Model** `{shown}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
     card = Path(model) / "README.md"
