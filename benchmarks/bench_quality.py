@@ -49,15 +49,25 @@ logger = logging.getLogger("bench_quality")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared" / "data"
 #: category -> the MVTec AD-layout root that holds it
-CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real"}
+CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
+              "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
 #: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
-EVAL_PHASES = ("default", "inpaint23", "thesis")
+EVAL_PHASES = ("default", "whole", "inpaint23", "thesis")
+#: The precision every cell calibrates and runs: the default call's ``auto`` (bf16 on CPUs with AMX/AVX512-BF16,
+#: about 2.5x faster at 256 px; make bench-cpu measured bf16 moving the bottle AUROCs by < 0.001), else fp32.
+PRECISION = os.environ.get("DIFFAD_BENCH_PRECISION", "auto")
+#: phases measured on validation only (a lever that loses there never sees the test split)
+VALIDATION_ONLY = ("whole",)
+#: the phases ``make bench-quality`` runs unless told (the thesis sampler at 256 px is 25 tiles x 301 passes)
+DEFAULT_PHASES = ("ddpm", "default", "whole")
 #: detector -> (phase, "<method>/<map>") in that phase's metrics.json
 DETECTORS = {
     "denoise (10 steps)": ("default", "denoise/multiscale"),
     "self_aware combined (default, 10 passes)": ("default", "self_aware/combined"),
     "self_aware noise_error (default config)": ("default", "self_aware/noise_error"),
     "self_aware multiscale (default config)": ("default", "self_aware/multiscale"),
+    "whole image: denoise (10 steps)": ("whole", "denoise/multiscale"),
+    "whole image: self_aware combined (10 passes)": ("whole", "self_aware/combined"),
     "self_aware inpaint multiscale (0.2 default, 23 passes)": ("inpaint23", "self_aware/multiscale"),
     "self_aware inpaint combined (23 passes)": ("inpaint23", "self_aware/combined"),
     "denoise (thesis, 50 steps)": ("thesis", "denoise/multiscale"),
@@ -72,7 +82,7 @@ def phase_config(phase: str):
     """The :class:`SamplingConfig` an evaluation phase calibrates and runs."""
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
-    if phase == "default":
+    if phase in ("default", "whole"):
         return SamplingConfig.fast()
     if phase == "inpaint23":
         return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
@@ -86,16 +96,18 @@ def cell_dir(out: Path, category: str, seed: int) -> Path:
     return out / category / f"seed{seed}"
 
 
-def run_ddpm_phase(out: Path, category: str, seed: int, ddpm_steps: int) -> None:
-    """Only the cell's DDPM (resumes from its last checkpoint): every detector is evaluated on these weights."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from bench_real import BenchConfig, _train_ddpm
+def run_ddpm_phase(out: Path, category: str, seed: int, ddpm_steps: Optional[int]) -> None:
+    """Only the cell's DDPM: `diffad train`'s defaults (the ``cpu`` preset) with the bench's seed and step budget
+    (None: the preset's), resuming from its last checkpoint; every detector is evaluated on these weights."""
+    from diffad.training import train_ddpm
 
     model = cell_dir(out, category, seed) / "models" / category
     if (model / "unet").is_dir() and (model / "model_index.json").is_file():
         return
-    _train_ddpm(BenchConfig(data_dir=str(CATEGORIES[category]), out=str(cell_dir(out, category, seed)),
-                            categories=[category], seed=seed, ddpm_steps=ddpm_steps), category, model)
+    argv = ["--data_dir", str(CATEGORIES[category]), "--category", category, "--output_dir", str(model),
+            "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "250",
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
+    train_ddpm.main(train_ddpm.parse_args(argv + (["--max_train_steps", str(ddpm_steps)] if ddpm_steps else [])))
 
 
 def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
@@ -109,14 +121,79 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
     model, copy = cell / "models" / category, cell / f"{phase}_models" / category
     if not (copy / "model_index.json").is_file():
         pipe = SelfAwareInpaintPipeline.from_pretrained(model)
-        SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(copy)
+        if phase == "whole":  # the same fully convolutional UNet run on the whole image: one tile
+            pipe.unet.register_to_config(sample_size=pipe.resolution)
+        SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler,
+                                 working_resolution=pipe.config.working_resolution).save_pretrained(copy)
+    if seed == 0:  # the choices are made on validation: one seed of it per category
+        run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
+                       phase_config(phase))
+    if phase in VALIDATION_ONLY:
+        return
     if not has_component(copy, "calibration"):
-        # fp32 in every cell, whatever the machine (make bench-cpu: bf16 moves the bottle AUROCs by < 0.001)
         calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
-                        precision="fp32", seed=seed, batch_size=16)
+                        precision=PRECISION, seed=seed, batch_size=16)
     evaluation = cell / f"{phase}_evaluation" / category
     if not evaluation_is_current(evaluation, [copy]):
         evaluate_folder(copy, CATEGORIES[category], category, evaluation, batch_size=16, seed=seed)
+
+
+def validation_set(category: str, seed: int, resolution: int):
+    """The VALIDATION data a choice is made on (never the test split): the cell's validation split (held-out
+    ``train/good``, the split training never saw), even positions to calibrate, odd positions scored as they are
+    and each once more with one synthetic defect (:class:`diffad.defects.DefectSynthesizer`, the kinds in turn:
+    scratch, crack, pit, stain, DRAEM blob). Returns ``(calibration images, images, masks, labels, kinds)``."""
+    import torch
+
+    from diffad.data import images_to_tensor, load_mvtec
+    from diffad.defects import DEFECT_KINDS, DefectSynthesizer
+
+    split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
+    x = images_to_tensor([row["image"] for row in split], resolution)
+    calib, held = x[0::2], x[1::2]
+    synth = DefectSynthesizer(textures=SHARED / "textures")
+    kinds = [DEFECT_KINDS[i % len(DEFECT_KINDS)] for i in range(len(held))]
+    pairs = [synth(img, kind=k, generator=seed * 10_000 + i) for i, (img, k) in enumerate(zip(held, kinds))]
+    images = torch.cat([held, torch.stack([a for a, _ in pairs])])
+    masks = np.concatenate([np.zeros((len(held), resolution, resolution), bool),
+                            np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
+    return calib, images, masks, np.array([0] * len(held) + [1] * len(held)), ["good"] * len(held) + kinds
+
+
+def run_validation(model: Path, out_file: Path, category: str, seed: int, config) -> None:
+    """Calibrate a copy of ``model`` on half the validation split and score the other half with and without
+    synthetic defects (:func:`validation_set`): every method and map's metrics -> ``out_file``."""
+    import dataclasses as dc
+
+    import torch
+
+    from diffad.metrics import compute_anomaly_metrics
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+    from diffad.training_utils import image_generator
+
+    if out_file.is_file():
+        return
+    pipe = SelfAwareInpaintPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution)
+    from diffad.precision import resolve_precision
+
+    config = dc.replace(config, precision=resolve_precision(PRECISION, pipe.device))
+    pipe.calibrate(calib, config=config, generator=[image_generator(seed, im) for im in calib], batch_size=16)
+    results: dict[str, Any] = {"num_images": int(len(images)), "kinds": sorted(set(kinds) - {"good"})}
+    t0 = time.time()
+    for method in ("self_aware", "denoise"):
+        out = pipe(images, method=method, generator=[image_generator(seed, im) for im in images], batch_size=16)
+        for name, maps in out.anomaly_maps.items():
+            results[f"{method}/{name}"] = compute_anomaly_metrics(out.scores[name], labels, maps, masks)
+            per_kind = {}
+            for kind in results["kinds"]:  # each kind against the normal images
+                keep = np.array([k in ("good", kind) for k in kinds])
+                per_kind[kind] = compute_anomaly_metrics(out.scores[name][keep], labels[keep])["image_auroc"]
+            results[f"{method}/{name}"]["image_auroc_per_kind"] = per_kind
+    results["seconds_per_image"] = (time.time() - t0) / (2 * len(images))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(results, indent=2))
 
 
 def training_minutes(out: Path, category: str, seed: int) -> Optional[float]:
@@ -201,11 +278,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="bench_output/quality")
     p.add_argument("--categories", default=",".join(CATEGORIES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ddpm_steps", type=int, default=1500, help="DDPM optimiser steps per cell")
-    p.add_argument("--phases", default=",".join(("ddpm",) + EVAL_PHASES),
+    p.add_argument("--ddpm_steps", type=int, default=None,
+                   help="DDPM optimiser steps per cell (default: the cpu preset's, as `diffad train`)")
+    p.add_argument("--phases", default=",".join(DEFAULT_PHASES),
                    help=f"comma-separated, from ddpm,{','.join(EVAL_PHASES)} (they run in that order)")
     p.add_argument("--jobs", type=int, default=2, help="cells run at once, one thread each")
     p.add_argument("--quick", action="store_true", help="one seed, 400 DDPM steps, into <out>_quick")
+    p.add_argument("--max_test_images", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -236,8 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             with log.open("a") as handle:
-                rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", str(out),
-                                      "--ddpm_steps", str(args.ddpm_steps)], stdout=handle, stderr=subprocess.STDOUT,
+                rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", str(out)]
+                                     + (["--ddpm_steps", str(args.ddpm_steps)] if args.ddpm_steps else []),
+                                     stdout=handle, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, OMP_NUM_THREADS="1"))
             logger.info("%s: exit %d after %.1f min (log %s)", spec, rc, (time.time() - t0) / 60, log)
             return spec, rc, time.time() - t0
@@ -248,7 +328,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if failed:
             logger.info("failed cells (see their logs; a re-run resumes them): %s", failed)
     summary = summarize(out, categories, seeds)
-    summary["budget"] = {"ddpm_steps": args.ddpm_steps, "seeds": seeds, "preset": "tiny", "resolution": 64,
+    summary["budget"] = {"ddpm_steps": args.ddpm_steps or "cpu preset", "seeds": seeds, "preset": "cpu",
+                         "working_resolution": 256, "crop_and_tile": 64,
                          "detectors": DETECTORS}
     summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
     summary["wall_minutes_this_run"] = (time.time() - start) / 60

@@ -61,7 +61,8 @@ def test_preset_parameter_counts():
     assert counts["tiny"] < 1_000_000
     assert 5_000_000 <= counts["small"] <= 15_000_000
     assert abs(counts["thesis"] - 271_000_000) / 271_000_000 < 0.02  # the thesis's ~271M
-    assert counts == {"tiny": 687_779, "small": 6_339_363, "thesis": 274_877_699}
+    assert counts == {"tiny": 687_779, "small": 6_339_363, "thesis": 274_877_699, "cpu": 637_475}
+    assert make_unet("cpu").config.sample_size == 64  # the cpu preset's UNet is built for its 64 px crops
 
 
 def test_thesis_preset_matches_the_thesis(tmp_path):
@@ -226,10 +227,16 @@ def test_resolve_resume(tmp_path):
 
 
 def test_preset_defaults_and_overrides():
-    args = parse_args([])
-    assert (args.preset, args.learning_rate, args.train_batch_size, args.num_epochs, args.optimizer) == (
-        "thesis", 2e-5, 16, 500, "adam")
-    assert not args.random_flip and not args.random_rot90 and not args.use_ema
+    args = parse_args([])  # `diffad train` with no flags: the CPU default, a step budget on 64 px crops of 256 px
+    assert (args.preset, args.resolution, args.crop_size, args.learning_rate, args.train_batch_size,
+            args.max_train_steps, args.optimizer, args.use_ema) == ("cpu", 256, 64, 1e-3, 16, 1500, "adam", True)
+    assert not args.random_flip and not args.random_rot90
+    args = parse_args(["--preset", "thesis"])
+    assert (args.learning_rate, args.train_batch_size, args.num_epochs, args.max_train_steps, args.crop_size,
+            args.use_ema) == (2e-5, 16, 500, None, 256, False)
+    # another working resolution than the preset's trains on whole images unless a crop is given
+    assert parse_args(["--resolution", "128"]).crop_size == 128
+    assert parse_args(["--resolution", "128", "--crop_size", "32"]).crop_size == 32
     args = parse_args(["--preset", "tiny", "--learning_rate", "5e-4", "--block_out_channels", "8,16,32",
                        "--norm_num_groups", "4", "--resolution", "64", "--num_epochs", "3"])
     assert (args.learning_rate, args.block_out_channels, args.resolution, args.train_batch_size, args.num_epochs) == (
@@ -241,6 +248,7 @@ def test_preset_defaults_and_overrides():
     (["--preset", "tiny", "--resolution", "30"], "resolution 30 must be a positive multiple of 4"),
     (["--block_out_channels", "a,b"], "expected comma-separated integers"),
     (["--preset", "tiny", "--self_condition_prob", "2"], "--self_condition_prob must be in [0, 1]"),
+    (["--resolution", "64", "--crop_size", "128"], "--crop_size must be in [1, --resolution=64], got 128"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
     try:  # argparse's own errors exit inside parse_args; our checks raise ValueError
@@ -404,3 +412,18 @@ def test_two_rank_gloo_run_splits_the_data(synthetic_root, tmp_path):
     assert full and all(e["samples_per_rank"] == [n // 2, n // 2] for e in full)
     assert log["config"]["steps_per_epoch"] == 4  # 32 images / (4 per rank x 2 ranks)
     assert log["summary"]["total_optimizer_steps"] == 8
+
+
+def test_training_on_crops_saves_a_model_that_inspects_at_the_working_resolution(synthetic_root, tmp_path):
+    """--crop_size below --resolution: the UNet learns on random crops, the pipeline inspects the whole image."""
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+    from diffad.training.train_ddpm import main
+
+    out = main(parse_args(["--data_dir", str(synthetic_root), "--category", SYNTHETIC_CATEGORIES[0], "--preset", "tiny",
+                           "--resolution", "64", "--crop_size", "32", "--train_batch_size", "4",
+                           "--max_train_steps", "3", "--report_to", "none", "--output_dir", str(tmp_path / "m")]))
+    pipe = SelfAwareInpaintPipeline.from_pretrained(out)
+    assert (pipe.resolution, pipe.tile_size, pipe.num_tiles) == (64, 32, 9)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["config"]["crop_size"] == 32 and log["summary"]["total_optimizer_steps"] == 3

@@ -93,8 +93,9 @@ def _tensorboard_available() -> bool:
 
 
 #: The settings a resumed run must share with the checkpoint's run (anything else may change, e.g. logging).
-RESUME_KEYS = ("preset", "resolution", "data_fingerprint", "category", "validation_fraction", "seed", "learning_rate",
-               "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "lr_scheduler",
+RESUME_KEYS = ("preset", "resolution", "crop_size", "data_fingerprint", "category", "validation_fraction", "seed",
+               "learning_rate", "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+               "lr_scheduler",
                "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "block_out_channels",
                "layers_per_block", "attention_resolutions", "norm_num_groups", "num_train_timesteps", "use_ema",
                "random_flip", "unet_config")
@@ -123,10 +124,15 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
     g = p.add_argument_group("model (preset values unless given)")
-    g.add_argument("--preset", choices=PRESET_NAMES, default="thesis",
-                   help="UNet size and training defaults: thesis (~275M params, 256 px, needs a GPU), "
-                        "small (6.3M, 64 px, CPU in an hour or two), tiny (0.69M, 32 px, tests and demos).")
-    g.add_argument("--resolution", type=int, default=None, help="Square image size R (images are resized to R x R).")
+    g.add_argument("--preset", choices=PRESET_NAMES, default="cpu",
+                   help="UNet size and training defaults: cpu (the default: 0.64M params on 64 px crops of 256 px "
+                        "images, 1500 steps, ~20 CPU-minutes), thesis (~275M params, 256 px, needs a GPU), "
+                        "small (6.3M, 64 px), tiny (0.69M, 32 px, tests and demos).")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="The working resolution S: images are resized to S x S, and inspected at it.")
+    g.add_argument("--crop_size", type=int, default=None,
+                   help="The UNet's input size R: it trains on random R x R crops of the S x S images and inspects "
+                        "them in overlapping R x R tiles (default: the preset's, or S: whole images).")
     g.add_argument("--block_out_channels", type=parse_int_list, default=None,
                    help="UNet widths per level, e.g. 16,32,64.")
     g.add_argument("--layers_per_block", type=int, default=None, help="ResNet blocks per UNet level.")
@@ -157,8 +163,9 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    g.add_argument("--use_ema", action="store_true",
-                   help="Keep an exponential moving average of the weights; it is what gets validated and saved.")
+    g.add_argument("--use_ema", action="store_true", default=None,
+                   help="Keep an exponential moving average of the weights; it is what gets validated and saved "
+                        "(the cpu preset's default).")
     g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse multiplicative factor.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warm-up power.")
     g.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA maximum decay.")
@@ -187,6 +194,12 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     for key in _PRESET_FLAGS:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    if args.crop_size is None:  # the preset's crop when it trains at its own resolution, else whole images
+        crop = defaults.get("crop_size")
+        args.crop_size = crop if crop and args.resolution == defaults["resolution"] else args.resolution
+    if args.max_train_steps is None and args.num_epochs == defaults["num_epochs"]:
+        args.max_train_steps = defaults["max_train_steps"]
+    args.use_ema = bool(args.use_ema or defaults["use_ema"])
     check_args(args)
     return args
 
@@ -198,6 +211,8 @@ def check_args(args: argparse.Namespace) -> None:
     for key in positive:
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
+    if not 0 < args.crop_size <= args.resolution:
+        raise ValueError(f"--crop_size must be in [1, --resolution={args.resolution}], got {args.crop_size}")
     for key in ("max_train_steps", "max_train_minutes", "checkpoints_total_limit", "expect_world_size"):
         value = getattr(args, key)
         if value is not None and value <= 0:
@@ -213,9 +228,25 @@ def check_args(args: argparse.Namespace) -> None:
     # Fails early, with the rule, on widths/resolution that do not fit together.
     from diffad.presets import unet_kwargs
 
-    unet_kwargs(args.preset, **{k: getattr(args, k) for k in
-                                ("resolution", "block_out_channels", "layers_per_block",
-                                 "attention_resolutions", "norm_num_groups")})
+    unet_kwargs(args.preset, **unet_args(args))
+
+
+def unet_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """``make_unet`` overrides from the flags: the UNet's ``sample_size`` is the crop (tile) size."""
+    return dict(resolution=args.crop_size, block_out_channels=args.block_out_channels,
+                layers_per_block=args.layers_per_block, attention_resolutions=args.attention_resolutions,
+                norm_num_groups=args.norm_num_groups)
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size x size`` crop of each ``(B, 3, S, S)`` image (positions from ``generator``); the images
+    themselves when ``size == S`` (no draw)."""
+    full = images.shape[-1]
+    if size >= full:
+        return images
+    tops = torch.randint(0, full - size + 1, (images.shape[0],), generator=generator).tolist()
+    lefts = torch.randint(0, full - size + 1, (images.shape[0],), generator=generator).tolist()
+    return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, tops, lefts)])
 
 
 # --------------------------------------------------------------------------- diffusion maths
@@ -352,12 +383,10 @@ def main(args: argparse.Namespace) -> Path:
 
     # 2. model, scheduler, optimiser (same initial weights on every rank)
     set_seed(args.seed)
-    unet = make_unet(args.preset, resolution=args.resolution, block_out_channels=args.block_out_channels,
-                     layers_per_block=args.layers_per_block, attention_resolutions=args.attention_resolutions,
-                     norm_num_groups=args.norm_num_groups)
+    unet = make_unet(args.preset, **unet_args(args))
     num_params = count_parameters(unet)
     logger.info(f"UNet2DModel ({args.preset} preset): {num_params:,} parameters ({num_params / 1e6:.2f}M) "
-                f"at {args.resolution} px")
+                f"on {args.crop_size} px crops of {args.resolution} px images")
     noise_scheduler = make_scheduler(args.num_train_timesteps)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     ema = None
@@ -386,7 +415,10 @@ def main(args: argparse.Namespace) -> Path:
     if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
         raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
 
-    # Fixed validation noise and timesteps: the same draw every epoch, so the curve is comparable.
+    # Fixed validation crops (2 per image), noise and timesteps: the same draw every epoch, so the curve is comparable.
+    if args.crop_size < args.resolution and val_images.shape[0]:
+        gcrop = torch.Generator().manual_seed(args.seed + 20_011)
+        val_images = torch.cat([random_crops(val_images, args.crop_size, gcrop) for _ in range(2)])
     gval = torch.Generator().manual_seed(args.seed + 10_007)
     val_noise = torch.randn(val_images.shape, generator=gval)
     val_timesteps = torch.randint(0, args.num_train_timesteps, (val_images.shape[0],), generator=gval)
@@ -452,8 +484,8 @@ def main(args: argparse.Namespace) -> Path:
             if state["global_step"] >= max_train_steps:  # e.g. resumed from the very last checkpoint
                 stopped = True
                 break
-            clean = batch["pixel_values"].float()
             g = seeded_generator(args.seed, epoch, batch_index, rank)  # the same draws after a resume
+            clean = random_crops(batch["pixel_values"].float(), args.crop_size, g)
             if args.random_flip or args.random_rot90:
                 clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
             noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
@@ -546,9 +578,7 @@ def main(args: argparse.Namespace) -> Path:
 
     # 6. save the pipeline: the best-by-validation weights (EMA ones with --use_ema), else the last
     if accelerator.is_main_process:
-        final = make_unet(args.preset, resolution=args.resolution, block_out_channels=args.block_out_channels,
-                          layers_per_block=args.layers_per_block, attention_resolutions=args.attention_resolutions,
-                          norm_num_groups=args.norm_num_groups)
+        final = make_unet(args.preset, **unet_args(args))
         if best_weights is not None:
             final.load_state_dict(best_weights)
             weights = "best validation" + (" (EMA)" if ema is not None else "")
@@ -557,7 +587,9 @@ def main(args: argparse.Namespace) -> Path:
             if ema is not None:
                 ema.copy_to(final.parameters())
             weights = "last" + (" (EMA)" if ema is not None else "")
-        pipeline = SelfAwareInpaintPipeline(unet=final, scheduler=make_scheduler(args.num_train_timesteps))
+        working = args.resolution if args.crop_size < args.resolution else None
+        pipeline = SelfAwareInpaintPipeline(unet=final, scheduler=make_scheduler(args.num_train_timesteps),
+                                            working_resolution=working)
         save_pipeline(pipeline, output_dir)
 
         wall = time.time() - start_time

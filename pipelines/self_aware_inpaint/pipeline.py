@@ -13,7 +13,9 @@ References:
 The file reads top to bottom as: the stages (module-level functions, one per algorithm), the sampler's
 :class:`SamplingConfig`, the :class:`AnomalyCalibration` component, and the pipeline that wires them.
 
-Conventions: images are ``(B, 3, R, R)`` tensors in [-1, 1]; ``anomaly_mask`` is 1 where pixels are redrawn and
+Conventions: images are ``(B, 3, S, S)`` tensors in [-1, 1] at the working resolution ``S``; the networks run on
+``(3, R, R)`` tiles of them (``R``: the UNet's ``sample_size``, the crops it was trained on) stitched back
+(:func:`split_tiles`, :func:`merge_tiles`); ``anomaly_mask`` is 1 where pixels are redrawn and
 ``known_mask = 1 - anomaly_mask`` is 1 where they are kept. Timesteps are diffusers' 0-based indices into
 ``scheduler.alphas_cumprod``: a start of ``T = 50`` noises to index 49 (the thesis's "t = 50").
 
@@ -65,7 +67,9 @@ PRECISIONS = ("fp32", "bf16")
 SAMPLING_PRESETS = ("fast", "thesis")
 ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
 Generators = List[torch.Generator]
-_WARNED: set = set()  # (method, map) pairs already warned about having no threshold: once per process
+_WARNED: set = set()
+#: At most this many tiles go through a network at once (memory stays bounded whatever the working resolution).
+TILE_BATCH = 32  # (method, map) pairs already warned about having no threshold: once per process
 
 
 # =============================================================================== the stages
@@ -192,6 +196,58 @@ def denoise(unet: UNet2DModel, alphas_cumprod: torch.Tensor, x: torch.Tensor, *,
         noise = randn_tensor(x.shape, generator=generators, device=x.device) if t_prev >= 0 else None
         x_t = posterior_step(x_t, x0_hat, t, t_prev, alphas_cumprod, noise)
     return x_t.clamp(-1.0, 1.0)
+
+
+def tile_origins(size: int, tile: int) -> List[int]:
+    """Top (or left) coordinates of the tiles that cover ``size`` pixels with ``tile``-pixel tiles overlapping by at
+    least a quarter of a tile; the first starts at 0, the last ends at ``size`` (one tile when ``tile >= size``)."""
+    if tile >= size:
+        return [0]
+    stride = max(1, tile - tile // 4)
+    count = -(-(size - tile) // stride) + 1
+    return [int(v) for v in np.linspace(0, size - tile, count).round().astype(int)]
+
+
+def tile_window(tile: int, size: int) -> torch.Tensor:
+    """The ``(tile, tile)`` blending weight of a tile: 1 in its middle half, falling linearly to ``1 / (tile / 4)``
+    at its borders, so overlapping tiles fade into each other without a seam (one tile over the whole image: 1)."""
+    if tile >= size:
+        return torch.ones(tile, tile)
+    ramp = max(1, tile // 4)
+    edge = torch.minimum(torch.arange(tile) + 1, torch.arange(tile, 0, -1)).float().clamp(max=ramp) / ramp
+    return edge[:, None] * edge[None, :]
+
+
+def split_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """``(B, C, S, S)`` images as ``(B * n, C, tile, tile)`` overlapping tiles (:func:`tile_origins`), image-major."""
+    origins = tile_origins(x.shape[-1], tile)
+    tiles = [x[:, :, top:top + tile, left:left + tile] for top in origins for left in origins]
+    return torch.stack(tiles, dim=1).flatten(0, 1)
+
+
+def merge_tiles(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`split_tiles`: ``(B * n, C, t, t)`` tiles blended (:func:`tile_window`) into ``(B, C, S, S)``
+    with ``S = size``; where one tile alone covers a pixel, its value is kept exactly."""
+    tile = tiles.shape[-1]
+    origins = tile_origins(size, tile)
+    n = len(origins) ** 2
+    tiles = tiles.unflatten(0, (tiles.shape[0] // n, n))
+    window = tile_window(tile, size).to(tiles.device, tiles.dtype)
+    out = torch.zeros(tiles.shape[0], tiles.shape[2], size, size, dtype=tiles.dtype, device=tiles.device)
+    weight = torch.zeros(size, size, dtype=tiles.dtype, device=tiles.device)
+    for k, (top, left) in enumerate((top, left) for top in origins for left in origins):
+        out[:, :, top:top + tile, left:left + tile] += tiles[:, k] * window
+        weight[top:top + tile, left:left + tile] += window
+    return out / weight
+
+
+def tile_generators(generators: Generators, num_tiles: int) -> Generators:
+    """One generator per tile, image-major: with one tile per image the images' own generators; else each image's
+    generator seeds its tiles', so a tile's noise depends only on its image's generator and its place."""
+    if num_tiles == 1:
+        return list(generators)
+    seeds = [torch.randint(0, 2**62, (num_tiles,), generator=g).tolist() for g in generators]
+    return [torch.Generator().manual_seed(int(s)) for per_image in seeds for s in per_image]
 
 
 def mean_filter(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -426,7 +482,9 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
     component (config.json + safetensors).
 
     Args:
-        resolution: ``R`` (must equal the UNet's ``sample_size``).
+        resolution: the working resolution ``S`` the pipeline inspects at (:attr:`SelfAwareInpaintPipeline.resolution`).
+        tile_size: the side of the tiles the networks ran on (the UNet's ``sample_size``); None in calibrations made
+            before tiling existed, which ran one tile of ``resolution``.
         sampling_config: :meth:`SamplingConfig.to_dict` of the sampler every later call runs; None only in folders
             calibrated by diffad 0.1, which must be recalibrated.
         threshold_names: ``"<method>/<map>"`` names of the image thresholds.
@@ -436,11 +494,12 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         heldout_mask_share: mean share of pixels masked on normal images ``Q_p`` did not see (about ``1 - p``).
         num_images: normal images calibrated on.
 
-    Buffers: ``q_threshold`` ``(R, R)``, ``Q_p``; ``thresholds`` ``(len(threshold_names),)``.
+    Buffers: ``q_threshold`` ``(S, S)``, ``Q_p``; ``thresholds`` ``(len(threshold_names),)``.
     """
 
     @register_to_config
-    def __init__(self, resolution: int = 64, sampling_config: Optional[Dict[str, Any]] = None,
+    def __init__(self, resolution: int = 64, tile_size: Optional[int] = None,
+                 sampling_config: Optional[Dict[str, Any]] = None,
                  threshold_names: List[str] = (), target_false_positive_rate: float = 0.05,
                  heldout_false_positive_rates: List[float] = (), heldout_mask_share: Optional[float] = None,
                  num_images: int = 0):
@@ -471,17 +530,19 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
 class SelfAwareInpaintPipelineOutput(BaseOutput):
     """Output of :class:`SelfAwareInpaintPipeline`: every map from one reconstruction.
 
+    ``S`` is the working resolution (:attr:`SelfAwareInpaintPipeline.resolution`).
+
     Args:
-        anomaly_maps: ``{map name: (B, R, R) float32}``, higher = more anomalous; the names are those of
+        anomaly_maps: ``{map name: (B, S, S) float32}``, higher = more anomalous; the names are those of
             :meth:`SelfAwareInpaintPipeline.map_names` (``multiscale``, ``learned`` with a segmenter, and for
             ``method="self_aware"`` ``noise_error`` = ``Q / Q_p`` and ``combined``, the default).
         scores: ``{map name: (B,) float32}``, each map's maximum.
         is_anomalous: ``{map name: (B,) bool}``, ``score > threshold`` with the calibrated threshold of that method
             and map (a NaN score counts as anomalous: never "ok"); None for a map with no calibrated threshold.
-        inpaint_masks: ``(B, R, R)`` bool, ``Q > Q_p``: the pixels the noise error marks as suspect (redrawn when
+        inpaint_masks: ``(B, S, S)`` bool, ``Q > Q_p``: the pixels the noise error marks as suspect (redrawn when
             the config inpaints; all False for ``method="denoise"``).
-        reconstructions: ``"pt"``: ``(B, 3, R, R)`` in **[-1, 1], the range of tensor inputs**; ``"np"``:
-            ``(B, R, R, 3)`` in [0, 1]; ``"pil"``: a list of PIL images.
+        reconstructions: ``"pt"``: ``(B, 3, S, S)`` in **[-1, 1], the range of tensor inputs**; ``"np"``:
+            ``(B, S, S, 3)`` in [0, 1]; ``"pil"``: a list of PIL images.
         unet_passes: ``(B,)`` int, denoiser passes each image needed (segmenter passes not counted).
     """
 
@@ -516,11 +577,18 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     _optional_components = ["segmenter", "calibration"]
 
     def __init__(self, unet: ModelMixin, scheduler: DDPMScheduler, segmenter: Optional[ModelMixin] = None,
-                 calibration: Optional[ModelMixin] = None):
+                 calibration: Optional[ModelMixin] = None, working_resolution: Optional[int] = None):
         # Annotated ModelMixin: an exported network is not a UNet2DModel, and through remote code the calibration's
         # class comes from calibration/pipeline.py.
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter, calibration=calibration)
+        if working_resolution is not None:
+            tile = self.tile_size
+            if not _is_int(working_resolution) or working_resolution < tile:
+                raise ValueError(f"working_resolution must be an int >= the UNet's sample_size {tile} (the tile "
+                                 f"size); got {working_resolution!r}")
+            working_resolution = int(working_resolution)
+        self.register_to_config(working_resolution=working_resolution)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, resample="bicubic", do_convert_rgb=True)
 
     # ------------------------------------------------------------------ saving and loading
@@ -599,9 +667,20 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     @property
     def resolution(self) -> int:
-        """``R``: the UNet's ``sample_size``."""
+        """``S``, the working resolution: every image is inspected (and every map returned) at ``S x S``; the
+        networks run on overlapping tiles of :attr:`tile_size` stitched into one map (one tile when equal)."""
+        return int(self.config.working_resolution or self.tile_size)
+
+    @property
+    def tile_size(self) -> int:
+        """The networks' input side: the UNet's ``sample_size`` (it was trained on crops of this size)."""
         size = self.unet.config.sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles per image (:func:`tile_origins` in each direction)."""
+        return len(tile_origins(self.resolution, self.tile_size)) ** 2
 
     @property
     def is_calibrated(self) -> bool:
@@ -620,7 +699,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return "combined" if method == "self_aware" else "multiscale"
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images as a ``(B, 3, R, R)`` float tensor in [-1, 1]: PIL images of any mode (read by :func:`rgb_array`,
+        """Images as a ``(B, 3, S, S)`` float tensor in [-1, 1] at the working resolution: PIL images of any mode (read by :func:`rgb_array`,
         resized bicubic by ``VaeImageProcessor``) or a ``(B, 3, H, W)``/``(3, H, W)`` float tensor in [-1, 1]
         (resized bilinear, antialiased). ``ValueError`` for an empty input, a wrong shape, NaN/inf or out-of-range
         values, an image below :data:`MIN_IMAGE_SIDE`, or a type."""
@@ -671,9 +750,11 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                                  "method='denoise', which needs no calibration for maps and scores)")
             return self._check_fits(wanted or SamplingConfig.fast())
         cal = self.calibration
-        if int(cal.config.resolution) != self.resolution:
-            raise ValueError(f"the calibration was made at resolution {cal.config.resolution} but the model's is "
-                             f"{self.resolution}: recalibrate with pipe.calibrate(normal_images)")
+        fitted_layout = (int(cal.config.resolution), int(cal.config.get("tile_size") or cal.config.resolution))
+        if fitted_layout != (self.resolution, self.tile_size):
+            raise ValueError(f"the calibration was made at {fitted_layout[0]} px in {fitted_layout[1]} px tiles but the "
+                             f"model inspects at {self.resolution} px in {self.tile_size} px tiles: recalibrate with "
+                             "pipe.calibrate(normal_images)")
         fitted = cal.sampling
         if wanted is not None and not fitted.matches(config):
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
@@ -711,34 +792,75 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ one reconstruction, every map
 
+    def _tile_batches(self, num_images: int, num_tiles: int) -> List[List[int]]:
+        """Index batches over the ``num_images * num_tiles`` tiles: all at once with one tile per image (the
+        caller's ``batch_size`` bounds the batch), else at most :data:`TILE_BATCH` tiles (bounded memory)."""
+        total = num_images * num_tiles
+        size = total if num_tiles == 1 else TILE_BATCH
+        return [list(range(i, min(i + size, total))) for i in range(0, total, size)]
+
+    def _mask_stage(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
+        """``Q`` (:func:`noise_error`) of ``(B, 3, S, S)`` images over their tiles, stitched: ``(B, S, S)``."""
+        tiles = split_tiles(x, self.tile_size)
+        gens = tile_generators(generators, tiles.shape[0] // x.shape[0])
+        q = torch.cat([noise_error(self.unet, self.scheduler.alphas_cumprod, tiles[idx], config.mask_timesteps,
+                                   config.mask_noise_draws, [gens[i] for i in idx])
+                       for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
+        return merge_tiles(q.unsqueeze(1), self.resolution)[:, 0]
+
+    def _reconstruction(self, x: torch.Tensor, masks: torch.Tensor, method: str, config: SamplingConfig,
+                        generators: Generators) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each tile denoised (:func:`denoise`) or its masked pixels inpainted (:func:`inpaint`), stitched:
+        ``(B, 3, S, S)`` reconstructions and the ``(B,)`` UNet passes they took."""
+        acp, b = self.scheduler.alphas_cumprod, x.shape[0]
+        tiles, tile_masks = split_tiles(x, self.tile_size), split_tiles(masks, self.tile_size)
+        n = tiles.shape[0] // b
+        gens = tile_generators(generators, n)
+        passes = torch.zeros(b * n, dtype=torch.long)
+        if method == "denoise" or config.reconstruction == "denoise":
+            steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
+            recs = torch.cat([denoise(self.unet, acp, tiles[idx], start=config.inpaint_start, num_steps=steps,
+                                      generators=[gens[i] for i in idx]) for idx in self._tile_batches(b, n)])
+            passes += steps
+        else:
+            recs = tiles.clone()
+            todo = torch.nonzero(tile_masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
+            size = max(len(todo), 1) if n == 1 else TILE_BATCH
+            for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
+                recs[batch] = inpaint(self.unet, acp, tiles[batch], tile_masks[batch], start=config.inpaint_start,
+                                      num_steps=config.inpaint_steps, resample_steps=config.resample_steps,
+                                      renoise=config.renoise, generators=[gens[i] for i in batch])
+                passes[batch] += config.inpaint_steps * config.resample_steps
+        return merge_tiles(recs, self.resolution), passes.view(b, n).sum(dim=1)
+
+    def _learned_map(self, x: torch.Tensor, recs: torch.Tensor) -> torch.Tensor:
+        """The segmenter's defect probability over the tiles of ``(image, reconstruction)`` (tiles of the
+        segmenter's own ``sample_size``: the images it was trained on), stitched: ``(B, S, S)``."""
+        size = self.segmenter.config.sample_size
+        size = min(int(size[0] if isinstance(size, (list, tuple)) else size), self.resolution)
+        tiles, rec_tiles = split_tiles(x, size), split_tiles(recs, size)
+        logits = torch.cat([segmenter_logits(self.segmenter, tiles[idx], rec_tiles[idx]).float()
+                            for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
+        return merge_tiles(torch.sigmoid(logits), self.resolution)[:, 0]
+
     def _reconstruct(self, x: torch.Tensor, q: Optional[torch.Tensor], q_threshold: Optional[torch.Tensor],
                      method: str, config: SamplingConfig, generators: Generators,
                      thresholds: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
-        """Reconstruct a batch and compute every map. ``q``/``q_threshold`` (``(B, R, R)``) for ``self_aware``;
-        ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the ``combined`` map."""
-        acp = self.scheduler.alphas_cumprod
+        """Reconstruct a batch and compute every map at the working resolution. ``q``/``q_threshold``
+        (``(B, S, S)``) for ``self_aware``; ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the
+        ``combined`` map."""
         b = x.shape[0]
         masks = torch.zeros(b, 1, *x.shape[-2:], device=x.device)
         passes = torch.zeros(b, dtype=torch.long)
         if method == "self_aware":
             masks = (q > q_threshold).float().unsqueeze(1)
-            passes += config.mask_noise_draws * len(config.mask_timesteps)
-        if method == "denoise" or config.reconstruction == "denoise":
-            steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
-            recs = denoise(self.unet, acp, x, start=config.inpaint_start, num_steps=steps, generators=generators)
-            passes += steps
-        else:
-            recs = x.clone()
-            todo = torch.nonzero(masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
-            if todo:
-                recs[todo] = inpaint(self.unet, acp, x[todo], masks[todo], start=config.inpaint_start,
-                                     num_steps=config.inpaint_steps, resample_steps=config.resample_steps,
-                                     renoise=config.renoise, generators=[generators[i] for i in todo])
-                passes[todo] += config.inpaint_steps * config.resample_steps
-        size = config.map_filter_size or default_mean_filter_size(self.resolution)
+            passes += config.mask_noise_draws * len(config.mask_timesteps) * self.num_tiles
+        recs, rec_passes = self._reconstruction(x, masks, method, config, generators)
+        passes += rec_passes
+        size = config.map_filter_size or default_mean_filter_size(self.tile_size)
         maps = {"multiscale": multiscale_anomaly_map(x, recs, mean_filter_size=size)}
         if self.segmenter is not None:
-            maps["learned"] = mean_filter(torch.sigmoid(segmenter_logits(self.segmenter, x, recs).float())[:, 0], size)
+            maps["learned"] = mean_filter(self._learned_map(x, recs), size)
         if method == "self_aware":
             maps["noise_error"] = mean_filter(q / q_threshold.clamp_min(1e-12), size)
             if thresholds is not None:
@@ -751,10 +873,6 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
     def _autocast(self, config: SamplingConfig):
         """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-    def _mask_stage(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
-        return noise_error(self.unet, self.scheduler.alphas_cumprod, x, config.mask_timesteps, config.mask_noise_draws,
-                           generators)
 
     @torch.no_grad()
     def __call__(
@@ -907,7 +1025,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
         heldout = [float(np.mean([np.mean(scores[name][fold == 1 - k] > quantile(scores[name][fold == k]))
                                   for k in (0, 1)])) for name in names]
-        cal = AnomalyCalibration(resolution=self.resolution, sampling_config=config.to_dict(), threshold_names=names,
+        cal = AnomalyCalibration(resolution=self.resolution, tile_size=self.tile_size,
+                                 sampling_config=config.to_dict(), threshold_names=names,
                                  target_false_positive_rate=float(fpr), heldout_false_positive_rates=heldout,
                                  heldout_mask_share=mask_share if "self_aware" in methods else None, num_images=n)
         cal.q_threshold.copy_(q_p)

@@ -268,7 +268,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
         net = getattr(pipe, name, None)
         if net is None:
             continue
-        _convert(net, fmt, pipe.resolution, tmp / name)
+        _convert(net, fmt, pipe.tile_size, tmp / name)  # the networks run on tiles
         config = {**dict(net.config), _EXPORT_KEY: {"format": fmt, "precision": precision, "source": model.name}}
         (tmp / name / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
         index[name] = [__name__, _CLASSES[fmt].__name__]

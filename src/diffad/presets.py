@@ -12,6 +12,7 @@ Parameter counts (6 in, 3 out; run ``python -m diffad.presets`` to recompute the
 preset    ``block_out_channels``                 layers / attention   params      resolution
 ========  =====================================  ===================  ==========  ==========
 thesis    (128, 256, 384, 512, 1024)             2 / at 32 and 16 px  274.9M      256
+cpu       (16, 32, 64)                           1 / none             0.64M       64 crops of 256
 small     (32, 64, 128, 128)                     2 / at 8 px          6.3M        64 (or 128)
 tiny      (16, 32, 64)                           1 / at 8 px          0.69M       32 (or 64)
 ========  =====================================  ===================  ==========  ==========
@@ -76,6 +77,24 @@ UNET_PRESETS: Dict[str, Dict[str, Any]] = {
         "optimizer": "adam",
         "lr_warmup_steps": 100,
     },
+    # The CPU default (`diffad train` with no flags): the tiny UNet's shape on 64 px crops of 256 px images, inspected
+    # in overlapping 64 px tiles: a defect of a few pixels at 256 px stays a few pixels. No attention (fully
+    # convolutional, so a crop and a tile look alike); a budget in optimiser steps, EMA weights.
+    "cpu": {
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "attention_resolutions": (),
+        "norm_num_groups": 8,
+        "resolution": 256,
+        "crop_size": 64,
+        "train_batch_size": 16,
+        "learning_rate": 1e-3,
+        "num_epochs": 100,
+        "max_train_steps": 1500,
+        "use_ema": True,
+        "optimizer": "adam",
+        "lr_warmup_steps": 50,
+    },
     # For tests and the demo: trains in seconds at 32 px. Groups of 8 channels fit width 16.
     "tiny": {
         "block_out_channels": (16, 32, 64),
@@ -94,6 +113,8 @@ PRESET_NAMES: Tuple[str, ...] = tuple(UNET_PRESETS)
 
 # Keys of a preset that shape the UNet (the rest are training defaults).
 _ARCH_KEYS = ("block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups", "resolution")
+#: Training defaults only some presets set (None elsewhere): the crop, a step budget, EMA.
+_OPTIONAL_KEYS = ("crop_size", "max_train_steps", "use_ema")
 
 
 def _check_preset(preset: str) -> Dict[str, Any]:
@@ -134,6 +155,7 @@ def unet_kwargs(preset: str, **overrides: Any) -> Dict[str, Any]:
             widths not divisible by ``norm_num_groups``.
     """
     config = _check_preset(preset)
+    config["resolution"] = config.get("crop_size") or config["resolution"]  # the UNet's input: the crop
     overrides = {k: v for k, v in overrides.items() if v is not None}
     arch = {k: overrides.pop(k, config[k]) for k in _ARCH_KEYS}
     # Training defaults may be passed along with a preset's dict: they do not shape the UNet.
@@ -255,7 +277,7 @@ def preset_defaults(preset: str) -> Dict[str, Any]:
     Raises:
         ValueError: unknown preset.
     """
-    return _check_preset(preset)
+    return {**dict.fromkeys(_OPTIONAL_KEYS), **_check_preset(preset)}
 
 
 if __name__ == "__main__":  # python -m diffad.presets
