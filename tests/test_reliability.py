@@ -516,26 +516,6 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
         assert downloads == [[f"{who}{j}.png" for j in range(i + 1)] for i in range(3)]
 
 
-# ------------------------------------------------------------------ an exported folder tampered with (case 13)
-
-
-def test_case13_a_network_running_another_precision_than_the_calibration_is_refused(model, tmp_path, capsys):
-    pytest.importorskip("openvino")
-    folder = tmp_path / "exported"
-    assert main(["export", "--model", str(model), "--format", "openvino", "--out", str(folder)]) == 0
-    photos = tmp_path / "photos"
-    _photo(photos, "a.png")
-    config_path = folder / "calibration" / "config.json"
-    config = json.loads(config_path.read_text())
-    assert config["sampling_config"]["precision"] == "fp32"
-    config["sampling_config"]["precision"] = "bf16"  # as if another export's networks were swapped in
-    config_path.write_text(json.dumps(config))
-    capsys.readouterr()
-    assert main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "unet/ runs fp32 but it was calibrated in bf16" in err and err.count("\n") == 1
-
-
 # ------------------------------------------------------------------ the app on a busy port (case 18, third part)
 
 
