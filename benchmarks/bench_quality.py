@@ -208,6 +208,37 @@ def phase_metrics(out: Path, category: str, seed: int, phase: str) -> Optional[d
     return json.loads(path.read_text())["categories"][category] if path.is_file() else None
 
 
+def validation_vs_test(out: Path, categories: Sequence[str]) -> dict[str, Any]:
+    """Does validation (synthetic defects on held-out good parts, seed 0) predict the test split? Per category:
+    each detector's image AUROC and AUPRO on both, the Spearman rank correlation of the detectors on each metric,
+    and whether both pick the same best detector; plus the tiled-vs-whole-image choice made on validation."""
+    from scipy.stats import spearmanr
+
+    result: dict[str, Any] = {}
+    for category in categories:
+        cell = cell_dir(out, category, 0)
+        rows = {}
+        for detector, (phase, key) in DETECTORS.items():
+            val_path = cell / f"{phase}_validation" / category / "metrics.json"
+            val = json.loads(val_path.read_text()).get(key) if val_path.is_file() else None
+            test = phase_metrics(out, category, 0, phase)
+            rows[detector] = {"validation": val and {m: val.get(m) for m in ("image_auroc", "pixel_auroc", "aupro")},
+                              "validation_per_kind": val and val.get("image_auroc_per_kind"),
+                              "test": test and test.get(key) and {m: test[key].get(m)
+                                                                  for m in ("image_auroc", "pixel_auroc", "aupro")}}
+        both = {d: r for d, r in rows.items() if r["validation"] and r["test"]}
+        agreement = {}
+        for metric in ("image_auroc", "aupro"):
+            names = [d for d in both if both[d]["validation"][metric] is not None and both[d]["test"][metric] is not None]
+            if len(names) >= 3:
+                v = [both[d]["validation"][metric] for d in names]
+                t = [both[d]["test"][metric] for d in names]
+                agreement[metric] = {"spearman": float(spearmanr(v, t).statistic), "detectors": len(names),
+                                     "same_best": names[int(np.argmax(v))] == names[int(np.argmax(t))]}
+        result[category] = {"detectors": rows, "agreement": agreement}
+    return result
+
+
 def summarize(out: Path, categories: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Mean ± std over seeds per category and detector, and over seeds of the per-seed category mean."""
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -257,6 +288,23 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {d} | " + " | ".join(cell(s, m) for m in cols) + " |" for d, s in dets.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def validation_markdown(vt: dict[str, Any]) -> str:
+    """The validation (seed 0, synthetic defects) against test table: image AUROC / AUPRO of each detector."""
+    if not vt:
+        return ""
+    lines = ["", "### Validation (synthetic defects, seed 0) against test: image AUROC / AUPRO", "",
+             "| category | detector | validation | test |", "|---|---|---|---|"]
+    fmt = lambda r: "-" if not r else f"{r['image_auroc']:.3f} / {r['aupro'] if r['aupro'] is None else round(r['aupro'], 3)}"  # noqa: E731
+    for category, block in vt.items():
+        for detector, r in block["detectors"].items():
+            if r["validation"] or r["test"]:
+                lines.append(f"| {category} | {detector} | {fmt(r['validation'])} | {fmt(r['test'])} |")
+        for metric, a in block["agreement"].items():
+            lines.append(f"| {category} | rank agreement on {metric} | Spearman {a['spearman']:.2f} over "
+                         f"{a['detectors']} detectors | same best: {a['same_best']} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_cell(args: argparse.Namespace) -> int:
@@ -332,12 +380,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "working_resolution": 256, "crop_and_tile": 64,
                          "detectors": DETECTORS}
     summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
+    summary["validation_vs_test"] = validation_vs_test(out, categories) if 0 in seeds else {}
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))
     minutes = [m for m in summary["ddpm_train_minutes"].values() if m is not None]
     table = markdown(summary) + (f"\nDDPM training ({args.ddpm_steps} steps, one thread, --jobs {args.jobs}): "
                                  f"{np.mean(minutes):.1f} ± {np.std(minutes):.1f} minutes per cell "
                                  f"({len(minutes)} cells)\n" if minutes else "")
+    table += validation_markdown(summary["validation_vs_test"])
     (out / "table.md").write_text(table)
     print(table)
     return 0

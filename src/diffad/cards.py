@@ -336,6 +336,7 @@ def make_model_card(
     is_calibrated = isinstance(index.get("calibration"), list) and index["calibration"][0] is not None
     unet_config = _read_json(model_dir / "unet" / "config.json")
     resolution = config.get("resolution") or unet_config.get("sample_size", "?")
+    tile_size = config.get("crop_size") or unet_config.get("sample_size")
     num_train = log.get("num_train_images") or config.get("num_train_images")
 
     hyperparameters = _hyperparameters(config, log)
@@ -375,6 +376,7 @@ def make_model_card(
         card_data, template_path=str(template_path()),
         model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
         diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
+        tile_size=tile_size,
         has_segmenter=has_segmenter, is_calibrated=is_calibrated,
         target_fpr_percent=f"{100 * float(config.get('target_false_positive_rate', 0.05)):.0f}%",
         num_train_images=num_train, data_license_note=data_license_note,
