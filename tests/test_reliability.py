@@ -493,6 +493,7 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
     _demo, handlers, _ = _app(pipe, model)
     name = pipe.default_map("self_aware")
     seen: dict[str, list[list[str]]] = {"a": [], "b": []}
+    last: dict[str, Path] = {}
     errors: list[BaseException] = []
 
     def user(who: str) -> None:
@@ -503,6 +504,7 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
                 session, *_, csv_path, _ = handlers["inspect"]([str(photo)], session, name, 1.0)
                 _, _, csv_path, _ = handlers["redecide"](session, name, 0.5 + i)
                 seen[who].append([r["file"] for r in _rows(Path(csv_path))])
+            last[who] = Path(csv_path)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
@@ -514,6 +516,8 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
     assert not errors
     for who, downloads in seen.items():
         assert downloads == [[f"{who}{j}.png" for j in range(i + 1)] for i in range(3)]
+        # what each user downloads once both are done: their own rows only
+        assert [r["file"] for r in _rows(last[who])] == [f"{who}{j}.png" for j in range(3)]
 
 
 # ------------------------------------------------------------------ the app on a busy port (case 18, third part)
