@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffad.cli import main
 from tiny_components import CHEAP_CONFIG, saved_tiny_pipeline
@@ -154,3 +155,29 @@ def test_card_of_a_calibrated_model_names_its_sampler(model_dir, tmp_path):
     config["sampling_config"] = SamplingConfig.thesis().to_dict()
     config_path.write_text(json.dumps(config))
     assert "the `thesis` sampling config, which every call runs" in make_model_card(calibrated, RESULTS).text
+
+
+def test_card_states_the_false_positive_rate_the_model_was_calibrated_for(model_dir, tmp_path):
+    """The target false-positive rate, the precision and the number of images are the calibration's, whatever the
+    training log says (it never held them): a model calibrated for 20% false alarms must not be sold as 5%."""
+    import shutil
+
+    from diffad.cards import make_model_card
+    from tiny_components import random_images, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.calibrate(random_images(6), config=CHEAP_CONFIG, target_false_positive_rate=0.2,
+                   generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "calibrated_at_20"
+    pipe.save_pretrained(folder)
+    shutil.copy(model_dir / "training_log.json", folder / "training_log.json")
+    text = " ".join(make_model_card(folder, RESULTS).text.split())
+    assert "set for about 20% false alarms on normal images" in text and "5% false alarms" not in text
+    assert "fitted on 6 held-out normal images" in text and "(networks in fp32)" in text
+
+
+def test_card_of_an_uncalibrated_model_promises_no_false_positive_rate(model_dir):
+    from diffad.cards import make_model_card
+
+    text = " ".join(make_model_card(model_dir, RESULTS).text.split())
+    assert "not calibrated yet" in text and "% false alarms" not in text

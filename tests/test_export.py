@@ -69,14 +69,14 @@ def test_exported_folder_is_complete_and_self_describing(model, model_bf16, expo
     for rel in ("calibration/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "pipeline.py"):
         assert (folder / rel).read_bytes() == (model / rel).read_bytes(), rel
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["unet"] == ["diffad.export", {"openvino": "OpenVINONetwork", "onnx": "ONNXNetwork"}[fmt]]
+    assert index["unet"] == ["diffad.networks", {"openvino": "OpenVINONetwork", "onnx": "ONNXNetwork"}[fmt]]
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     assert unet_config["_diffad_export"] == {"format": fmt, "precision": precision, "source": source}
 
 
 def test_from_pretrained_loads_the_exported_folder_and_saves_it_again(model, exported, tmp_path):
     from diffad import SelfAwareInpaintPipeline
-    from diffad.export import ONNXNetwork, OpenVINONetwork
+    from diffad.networks import ONNXNetwork, OpenVINONetwork
 
     for (fmt, precision), cls in (((("openvino", "bf16")), OpenVINONetwork), (("onnx", "fp32"), ONNXNetwork)):
         pipe = SelfAwareInpaintPipeline.from_pretrained(exported[fmt, precision])
@@ -87,6 +87,22 @@ def test_from_pretrained_loads_the_exported_folder_and_saves_it_again(model, exp
         assert isinstance(again.unet, cls)
         x = torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(1))
         assert torch.equal(again.unet(x, 150).sample, pipe.unet(x, 150).sample)
+
+
+def test_a_folder_exported_before_diffad_networks_still_loads(exported, tmp_path):
+    """Folders exported by earlier versions name their networks ``["diffad.export", ...]``."""
+    import shutil
+
+    from diffad import SelfAwareInpaintPipeline
+    from diffad.networks import OpenVINONetwork
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["openvino", "fp32"], old)
+    index = json.loads((old / "model_index.json").read_text())
+    index["unet"] = ["diffad.export", "OpenVINONetwork"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    pipe = SelfAwareInpaintPipeline.from_pretrained(old)
+    assert isinstance(pipe.unet, OpenVINONetwork) and pipe.is_calibrated
 
 
 def test_a_missing_exported_file_is_one_line(exported, tmp_path):
@@ -112,8 +128,7 @@ def test_exporting_an_exported_folder_or_onnx_in_bf16_is_refused(exported, model
 def test_export_runs_the_calibrations_precision_or_refuses(model, model_bf16, tmp_path, capsys):
     """A bf16 network under fp32 thresholds (or the reverse) would decide with a calibration of another model."""
     for source, argv, message in (
-            (model, ["--precision", "bf16"], "was calibrated in fp32, and the exported networks run at the "
-                                             "calibration's precision; recalibrate"),
+            (model, ["--precision", "bf16"], "was calibrated in fp32; recalibrate with `diffad calibrate --model"),
             (model_bf16, ["--precision", "fp32"], "was calibrated in bf16"),
             (model_bf16, ["--format", "onnx"], "was calibrated in bf16 and ONNX runs fp32")):
         out = tmp_path / "out"
@@ -200,7 +215,7 @@ def test_a_fresh_process_loads_the_exported_folder_and_push_checks_it(model, mod
     (carded / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# card\n")
     assert main(["push", "--model", str(carded), "--repo-id", "acme/part-openvino", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "loads with diffusers and diffad.export (SelfAwareInpaintPipeline" in out
+    assert "loads with diffusers and diffad.networks (SelfAwareInpaintPipeline" in out
     assert "  unet/openvino_model.bin\n" in out and "  export.json\n" in out
 
 
@@ -208,7 +223,7 @@ def test_calibrating_an_exported_folder_records_its_networks_precision(exported,
     import shutil
 
     from diffad import SelfAwareInpaintPipeline
-    from diffad.export import OpenVINONetwork
+    from diffad.networks import OpenVINONetwork
 
     folder = tmp_path / "ov_fp32"
     shutil.copytree(exported["openvino", "fp32"], folder)

@@ -415,7 +415,7 @@ def test_case7_space_refuses_a_non_empty_out(model, tmp_path, capsys):
 def test_case10_calibrate_takes_the_training_split_and_refuses_another(model, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import diffad.data
+    import diffad.cli
     from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
 
     category = SYNTHETIC_CATEGORIES[0]
@@ -433,13 +433,13 @@ def test_case10_calibrate_takes_the_training_split_and_refuses_another(model, tm
     code = main(["calibrate", "--model", str(folder), "--data", str(data), "--category", "nut"])
     assert code == 2 and f"was trained on {category!r}" in capsys.readouterr().err
     seen = {}
-    real = diffad.data.load_mvtec
+    real = diffad.cli.load_mvtec
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(diffad.data, "load_mvtec", spy)
+    monkeypatch.setattr(diffad.cli, "load_mvtec", spy)
     assert main(["calibrate", "--model", str(folder), "--data", str(data), "--category", category]) == 0
     assert seen["validation_fraction"] == 0.5 and seen["seed"] == 3
 

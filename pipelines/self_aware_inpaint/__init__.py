@@ -1,8 +1,8 @@
 """The self-aware inpainting pipeline. ``pipeline.py`` is the very file every Hub repo carries."""
 
-# diffusers loads the networks of a `diffad export` folder (model_index.json: ["diffad.export", ...]) only from a
-# module already imported: importing the pipeline makes them loadable.
-from diffad import export as _exported_networks  # noqa: F401  (openvino/onnxruntime are imported only when used)
+# diffusers loads the networks of a `diffad export` folder (model_index.json: ["diffad.networks", ...]) only from a
+# module already imported: importing the pipeline makes them loadable. The only module of diffad imported here.
+from diffad import networks as _exported_networks  # noqa: F401  (openvino/onnxruntime are imported only when used)
 
 from .pipeline import (
     COMBINED_MAPS,
@@ -30,6 +30,7 @@ from .pipeline import (
     rgb_array,
     segmenter_logits,
     strided_timesteps,
+    threshold_key,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "rgb_array",
     "segmenter_logits",
     "strided_timesteps",
+    "threshold_key",
 ]

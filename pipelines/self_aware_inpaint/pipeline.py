@@ -476,6 +476,11 @@ class SamplingConfig:
 # =============================================================================== the calibration
 
 
+def threshold_key(method: str, map_name: str) -> str:
+    """The name of the image threshold (and metrics) of map ``map_name`` under ``method``: ``"<method>/<map>"``."""
+    return f"{method}/{map_name}"
+
+
 class AnomalyCalibration(ModelMixin, ConfigMixin):
     """What :meth:`SelfAwareInpaintPipeline.calibrate` fitted: the sampler it was fitted with, the per-pixel
     threshold map ``Q_p``, and one image threshold per ``"<method>/<map>"``. Saved as the ``calibration``
@@ -760,7 +765,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             raise ValueError(f"this pipeline was calibrated with sampling config {fitted.preset_name or fitted}; "
                              f"to run {wanted.preset_name or wanted}, recalibrate: "
                              f"pipe.calibrate(normal_images, config={wanted.preset_name or 'your_config'!r})")
-        if method == "self_aware" and cal.threshold("self_aware/multiscale") is None:
+        if method == "self_aware" and cal.threshold(threshold_key("self_aware", "multiscale")) is None:
             raise ValueError("this pipeline was calibrated for method='denoise' only: recalibrate with "
                              "pipe.calibrate(normal_images) to run method='self_aware'")
         return self._check_fits(fitted)
@@ -868,7 +873,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes}
 
     def _combined_thresholds(self) -> Dict[str, float]:
-        return {name: self.calibration.threshold(f"self_aware/{name}") for name in COMBINED_MAPS}
+        return {name: self.calibration.threshold(threshold_key("self_aware", name)) for name in COMBINED_MAPS}
 
     def _autocast(self, config: SamplingConfig):
         """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
@@ -931,11 +936,11 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         return SelfAwareInpaintPipelineOutput(*out) if return_dict else out
 
     def _decide(self, method: str, name: str, scores: torch.Tensor) -> Optional[torch.Tensor]:
-        threshold = self.calibration.threshold(f"{method}/{name}") if self.is_calibrated else None
+        threshold = self.calibration.threshold(threshold_key(method, name)) if self.is_calibrated else None
         if threshold is None and (method, name) not in _WARNED:
             _WARNED.add((method, name))
-            logger.warning(f"no image threshold calibrated for {method}/{name}: is_anomalous[{name!r}] is None; "
-                           "pipe.calibrate(normal_images) fits one for every map")
+            logger.warning(f"no image threshold calibrated for {threshold_key(method, name)}: is_anomalous[{name!r}] "
+                           "is None; pipe.calibrate(normal_images) fits one for every map")
             return None
         # fail closed: a NaN score is never "ok" (NaN > threshold would be False)
         return None if threshold is None else ~(scores <= threshold)
@@ -1020,7 +1025,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 per_map["combined"] = combined_map(per_map, {
                     name: quantile(per_map[name].flatten(1).amax(dim=1).double().numpy()) for name in COMBINED_MAPS})
             for name, values in per_map.items():
-                names.append(f"{method}/{name}")
+                names.append(threshold_key(method, name))
                 scores[names[-1]] = values.flatten(1).amax(dim=1).double().numpy()
 
         heldout = [float(np.mean([np.mean(scores[name][fold == 1 - k] > quantile(scores[name][fold == k]))

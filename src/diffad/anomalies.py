@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 
+from diffad.data import read_image
 from diffad.inputs import IMAGE_EXTENSIONS, walk_images
 
 __all__ = [
@@ -181,8 +182,6 @@ class TextureFolder(TextureSource):
         return len(self.files)
 
     def sample(self, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-        from diffad.data import read_image
-
         path = self.files[int(rng.integers(len(self.files)))]
         return read_image(path).resize(size, Image.BILINEAR)
 

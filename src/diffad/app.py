@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import os
 import shutil
@@ -38,12 +39,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from diffad import __version__
+from diffad.data import read_image
 from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipeline, read_error_words,
                            render_overlay)
 from diffad.inputs import skip_reason
+from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
+from diffad.pipelines.self_aware_inpaint import threshold_key
+from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
-from diffad.training_utils import atomic_write_text
+from diffad.training_utils import atomic_write_text, image_generator
 
 __all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
            "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]
@@ -91,14 +98,11 @@ class Inspector:
 
     def threshold(self, name: str) -> Optional[float]:
         """The calibrated image threshold of map ``name``."""
-        return self.pipe.calibration.threshold(f"{self.method}/{name}")
+        return self.pipe.calibration.threshold(threshold_key(self.method, name))
 
     def inspect(self, path: str | Path, name: Optional[str] = None) -> Inspection:
         """Read and score one file; a file that cannot be read (or judged) gives an :class:`Inspection` with its
         error, never an exception."""
-        from diffad.data import read_image
-        from diffad.training_utils import image_generator
-
         name = name or Path(path).name
         try:
             photo = read_image(path)
@@ -322,7 +326,7 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     lines = [f"**Model** `{shown}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
-    card = Path(model) / "README.md"
+    card = Path(model) / CARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").splitlines()
         category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")
@@ -429,11 +433,7 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--method", choices=("self_aware", "denoise"), default="self_aware")
     parser.add_argument("--seed", type=int, default=0, help="seeds each image's noise with its pixels (default: 0)")
-    from diffad.precision import PRECISION_CHOICES
-
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="assert the networks' precision the model was calibrated with (the app runs the "
-                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
+    add_precision_assertion(parser, "the app")
     parser.set_defaults(func=run)
 
 
@@ -466,8 +466,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
-    from diffad.precision import check_precision
-
     check_port_free(args.host, args.port)  # before the model loads, and before a URL is printed
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
@@ -540,30 +538,21 @@ def write_space(model: str | Path, repo_id: str, out: str | Path, force: bool = 
         ValueError: ``out`` is a model folder (its README.md is the model card), or is not empty and ``force`` is
             False.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from diffad import __version__
-    from diffad.export import is_exported
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id (ORG/NAME): {exc}") from None
-    model = Path(model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"--model {model} is not a diffad model folder (no model_index.json)")
+    model = require_model_folder(model, name=f"--model {model}")
     try:
         import gradio
 
         gradio_version = gradio.__version__
     except ImportError:
         gradio_version = "5.0.0"
-    import json
-
-    log = model / "training_log.json"
+    log = model / TRAINING_LOG
     category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
     out = Path(out)
-    if (out / "model_index.json").exists():
+    if (out / MODEL_INDEX).exists():
         raise ValueError(f"--out {out} is a model folder: its README.md is the model card and a Space would overwrite "
                          "it; pass a new folder for the Space")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -4,7 +4,9 @@
 ``diffad.model_cards``) through ``huggingface_hub.ModelCard.from_template``. The YAML metadata
 carries a ``model-index`` built from ``EvalResult`` objects (dataset, category, metric name and
 value for every method and anomaly map), so the Hub and ``huggingface_hub`` parse the results;
-the hyper-parameters come from ``training_log.json`` in the model folder.
+the hyper-parameters come from ``training_log.json`` in the model folder, and what the calibration fixed (the
+false-positive rate its thresholds were set for, the sampler, the precision, the number of normal images) from
+the calibration component.
 
 ``diffad card --model DIR --results results.json`` writes ``DIR/README.md`` atomically.
 
@@ -27,6 +29,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
+
+from diffad import __version__
+from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CONFIG_FILE, MODEL_INDEX, SEGMENTER_LOG,
+                                 TRAINING_LOG, calibration_config, components, require_model_folder)
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
+from diffad.training_utils import atomic_write_text
 
 __all__ = [
     "METRICS",
@@ -73,9 +84,9 @@ def _row_from_flat(row: Mapping[str, Any], category: Optional[str] = None) -> Op
     method = str(row.get("method", "self_aware"))
     amap = row.get("anomaly_map")
     if amap and "/" not in method and method != "denoise":
-        method = f"{method}/{amap}"
+        method = threshold_key(method, amap)
     elif amap and method == "denoise" and amap != "multiscale":
-        method = f"{method}/{amap}"
+        method = threshold_key(method, amap)
     return ResultRow(str(row.get("category", category or "unknown")), method, metrics)
 
 
@@ -123,7 +134,7 @@ def normalize_results(results: Any) -> list[ResultRow]:
 
 def read_training_log(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``training_log.json`` of the model folder as a dict (empty when absent or unreadable)."""
-    path = Path(model_dir) / "training_log.json"
+    path = Path(model_dir) / TRAINING_LOG
     if not path.is_file():
         return {}
     try:
@@ -179,7 +190,7 @@ _SEGMENTER_SUMMARY_KEYS = ("total_optimizer_steps", "stopped_by", "final_train_l
 
 def _segmenter_hyperparameters(model_dir: Path) -> list[tuple[str, str]]:
     """Rows of the segmenter table from ``segmenter_log.json`` (written by ``training/train_segmenter.py``)."""
-    log = _read_json(model_dir / "segmenter_log.json")
+    log = _read_json(model_dir / SEGMENTER_LOG)
     config = log.get("config") if isinstance(log.get("config"), Mapping) else {}
     summary = log.get("summary") if isinstance(log.get("summary"), Mapping) else {}
     items = [(k, config[k]) for k in _SEGMENTER_KEYS if config.get(k) is not None]
@@ -198,12 +209,10 @@ def _eval_table(rows: list[ResultRow]) -> str:
 
 
 def _num_parameters(model_dir: Path) -> str:
-    config_path = model_dir / "unet" / "config.json"
+    config_path = model_dir / "unet" / CONFIG_FILE
     weights = sorted((model_dir / "unet").glob("*.safetensors")) if (model_dir / "unet").is_dir() else []
     if weights:
         try:
-            from safetensors import safe_open
-
             total = 0
             with safe_open(str(weights[0]), framework="np") as handle:
                 for key in handle.keys():
@@ -214,18 +223,36 @@ def _num_parameters(model_dir: Path) -> str:
     return "an unknown number of" if not config_path.is_file() else "(see unet/config.json)"
 
 
-def _sampling_preset(model_dir: Path) -> Optional[str]:
-    """The name of the sampling config the model was calibrated with (``"fast"``, ``"thesis"``, ``"custom"``),
-    from ``calibration/config.json``; None when it does not say (a diffad 0.1 calibration)."""
-    values = _read_json(model_dir / "calibration" / "config.json").get("sampling_config")
-    if not isinstance(values, Mapping):
-        return None
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+#: The template's fields about the calibration (:func:`_calibration_facts`).
+_CALIBRATION_FACTS = ("target_fpr_percent", "calibration_images", "sampling_preset", "calibration_precision")
 
+
+def _calibration_facts(model_dir: Path) -> dict[str, Any]:
+    """What the card says about the calibration, read from the calibration component (the one owner of what runs):
+    ``target_fpr_percent`` (the false-positive rate its thresholds were set for), ``calibration_images``,
+    ``sampling_preset`` (``"fast"``, ``"thesis"``, ``"custom"``) and ``calibration_precision``; each None when the
+    model is not calibrated (or, for the sampler, was calibrated by diffad 0.1, which did not record it)."""
+    facts: dict[str, Any] = dict.fromkeys(_CALIBRATION_FACTS)
     try:
-        return SamplingConfig.from_dict(values).preset_name or "custom"
-    except (TypeError, ValueError):
-        return "custom"
+        calibration = calibration_config(model_dir) or {}
+    except ValueError:
+        logger.warning("ignoring the unreadable calibration of %s", model_dir)
+        return facts
+    fpr = calibration.get("target_false_positive_rate")
+    if _is_number(fpr):
+        facts["target_fpr_percent"] = f"{100 * float(fpr):g}%"
+    if _is_number(calibration.get("num_images")):
+        facts["calibration_images"] = int(calibration["num_images"])
+    values = calibration.get("sampling_config")
+    if isinstance(values, Mapping):
+        try:
+            sampling = SamplingConfig.from_dict(values)
+        except (TypeError, ValueError):
+            facts["sampling_preset"] = "custom"
+        else:
+            facts["sampling_preset"] = sampling.preset_name or "custom"
+            facts["calibration_precision"] = sampling.precision
+    return facts
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -271,13 +298,7 @@ def make_model_card(
         FileNotFoundError: ``model_dir`` is not a model folder.
         ValueError: no results for the category, or the category is ambiguous.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from diffad import __version__
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
+    model_dir = require_model_folder(model_dir)
     if isinstance(results, (str, os.PathLike)):
         results_path = Path(results)
         if not results_path.is_file():
@@ -331,10 +352,9 @@ def make_model_card(
         tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
         eval_results=eval_results)
 
-    index = _read_json(model_dir / "model_index.json")
-    has_segmenter = isinstance(index.get("segmenter"), list) and index["segmenter"][0] is not None
-    is_calibrated = isinstance(index.get("calibration"), list) and index["calibration"][0] is not None
-    unet_config = _read_json(model_dir / "unet" / "config.json")
+    present = components(_read_json(model_dir / MODEL_INDEX))
+    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
+    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
     resolution = config.get("resolution") or unet_config.get("sample_size", "?")
     tile_size = config.get("crop_size") or unet_config.get("sample_size")
     num_train = log.get("num_train_images") or config.get("num_train_images")
@@ -371,26 +391,23 @@ def make_model_card(
         data_license_note = ""
 
     default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
-    sampling_preset = _sampling_preset(model_dir) if is_calibrated else None
+    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
         diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
         tile_size=tile_size,
-        has_segmenter=has_segmenter, is_calibrated=is_calibrated,
-        target_fpr_percent=f"{100 * float(config.get('target_false_positive_rate', 0.05)):.0f}%",
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
         num_train_images=num_train, data_license_note=data_license_note,
         dataset_description=dataset_description, hyperparameters=hyperparameters,
         segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
         training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map=default_map, sampling_preset=sampling_preset)
+        default_map=default_map)
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
     """Write ``card`` as ``model_dir/README.md`` atomically (temporary file, then rename)."""
-    from diffad.training_utils import atomic_write_text
-
-    return atomic_write_text(Path(model_dir) / "README.md", str(card))
+    return atomic_write_text(Path(model_dir) / CARD_FILE, str(card))
 
 
 def register(subparsers) -> None:

@@ -20,20 +20,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from diffad import __version__
+from diffad.data import load_mvtec, split_fingerprint
+from diffad.detect import from_pretrained_quietly
+from diffad.model_folder import (CALIBRATION_COMPONENT, TRAINING_LOG, calibration_config, read_json,
+                                 require_model_folder)
+from diffad.networks import ExportedNetwork
+from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
+from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
 # The one error mechanism and one-line parser of diffad and its training scripts.
-from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, report_error,
-                                   run_with_clear_errors)
-
-if TYPE_CHECKING:
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
+from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, image_generator,
+                                   report_error, run_with_clear_errors, save_pipeline)
 
 __all__ = [
     "EXIT_OK",
@@ -87,8 +91,6 @@ def save_pipeline_atomically(pipe, model_dir: str | os.PathLike) -> Path:
     Returns:
         The model folder.
     """
-    from diffad.training_utils import save_pipeline
-
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     save_pipeline(pipe, model_dir)
@@ -142,14 +144,7 @@ def calibrate_model(
         ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
             a seed, validation fraction or category other than the training run's.
     """
-    from diffad.data import load_mvtec, split_fingerprint
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
-    from diffad.training_utils import image_generator
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json); "
-                                "train one with `diffad train` first")
+    model_dir = require_model_folder(model_dir, fix="; train one with `diffad train` first")
     validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
     sampling = SamplingConfig.from_preset(config)
     if percentile is not None:
@@ -158,11 +153,6 @@ def calibrate_model(
         sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
     if not 0.0 < target_false_positive_rate < 1.0:
         raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
-    from diffad.precision import resolve_precision
-
-    from diffad.detect import from_pretrained_quietly
-    from diffad.export import ExportedNetwork
-
     pipe = from_pretrained_quietly(model_dir)
     resolved = resolve_precision(precision, pipe.device)
     # `diffad export`'s networks run the precision they were built at
@@ -195,11 +185,11 @@ def calibrate_model(
 
 def _training_config(model_dir: Path) -> dict:
     """The ``config`` of ``model_dir/training_log.json`` ({} when there is none)."""
-    log = model_dir / "training_log.json"
-    try:
-        return json.loads(log.read_text(encoding="utf-8")).get("config") or {}
-    except FileNotFoundError:
+    log = model_dir / TRAINING_LOG
+    if not log.is_file():
         return {}
+    try:
+        return read_json(log).get("config") or {}
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
                          "--validation-fraction and --seed as in training") from None
@@ -237,14 +227,13 @@ def training_split(model_dir: Path, category: str, validation_fraction: Optional
 def calibration_summary(model_dir: str | os.PathLike) -> str:
     """One line on a saved calibration: its sampling config, and what it measured on held-out normal images
     (the share of pixels masked, and each image threshold's false-positive rate against the target)."""
-    path = Path(model_dir) / "calibration" / "config.json"
     try:
-        cal = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FileNotFoundError(f"{path}: no readable calibration ({type(exc).__name__}); run `diffad calibrate`"
-                                ) from exc
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
-
+        cal = calibration_config(model_dir)
+    except (OSError, ValueError):
+        cal = None
+    if cal is None:
+        raise FileNotFoundError(f"{Path(model_dir) / CALIBRATION_COMPONENT}: no readable calibration; run "
+                                "`diffad calibrate`")
     sampling = SamplingConfig.from_dict(cal["sampling_config"])
     share = cal.get("heldout_mask_share")
     share_text = "n/a" if share is None else f"{share:.3f} (expected about {1 - sampling.mask_percentile:.2f})"
@@ -257,9 +246,6 @@ def calibration_summary(model_dir: str | os.PathLike) -> str:
 
 
 def _register_calibrate(subparsers) -> None:
-    from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
-    from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES
-
     passes = ", ".join(f"{name}: {SamplingConfig.from_preset(name).unet_passes('self_aware')}"
                        for name in SAMPLING_PRESETS)
     parser = subparsers.add_parser(
@@ -359,7 +345,7 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from diffad.training import train_ddpm
+    from diffad.training import train_ddpm  # imports accelerate: only when training, not on every `diffad` call
 
     forwarded = list(getattr(args, "_extra", []))
     if args.num_processes < 1:
@@ -393,8 +379,6 @@ def _unavailable(name: str, exc: BaseException) -> Callable:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffad`` parser with every subcommand registered by the module that implements it."""
-    from diffad import __version__
-
     parser = OneLineArgumentParser(
         prog="diffad",
         description="Visual inspection with diffusion models: train on good parts, find defects in new "
@@ -409,11 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
             register = _register_train
         elif name == "calibrate":
             register = _register_calibrate
-        elif name == "space":
-            from diffad.app import register_space as register
         else:
             try:
-                register = importlib.import_module(module_name).register
+                module = importlib.import_module(module_name)
+                register = module.register_space if name == "space" else module.register
             except Exception as exc:  # a module that fails to import must not break the others
                 logger.debug("subcommand %s unavailable", name, exc_info=True)
                 register = _unavailable(name, exc)

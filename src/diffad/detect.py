@@ -44,11 +44,20 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image, UnidentifiedImageError
+from scipy.ndimage import binary_opening
 
 from diffad.data import ImageReadError, read_image
+from diffad.figures import overlay
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
+from diffad.model_folder import require_model_folder
+from diffad.networks import INSTALL_HINT, ExportedNetwork
+from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SelfAwareInpaintPipeline,
+                                                 threshold_key)
+from diffad.precision import add_precision_assertion, check_precision
+from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
+from diffad.training_utils import file_lock, image_generator
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -117,13 +126,9 @@ def load_pipeline(model: str | os.PathLike):
         FileNotFoundError: ``model`` is neither an existing model folder nor a Hub id.
         ValueError: the model is not calibrated (``diffad calibrate`` first).
     """
-    from diffad.export import INSTALL_HINT
-
     path = Path(model)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffad model folder (no model_index.json)")
-        source = str(path)
+        source = str(require_model_folder(path))
     else:
         source = str(model)
         if source.count("/") != 1 or source.startswith((".", "/")) or path.suffix:
@@ -148,8 +153,6 @@ def _check_network_precision(pipe, model) -> None:
     """Refuse a folder whose loaded networks run another precision than its calibration's: an exported network
     runs the precision it was built at, so another export's ``unet/`` swapped in, or an edited config, would run
     unnoticed."""
-    from diffad.export import ExportedNetwork
-
     fitted = pipe.calibration.sampling.precision
     for name in ("unet", "segmenter"):
         network = getattr(pipe, name, None)
@@ -161,10 +164,6 @@ def _check_network_precision(pipe, model) -> None:
 def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
     """``SelfAwareInpaintPipeline.from_pretrained`` without diffusers' "Loading pipeline components" bar (noise
     around a command's own lines, and never part of a one-line error)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     try:
@@ -232,8 +231,6 @@ def render_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[n
     """Draw ``anomaly_map`` (R, R) and the suspect-pixel mask's outline (R, R bool) over ``photo``, at the photo's
     size capped to :data:`MAX_OVERLAY_SIDE`; the map is divided by twice the image threshold (``vmax``) so that
     the middle of the colour scale is the pass/fail threshold on every image (``diffad detect`` and the app)."""
-    from diffad.figures import overlay
-
     photo = photo.copy()
     photo.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE), Image.Resampling.BILINEAR)
     size = photo.size
@@ -245,8 +242,6 @@ def render_overlay(photo: Image.Image, anomaly_map: np.ndarray, mask: Optional[n
         heat_np = np.clip(heat_np / (2.0 * vmax), 0.0, 1.0)
     outline = None
     if mask is not None:
-        from scipy.ndimage import binary_opening
-
         # The calibrated mask flags ~(1 - percentile) of the pixels of any image, mostly isolated ones;
         # outlining those would hide the photo, so only regions of at least 2 x 2 model pixels are drawn.
         mask = binary_opening(np.asarray(mask, dtype=bool), structure=np.ones((2, 2), dtype=bool))
@@ -270,8 +265,9 @@ def _check_options(pipe, model, method: str, anomaly_map: str, config: Optional[
         raise ValueError(f"--anomaly-map {anomaly_map} exists only with --method self_aware (it uses the mask "
                          f"stage's noise error); with --method {method} choose from "
                          f"{', '.join(pipe.map_names(method))}")
-    if pipe.calibration.threshold(f"{method}/{anomaly_map}") is None:  # no threshold: no decision, never "ok"
-        raise ValueError(f"{model} has no calibrated threshold for {method}/{anomaly_map}: run "
+    key = threshold_key(method, anomaly_map)
+    if pipe.calibration.threshold(key) is None:  # no threshold: no decision, never "ok"
+        raise ValueError(f"{model} has no calibrated threshold for {key}: run "
                          f"`diffad calibrate --model {model} ...` (it fits one for every map)")
     fitted = pipe.calibration.sampling  # a diffad 0.1 calibration says to recalibrate
     if config is not None and fitted.preset_name != config:
@@ -327,8 +323,6 @@ def detect(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if anomaly_map is None:
-        from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-
         anomaly_map = SelfAwareInpaintPipeline.default_map(method)
     if anomaly_map not in MAP_NAMES:
         raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
@@ -353,17 +347,13 @@ def detect(
     if pipe is None:
         pipe = load_pipeline(model)
     _check_options(pipe, model, method, anomaly_map, config)
-    from diffad.precision import check_precision
-
     check_precision(pipe, precision, str(model))
 
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        from diffad.results import calibration_hash, check_identity
-
         identity = {"model": str(model), "calibration": calibration_hash(pipe), "method": method,
-                    "map": anomaly_map, "threshold": pipe.calibration.threshold(f"{method}/{anomaly_map}"),
+                    "map": anomaly_map, "threshold": pipe.calibration.threshold(threshold_key(method, anomaly_map)),
                     "seed": seed}
         check_identity(out_dir / IDENTITY_NAME, identity, out_dir / RESULTS_NAME)
         summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
@@ -375,8 +365,6 @@ def detect(
 def _exclusive(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir/.diffad-detect.lock`` (an OS lock, released even by a killed process) for the run: a second
     ``diffad detect`` into the same folder fails at once with one line instead of interleaving rows."""
-    from diffad.training_utils import file_lock
-
     try:
         with file_lock(out_dir / LOCK_NAME, blocking=False):
             yield
@@ -387,12 +375,9 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 
 def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomaly_map: str, method: str,
                  seed: int) -> DetectSummary:
-    from diffad.results import ResultsFile, safe_cell
-    from diffad.training_utils import image_generator
-
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
-    threshold = pipe.calibration.threshold(f"{method}/{anomaly_map}")  # the decisions' and the overlays' scale
+    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the decisions' and overlays' scale
     base = {"score": "", "overlay": "", "error": "", "map": anomaly_map, "threshold": format_score(threshold)}
     with ResultsFile(results_csv, CSV_FIELDS) as table:
         done = table.done()
@@ -453,11 +438,7 @@ def register(subparsers) -> None:
     parser.add_argument("--config", choices=SAMPLING_PRESETS, default=None,
                         help="assert the sampling preset the model was calibrated with (detect always runs the "
                              "calibration's; `diffad calibrate --config` picks it): exit 2 when it differs")
-    from diffad.precision import PRECISION_CHOICES
-
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="assert the networks' precision the model was calibrated with (detect always runs the "
-                             "calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
+    add_precision_assertion(parser, "detect")
     parser.add_argument("--seed", type=int, default=0,
                         help="with each image's pixels, seeds that image's diffusion noise (default: 0)")
     parser.set_defaults(func=run)

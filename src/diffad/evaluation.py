@@ -67,7 +67,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffad.data import list_categories, load_mvtec
+from diffad.detect import from_pretrained_quietly
+from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
+from diffad.model_folder import MODEL_INDEX
+from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
+from diffad.precision import add_precision_assertion, check_precision
+from diffad.results import csv_text
+from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
     "CategoryEvaluation",
@@ -89,14 +97,6 @@ logger = logging.getLogger(__name__)
 CSV_FIELDS = ("file", "category", "defect_type", "label", "method", "map", "score", "decision", "threshold")
 #: The inpainting-mask statistics recorded for ``self_aware`` (module docstring).
 MASK_KEYS = ("mask_normal_share", "mask_defect_recall", "mask_precision")
-
-
-def _pipeline_names() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """``(METHODS, MAP_NAMES, SAMPLING_PRESETS)`` of the pipeline, imported when needed (diffusers is slow to
-    import, and ``diffad --help`` imports this module)."""
-    from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS
-
-    return METHODS, MAP_NAMES, SAMPLING_PRESETS
 
 
 @dataclass
@@ -179,11 +179,8 @@ def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline
         ValueError: ``config`` is not a preset, or is not the config ``pipe`` was calibrated with (one line:
             recalibrate with ``diffad calibrate --config ...``).
     """
-    from diffad.pipelines.self_aware_inpaint import SamplingConfig
-
-    _, _, presets = _pipeline_names()
-    if isinstance(config, str) and config not in presets:
-        raise ValueError(f"--config must be one of {', '.join(presets)}; got {config!r}")
+    if isinstance(config, str) and config not in SAMPLING_PRESETS:
+        raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}; got {config!r}")
     wanted = None if config is None else SamplingConfig.from_preset(config)
     if not pipe.is_calibrated:
         return (wanted or SamplingConfig.fast()).to_dict()
@@ -198,17 +195,16 @@ def check_config(pipe, config: Union[None, str, Any], where: str = "the pipeline
 
 def _maps_per_method(pipe, methods: Sequence[str], anomaly_maps: Optional[Sequence[str]]) -> dict[str, tuple[str, ...]]:
     """``{method: maps to evaluate}``: every map the method returns (None), or those of ``anomaly_maps`` it has."""
-    _, map_names, _ = _pipeline_names()
     available = {m: tuple(pipe.map_names(m)) for m in methods}
     if anomaly_maps is None:
         return available
     for a in anomaly_maps:
-        if a not in map_names:
-            raise ValueError(f"unknown anomaly map {a!r}; choose from {', '.join(map_names)}")
+        if a not in MAP_NAMES:
+            raise ValueError(f"unknown anomaly map {a!r}; choose from {', '.join(MAP_NAMES)}")
     if "learned" in anomaly_maps and pipe.segmenter is None:
         raise ValueError("anomaly map 'learned' needs a segmenter in the model folder: train one with "
                          "training/train_segmenter.py, or leave 'learned' out of --anomaly-maps")
-    chosen = {m: tuple(a for a in map_names if a in anomaly_maps and a in available[m]) for m in methods}
+    chosen = {m: tuple(a for a in MAP_NAMES if a in anomaly_maps and a in available[m]) for m in methods}
     for m, names in chosen.items():
         if not names:
             raise ValueError(f"method {m!r} returns none of the anomaly maps {', '.join(anomaly_maps)} (its maps: "
@@ -261,16 +257,12 @@ def evaluate_pipeline(
             maps asked for, another sampling config than the calibration's, a batch size < 1, or a test split on
             which a metric is undefined (e.g. no defective image).
     """
-    from diffad.figures import FigureRow
-    from diffad.training_utils import image_generator
-
-    all_methods, _, _ = _pipeline_names()
-    methods = list(all_methods if methods is None else methods)
+    methods = list(METHODS if methods is None else methods)
     if not methods:
         raise ValueError("need at least one method")
     for m in methods:
-        if m not in all_methods:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(all_methods)}")
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if anomaly_maps is not None and not list(anomaly_maps):
         raise ValueError("need at least one anomaly map (or None for every map)")
     maps_of = _maps_per_method(pipe, methods, None if anomaly_maps is None else list(anomaly_maps))
@@ -322,7 +314,7 @@ def evaluate_pipeline(
                 for j, res in enumerate(results):
                     for kind in maps_of[method]:
                         decisions = out.is_anomalous.get(kind)
-                        res["out"][f"{method}/{kind}"] = {
+                        res["out"][threshold_key(method, kind)] = {
                             "score": float(out.scores[kind][j]),
                             "decision": None if decisions is None else bool(decisions[j]),
                             "map": np.asarray(out.anomaly_maps[kind][j], dtype=np.float32),
@@ -331,7 +323,8 @@ def evaluate_pipeline(
                     if method == "self_aware":
                         res["mask_counts"] = (int(masks[j].sum()), int((masks[j] & res["gt"]).sum()))
                     if res["index"] in figure_set and method == figure_method:
-                        res["figure"] = {kind: res["out"][f"{method}/{kind}"]["map"] for kind in maps_of[method]}
+                        res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"]
+                                         for kind in maps_of[method]}
                         res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
                         res["figure"]["inpainting_mask"] = masks[j]
                         res["figure"]["image"] = np.asarray(images[j].resize((resolution, resolution),
@@ -372,7 +365,7 @@ def evaluate_pipeline(
     metrics: dict[str, dict[str, Any]] = {}
     threshold_of = getattr(getattr(pipe, "calibration", None), "threshold", None)
     for method, kind in combos:
-        key = f"{method}/{kind}"
+        key = threshold_key(method, kind)
         threshold = threshold_of(key) if callable(threshold_of) else None  # what decided the rows
         scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
         maps = np.stack([r["out"][key]["map"] for r in gathered])
@@ -429,10 +422,9 @@ def mean_metrics(per_category: dict[str, dict[str, dict[str, Any]]]) -> dict[str
 
 
 def _key_order(key: str) -> tuple[int, int, str]:
-    methods, map_names, _ = _pipeline_names()
     method, _, kind = key.partition("/")
-    return (methods.index(method) if method in methods else len(methods),
-            map_names.index(kind) if kind in map_names else len(map_names), key)
+    return (METHODS.index(method) if method in METHODS else len(METHODS),
+            MAP_NAMES.index(kind) if kind in MAP_NAMES else len(MAP_NAMES), key)
 
 
 def markdown_table(per_category: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -476,17 +468,11 @@ def markdown_table(per_category: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from diffad.training_utils import atomic_write_text
-
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_outputs(results: Sequence[CategoryEvaluation], out_dir: Path, settings: dict[str, Any]) -> None:
     """Write ``per_image.csv``, ``metrics.json``, ``metrics/<category>.json``, ``table.md`` and the figures."""
-    from diffad.figures import inspection_figure
-    from diffad.results import csv_text
-    from diffad.training_utils import atomic_write_text
-
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_image.csv", csv_text([r for result in results for r in result.records],
                                                           CSV_FIELDS))
@@ -513,9 +499,9 @@ def resolve_model_dir(model: Path, category: str, num_categories: int) -> Path:
     Raises:
         FileNotFoundError: neither exists.
     """
-    if (model / category / "model_index.json").is_file():
+    if (model / category / MODEL_INDEX).is_file():
         return model / category
-    if (model / "model_index.json").is_file():
+    if (model / MODEL_INDEX).is_file():
         if num_categories == 1:
             return model
         raise FileNotFoundError(f"{model} is one model but {num_categories} categories are evaluated: put one model "
@@ -553,10 +539,7 @@ def evaluate_folder(
     Returns:
         One :class:`CategoryEvaluation` per category.
     """
-    from diffad.data import list_categories, load_mvtec
-
-    all_methods, _, _ = _pipeline_names()
-    methods = list(all_methods if methods is None else methods)
+    methods = list(METHODS if methods is None else methods)
     model, data, out_dir = Path(model), Path(data), Path(out_dir)
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
@@ -570,12 +553,8 @@ def evaluate_folder(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for c in categories:
-        from diffad.detect import from_pretrained_quietly
-
         pipe = from_pretrained_quietly(model_dirs[c]).to(device)
         check_config(pipe, config, where=str(model_dirs[c]))
-        from diffad.precision import check_precision
-
         check_precision(pipe, precision, str(model_dirs[c]))
         split = load_mvtec(data, c, resolution=int(pipe.resolution))["test"]
         logger.info("evaluating %s on %d test images of %r", model_dirs[c], len(split), c)
@@ -619,12 +598,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling preset the model must be calibrated with: fast or thesis (default: whatever "
                              "it was calibrated with; another one is an error: recalibrate with "
                              "`diffad calibrate --config ...`)")
-    from diffad.precision import PRECISION_CHOICES
-
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="the networks' precision the model must be calibrated with (default: whatever it was "
-                             "calibrated with; another one is an error: recalibrate with `diffad calibrate "
-                             "--precision ...`)")
+    add_precision_assertion(parser, "evaluate")
     parser.add_argument("--out", required=True, help="output folder (CSV, JSON, table.md, figures/)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image diffusion noise (default: 0)")
@@ -644,21 +618,21 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad evaluate``; returns the exit code. User errors raise ValueError / FileNotFoundError."""
-    all_methods, map_names, presets = _pipeline_names()
     methods = _csv_list(args.methods)
     maps = None if args.anomaly_maps is None else _csv_list(args.anomaly_maps)
     if not methods:
-        raise ValueError(f"--methods: give at least one of {', '.join(all_methods)}")
+        raise ValueError(f"--methods: give at least one of {', '.join(METHODS)}")
     for m in methods:
-        if m not in all_methods:
-            raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(all_methods)}")
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
     if maps is not None and not maps:
-        raise ValueError(f"--anomaly-maps: give at least one of {', '.join(map_names)}")
+        raise ValueError(f"--anomaly-maps: give at least one of {', '.join(MAP_NAMES)}")
     for a in maps or []:
-        if a not in map_names:
-            raise ValueError(f"--anomaly-maps: unknown map {a!r}; choose from {', '.join(map_names)}")
-    if args.config is not None and args.config not in presets:
-        raise ValueError(f"--config: unknown sampling preset {args.config!r}; choose from {', '.join(presets)}")
+        if a not in MAP_NAMES:
+            raise ValueError(f"--anomaly-maps: unknown map {a!r}; choose from {', '.join(MAP_NAMES)}")
+    if args.config is not None and args.config not in SAMPLING_PRESETS:
+        raise ValueError(f"--config: unknown sampling preset {args.config!r}; choose from "
+                         f"{', '.join(SAMPLING_PRESETS)}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     accelerator = None
@@ -686,8 +660,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
-        from diffad.training_utils import report_error
-
         return report_error("diffad evaluate", exc, 2)
 
 

@@ -32,9 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import huggingface_hub
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from diffad.app import write_space
+from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, COMPONENT_FILES, EXPORT_FILE, HUB_TOP_LEVEL_FILES,
+                                 LOG_FILES, PIPELINE_FILE, calibration_config, components, is_exported, read_json,
+                                 read_model_index)
+from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
 
 __all__ = [
-    "HUB_TOP_LEVEL_FILES",
     "PushResult",
     "check_publishable",
     "assemble_hub_folder",
@@ -46,29 +53,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What ``diffad export`` writes into an exported model folder: which model, format, precision and calibration.
-EXPORT_FILE = "export.json"
-HUB_TOP_LEVEL_FILES = ("model_index.json", "pipeline.py", "README.md", "training_log.json", "segmenter_log.json",
-                       EXPORT_FILE)
-#: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
-#: and caches stay behind).
-_NETWORK_FILES = ("config.json", "diffusion_pytorch_model.safetensors",
-                  "openvino_model.xml", "openvino_model.bin", "model.onnx")  # torch, or `diffad export`'s formats
-COMPONENT_FILES = {
-    "unet": _NETWORK_FILES,
-    "segmenter": _NETWORK_FILES,
-    "scheduler": ("scheduler_config.json",),
-    "calibration": ("config.json", "diffusion_pytorch_model.safetensors", "pipeline.py"),
-}
-#: Logs published with local paths replaced by their last part (a training machine's folders are private).
-_LOG_FILES = ("training_log.json", "segmenter_log.json")
 LOAD_CHECK_TIMEOUT_S = 600
+#: What the load check loads a folder with: diffusers alone, or with diffad's runtime networks when exported.
+_LOADS_WITH = {False: "diffusers alone", True: "diffusers and diffad.networks"}
 
 _LOAD_CHECK_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    if sys.argv[2] == "exported":  # `diffad export`'s networks are diffad.export components: diffad[openvino]
-        import diffad.export
+    if sys.argv[2] == "exported":  # `diffad export`'s networks are diffad.networks components: diffad[openvino]
+        import diffad.networks
     else:
         sys.modules["diffad"] = None  # the check must pass with diffusers alone, as on a Hub user's machine
     from diffusers import DiffusionPipeline
@@ -96,26 +89,6 @@ class PushResult:
     space_url: Optional[str] = None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-
-
-def _model_index(model_dir: Path) -> dict:
-    path = model_dir / "model_index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffad model folder (no model_index.json)")
-    return _read_json(path)
-
-
-def _components(index: dict) -> list[str]:
-    """Component names of a model_index.json (entries ``[library, class]`` whose library is set)."""
-    return sorted(k for k, v in index.items()
-                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None)
-
-
 def check_publishable(model_dir: str | os.PathLike) -> dict:
     """Refuse folders that must not go to the Hub; return their model_index.json.
 
@@ -127,21 +100,21 @@ def check_publishable(model_dir: str | os.PathLike) -> dict:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir} does not exist")
-    index = _model_index(model_dir)
-    if "calibration" not in _components(index):
+    index = read_model_index(model_dir)
+    if CALIBRATION_COMPONENT not in components(index):
         raise ValueError(f"{model_dir} is not calibrated: run `diffad calibrate --model {model_dir} --data DIR "
                          "--category C` before pushing (a Hub model must answer pass/fail out of the box)")
-    calibration = model_dir / "calibration" / "config.json"
-    if calibration.is_file() and _read_json(calibration).get("sampling_config") is None:
+    calibration = calibration_config(model_dir)
+    if calibration is not None and calibration.get("sampling_config") is None:
         raise ValueError(f"{model_dir} was calibrated by diffad 0.1, which did not record its sampler: run "
                          f"`diffad calibrate --model {model_dir} --data DIR --category C` again before pushing")
-    if not (model_dir / "README.md").is_file():
-        raise ValueError(f"{model_dir} has no model card (README.md): run `diffad card --model {model_dir} "
+    if not (model_dir / CARD_FILE).is_file():
+        raise ValueError(f"{model_dir} has no model card ({CARD_FILE}): run `diffad card --model {model_dir} "
                          "--results RESULTS.json` before pushing")
-    if not (model_dir / "pipeline.py").is_file():
-        raise FileNotFoundError(f"{model_dir} has no pipeline.py: re-save it with "
+    if not (model_dir / PIPELINE_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} has no {PIPELINE_FILE}: re-save it with "
                                 "SelfAwareInpaintPipeline.from_pretrained(dir).save_pretrained(dir)")
-    for name in _components(index):
+    for name in components(index):
         if not (model_dir / name).is_dir():
             raise FileNotFoundError(f"{model_dir}/model_index.json names component {name!r} but {model_dir / name} "
                                     "does not exist")
@@ -180,30 +153,28 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
     Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
     link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
     diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder."""
-    from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
-
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
     own_code = Path(pipeline_module.__file__)
-    wanted = [name for name in HUB_TOP_LEVEL_FILES]
-    wanted += [f"{c}/{f}" for c in _components(index) for f in COMPONENT_FILES.get(c, ())]
+    wanted = list(HUB_TOP_LEVEL_FILES)
+    wanted += [f"{c}/{f}" for c in components(index) for f in COMPONENT_FILES.get(c, ())]
     files: list[str] = []
     for rel in wanted:
         source = _source_file(model_dir, rel)
         if source is None:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        if Path(rel).name == "pipeline.py":
+        if Path(rel).name == PIPELINE_FILE:
             if source.read_bytes() != own_code.read_bytes():
                 logger.warning("%s differs from diffad's pipeline.py: publishing diffad's own", source)
             shutil.copyfile(own_code, dest / rel)
-        elif rel in _LOG_FILES:
-            (dest / rel).write_text(json.dumps(_strip_local_paths(_read_json(source)), indent=2), encoding="utf-8")
+        elif rel in LOG_FILES:
+            (dest / rel).write_text(json.dumps(_strip_local_paths(read_json(source)), indent=2), encoding="utf-8")
         else:
             shutil.copyfile(source, dest / rel)
         files.append(rel)
-    unknown = [c for c in _components(index) if c not in COMPONENT_FILES]
+    unknown = [c for c in components(index) if c not in COMPONENT_FILES]
     if unknown:
         raise ValueError(f"{model_dir}/model_index.json names components diffad does not publish: {unknown}")
     return sorted(files)
@@ -212,7 +183,7 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
 def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHECK_TIMEOUT_S) -> dict:
     """Load ``folder`` with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` in a fresh,
     offline process where ``diffad`` cannot be imported; return what it reported. A ``diffad export`` folder
-    (``export.json``) is loaded after ``import diffad.export`` instead: its networks are that module's components.
+    (``export.json``) is loaded after ``import diffad.networks`` instead: its networks are that module's components.
 
     Raises:
         RuntimeError: the folder does not load (the child's last error line is in the message),
@@ -221,15 +192,13 @@ def check_loads_offline(folder: str | os.PathLike, *, timeout: float = LOAD_CHEC
     with tempfile.TemporaryDirectory(prefix="diffad-load-check-") as hf_home:
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=hf_home, HF_DATASETS_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1")
-        from diffad.export import is_exported
-
         exported = is_exported(folder)
         proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK_SCRIPT, str(Path(folder).resolve()),
                                "exported" if exported else "torch"],
                               env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        alone = "diffusers and diffad.export" if exported else "diffusers alone"
+        alone = _LOADS_WITH[exported]
         raise RuntimeError(f"the Hub folder does not load with {alone}: {lines[-1] if lines else proc.returncode}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if not report.get("calibrated"):
@@ -263,9 +232,6 @@ def push_model(
         ValueError / FileNotFoundError: a bad repo id or a model that may not be published.
         RuntimeError: the assembled folder does not load offline.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     for flag, value in (("--repo-id", repo_id), ("--with-space", space_id)):
         try:
             if value is not None:
@@ -283,12 +249,10 @@ def push_model(
         result.load_check = check_loads_offline(folder)
         space = Path(tmp) / "space"
         if space_id is not None:
-            from diffad.app import write_space
-
             result.space_files = sorted(p.name for p in write_space(model_dir, repo_id, space))
         if dry_run:
             return result
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)
         repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=commit_message or f"Upload diffad model from {Path(model_dir).name}")
@@ -329,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.uploaded:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id} "
               f"({'private' if args.private else 'public'}); the folder loads with "
-              f"{'diffusers and diffad.export' if EXPORT_FILE in result.files else 'diffusers alone'} "
+              f"{_LOADS_WITH[EXPORT_FILE in result.files]} "
               f"({result.load_check.get('class')}, components: {', '.join(result.load_check.get('components', []))}, "
               f"sampling config: {result.load_check.get('sampling')}):")
         for name in result.files:

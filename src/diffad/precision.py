@@ -1,18 +1,22 @@
 """The networks' precision on this machine: bf16 where the CPU (or GPU) does it natively, else fp32.
 
 ``--precision auto`` (the default of ``diffad calibrate``) resolves here; the calibration records the result as
-``SamplingConfig.precision``, and every later call runs it (a calibration is what runs).
+``SamplingConfig.precision``, and every later call runs it (a calibration is what runs). Every other command's
+``--precision`` (``detect``, ``evaluate``, ``app``, ``export``) is an assertion, never a switch: one flag
+(:func:`add_precision_assertion`) checked by one helper with one message (:func:`check_precision`).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_PRECISION", "PRECISION_CHOICES", "check_precision", "cpu_has_bf16", "resolve_precision"]
+__all__ = ["DEFAULT_PRECISION", "PRECISION_CHOICES", "add_precision_assertion", "check_precision",
+           "cpu_has_bf16", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +59,31 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str
     return "fp32"
 
 
-def check_precision(pipe, requested: str | None, where: str) -> None:
-    """``--precision`` of ``detect``/``evaluate``/``app``: an assertion, never a switch. A calibrated pipeline runs
-    its calibration's precision; ``requested`` (resolved on this machine) must be that one, else one line saying to
-    recalibrate."""
+def check_precision(pipe, requested: str | None, where: str, *, here: bool = True) -> None:
+    """Assert a command's ``--precision`` against the calibration's: a calibrated pipeline runs its calibration's
+    precision, so ``requested`` must be that one, else ValueError, one line saying to recalibrate.
+
+    Args:
+        pipe: the loaded pipeline (an uncalibrated one asserts nothing).
+        requested: the flag's value; None asserts nothing.
+        where: the model, as the message names it.
+        here: resolve ``requested`` on this machine (``detect``, ``evaluate``, ``app``: what runs now; ``bf16``
+            on a CPU without it is fp32); False takes it as written (``export``: the precision the exported
+            networks are built at, wherever they will run).
+    """
     if requested is None or not pipe.is_calibrated:
         return
-    wanted = resolve_precision(requested, pipe.device)
+    wanted = resolve_precision(requested, pipe.device) if here else requested
     fitted = pipe.calibration.sampling.precision
     if wanted != fitted:
-        raise ValueError(f"--precision {requested} ({wanted} here): {where} was calibrated in {fitted}; recalibrate "
-                         f"with `diffad calibrate --model {where} --precision {requested} ...` (or drop --precision)")
+        resolved = f" ({wanted} here)" if here else ""
+        raise ValueError(f"--precision {requested}{resolved}: {where} was calibrated in {fitted}; recalibrate with "
+                         f"`diffad calibrate --model {where} --precision {requested} ...` (or drop --precision)")
+
+
+def add_precision_assertion(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add ``--precision`` to ``diffad <command>``: the precision the model must have been calibrated in, checked
+    by :func:`check_precision` (the command runs the calibration's; ``diffad calibrate --precision`` picks it)."""
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help=f"assert the networks' precision the model was calibrated with ({command} always runs "
+                             "the calibration's; `diffad calibrate --precision` picks it): exit 2 when it differs")
