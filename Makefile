@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu detector-candidates bench-segmenter anomaly-samples clean
+.PHONY: venv test test-browser test-slow demo app-screenshot bench-train bench-speed bench-real bench-quality bench-quality-quick bench-cpu bench-peer bench-peer-quick peer-venv bench-atline detector-candidates bench-segmenter anomaly-samples clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,12 +75,15 @@ bench-segmenter: venv
 bench-real: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_real.py --preset tiny --resolution 64 --ddpm_steps 1500 --segmenter_steps 500 --out $(BENCH_OUT)/real
 
-# Every detector (denoise, the thesis sampler, the fast default and its maps) on the three real categories
-# (bottle, tire, metal_plate) x 3 seeds, budgets in optimiser steps; resumable (re-run to continue). ~2-2.5 h.
+# The default detector (`diffad train`'s cpu preset: 256 px working resolution, 64 px crops and tiles, 1500 steps;
+# the fast sampler; maps combined, noise_error, multiscale) and denoising, on the five real categories (bottle, tire,
+# metal_plate, transistor, toothbrush) x 3 seeds, budgets in optimiser steps, precision auto; seed 0 also on
+# VALIDATION (synthetic scratches, cracks, pits, stains and DRAEM blobs on held-out good parts), where the tiled
+# default is compared with running the UNet on the whole image. Resumable (re-run to continue); about 6 CPU-hours.
 bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
-# One seed, 400 DDPM steps: for iterating (~25 min).
+# bottle and tire, one seed, 400 DDPM steps, the default detector: for iterating (~30 min).
 # Issue 12's choice of default, on VALIDATION data with subtle synthetic defects (never a test split), with
 # bench-quality's seed-0 DDPMs of the three real categories (~5 min).
 detector-candidates: venv
@@ -96,3 +99,47 @@ bench-cpu: venv
 
 bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2
+
+# The peer (issue 20): anomalib's DRAEM (no pretrained weights) on the same five real categories, splits (diffad's
+# load_mvtec rule, written by diffad's venv), 256 px and step budget (~15 CPU-minutes per cell on one thread), 3 seeds,
+# scored with diffad's metric code. Its own venv .venv-peer, never in diffad's dependencies. Resumable. The PyPI
+# torchvision is a CUDA build: its two unguarded register_fake calls are made conditional (no CPU wheel exists here).
+PEER_VENV := .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+$(PEER_VENV)/.installed:
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+	$(PEER_PY) -m pip install --quiet torch==2.13.0
+	$(PEER_PY) -m pip install --quiet anomalib==2.7.0 torch==2.13.0 torchvision==0.28.0
+	sed -i 's/^@torch\.library\.register_fake("torchvision::\(q\{0,1\}nms\)")$$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' \
+		"$$($(PEER_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchvision/_meta_registrations.py"
+	$(PEER_PY) -W ignore -c "import torchvision; from anomalib.models.image.draem.torch_model import DraemModel"
+	touch $@
+
+peer-venv: $(PEER_VENV)/.installed
+
+# 5 categories x 3 seeds, 11 steps (~81 CPU-s each) per cell, one cell at a time (a cell peaks at ~11 GB of RSS at
+# batch 8, 256 px: two at once do not fit beside other work in 24 GB). ~5 CPU-hours, see the README.
+bench-peer: venv peer-venv
+	OMP_NUM_THREADS=1 $(PEER_PY) benchmarks/bench_peer.py --out $(BENCH_OUT)/peer --jobs 1
+
+# One seed, 3 steps, the five categories, whole test splits: checks the whole path (~45 CPU-minutes).
+bench-peer-quick: venv peer-venv
+	OMP_NUM_THREADS=1 $(PEER_PY) benchmarks/bench_peer.py --out $(BENCH_OUT)/peer_quick --quick --jobs 1
+
+# Latency at the line: POST /inspect (diffad serve) and diffad watch (photo written -> row in the CSV) with two DDPMs
+# trained 100 steps on the synthetic weave and calibrated: tiny at 64 px, and the cpu preset inspecting 256 px photos
+# in 64 px tiles (its working resolution). ~10 min with the training; re-runs reuse the models.
+ATLINE := $(BENCH_OUT)/atline
+bench-atline: venv
+	for spec in "64 tiny" "256 cpu"; do set -- $$spec; \
+	  test -f $(ATLINE)/model$$1/calibration/config.json || ( \
+	    $(PY) -c "from diffad import make_synthetic_dataset; make_synthetic_dataset('$(ATLINE)/data$$1', seed=0, resolution=$$1)" && \
+	    OMP_NUM_THREADS=1 $(PY) -m diffad.cli train --data_dir $(ATLINE)/data$$1 --category weave --preset $$2 \
+	      --resolution $$1 --max_train_steps 100 --checkpointing_steps 100000 --seed 0 --report_to none \
+	      --output_dir $(ATLINE)/model$$1 && \
+	    OMP_NUM_THREADS=1 $(PY) -m diffad.cli calibrate --model $(ATLINE)/model$$1 --data $(ATLINE)/data$$1 \
+	      --category weave ) || exit 1; \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/bench_atline.py --model $(ATLINE)/model$$1 \
+	    --photos $(ATLINE)/data$$1/weave/test --output $(ATLINE)/latency_$$1.json || exit 1; \
+	done

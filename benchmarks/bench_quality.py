@@ -290,6 +290,22 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_peer_rows(summary: dict[str, Any], peer_json: Path) -> None:
+    """The peer's rows (``make bench-peer``: anomalib's DRAEM on the same categories, splits, resolution and
+    seeds) beside diffad's, scored by its library's default and by the DRAEM paper's rule (11x11 mean filter, then
+    max); nothing when the peer has not run."""
+    if not peer_json.is_file():
+        return
+    peer = json.loads(peer_json.read_text())
+    names = {"anomalib": "peer: anomalib DRAEM (its default score)", "mean11": "peer: DRAEM (paper: 11x11 mean, max)"}
+    for category, entry in peer.get("categories", {}).items():
+        block = summary["categories"].setdefault(category, {})
+        for rule, name in names.items():
+            metrics = entry["rules"][rule]
+            block[name] = {"num_seeds": len(entry["seeds"]),
+                           **{m: {"mean": v["mean"], "std": v["std"]} for m, v in metrics.items() if m in METRICS}}
+
+
 def validation_markdown(vt: dict[str, Any]) -> str:
     """The validation (seed 0, synthetic defects) against test table: image AUROC / AUPRO of each detector."""
     if not vt:
@@ -331,12 +347,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--phases", default=",".join(DEFAULT_PHASES),
                    help=f"comma-separated, from ddpm,{','.join(EVAL_PHASES)} (they run in that order)")
     p.add_argument("--jobs", type=int, default=2, help="cells run at once, one thread each")
-    p.add_argument("--quick", action="store_true", help="one seed, 400 DDPM steps, into <out>_quick")
+    p.add_argument("--peer", default="bench_output/peer/peer.json", help="make bench-peer's results, shown beside")
+    p.add_argument("--quick", action="store_true",
+                   help="bottle and tire, one seed, 400 DDPM steps, the default phase, into <out>_quick (~30 min)")
     p.add_argument("--max_test_images", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # the <= 30 min iteration loop: two categories, one seed, 400 steps, the default detector
         args.seeds, args.ddpm_steps, args.out = "0", 400, args.out + "_quick"
+        args.categories = "bottle,tire" if args.categories == ",".join(CATEGORIES) else args.categories
+        args.phases = "ddpm,default" if args.phases == ",".join(DEFAULT_PHASES) else args.phases
     if args.run_cell:
         return run_cell(args)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -381,6 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "detectors": DETECTORS}
     summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
     summary["validation_vs_test"] = validation_vs_test(out, categories) if 0 in seeds else {}
+    add_peer_rows(summary, Path(args.peer))
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))
     minutes = [m for m in summary["ddpm_train_minutes"].values() if m is not None]

@@ -12,7 +12,7 @@ from diffad.cli import accelerate_launch_command, main
 from diffad.training_utils import report_error
 from tiny_components import saved_tiny_pipeline
 
-SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push"]
+SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push", "serve", "watch"]
 
 
 def _exit_code(argv) -> int:

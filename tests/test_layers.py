@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "diffad.figures", "diffad.model_folder", "diffad.defects", "diffad.inputs", "diffad.results"),
     "training": ("diffad.training",),
     "commands": ("diffad.cli", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
-                 "diffad.app", "diffad.demo"),
+                 "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook"),
     "benchmarks": ("benchmarks",),
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}
@@ -32,7 +32,8 @@ RANK = {name: i for i, name in enumerate(LAYERS)}
 SOURCES = {"diffad": ROOT / "src" / "diffad", "diffad.pipelines": ROOT / "pipelines",
            "diffad.training": ROOT / "training", "benchmarks": ROOT / "benchmarks"}
 #: What the pipeline package may import besides the standard library and itself.
-PIPELINE_ALLOWED = ("torch", "diffusers", "numpy", "diffad.networks")
+#: PIL: diffusers' own dependency, which inspection.py (every Hub repo's handler.py) decodes uploaded photos with.
+PIPELINE_ALLOWED = ("torch", "diffusers", "numpy", "diffad.networks", "PIL")
 
 
 def _modules() -> dict[str, Path]:

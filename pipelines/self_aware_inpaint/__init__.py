@@ -4,6 +4,15 @@
 # module already imported: importing the pipeline makes them loadable. The only module of diffad imported here.
 from diffad import networks as _exported_networks  # noqa: F401  (openvino/onnxruntime are imported only when used)
 
+from .inspection import (
+    NONFINITE_ERROR,
+    EndpointHandler,
+    PhotoVerdict,
+    image_generator,
+    inspect_photos,
+    rgb_image,
+    seeded_generator,
+)
 from .pipeline import (
     COMBINED_MAPS,
     MAP_NAMES,
@@ -38,10 +47,13 @@ __all__ = [
     "MAP_NAMES",
     "METHODS",
     "MIN_IMAGE_SIDE",
+    "NONFINITE_ERROR",
     "SAMPLING_PRESETS",
     "AnomalyCalibration",
+    "EndpointHandler",
     "SamplingConfig",
     "SelfAwareInpaintPipeline",
+    "PhotoVerdict",
     "SelfAwareInpaintPipelineOutput",
     "add_noise",
     "combined_map",
@@ -49,7 +61,9 @@ __all__ = [
     "denoise",
     "estimate_x0",
     "exif_orientation",
+    "image_generator",
     "inpaint",
+    "inspect_photos",
     "mean_filter",
     "multiscale_anomaly_map",
     "noise_error",
@@ -57,6 +71,8 @@ __all__ = [
     "posterior_step",
     "predict_noise",
     "rgb_array",
+    "rgb_image",
+    "seeded_generator",
     "segmenter_logits",
     "strided_timesteps",
     "threshold_key",

@@ -12,7 +12,7 @@ This module only wires them together and owns the conventions shared by all of t
 Subcommands: ``demo`` (:mod:`diffad.demo`), ``train`` (``training/train_ddpm.py`` in-process,
 or under ``accelerate launch`` with ``--num-processes N``), ``calibrate`` (this module),
 ``detect`` (:mod:`diffad.detect`), ``evaluate`` (:mod:`diffad.evaluation`), ``card``
-(:mod:`diffad.cards`), ``push`` (:mod:`diffad.hub`).
+(:mod:`diffad.cards`), ``push`` (:mod:`diffad.hub`), ``serve`` (:mod:`diffad.serve`), ``watch`` (:mod:`diffad.watch`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ _SUBCOMMAND_MODULES = (
     ("app", "diffad.app"),
     ("export", "diffad.export"),
     ("space", "diffad.app"),
+    ("serve", "diffad.serve"),
+    ("watch", "diffad.watch"),
 )
 
 

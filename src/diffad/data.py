@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from diffad.inputs import IMAGE_EXTENSIONS, walk_images
-from diffad.pipelines.self_aware_inpaint import MIN_IMAGE_SIDE, exif_orientation, rgb_array
+from diffad.pipelines.self_aware_inpaint import rgb_image
 
 __all__ = [
     "CLASS_NAMES",
@@ -240,14 +240,8 @@ def _open(path: Path) -> Image.Image:
         raise ImageReadError(path, "the file is truncated or damaged", "unreadable or truncated image file ") from err
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB with EXIF orientation applied, by the pipeline's one reader
-    (:func:`diffad.pipelines.self_aware_inpaint.rgb_array`); an upright RGB image of a valid size is returned as
-    is. ``ValueError`` for an image that is too small."""
-    upright = exif_orientation(image) in (None, 1)
-    if image.mode == "RGB" and upright and min(image.size) >= MIN_IMAGE_SIDE:
-        return image
-    return Image.fromarray((rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+#: Any PIL mode -> upright 8-bit RGB, by the pipeline's one reader (the function a Hub repo's handler.py runs too).
+_to_rgb = rgb_image
 
 
 def _checked_rgb(image: Image.Image, path: Path) -> Image.Image:
@@ -262,7 +256,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     """diffad's one image reader for files (training data, calibration, ``diffad detect``): decode ``path`` fully
     and return it as 8-bit RGB, any PIL mode (16-bit and float scaled, never saturated), EXIF orientation
     applied. ``MVTecDataError`` (a ``ValueError``) naming the file when it cannot be read or is smaller than
-    ``MIN_IMAGE_SIDE`` px."""
+    ``MIN_IMAGE_SIDE`` px (the pipeline's)."""
     path = Path(path)
     return _checked_rgb(_open(path), path)
 

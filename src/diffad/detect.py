@@ -53,11 +53,12 @@ from diffad.figures import overlay
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.model_folder import require_model_folder
 from diffad.networks import INSTALL_HINT, ExportedNetwork
-from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SelfAwareInpaintPipeline,
-                                                 threshold_key)
+# NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
+from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_ERROR, SAMPLING_PRESETS,
+                                                 SelfAwareInpaintPipeline, inspect_photos, threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
-from diffad.training_utils import file_lock, image_generator
+from diffad.training_utils import file_lock
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -65,6 +66,8 @@ __all__ = [
     "DetectSummary",
     "find_images",
     "load_pipeline",
+    "read_or_record",
+    "record_batch",
     "detect",
     "format_score",
     "register",
@@ -80,8 +83,6 @@ RESULTS_NAME = "results.csv"
 IDENTITY_NAME = "results.json"
 OVERLAY_DIR = "overlays"
 LOCK_NAME = ".diffad-detect.lock"
-#: The error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
-NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weights, or retrain"
 # Overlays are drawn at the photo's own size, capped on the long side to keep files small.
 MAX_OVERLAY_SIDE = 512
 
@@ -198,19 +199,38 @@ def read_error_words(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def result_base(pipe, method: str, anomaly_map: str) -> dict[str, str]:
+    """The cells every row of a run shares: its map and the threshold that decided it (empty cells elsewhere)."""
+    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))
+    return {"score": "", "overlay": "", "error": "", "map": anomaly_map,
+            "threshold": "" if threshold is None else format_score(threshold)}
+
+
+def read_or_record(path: Path, table, summary: DetectSummary,
+                   base: Optional[dict[str, str]] = None) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
+    """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row (``base``'s
+    cells, the reason in words) written whole to ``table`` (a :class:`diffad.results.ResultsFile`) and counted in
+    ``summary`` (``diffad detect`` and ``diffad watch``)."""
+    try:
+        return read_image(path), None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        message = read_error_words(exc)
+        logger.warning("skipping unreadable file %s (%s)", path, message)
+        row = {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
+        table.write([row])
+        summary.failed += 1
+        summary.failed_files.append(str(path))
+        return None, row
+
+
 def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary, table,
-             row: dict) -> Iterator[list[tuple[Path, Image.Image]]]:
+             base: dict[str, str]) -> Iterator[list[tuple[Path, Image.Image]]]:
     """Yield lists of up to ``batch_size`` decoded images; unreadable files are recorded and skipped."""
     batch: list[tuple[Path, Image.Image]] = []
     for path in paths:
-        try:
-            batch.append((path, read_image(path)))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            message = read_error_words(exc)
-            logger.warning("skipping unreadable file %s (%s)", path, message)
-            table.write([{**row, "file": str(path), "decision": "error", "error": message}])
-            summary.failed += 1
-            summary.failed_files.append(str(path))
+        photo, _ = read_or_record(path, table, summary, base)
+        if photo is not None:
+            batch.append((path, photo))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -377,40 +397,46 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
                  seed: int) -> DetectSummary:
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
-    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the decisions' and overlays' scale
-    base = {"score": "", "overlay": "", "error": "", "map": anomaly_map, "threshold": format_score(threshold)}
     with ResultsFile(results_csv, CSV_FIELDS) as table:
         done = table.done()
         todo = [p for p in paths if safe_cell(str(p)) not in done]
         summary.skipped_done = len(paths) - len(todo)
         if summary.skipped_done:
             logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
+        base = result_base(pipe, method, anomaly_map)
         for batch in _batches(todo, batch_size, summary, table, base):
-            photos = [img for _, img in batch]
-            output = pipe(photos, method=method, generator=[image_generator(seed, photo) for photo in photos],
-                          batch_size=1, output_type="np")
-            decisions = output.is_anomalous[anomaly_map]  # None: no calibrated threshold for this map
-            rows = []
-            for i, (path, photo) in enumerate(batch):
-                if not np.isfinite(output.anomaly_maps[anomaly_map][i]).all():
-                    # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
-                    logger.error("%s: %s", path, NONFINITE_ERROR)
-                    rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
-                    summary.failed += 1
-                    summary.failed_files.append(str(path))
-                    summary.nonfinite += 1
-                    continue
-                name = _overlay_name(path)
-                _save_overlay(photo, output.anomaly_maps[anomaly_map][i], output.inpaint_masks[i], threshold,
-                              out_dir / OVERLAY_DIR / name)
-                decision = "unknown" if decisions is None else ("defect" if bool(decisions[i]) else "ok")
-                rows.append({**base, "file": str(path), "score": format_score(output.scores[anomaly_map][i]),
-                             "decision": decision, "overlay": f"{OVERLAY_DIR}/{name}"})
-                summary.scored += 1
-                summary.defective += decision == "defect"
-            table.write(rows)  # the batch's rows, whole, on disk
+            record_batch(pipe, batch, table, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
+                         summary=summary)
             logger.info("scored %d/%d images", summary.scored + summary.failed, len(todo))
     return summary
+
+
+def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir: Path, *,
+                 method: str, anomaly_map: str, seed: int, summary: DetectSummary) -> list[dict[str, str]]:
+    """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write their overlays into
+    ``out_dir`` and their rows, whole, to ``table`` (a :class:`diffad.results.ResultsFile`; each row with its map and
+    threshold), count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    base = result_base(pipe, method, anomaly_map)
+    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the overlays' colour scale
+    verdicts = inspect_photos(pipe, [img for _, img in batch], method=method, anomaly_map=anomaly_map, seed=seed)
+    rows = []
+    for (path, photo), verdict in zip(batch, verdicts):
+        if verdict.error:
+            # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
+            logger.error("%s: %s", path, NONFINITE_ERROR)
+            rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
+            summary.failed += 1
+            summary.failed_files.append(str(path))
+            summary.nonfinite += 1
+        else:
+            name = _overlay_name(path)
+            _save_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, threshold, out_dir / OVERLAY_DIR / name)
+            rows.append({**base, "file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
+                         "overlay": f"{OVERLAY_DIR}/{name}"})
+            summary.scored += 1
+            summary.defective += verdict.decision == "defect"
+    table.write(rows)  # the batch's rows, whole, on disk
+    return rows
 
 
 def register(subparsers) -> None:

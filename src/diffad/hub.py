@@ -36,10 +36,10 @@ import huggingface_hub
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from diffad.app import write_space
-from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, COMPONENT_FILES, EXPORT_FILE, HUB_TOP_LEVEL_FILES,
-                                 LOG_FILES, PIPELINE_FILE, calibration_config, components, is_exported, read_json,
-                                 read_model_index)
-from diffad.pipelines.self_aware_inpaint import pipeline as pipeline_module
+from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, COMPONENT_FILES, EXPORT_FILE, HANDLER_FILE,
+                                 HUB_TOP_LEVEL_FILES, LOG_FILES, PIPELINE_FILE, calibration_config, components,
+                                 is_exported, read_json, read_model_index)
+from diffad.pipelines.self_aware_inpaint import inspection as handler_module, pipeline as pipeline_module
 
 __all__ = [
     "PushResult",
@@ -152,23 +152,26 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
 
     Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
     link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
-    diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder."""
+    diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder; so is
+    ``handler.py`` (Inference Endpoints' ``EndpointHandler``, :mod:`diffad.pipelines.self_aware_inpaint.inspection`),
+    written into every repo."""
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    own_code = Path(pipeline_module.__file__)
+    own_code = {PIPELINE_FILE: Path(pipeline_module.__file__), HANDLER_FILE: Path(handler_module.__file__)}
     wanted = list(HUB_TOP_LEVEL_FILES)
     wanted += [f"{c}/{f}" for c in components(index) for f in COMPONENT_FILES.get(c, ())]
     files: list[str] = []
     for rel in wanted:
         source = _source_file(model_dir, rel)
-        if source is None:
+        if source is None and rel != HANDLER_FILE:  # the handler is always written
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        if Path(rel).name == PIPELINE_FILE:
-            if source.read_bytes() != own_code.read_bytes():
-                logger.warning("%s differs from diffad's pipeline.py: publishing diffad's own", source)
-            shutil.copyfile(own_code, dest / rel)
+        if Path(rel).name in own_code:
+            own = own_code[Path(rel).name]
+            if source is not None and source.read_bytes() != own.read_bytes():
+                logger.warning("%s differs from diffad's %s: publishing diffad's own", source, own.name)
+            shutil.copyfile(own, dest / rel)
         elif rel in LOG_FILES:
             (dest / rel).write_text(json.dumps(_strip_local_paths(read_json(source)), indent=2), encoding="utf-8")
         else:

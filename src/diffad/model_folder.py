@@ -24,6 +24,7 @@ __all__ = [
     "COMPONENT_FILES",
     "CONFIG_FILE",
     "EXPORT_FILE",
+    "HANDLER_FILE",
     "HUB_TOP_LEVEL_FILES",
     "LOG_FILES",
     "MODEL_INDEX",
@@ -56,8 +57,10 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: The components that are networks (torch weights, or exported by ``diffad export``).
 NETWORKS = ("unet", "segmenter")
 
+#: Inference Endpoints' entry point (``EndpointHandler``): diffad's own file, written by ``diffad push`` into every repo.
+HANDLER_FILE = "handler.py"
 #: The top-level files a Hub repo carries.
-HUB_TOP_LEVEL_FILES = (MODEL_INDEX, PIPELINE_FILE, CARD_FILE, *LOG_FILES, EXPORT_FILE)
+HUB_TOP_LEVEL_FILES = (MODEL_INDEX, PIPELINE_FILE, CARD_FILE, *LOG_FILES, EXPORT_FILE, HANDLER_FILE)
 _NETWORK_FILES = (CONFIG_FILE, WEIGHTS_FILE,
                   *dict.fromkeys(f for cls in NETWORK_CLASSES.values() for f in cls.files))  # torch, or exported
 #: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles

@@ -364,39 +364,9 @@ class TrainingLog:
 # --------------------------------------------------------------------------- randomness
 
 
-def seeded_generator(seed: int, *stream: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` seeded from ``seed`` and a stream index (e.g. epoch, batch, rank).
-
-    Deriving each batch's generator from its position makes a resumed run draw exactly the
-    noise, timesteps and augmentations the uninterrupted run would have drawn, with no RNG
-    state to save.
-    """
-    value = int(seed) & 0xFFFFFFFF
-    for s in stream:
-        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(value)
-
-
-def image_generator(seed: int, image: Any) -> torch.Generator:
-    """The diffusion-noise generator of one image: seeded from ``seed`` and the image's decoded pixels.
-
-    The one seeding rule of inference (``diffad detect``, ``diffad evaluate``, the demo): an image's
-    result depends only on the image, the model and ``seed``, never on its batch, its position in
-    it, its file name or what an interrupted run skipped.
-
-    Args:
-        seed: the run's seed.
-        image: a PIL image (hashed as decoded: mode, size and pixel bytes) or a tensor.
-    """
-    import hashlib
-
-    if isinstance(image, torch.Tensor):
-        t = image.detach().to("cpu").contiguous()
-        payload = f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()
-    else:
-        payload = f"{image.mode}{image.size}".encode() + image.tobytes()
-    digest = hashlib.sha256(payload).digest()
-    return seeded_generator(seed, *(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)))
+# The inference seeding rule lives in the file every Hub repo carries as handler.py, so that Inference Endpoints
+# (diffusers alone) seed a photo exactly as `diffad detect` does; re-exported here for the scripts and commands.
+from diffad.pipelines.self_aware_inpaint.inspection import image_generator, seeded_generator  # noqa: E402
 
 
 def augment_batch(
