@@ -40,7 +40,7 @@ def test_inspector_scores_as_detect_and_redecides_without_the_model(model, tmp_p
     rows = {r["file"]: r for r in inspector.rows(items, name, inspector.threshold(name))}
     for file, row in expected.items():  # same score, same decision, same error column as detect
         assert rows[file]["score"] == row["score"] and rows[file]["decision"] == row["decision"], file
-    assert rows["broken.png"]["decision"] == "error" and "cannot identify image file" in rows["broken.png"]["error"]
+    assert rows["broken.png"]["decision"] == "error" and "broken.png: it is not an image" in rows["broken.png"]["error"]
     calls = inspector.model_calls
     assert calls == 3
     # moving the threshold below every score flips every decision to defect, with no model call
@@ -82,7 +82,11 @@ def test_a_zip_contributes_its_images_and_nothing_outside(tmp_path):
         z.writestr("../escape.png", b"x")
         z.writestr(".hidden.png", b"x")
     files = expand_uploads([str(archive), str(tmp_path / "single.png")], tmp_path / "work")
-    assert [name for name, _ in files] == ["batch.zip/parts/a.png", "single.png"]
+    read = [u.name for u in files if u.path is not None]
+    assert read == ["batch.zip/parts/a.png", "single.png"]
+    skipped = {u.name: u.error for u in files if u.path is None}  # every skipped member named, with its reason
+    assert set(skipped) == {"batch.zip/parts/notes.txt", "batch.zip/../escape.png", "batch.zip/.hidden.png"}
+    assert "outside the archive" in skipped["batch.zip/../escape.png"]
     assert not (tmp_path / "escape.png").exists()
 
 

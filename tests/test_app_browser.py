@@ -99,7 +99,7 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         status = driver.find_element(By.CSS_SELECTOR, "#status").text
         table = driver.find_element(By.CSS_SELECTOR, "#results").text
         assert "3 files inspected" in status and "Model calls: 2" in status, status
-        assert "broken.png" in table and "error" in table and "cannot identify image file" in table, table
+        assert "broken.png" in table and "error" in table and "it is not an image" in table, table
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 2)
         captions = driver.find_element(By.CSS_SELECTOR, "#gallery").text
         assert "part0.png" in captions and "part1.png" in captions, captions

@@ -201,5 +201,6 @@ def test_calibrate_model_keeps_its_keyword_arguments():
     assert list(params)[:3] == ["model_dir", "data", "category"]
     assert {name: params[name].default for name in ("config", "percentile", "target_false_positive_rate", "seed",
                                                      "batch_size")} == {
-        "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": 0, "batch_size": None}
+        "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": None, "batch_size": None}
+    assert params["validation_fraction"].default is None  # None: the training run's (issue 23, case 10)
     assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(params)[3:])

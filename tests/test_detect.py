@@ -221,7 +221,7 @@ def test_detect_uncalibrated_model_is_refused(tmp_path, image_folder, capsys):
 def test_find_images_recurses_and_filters_extensions(image_folder):
     from diffad.detect import find_images
 
-    names = sorted(p.name for p in find_images([image_folder]))
+    names = sorted(p.name for p in find_images([image_folder]).images)
     assert names == ["a.png", "b.png", "c.png", "notes.png", "truncated.png"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_images([image_folder / "nope"])

@@ -91,7 +91,10 @@ def test_outputs_written(one_process_run, small_data):
     rows = list(csv.DictReader((out / "per_image.csv").open()))
     n_test = len(list((small_data / CATEGORY / "test").rglob("*.png")))
     assert len(rows) == 4 * n_test
-    assert set(rows[0]) == {"file", "category", "defect_type", "label", "method", "map", "score", "decision"}
+    assert set(rows[0]) == {"file", "category", "defect_type", "label", "method", "map", "score", "decision",
+                            "threshold"}
+    assert all(float(r["threshold"]) > 0 for r in rows if r["method"] == "self_aware")  # what decided the row
+    assert {r["threshold"] for r in rows if r["method"] == "denoise"} == {""}
     assert {r["decision"] for r in rows if r["method"] == "self_aware"} <= {"defect", "ok"}
     assert {r["decision"] for r in rows if r["method"] == "denoise"} == {"unknown"}  # no threshold calibrated
     # the CSV reproduces the JSON: image AUROC recomputed by scikit-learn from the per-image scores

@@ -268,3 +268,23 @@ def test_openvino_compiles_each_batch_size_once_and_keeps_the_most_recent(export
     again = net(x[:4], 150).sample  # compiled again, same numbers; now 1 is the oldest and goes
     assert torch.equal(again, first[4]) and sorted(k[0] for k in net._by_shape) == [2, 4]
     assert torch.allclose(first[1], first[4][:1], atol=1e-5) and torch.allclose(first[2], first[4][:2], atol=1e-5)
+
+
+def test_case13_a_network_running_another_precision_than_the_calibration_is_refused(exported, tmp_path, capsys):
+    """Issue 23, case 13: another export's networks swapped in (or an edited config) never run unnoticed."""
+    import shutil
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(exported["openvino", "fp32"], folder)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photos / "a.png")
+    config_path = folder / "calibration" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["sampling_config"]["precision"] == "fp32"
+    config["sampling_config"]["precision"] = "bf16"  # as if the bf16 export's calibration met these fp32 networks
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unet/ runs fp32 but it was calibrated in bf16" in err and err.count("\n") == 1

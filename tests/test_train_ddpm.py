@@ -180,7 +180,7 @@ def test_latest_checkpoint_ignores_half_written(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-20"]
     removed = remove_incomplete(tmp_path)
-    assert [p.name for p in removed] == [".checkpoint-40.incomplete"]
+    assert removed == [incomplete_path(tmp_path / "checkpoint-40")]
 
 
 def test_rotate_and_commit(tmp_path):
@@ -198,7 +198,7 @@ def test_rotate_and_commit(tmp_path):
     (tmp_path / "unet" / "a.txt").write_text("old")
     commit_directory(tmp, tmp_path / "unet")
     assert (tmp_path / "unet" / "a.txt").read_text() == "new" and not tmp.exists()
-    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if "old-" in p.name]
 
 
 def test_atomic_write_json_and_training_log(tmp_path):
@@ -379,7 +379,7 @@ def test_kill_and_resume_matches_the_uninterrupted_run(synthetic_root, tmp_path)
     assert Path(s["resumed_from"][0]["checkpoint"]).name != "checkpoint-999"
     assert [e["epoch"] for e in log["epochs"]] == list(range(5))  # 8 steps per epoch, none lost or repeated
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-32", "checkpoint-40"]  # rotation kept 2
-    assert not [p for p in out.iterdir() if p.name.endswith(".incomplete")]
+    assert not [p for p in out.iterdir() if p.name.endswith("incomplete")]
     assert s["saved_weights"] == "best validation (EMA)"
 
     # The resumed run is the uninterrupted run: per-batch seeded noise, restored optimiser/EMA/sampler.

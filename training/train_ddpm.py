@@ -62,6 +62,7 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     check_resume_config,
     clear_checkpoints,
     ema_state,
+    holds_output_folder,
     load_ema_state,
     parse_int_list,
     remove_incomplete,
@@ -92,8 +93,9 @@ def _tensorboard_available() -> bool:
 
 
 #: The settings a resumed run must share with the checkpoint's run (anything else may change, e.g. logging).
-RESUME_KEYS = ("preset", "resolution", "crop_size", "data_dir", "category", "validation_fraction", "seed", "learning_rate",
-               "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "lr_scheduler",
+RESUME_KEYS = ("preset", "resolution", "crop_size", "data_fingerprint", "category", "validation_fraction", "seed",
+               "learning_rate", "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+               "lr_scheduler",
                "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "block_out_channels",
                "layers_per_block", "attention_resolutions", "norm_num_groups", "num_train_timesteps", "use_ema",
                "random_flip", "unet_config")
@@ -274,7 +276,7 @@ def _stack_pixels(batch: Dict[str, Any]) -> torch.Tensor:
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """The train split (a transformed ``datasets.Dataset``) and the validation images
     ``(V, 3, R, R)`` in [-1, 1] (V may be 0)."""
-    from diffad.data import load_mvtec, make_transform
+    from diffad.data import load_mvtec, make_transform, split_fingerprint
 
     data_dir, category = args.data_dir, args.category
     if data_dir is None:  # the embedded default: procedural parts in MVTec layout
@@ -291,6 +293,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
     if category is None and len(train) and "category" in train.column_names:
         category = train[0]["category"]  # load_mvtec resolved the only category there
     args.category, args.resolved_data_dir = category, str(Path(data_dir).resolve())
+    args.data_fingerprint = {name: split_fingerprint(splits[name]) for name in ("train", "validation")}  # by content
     transform = make_transform(args.resolution)
     if len(train) == 0:
         raise ValueError(f"no training images in {data_dir}/{category}/train/good")
@@ -338,6 +341,7 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
 # --------------------------------------------------------------------------- checkpoints
 
 
+@holds_output_folder("output_dir", "--output_dir")  # one run at a time writes the folder
 def main(args: argparse.Namespace) -> Path:
     """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder."""
     start_time = time.time()

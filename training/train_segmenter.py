@@ -88,6 +88,7 @@ from diffad.training_utils import (
     TrainingProgress,
     commit_directory,
     file_lock,
+    holds_output_folder,
     image_generator,
     incomplete_path,
     parse_int_list,
@@ -610,6 +611,7 @@ def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return {v: getattr(args, k) for k, v in names.items() if getattr(args, k) is not None}
 
 
+@holds_output_folder("model_dir", "--model_dir", create=False)  # one run at a time writes the folder
 def main(args: argparse.Namespace) -> Path:
     """Build (or reuse) the reconstructed synthetic set, train the segmenter, calibrate its threshold and save it
     into ``args.model_dir``; return that folder."""

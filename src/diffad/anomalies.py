@@ -32,6 +32,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 
 from diffad.data import read_image
+from diffad.inputs import IMAGE_EXTENSIONS, walk_images
 
 __all__ = [
     "AUGMENTATIONS",
@@ -44,7 +45,6 @@ __all__ = [
     "perlin_noise",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 GeneratorLike = Optional[Union[torch.Generator, int, np.random.Generator]]
 
@@ -171,7 +171,7 @@ class TextureFolder(TextureSource):
         if not root.is_dir():
             raise FileNotFoundError(f"texture folder {str(root)!r} does not exist: pass a folder of texture images "
                                     "(e.g. DTD) or textures=None for the built-in procedural textures")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = walk_images([root]).images
         if not files:
             raise ValueError(f"texture folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                              "add texture photos or pass textures=None for the built-in procedural textures")

@@ -7,6 +7,14 @@ download as a CSV with ``diffad detect``'s columns. Images are read by the same 
 (:func:`diffad.data.read_image`), scored with the same seeding rule (an image's noise from ``--seed`` and its
 pixels), so a file gets the score ``detect`` gives it; a file that cannot be read shows its error in the table.
 
+Users are kept apart: every browser session has its own state (:class:`Session`: its inspected files) and its
+own temporary folder (a zip's extracted images, its ``results.csv``), deleted when the session ends and, with
+every other session's, when the app stops (:func:`close_app`). A zip is extracted member by member, streamed,
+within :data:`ZIP_MAX_MEMBERS`, :data:`ZIP_MAX_TOTAL_BYTES` and :data:`ZIP_MAX_RATIO` (a zip bomb gets an error
+row, not the disk); every image is within the reader's pixel budget (:func:`diffad.data.max_image_pixels`). The
+CSV is written by diffad's one results writer (:mod:`diffad.results`: no cell a spreadsheet would run), with the
+map and threshold that decided each row. An error row names the upload as the user named it, in words.
+
 The logic (:class:`Inspector`) is separate from the page (:func:`build_app`), so it is tested without a browser;
 ``tests/test_app_browser.py`` drives the page in headless Chromium.
 
@@ -16,30 +24,36 @@ Gradio is an optional extra: ``pip install 'diffad[app]'``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import atexit
 import json
 import logging
+import os
+import shutil
+import signal
 import tempfile
 import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from diffad import __version__
 from diffad.data import read_image
-from diffad.detect import CSV_FIELDS, IMAGE_EXTENSIONS, NONFINITE_ERROR, format_score, load_pipeline, render_overlay
-from diffad.model_folder import CARD_FILE, TRAINING_LOG, is_exported, require_model_folder
+from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipeline, read_error_words,
+                           render_overlay)
+from diffad.inputs import skip_reason
+from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
 from diffad.pipelines.self_aware_inpaint import threshold_key
 from diffad.precision import add_precision_assertion, check_precision
-from diffad.training_utils import image_generator
+from diffad.results import csv_text
+from diffad.training_utils import atomic_write_text, image_generator
 
-__all__ = ["Inspection", "Inspector", "build_app", "register", "register_space", "run", "write_space"]
+__all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
+           "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +106,8 @@ class Inspector:
         name = name or Path(path).name
         try:
             photo = read_image(path)
-        except (OSError, ValueError) as exc:
-            return Inspection(file=name, error=" ".join(f"{type(exc).__name__}: {exc}".split()))
+        except (OSError, ValueError) as exc:  # the upload as the user named it, and why, in words
+            return Inspection(file=name, error=f"{name}: {read_error_words(exc)}")
         start = time.perf_counter()
         with self._lock:
             out = self.pipe([photo], method=self.method, generator=[image_generator(self.seed, photo)],
@@ -115,46 +129,181 @@ class Inspector:
         return "ok" if item.scores[name] <= threshold else "defect"
 
     def rows(self, items: Sequence[Inspection], name: str, threshold: float) -> list[dict[str, str]]:
-        """``detect``'s CSV rows for ``items`` at map ``name`` and ``threshold``."""
+        """``detect``'s CSV rows for ``items`` at map ``name`` and ``threshold`` (both in every row)."""
         return [{"file": it.file, "score": "" if it.error else format_score(it.scores[name]),
                  "decision": self.decision(it, name, threshold),
-                 "overlay": "" if it.error else f"overlay of {it.file}", "error": it.error} for it in items]
+                 "overlay": "" if it.error else f"overlay of {it.file}", "error": it.error, "map": name,
+                 "threshold": format_score(threshold)} for it in items]
 
     def overlay(self, item: Inspection, name: str):
         """The heat map of ``name`` and the mask outline over the photo (colour scale: the calibrated threshold)."""
         return render_overlay(item.photo, item.maps[name], item.mask, self.threshold(name))
 
 
-def expand_uploads(paths: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
-    """``(display name, path)`` of every uploaded file; a zip contributes its images (a folder of photos)."""
-    files: list[tuple[str, Path]] = []
+#: A zip upload may hold at most this many entries (files and folders).
+ZIP_MAX_MEMBERS = 10_000
+#: The most bytes a zip upload may extract, all members together (2 GiB: hundreds of photos).
+ZIP_MAX_TOTAL_BYTES = 2 << 30
+#: The most a zip member may grow when extracted (photos compress 1-10x; a zip bomb's members ~1000x).
+ZIP_MAX_RATIO = 200
+_CHUNK = 1 << 20
+
+
+class Upload(NamedTuple):
+    """One uploaded file as the app inspects it: its name as the user knows it, the file to read (None when it was
+    refused), and why it was refused (words; empty when it is read)."""
+
+    name: str
+    path: Optional[Path]
+    error: str = ""
+
+
+def expand_uploads(paths: Sequence[str], workdir: Path) -> list[Upload]:
+    """Every uploaded file as an :class:`Upload`; a zip contributes its members by diffad's one rule (images are
+    extracted into ``workdir``, every other member is an error row naming it), within the zip caps."""
+    uploads: list[Upload] = []
     for raw in paths:
         path = Path(raw)
-        if path.suffix.lower() == ".zip":
-            target = workdir / path.stem
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    for member in archive.infolist():
-                        inner = Path(member.filename)
-                        if member.is_dir() or inner.suffix.lower() not in IMAGE_EXTENSIONS or inner.is_absolute() \
-                                or ".." in inner.parts or inner.name.startswith("."):
-                            continue
-                        archive.extract(member, target)
-                        files.append((f"{path.name}/{inner.as_posix()}", target / inner))
-            except zipfile.BadZipFile as exc:
-                files.append((path.name, path))  # the reader reports it as unreadable
-                logger.warning("%s: not a zip archive (%s)", path, exc)
-        else:
-            files.append((path.name, path))
-    return files
+        if path.suffix.lower() != ".zip":
+            uploads.append(Upload(path.name, path))
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                uploads += _extract_zip(archive, path.name, workdir)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            logger.warning("%s: not a readable zip archive (%s)", path, exc)
+            uploads.append(Upload(path.name, None, f"{path.name}: not a readable zip archive"))
+    return uploads
 
 
-def _csv_text(rows: list[dict[str, str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def _extract_zip(archive: zipfile.ZipFile, zip_name: str, workdir: Path) -> list[Upload]:
+    """The members of ``archive`` as uploads: caps checked on the headers first, then each member streamed into
+    ``workdir`` under a short name of diffad's, counting the bytes it really holds (a header can lie)."""
+    members = archive.infolist()
+    if len(members) > ZIP_MAX_MEMBERS:
+        return [Upload(zip_name, None, f"{zip_name}: refused, it holds {len(members)} files, over the limit of "
+                                       f"{ZIP_MAX_MEMBERS}: send it in parts")]
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="zip-", dir=workdir))
+    uploads: list[Upload] = []
+    total = 0
+    for index, member in enumerate(members):
+        if member.is_dir():
+            continue
+        inner = PurePosixPath(member.filename)
+        shown = f"{zip_name}/{inner.as_posix()}"
+        reason = "a path outside the archive" if inner.is_absolute() or ".." in inner.parts else skip_reason(inner.name)
+        if reason is not None:
+            uploads.append(Upload(shown, None, f"{shown}: skipped, {reason}"))
+            continue
+        ratio = member.file_size / max(member.compress_size, 1)
+        if ratio > ZIP_MAX_RATIO:
+            uploads.append(Upload(shown, None, f"{shown}: refused, a compression ratio of {ratio:.0f}:1 is over "
+                                               f"the limit of {ZIP_MAX_RATIO}:1 (a zip bomb?)"))
+            continue
+        if total + member.file_size > ZIP_MAX_TOTAL_BYTES:
+            uploads.append(Upload(shown, None, f"{shown}: refused, {_OVER_TOTAL}"))
+            continue
+        dest = target / f"{index:05d}{inner.suffix.lower()}"  # a short name of ours: fits any file system
+        try:
+            total += _stream_member(archive, member, dest, ZIP_MAX_TOTAL_BYTES - total)
+        except ValueError as exc:
+            dest.unlink(missing_ok=True)
+            uploads.append(Upload(shown, None, f"{shown}: refused, {exc}"))
+            continue
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+            dest.unlink(missing_ok=True)
+            logger.warning("%s: cannot extract (%s)", shown, exc)
+            uploads.append(Upload(shown, None, f"{shown}: damaged or encrypted in the archive, cannot extract it"))
+            continue
+        uploads.append(Upload(shown, dest))
+    return uploads
+
+
+_OVER_TOTAL = (f"the archive's files would take more than {ZIP_MAX_TOTAL_BYTES >> 20} MiB uncompressed "
+               "(a zip bomb?): send it in parts")
+
+
+def _stream_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, dest: Path, budget: int) -> int:
+    """Copy ``member`` to ``dest`` in chunks, stopping (``ValueError``) as soon as it holds more than its header
+    says, more than :data:`ZIP_MAX_RATIO` times its compressed size, or more than ``budget`` bytes; returns the
+    bytes written."""
+    written = 0
+    with archive.open(member) as source, dest.open("wb") as sink:
+        while chunk := source.read(_CHUNK):
+            written += len(chunk)
+            if written > budget:
+                raise ValueError(_OVER_TOTAL)
+            if written > member.file_size or written > ZIP_MAX_RATIO * max(member.compress_size, 1):
+                raise ValueError("it holds more than its zip header says (a zip bomb?)")
+            sink.write(chunk)
+    return written
+
+
+class SessionFolders:
+    """The app's temporary folders: one root per app (``diffad-app-*``, made at the first session, never at
+    start-up) and one folder per session inside it. :meth:`close` deletes them all (when the app stops, and at
+    exit)."""
+
+    def __init__(self) -> None:
+        self.root: Optional[Path] = None
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def ensure_root(self) -> Path:
+        """The app's root folder, made now if needed."""
+        with self._lock:
+            if self.root is None or not self.root.is_dir():
+                self.root = Path(tempfile.mkdtemp(prefix="diffad-app-"))
+            return self.root
+
+    def new_folder(self) -> Path:
+        """A new, empty folder for one session."""
+        return Path(tempfile.mkdtemp(prefix="session-", dir=self.ensure_root()))
+
+    def close(self) -> None:
+        """Delete every session's folder and the root."""
+        with self._lock:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+
+@dataclass
+class Session:
+    """One browser session's state: its inspected files and its own temporary folder."""
+
+    folder: Path
+    items: list[Inspection] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)  # gradio's copies of this session's uploads
+
+    @property
+    def results_csv(self) -> Path:
+        return self.folder / "results.csv"
+
+    def close(self) -> None:
+        """Delete the session's folder, and gradio's copies of its uploads where they lie in the app's folder
+        (gradio calls this when the session ends)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        app_root = self.folder.parent.resolve()
+        for upload in self.uploads:
+            if upload.resolve().is_relative_to(app_root):
+                upload.unlink(missing_ok=True)
+
+    def __deepcopy__(self, memo) -> "Session":  # gradio may copy states: a session stays one object
+        return self
+
+
+def _end_session(session: Optional[Session]) -> None:
+    if isinstance(session, Session):
+        session.close()
+
+
+def close_app(demo) -> None:
+    """Delete every session folder of the page ``demo`` (built by :func:`build_app`): run when the app stops."""
+    folders = getattr(demo, "diffad_session_folders", None)
+    if folders is not None:
+        folders.close()
 
 
 def _card_table(lines: list[str], header: str) -> list[str]:
@@ -169,10 +318,12 @@ def _card_table(lines: list[str], header: str) -> list[str]:
 
 
 def model_summary(model: str | Path, inspector: Inspector) -> str:
-    """Markdown: category, resolution, sampler, precision, UNet passes, and the card's measured metrics."""
+    """Markdown: the model (a local folder by its name only: the page shows no path of this machine), category,
+    resolution, sampler, precision, UNet passes, and the card's measured metrics."""
     pipe = inspector.pipe
     sampling = pipe.calibration.sampling
-    lines = [f"**Model** `{model}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
+    shown = Path(model).name if Path(model).is_dir() else str(model)  # a folder's name, never its local path
+    lines = [f"**Model** `{shown}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
     card = Path(model) / CARD_FILE
@@ -187,8 +338,9 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     return "\n".join(lines)
 
 
-def build_app(inspector: Inspector, model: str | Path = ""):
-    """The Gradio Blocks page over ``inspector`` (see the module docstring)."""
+def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["SessionFolders"] = None):
+    """The Gradio Blocks page over ``inspector`` (see the module docstring); ``folders`` holds the sessions'
+    folders (default: new ones, made when the first session needs one)."""
     try:
         import gradio as gr
     except ImportError as exc:
@@ -196,21 +348,24 @@ def build_app(inspector: Inspector, model: str | Path = ""):
 
     names = list(inspector.map_names)
     first = inspector.default_map if inspector.default_map in names else names[0]
-    workdir = Path(tempfile.mkdtemp(prefix="diffad-app-"))
+    folders = folders or SessionFolders()  # nothing is made on disk before a session needs it
 
     def slider_for(name: str):
         t = inspector.threshold(name)
         return gr.Slider(minimum=0.0, maximum=float(3 * t) if t > 0 else 1.0, value=float(t), step=float(t) / 200 or 1e-3,
                          label=f"threshold ({name}; calibrated {t:.4g})")
 
-    def views(items: list[Inspection], name: str, threshold: float):
+    def views(session: Optional[Session], name: str, threshold: float):
+        if session is None:
+            return [], [], None, "Nothing inspected yet."
+        items = session.items
         rows = inspector.rows(items, name, threshold)
         gallery = [(inspector.overlay(it, name), f"{it.file}: {it.scores[name]:.4g} "
                     f"{'PASS' if row['decision'] == 'ok' else 'FAIL'}")
                    for it, row in zip(items, rows) if not it.error]
         table = [[r[k] for k in CSV_FIELDS] for r in rows]
-        csv_path = workdir / "results.csv"
-        csv_path.write_text(_csv_text(rows), encoding="utf-8")
+        csv_path = session.results_csv
+        atomic_write_text(csv_path, csv_text(rows, CSV_FIELDS))
         scored = [it for it in items if not it.error]
         seconds = np.mean([it.seconds for it in scored]) if scored else float("nan")
         failed = sum(r["decision"] == "defect" for r in rows)
@@ -219,27 +374,31 @@ def build_app(inspector: Inspector, model: str | Path = ""):
                   f"errors. Model calls: {inspector.model_calls}; {seconds:.3f} s per image.")
         return gallery, table, str(csv_path), status
 
-    def inspect(files, items, name, threshold, progress=gr.Progress()):
-        items = list(items or [])
-        uploads = expand_uploads([getattr(f, "name", f) for f in (files or [])], workdir)
-        for i, (display, path) in enumerate(uploads):
-            progress((i, len(uploads)), desc=f"inspecting {display}")
-            items.append(inspector.inspect(path, display))
-        return (items, *views(items, name, threshold))
+    def inspect(files, session, name, threshold, progress=gr.Progress()):
+        session = session if isinstance(session, Session) else Session(folders.new_folder())
+        paths = [getattr(f, "name", f) for f in (files or [])]
+        session.uploads += [Path(p) for p in paths]
+        uploads = expand_uploads(paths, session.folder)
+        for i, upload in enumerate(uploads):
+            progress((i, len(uploads)), desc=f"inspecting {upload.name}")
+            session.items.append(Inspection(file=upload.name, error=upload.error) if upload.path is None
+                                 else inspector.inspect(upload.path, upload.name))
+        return (session, *views(session, name, threshold))
 
-    def redecide(items, name, threshold):
-        return views(list(items or []), name, threshold)
+    def redecide(session, name, threshold):
+        return views(session, name, threshold)
 
-    def change_map(items, name):
+    def change_map(session, name):
         slider = slider_for(name)
-        return (slider, *views(list(items or []), name, inspector.threshold(name)))
+        return (slider, *views(session, name, inspector.threshold(name)))
 
-    with gr.Blocks(title="diffad inspection") as demo:
+    # delete_cache: gradio's own copies of uploads and downloads go after an hour, and all of them at a restart
+    with gr.Blocks(title="diffad inspection", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# diffad inspection\nDrop photos of parts (or a zip of a folder): each gets a heat map, a "
                     "score and PASS/FAIL. The threshold re-decides from the stored scores; the model does not run "
                     "again.")
         gr.Markdown(model_summary(model, inspector), elem_id="model-summary")
-        items = gr.State([])
+        items = gr.State(None, delete_callback=_end_session)  # one Session per browser session
         with gr.Row():
             files = gr.File(label="photos or a .zip", file_count="multiple", elem_id="uploads")
             with gr.Column():
@@ -259,6 +418,7 @@ def build_app(inspector: Inspector, model: str | Path = ""):
         stop_button.click(None, None, None, cancels=[event])
         threshold.change(redecide, [items, map_choice, threshold], [gallery, table, download, status])
         map_choice.change(change_map, [items, map_choice], [threshold, gallery, table, download, status])
+    demo.diffad_session_folders = folders  # close_app(demo) deletes them
     return demo
 
 
@@ -277,6 +437,25 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """``ValueError`` (one line naming ``--port``) when ``host:port`` cannot be bound: another program listens there.
+    The probe binds as the server does (``SO_REUSEADDR``), so a port left in TIME_WAIT by a stopped app is free."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); stop what uses it, or pass "
+                             "another --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad app`` (blocks until interrupted)."""
     try:
@@ -287,13 +466,31 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
+    check_port_free(args.host, args.port)  # before the model loads, and before a URL is printed
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)
-    demo = build_app(inspector, args.model)
-    print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
+    folders = SessionFolders()
+    gradio_cache = os.environ.get("GRADIO_TEMP_DIR")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the app as Ctrl+C does: folders deleted
+    try:
+        # gradio's own copies (uploads, downloads, gallery images) live in the app's folder too, and go with it
+        os.environ["GRADIO_TEMP_DIR"] = str(folders.ensure_root() / "gradio")
+        demo = build_app(inspector, args.model, folders=folders)
+        print(f"diffad app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+        demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        folders.close()
+        if gradio_cache is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = gradio_cache
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------ a Hugging Face Space running the same app
@@ -333,9 +530,14 @@ Runs on the Space's CPU; the model card gives the measured accuracy and the spee
 '''
 
 
-def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
+def write_space(model: str | Path, repo_id: str, out: str | Path, force: bool = False) -> list[Path]:
     """Write a Space folder (``app.py``, ``requirements.txt``, ``README.md`` with the Space front matter) that
-    loads the pushed model ``repo_id`` and serves :func:`build_app`; returns the files written."""
+    loads the pushed model ``repo_id`` and serves :func:`build_app`; returns the files written.
+
+    Raises:
+        ValueError: ``out`` is a model folder (its README.md is the model card), or is not empty and ``force`` is
+            False.
+    """
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -350,6 +552,12 @@ def write_space(model: str | Path, repo_id: str, out: str | Path) -> list[Path]:
     log = model / TRAINING_LOG
     category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
     out = Path(out)
+    if (out / MODEL_INDEX).exists():
+        raise ValueError(f"--out {out} is a model folder: its README.md is the model card and a Space would overwrite "
+                         "it; pass a new folder for the Space")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty: pass a new folder, or --force to overwrite its app.py, "
+                         "requirements.txt and README.md")
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "app.py": SPACE_APP.format(repo_id=repo_id),
@@ -371,6 +579,9 @@ def register_space(subparsers) -> None:
                                                "into --out: a Gradio Space over the pushed model --repo-id.")
     parser.add_argument("--model", required=True, help="the local model folder (for its category)")
     parser.add_argument("--repo-id", required=True, help="the model's Hub id (ORG/NAME), as pushed by diffad push")
-    parser.add_argument("--out", required=True, help="the Space folder to write")
+    parser.add_argument("--out", required=True, help="the Space folder to write (new or empty)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, overwriting its app.py, requirements.txt and README.md "
+                             "(never into a model folder)")
     parser.set_defaults(func=lambda args: print("\n".join(
-        str(p) for p in write_space(args.model, args.repo_id, args.out))) or 0)
+        str(p) for p in write_space(args.model, args.repo_id, args.out, force=args.force))) or 0)

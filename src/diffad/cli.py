@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from diffad import __version__
-from diffad.data import load_mvtec
+from diffad.data import load_mvtec, split_fingerprint
 from diffad.detect import from_pretrained_quietly
-from diffad.model_folder import CALIBRATION_COMPONENT, calibration_config, require_model_folder
+from diffad.model_folder import (CALIBRATION_COMPONENT, TRAINING_LOG, calibration_config, read_json,
+                                 require_model_folder)
 from diffad.networks import ExportedNetwork
 from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
 from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
@@ -107,8 +108,8 @@ def calibrate_model(
     percentile: Optional[float] = None,
     precision: str = "auto",
     target_false_positive_rate: float = 0.05,
-    seed: int = 0,
-    validation_fraction: float = 0.2,
+    seed: Optional[int] = None,
+    validation_fraction: Optional[float] = None,
     batch_size: Optional[int] = None,
 ) -> Path:
     """Calibrate a saved pipeline on the validation split of its category and save it back.
@@ -131,8 +132,10 @@ def calibrate_model(
         precision: the networks' arithmetic, ``"auto"`` (bf16 where the hardware has it natively, else fp32),
             ``"fp32"`` or ``"bf16"``; recorded in the calibration and run by every later call.
         target_false_positive_rate: fraction of normal images the image thresholds flag.
-        seed: seeds the validation split and the calibration noise.
-        validation_fraction: must match the one used in training.
+        seed: seeds the validation split and the calibration noise; None: the training run's (its
+            ``training_log.json``), another value than the training run's is refused.
+        validation_fraction: None: the training run's; another value is refused (the split would hold images the
+            model was trained on). Without a training log: 0.2 and seed 0, with a warning.
         batch_size: images per UNet call (``None``: all at once).
 
     Returns:
@@ -140,9 +143,11 @@ def calibrate_model(
 
     Raises:
         FileNotFoundError: ``model_dir`` holds no ``model_index.json``.
-        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate.
+        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
+            a seed, validation fraction or category other than the training run's.
     """
     model_dir = require_model_folder(model_dir, fix="; train one with `diffad train` first")
+    validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
     sampling = SamplingConfig.from_preset(config)
     if percentile is not None:
         if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
@@ -167,12 +172,58 @@ def calibrate_model(
     if len(validation) < 4:
         raise ValueError(f"the validation split of {category!r} in {data} has {len(validation)} images and "
                          "calibration needs at least 4: raise --validation-fraction or add train/good images")
+    trained_on = (_training_config(model_dir).get("data_fingerprint") or {}).get("validation")
+    if trained_on is not None and split_fingerprint(validation) != trained_on:
+        logger.warning("WARNING: the validation images of %r in %s are not the ones %s was trained beside (their "
+                       "content differs): calibrating on other data than the model's gives thresholds that do not "
+                       "hold for it; pass the training run's --data", category, data, model_dir)
     images = [row["image"] for row in validation]
     logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
                 category, sampling.preset_name or sampling, sampling.precision)
     pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
                    generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
     return save_pipeline_atomically(pipe, model_dir)
+
+
+def _training_config(model_dir: Path) -> dict:
+    """The ``config`` of ``model_dir/training_log.json`` ({} when there is none)."""
+    log = model_dir / TRAINING_LOG
+    if not log.is_file():
+        return {}
+    try:
+        return read_json(log).get("config") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
+                         "--validation-fraction and --seed as in training") from None
+
+
+#: What calibration uses when a model folder has no training log (a model trained elsewhere).
+_SPLIT_DEFAULTS = {"validation_fraction": 0.2, "seed": 0}
+
+
+def training_split(model_dir: Path, category: str, validation_fraction: Optional[float],
+                   seed: Optional[int]) -> tuple[float, int]:
+    """The validation split calibration must use: the training run's ``validation_fraction`` and ``seed`` (from
+    ``training_log.json``), so it holds only images the model never trained on. A given value that differs from
+    the training run's, or another category than it was trained on, is refused in one line (``ValueError``)."""
+    trained = _training_config(model_dir)
+    if trained.get("category") not in (None, category):
+        raise ValueError(f"--category {category}: {model_dir} was trained on {trained['category']!r} "
+                         f"(training_log.json); calibrate it on {trained['category']!r} images")
+    chosen = {"validation_fraction": validation_fraction, "seed": seed}
+    for key, flag in (("validation_fraction", "--validation-fraction"), ("seed", "--seed")):
+        if trained.get(key) is None:
+            if chosen[key] is None:
+                chosen[key] = _SPLIT_DEFAULTS[key]
+                logger.warning("%s has no training log: calibrating with %s %s; pass the training run's value if "
+                               "it differs", model_dir, flag, chosen[key])
+        elif chosen[key] is None:
+            chosen[key] = trained[key]
+        elif chosen[key] != trained[key]:
+            raise ValueError(f"{flag} {chosen[key]}: {model_dir} was trained with {flag} {trained[key]} "
+                             f"(training_log.json), and another split would calibrate on training images; drop "
+                             f"{flag} to use the training run's")
+    return float(chosen["validation_fraction"]), int(chosen["seed"])
 
 
 def calibration_summary(model_dir: str | os.PathLike) -> str:
@@ -220,11 +271,13 @@ def _register_calibrate(subparsers) -> None:
                         help="the networks' arithmetic, recorded in the calibration: auto (bf16 where the CPU has "
                              "AVX512-BF16/AMX or the GPU has bf16, else fp32), fp32 or bf16 (default: "
                              f"{DEFAULT_PRECISION})")
-    parser.add_argument("--validation-fraction", type=float, default=0.2,
-                        help="held-out fraction of train/good; must match training (default: 0.2)")
+    parser.add_argument("--validation-fraction", type=float, default=None,
+                        help="held-out fraction of train/good (default: the training run's, from its "
+                             "training_log.json; another value is refused)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: all)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the validation split (as in training) and the noise (default: 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds the validation split and the noise (default: the training run's, from its "
+                             "training_log.json; another value is refused)")
     parser.set_defaults(func=_run_calibrate)
 
 

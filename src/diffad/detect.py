@@ -12,6 +12,13 @@ interrupted run already did (scores are written with every digit of their float3
 ``--batch-size`` is the number of images read, scored and written per step: memory stays bounded
 for thousands of images; the CSV is appended and flushed after every batch, so an interrupted run
 loses at most one batch, and a re-run skips every file already in the CSV (delete its row to redo it).
+Rows are written whole or not at all, and a torn last row (a full disk, a killed run) is cut off on resume
+(:class:`diffad.results.ResultsFile`). ``results.json`` beside the CSV records the model, its calibration's hash,
+the method, map, threshold and seed that decided the rows; a re-run under other ones is refused in one line.
+Every row carries its map and threshold.
+
+Folders are walked by diffad's one rule (:mod:`diffad.inputs`: recursive, symbolic links to folders followed);
+every file skipped there is counted and named.
 
 Unreadable files (truncated, not an image, permission denied) are logged on one line each,
 recorded in the CSV with ``decision = error``, and skipped: they never abort the run.
@@ -29,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import logging
 import os
@@ -42,14 +48,16 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import binary_opening
 
-from diffad.data import read_image
+from diffad.data import ImageReadError, read_image
 from diffad.figures import overlay
+from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.model_folder import require_model_folder
-from diffad.networks import INSTALL_HINT
+from diffad.networks import INSTALL_HINT, ExportedNetwork
 # NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_ERROR, SAMPLING_PRESETS,
                                                  SelfAwareInpaintPipeline, inspect_photos, threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
+from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
 from diffad.training_utils import file_lock
 
 __all__ = [
@@ -68,9 +76,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-CSV_FIELDS = ("file", "score", "decision", "overlay", "error")
+#: The columns of ``results.csv`` (and of the app's download): ``map`` and ``threshold`` decided the row.
+CSV_FIELDS = ("file", "score", "decision", "overlay", "error", "map", "threshold")
 RESULTS_NAME = "results.csv"
+#: Beside ``results.csv``: what decided its rows (:func:`diffad.results.check_identity`).
+IDENTITY_NAME = "results.json"
 OVERLAY_DIR = "overlays"
 LOCK_NAME = ".diffad-detect.lock"
 # Overlays are drawn at the photo's own size, capped on the long side to keep files small.
@@ -88,33 +98,23 @@ class DetectSummary:
     skipped_done: int = 0
     failed_files: list[str] = field(default_factory=list)
     nonfinite: int = 0  # files the model could not judge (a non-finite map): an error, not a decision
+    scan: ImageScan = field(default_factory=ImageScan)  # the inputs found, and every file skipped in a folder
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of image paths.
-
-    A folder contributes every file below it (recursively) whose extension is in
-    :data:`IMAGE_EXTENSIONS`, case-insensitively; a file named explicitly is always taken,
-    whatever its extension (it is reported later if it is not an image).
+def find_images(inputs: Sequence[str | os.PathLike], *, exclude: Optional[Path] = None) -> ImageScan:
+    """Expand files and folders by diffad's one walking rule (:func:`diffad.inputs.walk_images`): a file named
+    explicitly is always taken (reported later if it is not an image); a folder gives every image below it,
+    symbolic links to folders followed, and names every file it skips.
 
     Raises:
         FileNotFoundError: an input does not exist, or no image was found at all.
     """
-    found: dict[Path, None] = {}
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for candidate in sorted(path.rglob("*")):
-                if candidate.is_file() and candidate.suffix.lower() in IMAGE_EXTENSIONS:
-                    found[candidate.resolve()] = None
-        elif path.is_file():
-            found[path.resolve()] = None
-        else:
-            raise FileNotFoundError(f"{path} does not exist: pass image files or folders of images")
-    if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in "
-                                f"{', '.join(str(p) for p in inputs)}")
-    return list(found)
+    scan = walk_images(inputs, exclude=exclude)
+    if not scan.images:
+        skipped = f"; {scan.skipped_summary()}" if scan.skipped else ""
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in "
+                                f"{', '.join(str(p) for p in inputs)}{skipped}")
+    return scan
 
 
 def load_pipeline(model: str | os.PathLike):
@@ -145,8 +145,21 @@ def load_pipeline(model: str | os.PathLike):
                                 f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
                                 ) from exc
     _require_calibration(pipe, model)
+    _check_network_precision(pipe, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_network_precision(pipe, model) -> None:
+    """Refuse a folder whose loaded networks run another precision than its calibration's: an exported network
+    runs the precision it was built at, so another export's ``unet/`` swapped in, or an edited config, would run
+    unnoticed."""
+    fitted = pipe.calibration.sampling.precision
+    for name in ("unet", "segmenter"):
+        network = getattr(pipe, name, None)
+        if isinstance(network, ExportedNetwork) and network.precision != fitted:
+            raise ValueError(f"--model {model}: its {name}/ runs {network.precision} but it was calibrated in "
+                             f"{fitted}: the folder changed after `diffad export`; export the model again")
 
 
 def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
@@ -166,41 +179,56 @@ def _require_calibration(pipe, model) -> None:
         raise ValueError(f"--model {model} is not calibrated: run `diffad calibrate --model {model} ...` first")
 
 
+#: The most bytes of an image's stem kept in its overlay's name: with the hash and suffix, far below the 255
+#: bytes a file name may have on every common file system, whatever the image's name.
+OVERLAY_STEM_BYTES = 100
+
+
 def _overlay_name(path: Path) -> str:
-    """A unique, stable overlay file name: the image's stem plus a short hash of its full path."""
-    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
-    return f"{path.stem}_{digest}.png"
+    """A unique, stable overlay file name that fits any file system: the image's stem (cut to
+    :data:`OVERLAY_STEM_BYTES` bytes of UTF-8, at a character boundary) plus a short hash of its full path."""
+    digest = hashlib.sha1(str(path).encode("utf-8", errors="surrogateescape")).hexdigest()[:8]
+    stem = path.stem.encode("utf-8", errors="surrogateescape")[:OVERLAY_STEM_BYTES].decode("utf-8", errors="ignore")
+    return f"{stem}_{digest}.png"
 
 
-def _done_files(results_csv: Path) -> set[str]:
-    if not results_csv.is_file():
-        return set()
-    with results_csv.open(newline="", encoding="utf-8") as handle:
-        return {row["file"] for row in csv.DictReader(handle) if row.get("file")}
+def read_error_words(exc: BaseException) -> str:
+    """Why a file could not be read, in words on one line: an :class:`~diffad.data.ImageReadError`'s reason, else
+    the error's own text (never a class name or a traceback)."""
+    text = exc.reason if isinstance(exc, ImageReadError) else (str(exc) or type(exc).__name__)
+    return " ".join(text.split())
 
 
-def read_or_record(path: Path, writer: csv.DictWriter,
-                   summary: DetectSummary) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
-    """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row written and
-    counted in ``summary`` (``diffad detect`` and ``diffad watch``)."""
+def result_base(pipe, method: str, anomaly_map: str) -> dict[str, str]:
+    """The cells every row of a run shares: its map and the threshold that decided it (empty cells elsewhere)."""
+    threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))
+    return {"score": "", "overlay": "", "error": "", "map": anomaly_map,
+            "threshold": "" if threshold is None else format_score(threshold)}
+
+
+def read_or_record(path: Path, table, summary: DetectSummary,
+                   base: Optional[dict[str, str]] = None) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
+    """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row (``base``'s
+    cells, the reason in words) written whole to ``table`` (a :class:`diffad.results.ResultsFile`) and counted in
+    ``summary`` (``diffad detect`` and ``diffad watch``)."""
     try:
         return read_image(path), None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        message = read_error_words(exc)
         logger.warning("skipping unreadable file %s (%s)", path, message)
-        row = {"file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
-        writer.writerow(row)
+        row = {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
+        table.write([row])
         summary.failed += 1
         summary.failed_files.append(str(path))
         return None, row
 
 
-def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary,
-             writer: csv.DictWriter) -> Iterator[list[tuple[Path, Image.Image]]]:
+def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary, table,
+             base: dict[str, str]) -> Iterator[list[tuple[Path, Image.Image]]]:
     """Yield lists of up to ``batch_size`` decoded images; unreadable files are recorded and skipped."""
     batch: list[tuple[Path, Image.Image]] = []
     for path in paths:
-        photo, _ = read_or_record(path, writer, summary)
+        photo, _ = read_or_record(path, table, summary, base)
         if photo is not None:
             batch.append((path, photo))
         if len(batch) == batch_size:
@@ -324,13 +352,16 @@ def detect(
         raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
     out_root = Path(out_dir).resolve()
     paths, own = [], 0
-    for p in find_images(inputs):  # never score our own overlays when --out lies inside an input folder
+    scan = find_images(inputs, exclude=out_root)
+    for p in scan.images:  # never score our own overlays when --out lies inside an input folder
         if out_root == p.resolve().parent or out_root in p.resolve().parents:
             own += 1
         else:
             paths.append(p)
     if own:
         logger.info("left out %d files inside the output folder %s", own, out_dir)
+    for path, reason in scan.skipped:
+        logger.info("skipped %s: %s", path, reason)
     if not paths:
         raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
     if pipe is None:
@@ -341,7 +372,13 @@ def detect(
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        return _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+        identity = {"model": str(model), "calibration": calibration_hash(pipe), "method": method,
+                    "map": anomaly_map, "threshold": pipe.calibration.threshold(threshold_key(method, anomaly_map)),
+                    "seed": seed}
+        check_identity(out_dir / IDENTITY_NAME, identity, out_dir / RESULTS_NAME)
+        summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+    summary.scan = scan
+    return summary
 
 
 @contextlib.contextmanager
@@ -360,30 +397,26 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
                  seed: int) -> DetectSummary:
     results_csv = out_dir / RESULTS_NAME
     summary = DetectSummary(results_csv=results_csv)
-    done = _done_files(results_csv)
-    todo = [p for p in paths if str(p) not in done]
-    summary.skipped_done = len(paths) - len(todo)
-    if summary.skipped_done:
-        logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
-    new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
-    with results_csv.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-        for batch in _batches(todo, batch_size, summary, writer):
-            record_batch(pipe, batch, writer, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
+    with ResultsFile(results_csv, CSV_FIELDS) as table:
+        done = table.done()
+        todo = [p for p in paths if safe_cell(str(p)) not in done]
+        summary.skipped_done = len(paths) - len(todo)
+        if summary.skipped_done:
+            logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
+        base = result_base(pipe, method, anomaly_map)
+        for batch in _batches(todo, batch_size, summary, table, base):
+            record_batch(pipe, batch, table, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
                          summary=summary)
-            handle.flush()
-            os.fsync(handle.fileno())
             logger.info("scored %d/%d images", summary.scored + summary.failed, len(todo))
-        handle.flush()
     return summary
 
 
-def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], writer: csv.DictWriter, out_dir: Path, *,
+def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir: Path, *,
                  method: str, anomaly_map: str, seed: int, summary: DetectSummary) -> list[dict[str, str]]:
-    """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write each one's row and
-    overlay into ``out_dir`` and count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write their overlays into
+    ``out_dir`` and their rows, whole, to ``table`` (a :class:`diffad.results.ResultsFile`; each row with its map and
+    threshold), count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    base = result_base(pipe, method, anomaly_map)
     threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the overlays' colour scale
     verdicts = inspect_photos(pipe, [img for _, img in batch], method=method, anomaly_map=anomaly_map, seed=seed)
     rows = []
@@ -391,18 +424,18 @@ def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], writer: csv.Di
         if verdict.error:
             # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
             logger.error("%s: %s", path, NONFINITE_ERROR)
-            rows.append({"file": str(path), "score": "", "decision": "error", "overlay": "", "error": NONFINITE_ERROR})
+            rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
             summary.failed += 1
             summary.failed_files.append(str(path))
             summary.nonfinite += 1
         else:
             name = _overlay_name(path)
             _save_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, threshold, out_dir / OVERLAY_DIR / name)
-            rows.append({"file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
-                         "overlay": f"{OVERLAY_DIR}/{name}", "error": ""})
+            rows.append({**base, "file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
+                         "overlay": f"{OVERLAY_DIR}/{name}"})
             summary.scored += 1
             summary.defective += verdict.decision == "defect"
-        writer.writerow(rows[-1])
+    table.write(rows)  # the batch's rows, whole, on disk
     return rows
 
 
@@ -442,8 +475,10 @@ def run(args: argparse.Namespace) -> int:
     summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
                      anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
                      precision=args.precision)
+    skipped = summary.scan.skipped_summary()
     print(f"scored {summary.scored} images ({summary.defective} defective), "
-          f"{summary.failed} unreadable, {summary.skipped_done} already done; results in {summary.results_csv}")
+          f"{summary.failed} unreadable, {summary.skipped_done} already done"
+          f"{'; not images, ' + skipped if skipped else ''}; results in {summary.results_csv}")
     if summary.nonfinite:
         raise ValueError(f"the model produced non-finite anomaly maps for {summary.nonfinite} images (error rows "
                          f"in {summary.results_csv}): check or retrain the model")

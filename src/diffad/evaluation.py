@@ -4,8 +4,9 @@ Library entry point: :func:`evaluate_pipeline` (one category, one loaded pipelin
 ``diffad evaluate`` (also ``python -m diffad.evaluation``, so ``accelerate launch -m
 diffad.evaluation ...`` runs it on several processes) writes, under ``--out``:
 
-* ``per_image.csv``: ``file, category, defect_type, label, method, map, score, decision``
-  (decision ``defect`` / ``ok``, or ``unknown`` where no threshold was calibrated);
+* ``per_image.csv``: ``file, category, defect_type, label, method, map, score, decision, threshold``
+  (decision ``defect`` / ``ok`` at that calibrated threshold, or ``unknown`` and no threshold where none was
+  calibrated), written by diffad's one results writer (:mod:`diffad.results`);
 * ``metrics.json``: per category and ``<method>/<map>``: image AUROC, image F1-max and its
   threshold, pixel AUROC, AUPRO, seconds per image, UNet passes per image, and for
   ``self_aware`` the inpainting-mask statistics (``mask_normal_share``, ``mask_defect_recall``,
@@ -51,7 +52,6 @@ rounding of batched UNet arithmetic (about 1e-7).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -74,6 +74,7 @@ from diffad.metrics import compute_anomaly_metrics
 from diffad.model_folder import MODEL_INDEX
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
 from diffad.precision import add_precision_assertion, check_precision
+from diffad.results import csv_text
 from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
@@ -93,7 +94,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("file", "category", "defect_type", "label", "method", "map", "score", "decision")
+CSV_FIELDS = ("file", "category", "defect_type", "label", "method", "map", "score", "decision", "threshold")
 #: The inpainting-mask statistics recorded for ``self_aware`` (module docstring).
 MASK_KEYS = ("mask_normal_share", "mask_defect_recall", "mask_precision")
 
@@ -362,8 +363,10 @@ def evaluate_pipeline(
         per_method[method] = values
     records: list[dict[str, Any]] = []
     metrics: dict[str, dict[str, Any]] = {}
+    threshold_of = getattr(getattr(pipe, "calibration", None), "threshold", None)
     for method, kind in combos:
         key = threshold_key(method, kind)
+        threshold = threshold_of(key) if callable(threshold_of) else None  # what decided the rows
         scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
         maps = np.stack([r["out"][key]["map"] for r in gathered])
         values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
@@ -375,7 +378,8 @@ def evaluate_pipeline(
             decision = "unknown" if o["decision"] is None else ("defect" if o["decision"] else "ok")
             records.append({"file": files[r["index"]], "category": category, "defect_type": defect_types[r["index"]],
                             "label": labels[r["index"]], "method": method, "map": kind,
-                            "score": f"{o['score']:.8g}", "decision": decision})
+                            "score": f"{o['score']:.8g}", "decision": decision,
+                            "threshold": "" if threshold is None or o["decision"] is None else f"{threshold:.8g}"})
 
     figure_rows = []
     for r in gathered:
@@ -470,11 +474,8 @@ def _write_json(path: Path, payload: Any) -> None:
 def write_outputs(results: Sequence[CategoryEvaluation], out_dir: Path, settings: dict[str, Any]) -> None:
     """Write ``per_image.csv``, ``metrics.json``, ``metrics/<category>.json``, ``table.md`` and the figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for result in results:
-            writer.writerows(result.records)
+    atomic_write_text(out_dir / "per_image.csv", csv_text([r for result in results for r in result.records],
+                                                          CSV_FIELDS))
     per_category = {r.category: r.metrics for r in results}
     for r in results:
         _write_json(out_dir / "metrics" / f"{r.category}.json", {"category": r.category, "metrics": r.metrics,

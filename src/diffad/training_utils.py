@@ -6,12 +6,18 @@ temporary name in the same directory and then renamed (``os.replace``, atomic on
 run killed at any instant (SIGKILL, power loss) leaves either the old or the new version, never a
 half-written one. Checkpoint folders carry a marker file written last
 (:data:`CHECKPOINT_MARKER`); :func:`latest_checkpoint` only takes folders that have it.
+
+Other people's files: one run at a time writes an output folder (:func:`output_folder_lock`, an OS lock held by
+the training scripts' ``main``), and diffad deletes only what it wrote, saying so in the log: leftovers under its
+own temporary names (``.<name>.diffad-incomplete``, ``.<name>.diffad-old-<pid>-<ns>``), and in a checkpoint the
+files its marker lists (:func:`delete_checkpoint`); a checkpoint holding anything else is renamed aside, kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -40,6 +46,9 @@ __all__ = [
     "OneLineArgumentParser",
     "TrainingLog",
     "file_lock",
+    "holds_output_folder",
+    "output_folder_lock",
+    "delete_checkpoint",
     "atomic_write_json",
     "atomic_write_text",
     "augment_batch",
@@ -74,7 +83,11 @@ CHECKPOINT_MARKER = "diffad_training_state.json"
 #: diffad's own tensors in a checkpoint (the EMA's shadow weights), in safetensors: never a pickle.
 STATE_TENSORS = "diffad_state.safetensors"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
-_INCOMPLETE_SUFFIX = ".incomplete"
+_INCOMPLETE_SUFFIX = ".diffad-incomplete"
+#: The names of diffad's own temporary files and folders (nothing else is ever deleted as a leftover).
+_LEFTOVER_RE = re.compile(r"^\..+\.diffad-(incomplete|old-\d+-\d+)$")
+#: The lock file a training run holds in its output folder.
+TRAIN_LOCK_NAME = ".diffad-train.lock"
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -130,7 +143,7 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
 
 def incomplete_path(dest: PathLike) -> Path:
     """The temporary sibling under which ``dest`` is written before :func:`commit_directory`:
-    ``<parent>/.<name>.incomplete``. Deterministic, so that every rank of a distributed run
+    ``<parent>/.<name>.diffad-incomplete``. Deterministic, so that every rank of a distributed run
     writes its share of a checkpoint into the same folder."""
     dest = Path(dest)
     return dest.parent / f".{dest.name}{_INCOMPLETE_SUFFIX}"
@@ -167,7 +180,7 @@ def commit_directory(tmp: PathLike, dest: PathLike) -> Path:
         raise FileNotFoundError(f"cannot commit {tmp}: it is not a folder")
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.time_ns()}"
+        old = dest.parent / f".{dest.name}.diffad-old-{os.getpid()}-{time.time_ns()}"
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
@@ -176,8 +189,9 @@ def commit_directory(tmp: PathLike, dest: PathLike) -> Path:
 
 
 def remove_incomplete(output_dir: PathLike) -> List[Path]:
-    """Delete leftovers of interrupted writes in ``output_dir`` (``.*.incomplete`` folders and
-    ``.*.old-*`` folders). Call it on one process, before any process starts writing.
+    """Delete diffad's own leftovers of interrupted writes in ``output_dir`` (``.<name>.diffad-incomplete`` and
+    ``.<name>.diffad-old-<pid>-<ns>``; never another name), each named in the log. Call it on one process, before
+    any process starts writing.
 
     Returns:
         The removed paths.
@@ -186,11 +200,45 @@ def remove_incomplete(output_dir: PathLike) -> List[Path]:
     removed = []
     if not output_dir.is_dir():
         return removed
-    for p in output_dir.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(_INCOMPLETE_SUFFIX) or ".old-" in p.name):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in sorted(output_dir.iterdir()):
+        if _LEFTOVER_RE.match(p.name):
+            logger.info("removing %s: diffad's leftover of an interrupted write", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def output_folder_lock(folder: PathLike, flag: str = "--output_dir") -> Iterator[None]:
+    """Hold ``folder/.diffad-train.lock`` (:func:`file_lock`) for a training run: a second run into the same folder
+    fails at once with one line (``ValueError``) instead of overwriting the first one's checkpoints and weights."""
+    folder = Path(folder)
+    lock = file_lock(folder / TRAIN_LOCK_NAME, blocking=False)
+    try:
+        lock.__enter__()
+    except BlockingIOError:
+        raise ValueError(f"another diffad training run is writing to {folder}: wait for it to finish, or pass "
+                         f"another {flag}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def holds_output_folder(attr: str, flag: str, *, create: bool = True) -> Callable:
+    """Decorate a training script's ``main(args)`` to run under :func:`output_folder_lock` of ``args.<attr>``,
+    taken by the main process of the launch only (rank 0; the others write where it says). With ``create=False``
+    a folder that does not exist is left to ``main`` to report."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def locked(args, *rest, **kwargs):
+            folder = Path(getattr(args, attr))
+            if os.environ.get("RANK", "0") != "0" or not (create or folder.is_dir()):
+                return main(args, *rest, **kwargs)
+            with output_folder_lock(folder, flag):
+                return main(args, *rest, **kwargs)
+        return locked
+    return decorate
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -246,8 +294,36 @@ def rotate_checkpoints(output_dir: PathLike, total_limit: Optional[int]) -> List
     doomed = checkpoints[: max(0, len(checkpoints) - int(total_limit))]
     for p in doomed:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", p, total_limit)
-        shutil.rmtree(p, ignore_errors=True)
+        delete_checkpoint(p)
     return doomed
+
+
+def delete_checkpoint(folder: Path) -> List[Path]:
+    """Delete a checkpoint folder's files that diffad wrote (those its marker lists), then its empty folders. A
+    checkpoint that still holds anything (a user's file; or no list: written by diffad 0.3 or earlier) is renamed
+    to ``<name>.kept-<ns>``, so no resume takes it, and each kept file is named in a warning. Returns the kept
+    files."""
+    try:
+        listed = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    root = folder.resolve()
+    for rel in listed or []:
+        path = folder / rel
+        inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts and path.parent.resolve().is_relative_to(root)
+        if inside and (path.is_file() or path.is_symlink()):
+            path.unlink()
+    for dirpath, _, _ in os.walk(folder, topdown=False):
+        if not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    if not folder.exists():
+        return []
+    kept = sorted(p for p in folder.rglob("*") if not p.is_dir())
+    aside = folder.with_name(f"{folder.name}.kept-{time.time_ns()}")
+    os.replace(folder, aside)
+    logger.warning("kept %s as %s: it holds files diffad did not write (%s)", folder, aside,
+                   ", ".join(str(p.relative_to(folder)) for p in kept[:10]) or "no file list")
+    return [aside / p.relative_to(folder) for p in kept]
 
 
 # --------------------------------------------------------------------------- the training log
@@ -467,7 +543,9 @@ def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, sta
             save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
         if tensors:
             save_file(tensors, str(tmp / STATE_TENSORS))
-        atomic_write_json(tmp / CHECKPOINT_MARKER, state)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+        # the marker lists every file of the checkpoint: what a later clean-up may delete, and nothing else
+        atomic_write_json(tmp / CHECKPOINT_MARKER, {**state, "files": [*files, CHECKPOINT_MARKER]})
         commit_directory(tmp, dest)
         rotate_checkpoints(output_dir, total_limit)
         logger.info("saved checkpoint %s", dest)
@@ -476,9 +554,10 @@ def save_checkpoint(accelerator: "Accelerator", output_dir: Path, step: int, sta
 
 
 def clear_checkpoints(output_dir: PathLike) -> List[Path]:
-    """Delete every ``checkpoint-<step>`` folder directly in ``output_dir`` (``--overwrite_output_dir``: a new run
-    must never resume an old run's checkpoints). Only real folders inside ``output_dir`` are removed: a symbolic
-    link is unlinked, never followed. Returns the removed paths."""
+    """Remove every ``checkpoint-<step>`` folder directly in ``output_dir`` (``--overwrite_output_dir``: a new run
+    must never resume an old run's checkpoints), deleting only the files diffad wrote (:func:`delete_checkpoint`:
+    a folder holding other files is renamed aside, kept). Only real folders inside ``output_dir`` are touched: a
+    symbolic link is unlinked, never followed. Returns the removed paths."""
     output_dir = Path(output_dir)
     removed: List[Path] = []
     if not output_dir.is_dir():
@@ -490,12 +569,13 @@ def clear_checkpoints(output_dir: PathLike) -> List[Path]:
         if p.is_symlink():
             p.unlink()
         elif p.is_dir() and p.resolve().parent == root:
-            shutil.rmtree(p)
+            delete_checkpoint(p)
         else:
             continue
         removed.append(p)
     if removed:
-        logger.info("--overwrite_output_dir: removed %d old checkpoint(s) from %s", len(removed), output_dir)
+        logger.info("--overwrite_output_dir: removed %d old checkpoint(s) from %s: %s", len(removed), output_dir,
+                    ", ".join(p.name for p in removed))
     return removed
 
 
@@ -504,6 +584,11 @@ def check_resume_config(path: Path, saved: Dict[str, Any], config: Dict[str, Any
     differs from this run's ``config`` in any of ``keys``: one line naming the first difference."""
     old = (saved.get("log") or {}).get("config") or {}
     for key in keys:
+        if key == "data_fingerprint" and key in old and key in config and to_jsonable(old[key]) != to_jsonable(
+                config[key]):
+            raise ValueError(f"--resume_from_checkpoint: {path} was trained on other images (their content "
+                             "differs, whatever the folder's name); resume with that run's data, or start a new run "
+                             "with --overwrite_output_dir or another --output_dir")
         if key in old and key in config and to_jsonable(old[key]) != to_jsonable(config[key]):
             raise ValueError(f"--resume_from_checkpoint: {path} belongs to a run with {key}={old[key]!r}, this run "
                              f"has {key}={config[key]!r}; resume with the same settings, or start a new run with "

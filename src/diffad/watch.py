@@ -21,7 +21,6 @@ events. SIGTERM or Ctrl-C stops after the photo in hand, its row written.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import logging
 import os
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from diffad.detect import (CSV_FIELDS, IMAGE_EXTENSIONS, LOCK_NAME, OVERLAY_DIR, RESULTS_NAME, DetectSummary,
-                           load_pipeline, read_or_record, record_batch)
+                           load_pipeline, read_or_record, record_batch, result_base)
+from diffad.results import ResultsFile
 
 __all__ = ["HASHES_NAME", "INSTALL_HINT", "watch", "register", "run"]
 
@@ -228,13 +228,9 @@ def _score_until_stopped(pipe, pending: _Pending, out_dir: Path, stop: threading
     results_csv, hashes_path = out_dir / RESULTS_NAME, out_dir / HASHES_NAME
     summary = DetectSummary(results_csv=results_csv)
     done = _read_hashes(hashes_path)
-    new_file = not results_csv.is_file() or results_csv.stat().st_size == 0
-    with results_csv.open("a", newline="", encoding="utf-8") as handle, \
-            hashes_path.open("a", encoding="utf-8") as hashes:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-            handle.flush()
+    base = result_base(pipe, method, anomaly_map)
+    # diffad's one results writer: whole rows, formula-safe cells, a torn last row cut off
+    with ResultsFile(results_csv, CSV_FIELDS) as table, hashes_path.open("a", encoding="utf-8") as hashes:
         logger.info("watching for photos; results in %s", results_csv)
         while not stop.is_set():
             ready = pending.take_ready(settle)
@@ -253,12 +249,10 @@ def _score_until_stopped(pipe, pending: _Pending, out_dir: Path, stop: threading
                     summary.skipped_done += 1
                     logger.info("%s: already scored (same content), skipped", path)
                     continue
-                photo, row = read_or_record(path, writer, summary)
+                photo, row = read_or_record(path, table, summary, base)
                 rows = [row] if photo is None else record_batch(
-                    pipe, [(path, photo)], writer, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
+                    pipe, [(path, photo)], table, out_dir, method=method, anomaly_map=anomaly_map, seed=seed,
                     summary=summary)
-                handle.flush()
-                os.fsync(handle.fileno())
                 if digest is not None:
                     done.add(digest)
                     hashes.write(f"{digest} {path}\n")
