@@ -78,8 +78,8 @@ bench-real: venv
 # The default detector (`diffad train`'s cpu preset: 256 px working resolution, 64 px crops and tiles, 1500 steps;
 # the fast sampler; maps combined, noise_error, multiscale) and denoising, on the five real categories (bottle, tire,
 # metal_plate, transistor, toothbrush) x 3 seeds, budgets in optimiser steps, precision auto; seed 0 also on
-# VALIDATION (synthetic scratches, cracks, pits, stains and DRAEM blobs on held-out good parts), where the tiled
-# default is compared with running the UNet on the whole image. Resumable (re-run to continue); about 6 CPU-hours.
+# VALIDATION (synthetic scratches, cracks, pits, stains and DRAEM blobs on held-out good parts); `--phases
+# ddpm,default,whole` also runs the UNet on the whole image (it lost to tiles). Resumable; about 5 CPU-hours.
 bench-quality: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --jobs 2
 
