@@ -407,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))
     minutes = [m for m in summary["ddpm_train_minutes"].values() if m is not None]
-    table = markdown(summary) + (f"\nDDPM training ({args.ddpm_steps} steps, one thread, --jobs {args.jobs}): "
+    table = markdown(summary) + (f"\nDDPM training ({args.ddpm_steps or 1500} steps, one thread, --jobs {args.jobs}): "
                                  f"{np.mean(minutes):.1f} ± {np.std(minutes):.1f} minutes per cell "
                                  f"({len(minutes)} cells)\n" if minutes else "")
     table += validation_markdown(summary["validation_vs_test"])

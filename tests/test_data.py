@@ -353,3 +353,14 @@ def test_real_full_resolution_images_are_resized(real_subset):
             assert not ours.any()
     native = load_mvtec(full)
     assert native["test"][0]["image"].size == (900, 900)
+
+
+def test_a_dataset_path_with_dot_dot_loads_with_the_same_file_names(synthetic_root):
+    """`../shared/data/...` (a path through `..`) loads as the resolved path does (the walk resolves paths)."""
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+
+    category = SYNTHETIC_CATEGORIES[0]
+    plain = load_mvtec(synthetic_root, category)
+    dotted = load_mvtec(synthetic_root / category / "..", category)
+    assert dotted["test"]["file_name"] == plain["test"]["file_name"]
+    assert all(not name.startswith("..") for name in dotted["train"]["file_name"])

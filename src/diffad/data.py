@@ -369,7 +369,8 @@ def load_mvtec(source: str | Path, category: str | None = None, *, resolution: i
         columns["label"].append(0 if defect == "good" else 1)
         columns["category"].append(name)
         columns["defect_type"].append(defect)
-        columns["file_name"].append(image_path.relative_to(folder).as_posix())
+        # the walk gives resolved paths: name them relative to the resolved folder (`..` and links in the path)
+        columns["file_name"].append(Path(os.path.relpath(image_path, folder.resolve())).as_posix())
 
     n_train = len(train_files)
     train_idx, val_idx = _split_indices(n_train, validation_fraction, seed)
