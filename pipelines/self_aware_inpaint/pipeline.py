@@ -765,20 +765,21 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ one reconstruction, every map
 
-    def _tile_batches(self, num_images: int, num_tiles: int) -> List[List[int]]:
-        """Index batches over the ``num_images * num_tiles`` tiles: all at once with one tile per image (the
-        caller's ``batch_size`` bounds the batch), else at most :data:`TILE_BATCH` tiles (bounded memory)."""
-        total = num_images * num_tiles
-        size = total if num_tiles == 1 else TILE_BATCH
-        return [list(range(i, min(i + size, total))) for i in range(0, total, size)]
+    @staticmethod
+    def _tile_batches(indices: Sequence[int], num_tiles: int) -> List[List[int]]:
+        """Tile ``indices`` in network batches: all at once with one tile per image (the caller's ``batch_size``
+        bounds the batch), else at most :data:`TILE_BATCH` tiles (bounded memory)."""
+        size = max(len(indices), 1) if num_tiles == 1 else TILE_BATCH
+        return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
 
     def _noise_error(self, x: torch.Tensor, config: SamplingConfig, generators: Generators) -> torch.Tensor:
         """``Q`` (:func:`noise_error`) of ``(B, 3, S, S)`` images over their tiles, stitched: ``(B, S, S)``."""
         tiles = split_tiles(x, self.tile_size)
-        gens = tile_generators(generators, tiles.shape[0] // x.shape[0])
+        n = tiles.shape[0] // x.shape[0]
+        gens = tile_generators(generators, n)
         q = torch.cat([noise_error(self.unet, self.schedule, tiles[idx], config.mask_timesteps,
                                    config.mask_noise_draws, [gens[i] for i in idx])
-                       for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
+                       for idx in self._tile_batches(range(tiles.shape[0]), n)])
         return merge_tiles(q.unsqueeze(1), self.resolution)[:, 0]
 
     def _reconstruction(self, x: torch.Tensor, masks: torch.Tensor, method: str, config: SamplingConfig,
@@ -793,13 +794,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         if method == "denoise" or config.reconstruction == "denoise":
             steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
             recs = torch.cat([denoise(self.unet, schedule, tiles[idx], start=start, num_steps=steps,
-                                      generators=[gens[i] for i in idx]) for idx in self._tile_batches(b, n)])
+                                      generators=[gens[i] for i in idx]) for idx in self._tile_batches(range(b * n), n)])
             passes += steps
         else:
             recs = tiles.clone()
             todo = torch.nonzero(tile_masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
-            size = max(len(todo), 1) if n == 1 else TILE_BATCH
-            for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
+            for batch in self._tile_batches(todo, n):
                 recs[batch] = inpaint(self.unet, schedule, tiles[batch], tile_masks[batch], start=start,
                                       num_steps=config.inpaint_steps, resample_steps=config.resample_steps,
                                       renoise=config.renoise, generators=[gens[i] for i in batch])
@@ -813,7 +813,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         size = min(int(size[0] if isinstance(size, (list, tuple)) else size), self.resolution)
         tiles, rec_tiles = split_tiles(x, size), split_tiles(recs, size)
         logits = torch.cat([segmenter_logits(self.segmenter, tiles[idx], rec_tiles[idx]).float()
-                            for idx in self._tile_batches(x.shape[0], tiles.shape[0] // x.shape[0])])
+                            for idx in self._tile_batches(range(tiles.shape[0]), tiles.shape[0] // x.shape[0])])
         return merge_tiles(torch.sigmoid(logits), self.resolution)[:, 0]
 
     def _inspect(self, x: torch.Tensor, q: Optional[torch.Tensor], q_p: Optional[torch.Tensor], method: str,
