@@ -41,6 +41,7 @@ __all__ = [
     "TextureFolder",
     "TextureSource",
     "make_anomaly",
+    "numpy_rng",
     "perlin_mask",
     "perlin_noise",
 ]
@@ -49,7 +50,7 @@ __all__ = [
 GeneratorLike = Optional[Union[torch.Generator, int, np.random.Generator]]
 
 
-def _numpy_rng(generator: GeneratorLike) -> np.random.Generator:
+def numpy_rng(generator: GeneratorLike) -> np.random.Generator:
     """One numpy Generator derived from a torch.Generator / int seed (None: torch's default generator)."""
     if isinstance(generator, np.random.Generator):
         return generator
@@ -87,7 +88,7 @@ def perlin_noise(
     ry, rx = int(scale[0]), int(scale[1])
     if h < 1 or w < 1 or ry < 1 or rx < 1:
         raise ValueError(f"shape and scale must be positive, got shape={shape}, scale={scale}")
-    rng = _numpy_rng(generator)
+    rng = numpy_rng(generator)
     angles = rng.uniform(0.0, 2 * math.pi, size=(ry + 1, rx + 1))
     gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # (ry+1, rx+1, 2)
     y = np.arange(h) * (ry / h)
@@ -131,7 +132,7 @@ def perlin_mask(
         raise ValueError(
             f"need 0 <= min_scale_exponent < max_scale_exponent, got {min_scale_exponent}, {max_scale_exponent}"
         )
-    rng = _numpy_rng(generator)
+    rng = numpy_rng(generator)
     ky, kx = rng.integers(min_scale_exponent, max_scale_exponent, size=2)
     noise = perlin_noise(shape, (2**int(ky), 2**int(kx)), generator=rng)
     if rotate:
@@ -348,7 +349,7 @@ class AnomalySynthesizer:
             raise ValueError(f"image must be a float tensor (3, H, W) in [-1, 1], got {shape}")
         if not image.is_floating_point():
             raise ValueError(f"image must be a float tensor in [-1, 1], got dtype {image.dtype}")
-        rng = _numpy_rng(generator)
+        rng = numpy_rng(generator)
         _, h, w = image.shape
         if rng.random() < self.normal_probability:
             return image.clone(), torch.zeros((1, h, w), dtype=image.dtype, device=image.device)

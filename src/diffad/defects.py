@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffad.anomalies import AnomalySynthesizer, _numpy_rng, perlin_mask
+from diffad.anomalies import AnomalySynthesizer, numpy_rng, perlin_mask
 
 #: Every defect kind, in the order :class:`DefectSynthesizer` cycles through them by default.
 DEFECT_KINDS = ("scratch", "crack", "pit", "stain", "blob")
@@ -75,7 +75,7 @@ class DefectSynthesizer:
         """One defect on ``image`` (``(3, H, W)`` float in [-1, 1]): ``(anomalous, mask)``."""
         if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be a float tensor (3, H, W) in [-1, 1]; got {getattr(image, 'shape', image)}")
-        rng = _numpy_rng(generator)
+        rng = numpy_rng(generator)
         kind = kind or self.kinds[int(rng.integers(len(self.kinds)))]
         if kind not in self.kinds:
             raise ValueError(f"kind must be one of {self.kinds}; got {kind!r}")
