@@ -52,7 +52,7 @@ SHARED = REPO_ROOT.parent / "shared" / "data"
 CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
               "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
 #: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
-EVAL_PHASES = ("default", "whole", "inpaint23", "thesis")
+EVAL_PHASES = ("default", "head", "whole", "inpaint23", "thesis")
 #: The precision every cell calibrates and runs: the default call's ``auto`` (bf16 on CPUs with AMX/AVX512-BF16,
 #: about 2.5x faster at 256 px; make bench-cpu measured bf16 moving the bottle AUROCs by < 0.001), else fp32.
 PRECISION = os.environ.get("DIFFAD_BENCH_PRECISION", "auto")
@@ -61,11 +61,13 @@ VALIDATION_ONLY = ("whole",)
 #: the phases ``make bench-quality`` runs unless told (the thesis sampler at 256 px is 25 tiles x 301 passes; the
 #: whole-image phase lost to tiles on validation in every category measured: ``--phases ddpm,default,whole`` to
 #: measure it again)
-DEFAULT_PHASES = ("ddpm", "default")
+DEFAULT_PHASES = ("ddpm", "default", "head")
 #: detector -> (phase, "<method>/<map>") in that phase's metrics.json
 DETECTORS = {
     "denoise (10 steps)": ("default", "denoise/multiscale"),
-    "self_aware combined (default, 10 passes)": ("default", "self_aware/combined"),
+    "self_aware combined + head (default, 10 passes)": ("head", "self_aware/combined"),
+    "self_aware learned (the head alone)": ("head", "self_aware/learned"),
+    "self_aware combined without the head": ("default", "self_aware/combined"),
     "self_aware noise_error (default config)": ("default", "self_aware/noise_error"),
     "self_aware multiscale (default config)": ("default", "self_aware/multiscale"),
     "whole image: denoise (10 steps)": ("whole", "denoise/multiscale"),
@@ -84,7 +86,7 @@ def phase_config(phase: str):
     """The :class:`SamplingConfig` an evaluation phase calibrates and runs."""
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
-    if phase in ("default", "whole"):
+    if phase in ("default", "whole", "head"):
         return SamplingConfig.fast()
     if phase == "inpaint23":
         return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
@@ -127,14 +129,22 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
             pipe.unet.register_to_config(sample_size=pipe.resolution)
         SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler,
                                  working_resolution=pipe.config.working_resolution).save_pretrained(copy)
-    if seed == 0:  # the choices are made on validation: one seed of it per category
-        run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
-                       phase_config(phase))
     if phase in VALIDATION_ONLY:
+        if seed == 0:
+            run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
+                           phase_config(phase))
         return
     if not has_component(copy, "calibration"):
         calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
                         precision=PRECISION, seed=seed, batch_size=16)
+    if phase == "head" and not has_component(copy, "segmenter"):  # `diffad train`'s head, the same batches
+        from diffad.cli import train_head
+
+        train_head(copy, argparse.Namespace(data_dir=str(CATEGORIES[category]), category=category, seed=seed),
+                   calibration_batch_size=16)
+    if seed == 0:  # the choices are made on validation: one seed of it per category (the head trained first)
+        run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
+                       phase_config(phase))
     evaluation = cell / f"{phase}_evaluation" / category
     if not evaluation_is_current(evaluation, [copy]):
         evaluate_folder(copy, CATEGORIES[category], category, evaluation, batch_size=16, seed=seed)
@@ -358,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:  # the <= 30 min iteration loop: two categories, one seed, 400 steps, the default detector
         args.seeds, args.ddpm_steps, args.out = "0", 400, args.out + "_quick"
         args.categories = "bottle,tire" if args.categories == ",".join(CATEGORIES) else args.categories
-        args.phases = "ddpm,default" if args.phases == ",".join(DEFAULT_PHASES) else args.phases
+        args.phases = "ddpm,head" if args.phases == ",".join(DEFAULT_PHASES) else args.phases
     if args.run_cell:
         return run_cell(args)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)

@@ -66,8 +66,9 @@ def trained(calibrated_copy) -> dict:
 
     before = SelfAwareInpaintPipeline.from_pretrained(str(calibrated_copy)).calibration
     cache_dir = calibrated_copy.parent / "cache"
-    out = ts.main(_args(calibrated_copy, cache_dir))
-    return {"model_dir": out, "cache_dir": cache_dir, "log": json.loads((out / ts.LOG_NAME).read_text()),
+    args = _args(calibrated_copy, cache_dir)
+    out = ts.main(args)
+    return {"model_dir": out, "cache_dir": cache_dir, "args": args, "log": json.loads((out / ts.LOG_NAME).read_text()),
             "q_threshold": before.q_threshold.clone(), "multiscale_threshold": before.threshold("self_aware/multiscale")}
 
 
@@ -136,6 +137,9 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
     base = key()
     assert key() == base  # deterministic
     assert key(AnomalySynthesizer(normal_probability=0.3)) != base
+    from diffad.defects import DefectSynthesizer
+
+    assert key(DefectSynthesizer(kinds=("scratch", "pit"))) != key(DefectSynthesizer())
     assert key(AnomalySynthesizer(beta_range=(0.5, 1.0))) != base
     assert key(num=17) != base
     assert key(seed=1) != base
@@ -213,20 +217,32 @@ def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained)
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.segmenter.config.in_channels == 6 and pipe.segmenter.config.out_channels == 1
+    # the segmenter reads the image, its reconstruction and the noise error, on tiles of the DDPM's tile size
+    assert pipe.segmenter.config.in_channels == 7 and pipe.segmenter.config.out_channels == 1
+    assert pipe.segmenter.config.sample_size == pipe.tile_size
     # training fitted the synthetic set: the saved segmenter's loss on the cached samples is below the loss of its
     # initialisation (the script seeds it with set_seed(--seed) before make_segmenter)
     cached = datasets.load_from_disk(str(trained["cache_dir"] / f"segmenter-reconstructions-{log['config']['cache_key']}"))
     cached = cached.with_format("torch")[:]
+    assert set(cached) >= {"image", "reconstruction", "noise_ratio", "mask"}
+    assert all(float(m.sum()) > 0 for m in cached["mask"])  # every synthetic sample holds a defect
     set_seed(0)
-    initial = make_segmenter(pipe.resolution).eval()
+    initial = make_segmenter(pipe.tile_size).eval()
 
     def loss_of(segmenter) -> float:
         with torch.no_grad():
-            logits = segmenter_logits(segmenter, cached["image"].float(), cached["reconstruction"].float())
+            logits = segmenter_logits(segmenter, cached["image"].float(), cached["reconstruction"].float(),
+                                      cached["noise_ratio"].float()[:, 0])
             return float(ts.segmentation_loss(logits, cached["mask"].float())["loss"])
 
     assert loss_of(pipe.segmenter) < loss_of(initial)
+    # the weights kept are those of the best held-back loss (the last sample is held back: 15% of 8 rounds to 1)
+    assert summary["num_heldout_synthetic"] == 1
+    losses = dict((int(step), loss) for step, loss in summary["validation_losses"])
+    assert summary["best_step"] == min(losses, key=losses.get)
+    heldout = {k: v[-1:] for k, v in cached.items()}
+    assert ts.heldout_loss(pipe.segmenter, heldout, pipe.tile_size, trained["args"]) == pytest.approx(
+        summary["best_validation_loss"], rel=1e-5)
 
     # recalibrated with the segmenter: the same Q_p, sampling config and methods; every self-aware threshold
     cal = pipe.calibration
@@ -247,7 +263,7 @@ def test_segmenter_is_saved_into_the_pipeline_and_the_learned_map_works(trained)
     assert out.anomaly_maps["learned"].shape == (3, r, r) and out.reconstructions.shape == (3, 3, r, r)
     size = cal.sampling.map_filter_size or default_mean_filter_size(r)
     with torch.no_grad():
-        logits = segmenter_logits(pipe.segmenter, pipe.preprocess(images), out.reconstructions)
+        logits = segmenter_logits(pipe.segmenter, pipe.preprocess(images), out.reconstructions, out.noise_ratios)
     expected = mean_filter(torch.sigmoid(logits.float())[:, 0], size)
     assert torch.allclose(out.anomaly_maps["learned"], expected, atol=1e-6)
     assert torch.equal(out.scores["learned"], out.anomaly_maps["learned"].flatten(1).amax(dim=1))

@@ -73,12 +73,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
-from diffad.anomalies import AnomalySynthesizer
+from diffad.defects import DefectSynthesizer
 from diffad.pipelines.self_aware_inpaint.pipeline import (
     METHODS,
     SamplingConfig,
     SelfAwareInpaintPipeline,
     segmenter_logits,
+    split_tiles,
 )
 from diffad.presets import count_parameters, make_segmenter
 from diffad.training_utils import (
@@ -105,14 +106,14 @@ PROG = "train_segmenter.py"
 logger = get_logger(__name__, log_level="INFO")
 
 #: Bump when the cached dataset's layout or the way it is computed changes (part of the cache key).
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 #: Environment variable that sets the default ``--cache_dir``.
 CACHE_ENV = "DIFFAD_CACHE_DIR"
 #: The run's log, written into ``--model_dir``.
 LOG_NAME = "segmenter_log.json"
 #: Default folder (inside ``--model_dir``) for resumable segmenter checkpoints.
 CHECKPOINT_SUBDIR = "segmenter_checkpoints"
-_STREAM_SYNTHESIS, _STREAM_RECONSTRUCTION = 1, 2
+_STREAM_SYNTHESIS, _STREAM_RECONSTRUCTION, _STREAM_CROPS = 1, 2, 3
 #: ``SelfAwareInpaintPipeline.calibrate`` needs at least 4 normal images (two folds of 2).
 MIN_CALIBRATION_IMAGES = 4
 
@@ -147,13 +148,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     g = p.add_argument_group("synthetic anomalies (part of the cache key)")
     g.add_argument("--textures_dir", type=str, default=None,
-                   help="Folder of texture photos (e.g. DTD) as the anomaly source. Default: diffad's built-in "
-                        "procedural textures (no download).")
-    g.add_argument("--num_synthetic", type=int, default=None,
-                   help="Synthetic samples (each a training image with or without a pasted anomaly). "
-                        "Default: 4 x the number of normal training images.")
-    g.add_argument("--normal_probability", type=float, default=0.5,
-                   help="Share of synthetic samples left normal with an empty mask (DRAEM: 0.5).")
+                   help="Folder of texture photos (e.g. DTD) for the DRAEM blobs among the defects. Default: "
+                        "diffad's built-in procedural textures (no download).")
+    g.add_argument("--num_synthetic", type=int, default=120,
+                   help="Synthetic samples: training image i mod N with one defect (diffad.defects: scratch, crack, "
+                        "pit, stain, blob in turn), each reconstructed once at the working resolution.")
+    g.add_argument("--validation_share", type=float, default=0.15,
+                   help="Share of the synthetic samples held back: their validation loss picks the weights kept.")
 
     g = p.add_argument_group("reconstructions and their cache")
     g.add_argument("--cache_dir", type=str, default=None,
@@ -173,9 +174,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Feature-map sizes (px) whose level gets self-attention (default: none).")
 
     g = p.add_argument_group("optimisation (thesis defaults)")
-    g.add_argument("--train_batch_size", type=int, default=32, help="Samples per process per step (thesis: 32).")
-    g.add_argument("--num_epochs", type=int, default=50, help="Epochs over the synthetic set (thesis: 50).")
-    g.add_argument("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_epochs.")
+    g.add_argument("--train_batch_size", type=int, default=16,
+                   help="Crops per process per step (one crop of the segmenter's tile size per synthetic sample).")
+    g.add_argument("--num_epochs", type=int, default=50, help="Epochs over the synthetic set, without --max_train_steps.")
+    g.add_argument("--max_train_steps", type=int, default=600, help="Total optimiser steps; overrides --num_epochs.")
+    g.add_argument("--validation_steps", type=int, default=100,
+                   help="Measure the held-back validation loss every N steps (and at the end); the best weights are "
+                        "kept.")
     g.add_argument("--max_train_minutes", type=float, default=None,
                    help="Stop training after this many minutes (summed over resumed runs; the cache build and the "
                         "threshold calibration are not counted).")
@@ -227,8 +232,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
-    if not 0.0 <= args.normal_probability < 1.0:
-        raise ValueError(f"--normal_probability must be in [0, 1), got {args.normal_probability}")
+    if not 0.0 < args.validation_share < 0.5:
+        raise ValueError(f"--validation_share must be in (0, 0.5), got {args.validation_share}")
+    if args.validation_steps <= 0:
+        raise ValueError(f"--validation_steps must be positive, got {args.validation_steps}")
     if args.validation_fraction is not None and not 0.0 < args.validation_fraction < 1.0:
         raise ValueError(f"--validation_fraction must be in (0, 1) (the threshold needs validation images), "
                          f"got {args.validation_fraction}")
@@ -459,22 +466,25 @@ def default_cache_dir(model_dir: Path) -> Path:
 
 def cache_features(resolution: int) -> datasets.Features:
     """Columns of the cached set: ``image`` (3, R, R) float32 in [-1, 1] (the synthetic anomalous image),
-    ``reconstruction`` (3, R, R) float32 in [-1, 1] (its self-aware reconstruction), ``mask`` (1, R, R) uint8 in
-    {0, 1}, ``index`` (the sample's number) and ``source_index`` (the normal training image it was made from)."""
+    ``reconstruction`` (3, R, R) float32 in [-1, 1] (its self-aware reconstruction), ``noise_ratio`` (1, R, R)
+    float32 (its ``Q / Q_p``), ``mask`` (1, R, R) uint8 in {0, 1}, ``index`` (the sample's number) and
+    ``source_index`` (the normal training image it was made from)."""
     r = int(resolution)
     return datasets.Features({
         "index": datasets.Value("int64"),
         "source_index": datasets.Value("int64"),
         "image": datasets.Array3D(shape=(3, r, r), dtype="float32"),
         "reconstruction": datasets.Array3D(shape=(3, r, r), dtype="float32"),
+        "noise_ratio": datasets.Array3D(shape=(1, r, r), dtype="float32"),
         "mask": datasets.Array3D(shape=(1, r, r), dtype="uint8"),
     })
 
 
-def synthesize(synthesizer: AnomalySynthesizer, train_images: torch.Tensor, indices: Sequence[int],
+def synthesize(synthesizer: DefectSynthesizer, train_images: torch.Tensor, indices: Sequence[int],
                seed: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """Synthetic samples ``indices``: sample ``i`` pastes an anomaly into training image ``i mod N`` with a
-    generator derived from ``(seed, i)``, so every sample is the same however the work is split.
+    """Synthetic samples ``indices``: sample ``i`` draws one defect of kind ``i mod K`` (the synthesiser's kinds
+    in turn) on training image ``i mod N`` with a generator derived from ``(seed, i)``, so every sample is the
+    same however the work is split.
 
     Returns:
         ``(images (n, 3, R, R) in [-1, 1], masks (n, 1, R, R) in {0, 1}, source indices)``.
@@ -483,7 +493,8 @@ def synthesize(synthesizer: AnomalySynthesizer, train_images: torch.Tensor, indi
     images, masks, sources = [], [], []
     for i in indices:
         src = int(i) % n
-        image, mask = synthesizer(train_images[src], generator=seeded_generator(seed, _STREAM_SYNTHESIS, int(i)))
+        image, mask = synthesizer(train_images[src], kind=synthesizer.kinds[int(i) % len(synthesizer.kinds)],
+                                  generator=seeded_generator(seed, _STREAM_SYNTHESIS, int(i)))
         images.append(image)
         masks.append(mask)
         sources.append(src)
@@ -491,7 +502,7 @@ def synthesize(synthesizer: AnomalySynthesizer, train_images: torch.Tensor, indi
 
 
 def reconstruct(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, generators: List[torch.Generator], *,
-                batch_size: int) -> torch.Tensor:
+                batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Self-aware reconstructions with the frozen DDPM: the pipeline's own ``__call__``, as at inference (with
     the sampling config it was calibrated with).
 
@@ -499,10 +510,11 @@ def reconstruct(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, generators
         images: ``(B, 3, R, R)`` in [-1, 1]; generators: one per image.
 
     Returns:
-        ``(B, 3, R, R)`` float32 in [-1, 1] (the range of ``output_type="pt"``), on the CPU.
+        ``(B, 3, R, R)`` float32 in [-1, 1] (the range of ``output_type="pt"``) and the noise error ``Q / Q_p``
+        ``(B, 1, R, R)``, on the CPU.
     """
     out = pipe(images, method="self_aware", generator=generators, batch_size=batch_size, output_type="pt")
-    return out.reconstructions.float().cpu().clamp(-1.0, 1.0)
+    return out.reconstructions.float().cpu().clamp(-1.0, 1.0), out.noise_ratios.float().cpu().unsqueeze(1)
 
 
 def recalibrate(pipe: SelfAwareInpaintPipeline, images: Sequence[Any], *, seed: int,
@@ -534,7 +546,7 @@ def build_reconstruction_cache(
     accelerator: Accelerator,
     cache_path: Path,
     *,
-    synthesizer: AnomalySynthesizer,
+    synthesizer: DefectSynthesizer,
     train_images: torch.Tensor,
     num_synthetic: int,
     seed: int,
@@ -573,11 +585,12 @@ def build_reconstruction_cache(
             chunk = indices[start:start + batch_size]
             images, masks, sources = synthesize(synthesizer, train_images, chunk, seed)
             gens = [seeded_generator(seed, _STREAM_RECONSTRUCTION, i) for i in chunk]
-            recs = reconstruct(pipe, images.to(pipe.device), gens, batch_size=batch_size)
+            recs, ratios = reconstruct(pipe, images.to(pipe.device), gens, batch_size=batch_size)
             columns["index"] += chunk
             columns["source_index"] += sources
             columns["image"] += list(images.float().cpu().numpy())
             columns["reconstruction"] += list(recs.numpy())
+            columns["noise_ratio"] += list(ratios.numpy())
             columns["mask"] += list(masks.cpu().numpy().astype(np.uint8))
             progress.update(len(chunk))
         shard = datasets.Dataset.from_dict(columns, features=features)
@@ -599,6 +612,52 @@ def build_reconstruction_cache(
         del shards, full
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- crops and the held-back loss
+
+
+def training_crops(batch: Dict[str, torch.Tensor], size: int,
+                   generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``size`` px crop of every sample of ``batch`` (``image``, ``reconstruction``, ``noise_ratio``, ``mask``
+    at the working resolution): at even positions a crop holding a random defect pixel (at least 8 px inside),
+    at odd positions a crop anywhere (mostly normal pixels). Returns ``(images, reconstructions, ratios, masks)``."""
+    images, masks = batch["image"].float(), batch["mask"].float()
+    full = images.shape[-1]
+    if size >= full:
+        return images, batch["reconstruction"].float(), batch["noise_ratio"].float(), masks
+    margin = min(8, size // 4)
+    origins = []
+    for k in range(images.shape[0]):
+        rows, cols = torch.nonzero(masks[k, 0] > 0, as_tuple=True)
+        draw = torch.rand(4, generator=generator)
+        if k % 2 == 0 and len(rows):
+            j = int(draw[0] * len(rows))
+            r = int(rows[j]) - margin - int(draw[1] * (size - 2 * margin))
+            c = int(cols[j]) - margin - int(draw[2] * (size - 2 * margin))
+        else:
+            r, c = int(draw[1] * (full - size + 1)), int(draw[2] * (full - size + 1))
+        origins.append((min(max(r, 0), full - size), min(max(c, 0), full - size)))
+    crop = lambda t: torch.stack([t[k, :, r:r + size, c:c + size] for k, (r, c) in enumerate(origins)])  # noqa: E731
+    return crop(images), crop(batch["reconstruction"].float()), crop(batch["noise_ratio"].float()), crop(masks)
+
+
+@torch.no_grad()
+def heldout_loss(segmenter: torch.nn.Module, heldout: Dict[str, torch.Tensor], size: int,
+                 args: argparse.Namespace) -> float:
+    """The segmentation loss over every tile of the held-back synthetic samples (the pipeline's tiles)."""
+    was_training = segmenter.training
+    segmenter.eval()
+    tiles = {k: split_tiles(heldout[k].float(), size) for k in ("image", "reconstruction", "noise_ratio", "mask")}
+    total, n = 0.0, tiles["image"].shape[0]
+    for i in range(0, n, 64):
+        logits = segmenter_logits(segmenter, tiles["image"][i:i + 64], tiles["reconstruction"][i:i + 64],
+                                  tiles["noise_ratio"][i:i + 64, 0])
+        loss = segmentation_loss(logits, tiles["mask"][i:i + 64], gamma=args.focal_gamma, alpha=args.focal_alpha,
+                                 bce_weight=args.bce_weight)["loss"]
+        total += float(loss) * logits.shape[0]
+    segmenter.train(was_training)
+    return total / n
 
 
 # --------------------------------------------------------------------------- main
@@ -639,7 +698,12 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"{model_dir} already has a segmenter: it will be replaced")
     data = resolve_data(args, model_dir)
     train_images, val_images, file_names, category = load_normal_images(data, resolution)
-    num_synthetic = args.num_synthetic or 4 * train_images.shape[0]
+    num_synthetic = args.num_synthetic
+    num_heldout = max(1, int(round(num_synthetic * args.validation_share)))
+    if num_synthetic - num_heldout < 1:
+        raise ValueError(f"--num_synthetic {num_synthetic} leaves no training sample after holding back "
+                         f"{num_heldout} for validation: raise --num_synthetic")
+    crop = pipe.tile_size  # the segmenter sees tiles of the DDPM's tile size, as the pipeline feeds it
     logger.info(f"{category}: {train_images.shape[0]} normal training images -> {num_synthetic} synthetic samples, "
                 f"{len(val_images)} validation images; resolution {resolution}, sampling config {sampling_name!r}, "
                 f"world size {world}")
@@ -647,13 +711,13 @@ def main(args: argparse.Namespace) -> Path:
     # 2. the segmenter (same initial weights on every rank; built now so that bad shape flags fail before the
     # expensive reconstructions)
     set_seed(args.seed)
-    segmenter = make_segmenter(resolution, **_segmenter_kwargs(args))
+    segmenter = make_segmenter(crop, **_segmenter_kwargs(args))
     num_params = count_parameters(segmenter)
 
     # 3. the reconstructed synthetic set: reuse the cache or build it once
-    synthesizer = AnomalySynthesizer(args.textures_dir, normal_probability=args.normal_probability)
+    synthesizer = DefectSynthesizer(textures=args.textures_dir)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
-                 "sample_rule": "image i mod N, generator seeded_generator(seed, 1, i)"}
+                 "sample_rule": "image i mod N, kind i mod K, generator seeded_generator(seed, 1, i)"}
     inference = inference_settings(sampling)
     key, payload = reconstruction_cache_key(pipe, model_dir, synthesis=synthesis, inference=inference,
                                             train_images=train_images, train_file_names=file_names)
@@ -685,12 +749,14 @@ def main(args: argparse.Namespace) -> Path:
                 if bars:
                     datasets.enable_progress_bars()
     cache_seconds = time.time() - tick
-    train_set = datasets.load_from_disk(str(cache_path)).with_format("torch", columns=["image", "reconstruction",
-                                                                                         "mask"])
-    if len(train_set) != num_synthetic:  # internal invariant: the key covers num_synthetic
-        raise RuntimeError(f"cache {cache_path} holds {len(train_set)} samples, expected {num_synthetic}")
-    masks = train_set[:]["mask"].float()
-    mask_share = float(masks.mean())  # share of defect pixels over the synthetic set
+    full_set = datasets.load_from_disk(str(cache_path)).with_format("torch", columns=["image", "reconstruction",
+                                                                                        "noise_ratio", "mask"])
+    if len(full_set) != num_synthetic:  # internal invariant: the key covers num_synthetic
+        raise RuntimeError(f"cache {cache_path} holds {len(full_set)} samples, expected {num_synthetic}")
+    mask_share = float(full_set[:]["mask"].float().mean())  # share of defect pixels over the synthetic set
+    # the last samples are held back (every kind among them): their loss over all their tiles picks the weights
+    train_set = full_set.select(range(num_synthetic - num_heldout))
+    heldout = full_set[num_synthetic - num_heldout:]
 
     # 4. the optimiser and data
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -720,7 +786,9 @@ def main(args: argparse.Namespace) -> Path:
     # 5. resume
     state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
                              "epoch_focal_sum": 0.0, "epoch_bce_sum": 0.0, "epoch_batches": 0, "epoch_seconds": 0.0,
-                             "train_seconds": 0.0, "step_losses": [], "resumed_from": []}
+                             "train_seconds": 0.0, "step_losses": [], "resumed_from": [], "validation_losses": [],
+                             "best_validation_loss": None, "best_step": None}
+    best_path = checkpoint_dir / "best_segmenter.pt"
     resume_path = resolve_resume(args, checkpoint_dir)
     if accelerator.is_main_process:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -740,7 +808,18 @@ def main(args: argparse.Namespace) -> Path:
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
                                                                 "global_step": state["global_step"]}]
 
-    # 6. train: focal + BCE on segmenter_logits(image, reconstruction) -> synthetic mask
+    def validate() -> None:
+        """Measure the held-back loss; keep the weights when it is the best so far (main process)."""
+        loss = heldout_loss(accelerator.unwrap_model(segmenter), heldout, crop, args)
+        state["validation_losses"].append([state["global_step"], loss])
+        if state["best_validation_loss"] is None or loss < state["best_validation_loss"]:
+            state.update(best_validation_loss=loss, best_step=state["global_step"])
+            if accelerator.is_main_process:
+                torch.save(accelerator.unwrap_model(segmenter).state_dict(), best_path)
+        logger.info(f"step {state['global_step']}: held-back loss {loss:.4f} (best {state['best_validation_loss']:.4f} "
+                    f"at step {state['best_step']})")
+
+    # 6. train: focal + BCE on segmenter_logits(image, reconstruction, Q / Q_p) crops -> synthetic mask
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
     progress = TrainingProgress(max_steps=None if (time_budget and not args.max_train_steps) else max_train_steps,
@@ -762,9 +841,9 @@ def main(args: argparse.Namespace) -> Path:
             loader.set_epoch(epoch)
         tick = time.time()
         for batch_index, batch in enumerate(loader, start=state["batches_in_epoch"]):
-            images, recs = batch["image"].float(), batch["reconstruction"].float()
-            targets = batch["mask"].float()
-            logits = segmenter_logits(segmenter, images, recs)
+            crops = seeded_generator(args.seed, _STREAM_CROPS, state["global_step"])  # resumes exactly
+            images, recs, ratios, targets = training_crops(batch, crop, crops)
+            logits = segmenter_logits(segmenter, images, recs, ratios[:, 0])
             losses = segmentation_loss(logits, targets, gamma=args.focal_gamma, alpha=args.focal_alpha,
                                        bce_weight=args.bce_weight)
             accelerator.backward(losses["loss"])
@@ -787,6 +866,9 @@ def main(args: argparse.Namespace) -> Path:
             state["train_seconds"] += now - tick
             tick = now
             progress.step(state["global_step"], state["train_seconds"], loss=f"{step_loss:.4f}")
+            if state["global_step"] % args.validation_steps == 0:
+                validate()
+                tick = time.time()
             if state["global_step"] >= max_train_steps:
                 stopped = True
             elif time_budget_spent(accelerator, state["train_seconds"], time_budget):
@@ -812,12 +894,14 @@ def main(args: argparse.Namespace) -> Path:
         if accelerator.is_main_process:
             log.save(model_dir / LOG_NAME)
     progress.close()
+    if not state["validation_losses"] or state["validation_losses"][-1][0] != state["global_step"]:
+        validate()
     accelerator.wait_for_everyone()
 
     # 7. add the segmenter to the pipeline, recalibrate (every threshold, the learned map's too), save into model_dir
     if accelerator.is_main_process:
-        final = make_segmenter(resolution, **_segmenter_kwargs(args))
-        final.load_state_dict(accelerator.unwrap_model(segmenter).state_dict())
+        final = make_segmenter(crop, **_segmenter_kwargs(args))
+        final.load_state_dict(torch.load(best_path, weights_only=True))  # the best held-back loss's weights
         final.eval().requires_grad_(False)
         pipe.register_modules(segmenter=final.to(pipe.device))
         pipe.set_progress_bar_config(disable=True)
@@ -838,6 +922,8 @@ def main(args: argparse.Namespace) -> Path:
                        "train_seconds": state["train_seconds"], "cache_hit": cache_hit,
                        "cache_seconds_this_run": cache_seconds, "calibration_seconds": calibration_seconds,
                        "learned_threshold": threshold, "target_false_positive_rate": fpr,
+                       "best_validation_loss": state["best_validation_loss"], "best_step": state["best_step"],
+                       "validation_losses": state["validation_losses"], "num_heldout_synthetic": num_heldout,
                        "q_threshold_unchanged": q_unchanged,
                        "wall_seconds_this_run": time.time() - start_time, "num_parameters": num_params,
                        "resumed_from": state["resumed_from"], "step_losses": state["step_losses"]}

@@ -47,9 +47,12 @@ CALIBRATION_COMPONENT = "calibration"
 #: ``"self_aware"``: the noise error, then a reconstruction (the thesis); ``"denoise"``: the basic baseline.
 METHODS = ("self_aware", "denoise")
 #: The multi-scale error, the learned (segmenter) map, the noise error ``Q / Q_p`` and ``combined`` (self_aware
-#: only): the mean of the :data:`COMBINED_MAPS`, each over its calibrated image threshold.
+#: only): the mean of the :data:`COMBINED_MAPS` a pipeline has, each over its calibrated image threshold.
 MAP_NAMES = ("multiscale", "learned", "noise_error", "combined")
-COMBINED_MAPS = ("noise_error", "multiscale")
+COMBINED_MAPS = ("noise_error", "multiscale", "learned")
+#: The segmenter's inputs by its ``in_channels``: the image and its reconstruction (DRAEM, the thesis) and, with 7,
+#: the self-aware noise error ``log(Q / Q_p)`` (what the model itself found suspicious).
+SEGMENTER_INPUTS = {6: ("image", "reconstruction"), 7: ("image", "reconstruction", "noise_error")}
 RENOISE_KINDS = ("fixed", "fresh")
 RECONSTRUCTIONS = ("denoise", "inpaint")
 PRECISIONS = ("fp32", "bf16")
@@ -267,11 +270,18 @@ def multiscale_anomaly_map(images: torch.Tensor, reconstructions: torch.Tensor, 
     return mean_filter(total[:, 0] / len(scales), mean_filter_size)
 
 
-def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """Defect logits ``(B, 1, R, R)`` of a DRAEM-style segmenter (a stock ``UNet2DModel`` 6 -> 1 called at
-    timestep 0) fed the image and its reconstruction; ``sigmoid`` of them is the learned map."""
+def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructions: torch.Tensor,
+                     noise_ratios: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Defect logits ``(B, 1, R, R)`` of a DRAEM-style segmenter (a stock ``UNet2DModel`` called at timestep 0) fed
+    the image and its reconstruction and, for a 7-channel one (:data:`SEGMENTER_INPUTS`), ``log(Q / Q_p)`` clipped
+    to [-3, 3] from ``noise_ratios`` ``(B, R, R)`` = ``Q / Q_p``; ``sigmoid`` of them is the learned map."""
+    inputs = [images, reconstructions]
+    if segmenter.config.in_channels == 7:
+        if noise_ratios is None:
+            raise ValueError("this segmenter reads the noise error Q / Q_p: only method='self_aware' has it")
+        inputs.append(torch.log(noise_ratios.float().clamp_min(1e-6)).clamp(-3.0, 3.0).unsqueeze(1).to(images.dtype))
     timesteps = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-    return segmenter(torch.cat([images, reconstructions], dim=1), timesteps).sample
+    return segmenter(torch.cat(inputs, dim=1), timesteps).sample
 
 
 def per_pixel_quantile(maps: torch.Tensor, p: float) -> torch.Tensor:
@@ -282,9 +292,10 @@ def per_pixel_quantile(maps: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def combined_map(maps: Dict[str, torch.Tensor], thresholds: Dict[str, float]) -> torch.Tensor:
-    """The mean of the :data:`COMBINED_MAPS`, each divided by its calibrated image threshold (1 = a normal image's
-    score at the target false-positive rate), so neither map's scale dominates."""
-    return sum(maps[name] / max(thresholds[name], 1e-12) for name in COMBINED_MAPS) / len(COMBINED_MAPS)
+    """The mean of the :data:`COMBINED_MAPS` in ``maps``, each divided by its calibrated image threshold (1 = a
+    normal image's score at the target false-positive rate), so no map's scale dominates."""
+    names = [name for name in COMBINED_MAPS if name in maps and thresholds.get(name) is not None]
+    return sum(maps[name] / max(thresholds[name], 1e-12) for name in names) / len(names)
 
 
 MIN_IMAGE_SIDE = 8  # smaller images carry no detail to judge (a 1 x 1 image upscales to grey)
@@ -520,6 +531,8 @@ class SelfAwareInpaintPipelineOutput(BaseOutput):
         reconstructions: ``"pt"``: ``(B, 3, S, S)`` in **[-1, 1], the range of tensor inputs**; ``"np"``:
             ``(B, S, S, 3)`` in [0, 1]; ``"pil"``: a list of PIL images.
         unet_passes: ``(B,)`` int, denoiser passes per image (segmenter passes not counted).
+        noise_ratios: ``(B, S, S)`` float32, the unfiltered ``Q / Q_p`` (what the mask thresholds and a 7-channel
+            segmenter reads); None for ``method="denoise"``.
     """
 
     anomaly_maps: Dict[str, Union[np.ndarray, torch.Tensor]]
@@ -528,6 +541,7 @@ class SelfAwareInpaintPipelineOutput(BaseOutput):
     inpaint_masks: Union[np.ndarray, torch.Tensor]
     reconstructions: Union[np.ndarray, torch.Tensor, List[Any]]
     unet_passes: Union[np.ndarray, torch.Tensor]
+    noise_ratios: Optional[Union[np.ndarray, torch.Tensor]] = None
 
 
 class SelfAwareInpaintPipeline(DiffusionPipeline):
@@ -665,8 +679,12 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     def map_names(self, method: str = "self_aware") -> Tuple[str, ...]:
         """The anomaly maps a call with ``method`` returns."""
-        return tuple(name for name in MAP_NAMES if (name != "learned" or self.segmenter is not None)
+        return tuple(name for name in MAP_NAMES if (name != "learned" or self._has_learned_map(method))
                      and (name not in ("noise_error", "combined") or method == "self_aware"))
+
+    def _has_learned_map(self, method: str) -> bool:
+        """A segmenter is loaded and ``method`` gives it its inputs (a 7-channel one reads ``Q / Q_p``)."""
+        return self.segmenter is not None and (method == "self_aware" or self.segmenter.config.in_channels == 6)
 
     @staticmethod
     def default_map(method: str = "self_aware") -> str:
@@ -806,13 +824,15 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 passes[batch] += config.inpaint_steps * config.resample_steps
         return merge_tiles(recs, self.resolution), passes.view(b, n).sum(dim=1)
 
-    def _learned_map(self, x: torch.Tensor, recs: torch.Tensor) -> torch.Tensor:
-        """The segmenter's defect probability over the tiles of ``(image, reconstruction)`` (tiles of the
-        segmenter's own ``sample_size``: the images it was trained on), stitched: ``(B, S, S)``."""
+    def _learned_map(self, x: torch.Tensor, recs: torch.Tensor, ratios: Optional[torch.Tensor]) -> torch.Tensor:
+        """The segmenter's defect probability over the tiles of ``(image, reconstruction[, Q / Q_p])`` (tiles of
+        the segmenter's own ``sample_size``: the images it was trained on), stitched: ``(B, S, S)``."""
         size = self.segmenter.config.sample_size
         size = min(int(size[0] if isinstance(size, (list, tuple)) else size), self.resolution)
         tiles, rec_tiles = split_tiles(x, size), split_tiles(recs, size)
-        logits = torch.cat([segmenter_logits(self.segmenter, tiles[idx], rec_tiles[idx]).float()
+        ratio_tiles = None if ratios is None else split_tiles(ratios.unsqueeze(1), size)[:, 0]
+        logits = torch.cat([segmenter_logits(self.segmenter, tiles[idx], rec_tiles[idx],
+                                             None if ratio_tiles is None else ratio_tiles[idx]).float()
                             for idx in self._tile_batches(range(tiles.shape[0]), tiles.shape[0] // x.shape[0])])
         return merge_tiles(torch.sigmoid(logits), self.resolution)[:, 0]
 
@@ -828,14 +848,16 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             passes += config.mask_noise_draws * len(config.mask_timesteps) * self.num_tiles
         recs, rec_passes = self._reconstruction(x, masks, method, config, generators)
         size = config.map_filter_size or default_mean_filter_size(self.tile_size)
+        ratios = q / q_p.clamp_min(1e-12) if method == "self_aware" else None
         maps = {"multiscale": multiscale_anomaly_map(x, recs, mean_filter_size=size)}
-        if self.segmenter is not None:
-            maps["learned"] = mean_filter(self._learned_map(x, recs), size)
+        if self._has_learned_map(method):
+            maps["learned"] = mean_filter(self._learned_map(x, recs, ratios), size)
         if method == "self_aware":
-            maps["noise_error"] = mean_filter(q / q_p.clamp_min(1e-12), size)
+            maps["noise_error"] = mean_filter(ratios, size)
             if thresholds is not None:
                 maps["combined"] = combined_map(maps, thresholds)
-        return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes + rec_passes}
+        return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes + rec_passes,
+                "ratios": ratios}
 
     def _autocast(self, config: SamplingConfig):
         """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
@@ -891,11 +913,13 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         scores = {name: m.flatten(1).amax(dim=1) for name, m in maps.items()}
         decisions = {name: self._decide(method, name, s) for name, s in scores.items()}
         masks, recs = torch.cat([p["masks"] for p in parts]), torch.cat([p["recs"] for p in parts])
-        out = (maps, scores, decisions, masks, recs, torch.cat([p["passes"] for p in parts]))
+        ratios = None if method != "self_aware" else torch.cat([p["ratios"] for p in parts]).float()
+        out = (maps, scores, decisions, masks, recs, torch.cat([p["passes"] for p in parts]), ratios)
         if output_type != "pt":
             to_np = lambda d: {k: None if v is None else v.cpu().numpy() for k, v in d.items()}  # noqa: E731
             out = (to_np(maps), to_np(scores), to_np(decisions), masks.cpu().numpy(),
-                   self.image_processor.postprocess(recs, output_type=output_type), out[-1].numpy())
+                   self.image_processor.postprocess(recs, output_type=output_type), out[-2].numpy(),
+                   None if ratios is None else ratios.cpu().numpy())
         self.maybe_free_model_hooks()
         return SelfAwareInpaintPipelineOutput(*out) if return_dict else out
 
@@ -968,7 +992,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 mask_share = float(shares.mean())
                 # ``combined`` divides its maps by their thresholds: fitted first, on these same held-out maps
                 maps["combined"] = combined_map(maps, {name: quantile(maps[name].flatten(1).amax(dim=1).double()
-                                                                      .numpy()) for name in COMBINED_MAPS})
+                                                                      .numpy()) for name in COMBINED_MAPS
+                                                       if name in maps})
             scores.update({threshold_key(method, name): m.flatten(1).amax(dim=1).double().numpy()
                            for name, m in maps.items()})
         heldout = [float(np.mean([np.mean(s[fold == 1 - k] > quantile(s[fold == k])) for k in (0, 1)]))

@@ -35,6 +35,7 @@ from diffad.model_folder import (CALIBRATION_COMPONENT, TRAINING_LOG, calibratio
 from diffad.networks import ExportedNetwork
 from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
 from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
+from diffad.presets import preset_defaults
 # The one error mechanism and one-line parser of diffad and its training scripts.
 from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, image_generator,
                                    report_error, run_with_clear_errors, save_pipeline)
@@ -338,12 +339,39 @@ def accelerate_launch_command(num_processes: int, script: str | os.PathLike,
 def _register_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", add_help=False,
-        help="train the self-conditioned DDPM (training/train_ddpm.py; `diffad train --help` lists its flags)",
-        description="Train the DDPM of one category. Every flag except --num-processes is forwarded to "
-                    "training/train_ddpm.py.")
+        help="train everything the default detector needs: the DDPM (training/train_ddpm.py; `diffad train "
+             "--help` lists its flags), then, with the cpu preset, its calibration and the learned head",
+        description="Train the DDPM of one category (every flag except --num-processes is forwarded to "
+                    "training/train_ddpm.py); with a preset that has a learned head (the default cpu preset), "
+                    "then calibrate it (`diffad calibrate`'s defaults) and train the head into the model folder "
+                    "(training/train_segmenter.py's defaults).")
     parser.add_argument("--num-processes", type=int, default=1,
                         help="training processes; > 1 re-launches through `accelerate launch`")
     parser.set_defaults(func=_run_train, _forward_unknown=True)
+
+
+def train_head(model_dir: str | os.PathLike, train_args: argparse.Namespace, *,
+               calibration_batch_size: Optional[int] = None) -> Path:
+    """The learned head of a freshly trained DDPM: calibrate it with the default sampler on its validation split
+    (:func:`calibrate_model`, the training run's split and seed), then train the segmenter into it
+    (``training/train_segmenter.py`` defaults, seeded by the training seed, resumable), which recalibrates every
+    threshold with the head in place."""
+    from diffad.training import train_segmenter
+
+    model_dir = Path(model_dir)
+    category = train_args.category or _training_config(model_dir).get("category")
+    if calibration_config(model_dir) is None:
+        calibrate_model(model_dir, train_args.data_dir, category, seed=train_args.seed,
+                        batch_size=calibration_batch_size)
+    argv = ["--model_dir", str(model_dir), "--seed", str(train_args.seed), "--resume_from_checkpoint", "latest",
+            "--checkpoints_total_limit", "1", "--split_seed", str(train_args.seed)]
+    if train_args.data_dir:
+        argv += ["--data_dir", str(train_args.data_dir)] + (["--category", category] if category else [])
+    if getattr(train_args, "validation_fraction", None):
+        argv += ["--validation_fraction", str(train_args.validation_fraction)]
+    if calibration_batch_size:
+        argv += ["--calibration_batch_size", str(calibration_batch_size)]
+    return train_segmenter.main(train_segmenter.parse_args(argv))
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -361,6 +389,8 @@ def _run_train(args: argparse.Namespace) -> int:
         except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
             return int(exc.code or 0)
         output = train_ddpm.main(train_args)
+        if preset_defaults(train_args.preset).get("head"):
+            train_head(output, train_args)
         print(f"model saved to {output}")
         return EXIT_OK
     cmd = accelerate_launch_command(args.num_processes, train_ddpm.__file__, forwarded)

@@ -70,6 +70,11 @@ class DefectSynthesizer:
         self.kinds = tuple(kinds)
         self.blobs = AnomalySynthesizer(textures, normal_probability=0.0) if "blob" in kinds else None
 
+    @property
+    def config(self) -> dict:
+        """What the samples depend on besides the image and the generator (a cache key's part)."""
+        return {"kinds": list(self.kinds), "blobs": None if self.blobs is None else self.blobs.config}
+
     def __call__(self, image: torch.Tensor, *, kind: Optional[str] = None,
                  generator: Union[None, int, torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One defect on ``image`` (``(3, H, W)`` float in [-1, 1]): ``(anomalous, mask)``."""

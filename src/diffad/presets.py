@@ -94,6 +94,9 @@ UNET_PRESETS: Dict[str, Dict[str, Any]] = {
         "use_ema": True,
         "optimizer": "adam",
         "lr_warmup_steps": 50,
+        # `diffad train` then calibrates and trains the learned head (training/train_segmenter.py defaults): the
+        # default detector's combined map reads it
+        "head": True,
     },
     # For tests and the demo: trains in seconds at 32 px. Groups of 8 channels fit width 16.
     "tiny": {
@@ -114,7 +117,7 @@ PRESET_NAMES: Tuple[str, ...] = tuple(UNET_PRESETS)
 # Keys of a preset that shape the UNet (the rest are training defaults).
 _ARCH_KEYS = ("block_out_channels", "layers_per_block", "attention_resolutions", "norm_num_groups", "resolution")
 #: Training defaults only some presets set (None elsewhere): the crop, a step budget, EMA.
-_OPTIONAL_KEYS = ("crop_size", "max_train_steps", "use_ema")
+_OPTIONAL_KEYS = ("crop_size", "max_train_steps", "use_ema", "head")
 
 
 def _check_preset(preset: str) -> Dict[str, Any]:
@@ -217,16 +220,18 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 def make_segmenter(
     resolution: int = 64,
     *,
-    block_out_channels: Sequence[int] = (32, 64, 128),
+    block_out_channels: Sequence[int] = (16, 32, 64),
     layers_per_block: int = 1,
     norm_num_groups: int = 8,
     attention_resolutions: Sequence[int] = (),
+    in_channels: int = 7,
 ) -> UNet2DModel:
-    """A DRAEM-style discriminative segmenter as a stock ``UNet2DModel`` (6 in, 1 out).
+    """A DRAEM-style discriminative segmenter as a stock ``UNet2DModel`` (7 in, 1 out) on tiles of ``resolution``.
 
-    Input: ``torch.cat([image, reconstruction], 1)``, ``(B, 6, R, R)`` in [-1, 1], called at
-    timestep 0; output ``.sample``: defect logits ``(B, 1, R, R)`` (sigmoid gives the
-    probability that a pixel is defective). ~2.5M parameters with the defaults.
+    Input (the pipeline's ``segmenter_logits``): the image, its reconstruction (``[-1, 1]``) and the clipped
+    ``log(Q / Q_p)``, ``(B, 7, R, R)`` (``in_channels=6``: the image and reconstruction only, the thesis's),
+    called at timestep 0; output ``.sample``: defect logits ``(B, 1, R, R)`` (sigmoid gives the probability that
+    a pixel is defective). ~0.64M parameters with the defaults.
 
     Raises:
         ValueError: a resolution not divisible by ``2 ** (len(block_out_channels) - 1)`` or
@@ -236,12 +241,14 @@ def make_segmenter(
     factor = 2 ** (len(widths) - 1)
     if resolution < factor or resolution % factor:
         raise ValueError(f"segmenter resolution {resolution} must be a positive multiple of {factor}")
+    if in_channels not in (6, 7):
+        raise ValueError(f"segmenter in_channels must be 6 (image, reconstruction) or 7 (+ noise error); got {in_channels}")
     if any(c % norm_num_groups for c in widths):
         raise ValueError(f"segmenter block_out_channels {widths} must be divisible by norm_num_groups={norm_num_groups}")
     down, up = block_types(widths, resolution, attention_resolutions)
     return UNet2DModel(
         sample_size=resolution,
-        in_channels=6,
+        in_channels=in_channels,
         out_channels=1,
         block_out_channels=widths,
         layers_per_block=layers_per_block,
