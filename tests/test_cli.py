@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from diffad.cli import accelerate_launch_command, main
 from diffad.training_utils import report_error
@@ -204,3 +205,36 @@ def test_calibrate_model_keeps_its_keyword_arguments():
         "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": None, "batch_size": None}
     assert params["validation_fraction"].default is None  # None: the training run's (issue 23, case 10)
     assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(params)[3:])
+
+
+def test_train_with_a_head_preset_calibrates_and_trains_the_head(trained_tiny_pipeline, synthetic_root, tmp_path,
+                                                                  monkeypatch):
+    """A preset with a learned head (the cpu default) makes `diffad train` deliver everything the default detector
+    needs: after the DDPM, a calibration and a 7-channel segmenter whose map joins ``combined``."""
+    import shutil
+
+    from diffad import SelfAwareInpaintPipeline, presets
+    from diffad.training import train_ddpm, train_segmenter
+
+    model = tmp_path / "m"
+    shutil.copytree(trained_tiny_pipeline, model)
+    monkeypatch.setattr(train_ddpm, "main", lambda args: model)  # the DDPM is the session's tiny one
+    tiny = presets.preset_defaults("tiny")
+    monkeypatch.setattr("diffad.cli.preset_defaults", lambda name: {**tiny, "head": True})
+    parse = train_segmenter.parse_args
+    monkeypatch.setattr(train_segmenter, "parse_args", lambda argv: parse(
+        argv + ["--num_synthetic", "6", "--max_train_steps", "4", "--train_batch_size", "4",
+                "--cache_dir", str(tmp_path / "cache")]))
+    code = main(["train", "--data_dir", str(synthetic_root), "--category", "weave", "--preset", "tiny",
+                 "--output_dir", str(model)])
+    assert code == 0
+    pipe = SelfAwareInpaintPipeline.from_pretrained(model)
+    assert pipe.is_calibrated and pipe.segmenter.config.in_channels == 7
+    names = list(pipe.calibration.config.threshold_names)
+    assert "self_aware/learned" in names and "self_aware/combined" in names
+    log = json.loads((model / train_segmenter.LOG_NAME).read_text())
+    assert log["summary"]["q_threshold_unchanged"] is True  # the head saw the Q_p the calibration stored
+    out = pipe(torch.zeros(2, 3, 32, 32), output_type="pt")
+    thresholds = {n: pipe.calibration.threshold(f"self_aware/{n}") for n in ("noise_error", "multiscale", "learned")}
+    expected = sum(out.anomaly_maps[n] / thresholds[n] for n in thresholds) / 3
+    assert torch.allclose(out.anomaly_maps["combined"], expected, atol=1e-6)
