@@ -211,16 +211,35 @@ def read_or_record(path: Path, table, summary: DetectSummary,
     """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row (``base``'s
     cells, the reason in words) written whole to ``table`` (a :class:`diffad.results.ResultsFile`) and counted in
     ``summary`` (``diffad detect`` and ``diffad watch``)."""
+    photo, row = _read(path, base)
+    if row is not None:
+        table.write([row])
+        _count(summary, [row])
+    return photo, row
+
+
+def _read(path: Path, base: Optional[dict[str, str]] = None) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
+    """``(photo, None)``, or ``(None, error row)`` for a file diffad's reader cannot read (logged on one line)."""
     try:
         return read_image(path), None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         message = read_error_words(exc)
         logger.warning("skipping unreadable file %s (%s)", path, message)
-        row = {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
-        table.write([row])
-        summary.failed += 1
-        summary.failed_files.append(str(path))
-        return None, row
+        return None, {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "",
+                      "error": message}
+
+
+def _count(summary: DetectSummary, rows: Iterable[dict[str, str]]) -> None:
+    """Count written rows in ``summary``: an error row is a failed file (a non-finite map's among them), any other
+    a scored one."""
+    for row in rows:
+        if row["decision"] == "error":
+            summary.failed += 1
+            summary.failed_files.append(row["file"])
+            summary.nonfinite += row["error"] == NONFINITE_ERROR
+        else:
+            summary.scored += 1
+            summary.defective += row["decision"] == "defect"
 
 
 def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary, table,
@@ -416,6 +435,15 @@ def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir
     """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write their overlays into
     ``out_dir`` and their rows, whole, to ``table`` (a :class:`diffad.results.ResultsFile`; each row with its map and
     threshold), count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    rows = _judge(pipe, batch, out_dir, method=method, anomaly_map=anomaly_map, seed=seed)
+    table.write(rows)  # the batch's rows, whole, on disk
+    _count(summary, rows)
+    return rows
+
+
+def _judge(pipe, batch: Sequence[tuple[Path, Image.Image]], out_dir: Path, *, method: str, anomaly_map: str,
+           seed: int) -> list[dict[str, str]]:
+    """The rows of decoded photos, their overlays written into ``out_dir`` (nothing else written)."""
     base = result_base(pipe, method, anomaly_map)
     threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the overlays' colour scale
     verdicts = inspect_photos(pipe, [img for _, img in batch], method=method, anomaly_map=anomaly_map, seed=seed)
@@ -425,17 +453,11 @@ def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir
             # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
             logger.error("%s: %s", path, NONFINITE_ERROR)
             rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
-            summary.failed += 1
-            summary.failed_files.append(str(path))
-            summary.nonfinite += 1
         else:
             name = _overlay_name(path)
             _save_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, threshold, out_dir / OVERLAY_DIR / name)
             rows.append({**base, "file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
                          "overlay": f"{OVERLAY_DIR}/{name}"})
-            summary.scored += 1
-            summary.defective += verdict.decision == "defect"
-    table.write(rows)  # the batch's rows, whole, on disk
     return rows
 
 
