@@ -31,8 +31,9 @@ Several processes: ``accelerate launch [--num_processes N] [--num_machines M ...
 the files to do across the processes (CPU processes form one gloo group; GPU processes each score on their own GPU),
 each image scored as one process scores it (same reader, seeding, one image per UNet call); the overlays are written
 by the process that scored the image, and the main process alone holds the lock and writes ``results.csv``, in the
-order one process writes it: the same bytes as a one-process run (:func:`_detect_ranks`). With several machines the
-inputs and ``--out`` must be on a file system they share.
+order one process writes it: the same bytes as a one-process run (:func:`_detect_ranks`; GPU processes score with
+the GPU's float rounding, not the CPU's). With several machines the inputs and ``--out`` must be on a file system
+they share.
 
 Exit codes: 0 when the run completed (even with unreadable files: their count is printed);
 2 for bad input (no model, no images found, or not one readable image among them) or non-finite maps;
