@@ -156,3 +156,108 @@ def test_app_and_space_bad_input_is_one_line(model, tmp_path, capsys, argv, mess
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------------------ the threshold from a histogram
+
+
+def _stored_heldout_scores(model: Path, key: str) -> np.ndarray:
+    """The held-out scores as saved on disk, read without diffad: the calibration's safetensors and config."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    names = json.loads((model / "calibration" / "config.json").read_text())["threshold_names"]
+    return load_file(model / "calibration" / "diffusion_pytorch_model.safetensors")["heldout_scores"][names.index(key)]
+
+
+def _figure_parts(fig) -> tuple[list[float], list[float], float]:
+    """(bar heights, inspected scores, threshold line's x) of a :func:`diffad.figures.score_histogram` figure."""
+    ax = fig.axes[0]
+    lines = {line.get_label().split(" ")[0]: line for line in ax.get_lines()}
+    inspected = list(lines["inspected"].get_xdata()) if "inspected" in lines else []
+    threshold = lines["threshold"].get_xdata()
+    assert threshold[0] == threshold[1]
+    return [p.get_height() for p in ax.patches], inspected, float(threshold[0])
+
+
+def test_false_positive_rate_is_the_share_of_stored_heldout_scores_above_the_threshold(model):
+    inspector = Inspector(load_pipeline(model))
+    for name in inspector.map_names:
+        stored = _stored_heldout_scores(model, f"self_aware/{name}")
+        assert len(stored) == 4 and np.array_equal(inspector.heldout_scores(name), stored)
+        ordered = np.sort(stored)
+        for threshold in (ordered[0] - 1.0, *ordered, (ordered[1] + ordered[2]) / 2, inspector.threshold(name)):
+            expected = float(np.mean(stored > threshold))
+            assert inspector.false_positive_rate(name, float(threshold)) == expected, (name, threshold)
+            text = inspector.false_positive_text(name, float(threshold))
+            assert f"**{expected:.1%}**" in text and f"{int(np.sum(stored > threshold))} of 4 held-out" in text
+        # at a held-out score, that score itself passes (decisions are score > threshold): 3 of the 4 are above
+        assert inspector.false_positive_rate(name, float(ordered[0])) == 0.75
+
+
+def test_histogram_draws_heldout_scores_threshold_and_this_sessions_scores(model, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    inspector = Inspector(load_pipeline(model))
+    name = inspector.default_map
+    items = [inspector.inspect(p) for p in sorted(photos.iterdir())]  # three photos and a broken file
+    heights, inspected, line = _figure_parts(inspector.histogram(name, 0.5, items))
+    assert sum(heights) == 4 and line == 0.5  # every held-out normal image in a bar
+    assert sorted(inspected) == sorted(it.scores[name] for it in items if not it.error) and len(inspected) == 3
+    heights, inspected, line = _figure_parts(inspector.histogram(name, 0.25))
+    assert sum(heights) == 4 and line == 0.25 and inspected == []
+
+
+def test_page_updates_the_rate_and_histogram_per_session(model, tmp_path):
+    """The page's own event functions: inspecting and moving the threshold redraw one session's histogram and rate;
+    another session's inspected scores stay out of it."""
+    pytest.importorskip("gradio")
+    from diffad.app import SessionFolders, build_app
+
+    photos = _photos(tmp_path / "photos")
+    inspector = Inspector(load_pipeline(model))
+    folders = SessionFolders()
+    demo = build_app(inspector, model, folders=folders)
+    try:
+        fns = {block.fn.__name__: block.fn for block in demo.fns.values() if block.fn is not None}
+        name, threshold = inspector.default_map, inspector.threshold(inspector.default_map)
+        files = [str(p) for p in sorted(photos.iterdir())]
+        first = fns["inspect"](files, None, name, threshold)
+        second = fns["inspect"](files[:1], None, name, threshold)  # another browser session, one photo
+        session = first[0]
+        assert first[0] is not second[0]
+        assert len(_figure_parts(first[-1])[1]) == 3 and len(_figure_parts(second[-1])[1]) == 1
+        moved = float(np.sort(inspector.heldout_scores(name))[1])
+        *_, rate, figure = fns["redecide"](session, name, moved)
+        assert _figure_parts(figure)[2] == moved and len(_figure_parts(figure)[1]) == 3
+        assert "**50.0%** (2 of 4 held-out normal images" in rate
+        assert "**50.0%**" not in first[-2]  # the calibrated threshold's rate was shown before
+    finally:
+        folders.close()
+
+
+def test_a_calibration_without_heldout_scores_says_so(model, tmp_path):
+    """A folder calibrated before the scores were stored: no rate, a sentence saying why, a histogram of what there
+    is (threshold and inspected scores), nothing crashes."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    weights = old / "calibration" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["heldout_scores"]
+    save_file(tensors, weights)
+    config = json.loads((old / "calibration" / "config.json").read_text())
+    del config["stores_heldout_scores"]
+    (old / "calibration" / "config.json").write_text(json.dumps(config))
+    inspector = Inspector(load_pipeline(old))
+    name = inspector.default_map
+    assert inspector.heldout_scores(name) is None and inspector.false_positive_rate(name, 0.5) is None
+    assert "No histogram" in inspector.false_positive_text(name, 0.5) and "recalibrate" in \
+        inspector.false_positive_text(name, 0.5)
+    photos = _photos(tmp_path / "photos")
+    heights, inspected, line = _figure_parts(inspector.histogram(name, 0.5, [inspector.inspect(photos / "0.png")]))
+    assert heights == [] and len(inspected) == 1 and line == 0.5

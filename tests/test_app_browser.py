@@ -2,8 +2,9 @@
 
 Starts ``diffad app`` on a free local port over the tiny calibrated fixture, uploads two photos and a broken
 file, and asserts on what the page shows: two overlays, two scores with their decisions, the broken file's
-error, and a threshold change that flips the decisions without another model call. The screenshots (at the
-calibrated threshold, then at 0) go to ``$DIFFAD_SCREENSHOT_DIR`` (default: the test's temporary folder).
+error, the histogram of the calibration's held-out normal scores with the expected false-positive rate, and a
+threshold change that flips the decisions, the rate and the histogram without another model call. The screenshots
+(at the calibrated threshold, then at 0) go to ``$DIFFAD_SCREENSHOT_DIR`` (default: the test's temporary folder).
 
 ``make app-screenshot`` runs the same test over a real model: ``$DIFFAD_APP_MODEL`` (a calibrated model folder) and
 ``$DIFFAD_APP_PHOTOS`` (two photos joined by ``os.pathsep``) replace the fixture and the random photos.
@@ -104,6 +105,11 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         captions = driver.find_element(By.CSS_SELECTOR, "#gallery").text
         assert "part0.png" in captions and "part1.png" in captions, captions
         before = table.count("defect")
+        # the histogram of the calibration's held-out normal scores, with this session's scores, and its rate
+        fpr = driver.find_element(By.CSS_SELECTOR, "#fpr").text
+        assert "Expected false-positive rate on normal parts" in fpr and "held-out normal images" in fpr, fpr
+        histogram = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#histogram img").get_attribute("src"))
+        assert histogram.startswith("data:image/")  # the figure, drawn by the server
         shots = Path(os.environ.get("DIFFAD_SCREENSHOT_DIR", tmp_path))
         shots.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shots / "diffad_app.png"))  # at the calibrated threshold
@@ -115,6 +121,9 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         after = driver.find_element(By.CSS_SELECTOR, "#status").text
         assert "2 FAIL" in after and "Model calls: 2" in after, after
         assert before < 2 or "0 PASS" in after
+        # at 0 every held-out normal score is above the threshold: the rate says 100%, the histogram is redrawn
+        wait.until(lambda d: "at 0: 100.0%" in d.find_element(By.CSS_SELECTOR, "#fpr").text)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#histogram img").get_attribute("src") != histogram)
         assert driver.save_screenshot(str(shots / "diffad_app_threshold_0.png"))
     finally:
         driver.quit()

@@ -4,6 +4,10 @@ batch, the position or an interruption, options checked against the model."""
 from __future__ import annotations
 
 import csv
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +253,72 @@ def test_detect_refuses_a_map_with_no_calibrated_threshold(calibrated_model, ima
     # the maps that do have a threshold still run
     summary = detect(calibrated_model, [image_folder], tmp_path / "out2", pipe=old, anomaly_map="multiscale")
     assert summary.results_csv.is_file()
+
+
+# ------------------------------------------------------------------ several processes (accelerate launch, gloo)
+
+
+def _rank_photos(root: Path) -> Path:
+    """Six photos and two unreadable files, so that one process's batches of 3 straddle the ranks' shares and its
+    rounds: the unreadable files' rows come before the rows of batches read around them."""
+    root.mkdir()
+    for i in (0, 1, 3, 4, 5, 7):
+        Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(
+            root / f"p{i}.png")
+    (root / "p2_broken.png").write_text("not an image")
+    (root / "p6_broken.png").write_bytes((root / "p0.png").read_bytes()[:60])
+    return root
+
+
+def _launch_two_ranks(*argv: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``diffad detect`` on two CPU processes (one gloo group), on a free port: the default
+    one may be held by another launch on this machine, or still by the previous one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "-m", "diffad.cli", "detect", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _overlays(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (out / "overlays").iterdir()}
+
+
+def test_two_ranks_write_one_process_results_byte_for_byte(calibrated_model, tmp_path):
+    photos = _rank_photos(tmp_path / "photos")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["detect", "--model", str(calibrated_model), str(photos), "--out", str(one), "--batch-size", "3"]) == 0
+    proc = _launch_two_ranks("--model", str(calibrated_model), str(photos), "--out", str(two), "--batch-size", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = (one / "results.csv").read_bytes()
+    assert (two / "results.csv").read_bytes() == expected
+    # the row order is one process's, not the input order: the unreadable files' rows come first
+    assert [Path(r["file"]).name for r in _rows(two / "results.csv")] == [
+        "p2_broken.png", "p0.png", "p1.png", "p3.png", "p6_broken.png", "p4.png", "p5.png", "p7.png"]
+    assert _overlays(two) == _overlays(one) and len(_overlays(one)) == 6
+    assert (two / "results.json").read_bytes() == (one / "results.json").read_bytes()
+    assert proc.stdout.count("scored 6 images") == 1, proc.stdout  # the main process reports, once
+
+
+def test_two_ranks_respect_the_lock_and_resume_as_one_process(calibrated_model, tmp_path):
+    from diffad.detect import LOCK_NAME
+    from diffad.training_utils import file_lock
+
+    photos = _rank_photos(tmp_path / "photos")
+    first = [str(photos / "p0.png"), str(photos / "p3.png"), str(photos / "p6_broken.png")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):  # an interrupted run: three files done
+        assert main(["detect", "--model", str(calibrated_model), *first, "--out", str(out)]) == 0
+    with file_lock(two / LOCK_NAME):  # another detect writes there: both ranks stop, none waits forever
+        proc = _launch_two_ranks("--model", str(calibrated_model), str(photos), "--out", str(two))
+    assert proc.returncode != 0
+    assert proc.stderr.count("another diffad detect is writing to") == 1, proc.stderr[-3000:]
+    assert main(["detect", "--model", str(calibrated_model), str(photos), "--out", str(one), "--batch-size", "2"]) == 0
+    proc = _launch_two_ranks("--model", str(calibrated_model), str(photos), "--out", str(two), "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 already done" in proc.stdout, proc.stdout
+    assert (two / "results.csv").read_bytes() == (one / "results.csv").read_bytes()
+    assert len(_rows(two / "results.csv")) == 8

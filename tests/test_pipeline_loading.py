@@ -160,3 +160,50 @@ def test_unsupported_save_options(tmp_path):
         make_pipe().save_pretrained(tmp_path / "x", push_to_hub=True)
     with pytest.raises(ValueError, match="safetensors"):
         make_pipe().save_pretrained(tmp_path / "x", safe_serialization=False)
+
+
+def test_calibration_stores_the_heldout_scores_each_threshold_was_fitted_on(saved):
+    from diffad.pipelines.self_aware_inpaint.pipeline import per_pixel_quantile
+
+    cal = SelfAwareInpaintPipeline.from_pretrained(saved).calibration
+    assert cal.config.stores_heldout_scores and tuple(cal.heldout_scores.shape) == (4, 4)  # 4 maps x 4 images
+    fpr = cal.config.target_false_positive_rate
+    for name in cal.config.threshold_names:
+        scores = cal.heldout_scores_of(name)
+        assert scores.shape == (4,) and scores.dtype == np.float32 and np.isfinite(scores).all()
+        assert len(set(scores.tolist())) == 4  # four images, four scores: not a placeholder
+        # the threshold is the (1 - target FPR) quantile of exactly these scores
+        refit = float(per_pixel_quantile(torch.from_numpy(scores.astype(np.float64))[:, None, None], 1.0 - fpr))
+        assert cal.threshold(name) == pytest.approx(refit, rel=1e-6), name
+    assert cal.heldout_scores_of("self_aware/edges") is None and cal.heldout_scores_of("denoise/multiscale") is None
+
+
+def test_a_calibration_saved_before_heldout_scores_loads_without_them(saved, tmp_path):
+    """Folders calibrated before the scores were stored (no buffer, no config key) load and decide as before."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    weights = old / "calibration" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["heldout_scores"]
+    save_file(tensors, weights)
+    config_path = old / "calibration" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["stores_heldout_scores"]
+    config_path.write_text(json.dumps(config))
+    new, loaded = SelfAwareInpaintPipeline.from_pretrained(saved), SelfAwareInpaintPipeline.from_pretrained(old)
+    assert loaded.is_calibrated and "heldout_scores" not in loaded.calibration.state_dict()
+    assert all(loaded.calibration.heldout_scores_of(n) is None for n in loaded.calibration.config.threshold_names)
+    assert torch.equal(loaded.calibration.thresholds, new.calibration.thresholds)
+    loaded.save_pretrained(tmp_path / "resaved")  # saved again: still without scores, still loads
+    resaved = SelfAwareInpaintPipeline.from_pretrained(tmp_path / "resaved").calibration
+    assert resaved.heldout_scores_of("self_aware/combined") is None
+    loaded.set_progress_bar_config(disable=True)
+    new.set_progress_bar_config(disable=True)
+    x = images(1, seed=8)
+    a = loaded(x, generator=torch.Generator().manual_seed(5)).scores["combined"]
+    b = new(x, generator=torch.Generator().manual_seed(5)).scores["combined"]
+    np.testing.assert_array_equal(a, b)

@@ -78,10 +78,10 @@ def test_case1_two_app_sessions_never_see_each_others_rows(pipe, model, tmp_path
     b = _photo(tmp_path / "b", "from_b.png", seed=2)
     name = pipe.default_map("self_aware")
     threshold = pipe.calibration.threshold(f"self_aware/{name}")
-    state_a, *_, csv_a, _ = inspect([str(a)], None, name, threshold)
-    state_b, *_, csv_b, _ = inspect([str(b)], None, name, threshold)
+    state_a, *_, csv_a, _, _, _ = inspect([str(a)], None, name, threshold)
+    state_b, *_, csv_b, _, _, _ = inspect([str(b)], None, name, threshold)
     assert Path(csv_a) != Path(csv_b)
-    _, _, csv_a2, _ = redecide(state_a, name, threshold / 2)  # session A moves its threshold after B inspected
+    _, _, csv_a2, *_ = redecide(state_a, name, threshold / 2)  # session A moves its threshold after B inspected
     assert [r["file"] for r in _rows(Path(csv_a2))] == ["from_a.png"]
     assert [r["file"] for r in _rows(Path(csv_b))] == ["from_b.png"]
 
@@ -95,8 +95,8 @@ def test_case1_session_folders_go_at_session_end_and_app_exit_and_a_build_leaves
     assert list(root.iterdir()) == []  # building the page (or failing to start it) leaves no folder behind
     name = pipe.default_map("self_aware")
     threshold = pipe.calibration.threshold(f"self_aware/{name}")
-    session_a, *_, csv_a, _ = handlers["inspect"]([str(_photo(tmp_path / "p", "x.png"))], None, name, threshold)
-    session_b, *_, csv_b, _ = handlers["inspect"]([str(_photo(tmp_path / "p", "y.png"))], None, name, threshold)
+    session_a, *_, csv_a, _, _, _ = handlers["inspect"]([str(_photo(tmp_path / "p", "x.png"))], None, name, threshold)
+    session_b, *_, csv_b, _, _, _ = handlers["inspect"]([str(_photo(tmp_path / "p", "y.png"))], None, name, threshold)
     assert Path(csv_a).is_file() and Path(csv_b).is_file()
     callbacks = [s.delete_callback for s in states if getattr(s, "delete_callback", None)]
     assert callbacks, "the session state has no delete_callback: nothing removes a session's files"
@@ -117,7 +117,7 @@ def test_case2_csv_cells_that_start_a_formula_are_neutralised_everywhere(pipe, m
     names = ["=1+2.png", "@SUM(A1).png", "+cmd.png", "-2+3.png"]
     uploads = [str(_photo(tmp_path / "up", n, seed=i)) for i, n in enumerate(names)]
     name = pipe.default_map("self_aware")
-    *_, csv_path, _ = handlers["inspect"](uploads, None, name, 1.0)
+    *_, csv_path, _, _, _ = handlers["inspect"](uploads, None, name, 1.0)
     cells = [r["file"] for r in _rows(Path(csv_path))]
     assert cells == ["'" + n for n in names]
     # detect: the same writer, and a re-run still knows these files are done
@@ -146,7 +146,7 @@ def test_case14_every_results_csv_carries_map_and_threshold(pipe, model, tmp_pat
         pipe.calibration.threshold(f"self_aware/{name}"), rel=1e-6)
     _demo, handlers, _ = _app(pipe, model)
     session, *_ = handlers["inspect"]([str(photos / "a.png")], None, name, 1.0)
-    _, _, moved, _ = handlers["redecide"](session, name, -1.0)  # the user drags the threshold below every score
+    _, _, moved, *_ = handlers["redecide"](session, name, -1.0)  # the user drags the threshold below every score
     row = _rows(Path(moved))[0]
     assert row["decision"] == "defect" and row["map"] == name and float(row["threshold"]) == -1.0
 
@@ -158,7 +158,7 @@ def test_case20_app_error_rows_name_the_upload_in_words(pipe, model, tmp_path, m
     gradio_cache.mkdir(parents=True)
     (gradio_cache / "broken.png").write_text("not an image")
     _demo, handlers, _ = _app(pipe, model)
-    *_, csv_path, _ = handlers["inspect"]([str(gradio_cache / "broken.png")], None, "combined", 1.0)
+    *_, csv_path, _, _, _ = handlers["inspect"]([str(gradio_cache / "broken.png")], None, "combined", 1.0)
     row = _rows(Path(csv_path))[0]
     assert row["file"] == "broken.png" and row["decision"] == "error"
     assert str(tmp_path) not in row["error"] and "Error" not in row["error"] and "broken.png" in row["error"]
@@ -501,8 +501,8 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
             session = None
             for i in range(3):
                 photo = _photo(tmp_path / who, f"{who}{i}.png", seed={"a": 10, "b": 20}[who] + i)
-                session, *_, csv_path, _ = handlers["inspect"]([str(photo)], session, name, 1.0)
-                _, _, csv_path, _ = handlers["redecide"](session, name, 0.5 + i)
+                session, *_, csv_path, _, _, _ = handlers["inspect"]([str(photo)], session, name, 1.0)
+                _, _, csv_path, *_ = handlers["redecide"](session, name, 0.5 + i)
                 seen[who].append([r["file"] for r in _rows(Path(csv_path))])
             last[who] = Path(csv_path)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread

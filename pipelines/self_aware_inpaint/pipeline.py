@@ -477,8 +477,8 @@ def threshold_key(method: str, map_name: str) -> str:
 
 class AnomalyCalibration(ModelMixin, ConfigMixin):
     """What :meth:`SelfAwareInpaintPipeline.calibrate` fitted, saved as the ``calibration`` component: the sampler,
-    the per-pixel threshold map ``Q_p`` (buffer ``q_threshold``, ``(S, S)``) and one image threshold per
-    ``"<method>/<map>"`` (buffer ``thresholds``).
+    ``Q_p`` per pixel (buffer ``q_threshold``, ``(S, S)``), one image threshold per ``"<method>/<map>"`` (buffer
+    ``thresholds``) and the held-out normal scores each was fitted on (``heldout_scores``, ``(thresholds, images)``).
 
     Args:
         resolution: the working resolution ``S``; tile_size: the networks' tile side (None: one tile).
@@ -487,7 +487,7 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         target_false_positive_rate: the fraction of normal images the thresholds flag.
         heldout_false_positive_rates: per threshold, the false-positive rate on the fold its fit did not see.
         heldout_mask_share: mean share of pixels masked on normal images ``Q_p`` did not see (about ``1 - p``).
-        num_images: normal images calibrated on.
+        num_images: normal images calibrated on; stores_heldout_scores: ``heldout_scores`` is saved (older: not).
     """
 
     @register_to_config
@@ -495,12 +495,13 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
                  sampling_config: Optional[Dict[str, Any]] = None,
                  threshold_names: List[str] = (), target_false_positive_rate: float = 0.05,
                  heldout_false_positive_rates: List[float] = (), heldout_mask_share: Optional[float] = None,
-                 num_images: int = 0):
+                 num_images: int = 0, stores_heldout_scores: bool = False):
         super().__init__()
         self.register_to_config(threshold_names=[str(n) for n in threshold_names],
                                 heldout_false_positive_rates=[float(v) for v in heldout_false_positive_rates])
         self.register_buffer("q_threshold", torch.zeros(resolution, resolution))
         self.register_buffer("thresholds", torch.zeros(len(threshold_names)))
+        self.register_buffer("heldout_scores", torch.zeros(len(threshold_names), num_images), stores_heldout_scores)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -513,6 +514,11 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         """The image threshold called ``name`` (``"<method>/<map>"``), or None when it was not calibrated."""
         names = list(self.config.threshold_names)
         return float(self.thresholds[names.index(name)]) if name in names else None
+
+    def heldout_scores_of(self, name: str) -> Optional[np.ndarray]:
+        """The held-out normal scores ``(num_images,)`` the threshold ``name`` was fitted on (None: none stored)."""
+        names = list(self.config.threshold_names) if self.config.get("stores_heldout_scores") else []
+        return self.heldout_scores[names.index(name)].float().cpu().numpy() if name in names else None
 
 
 # =============================================================================== the pipeline
@@ -1001,9 +1007,10 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         cal = AnomalyCalibration(resolution=self.resolution, tile_size=self.tile_size,
                                  sampling_config=config.to_dict(), threshold_names=list(scores),
                                  target_false_positive_rate=float(fpr), heldout_false_positive_rates=heldout,
-                                 heldout_mask_share=mask_share, num_images=x.shape[0])
+                                 heldout_mask_share=mask_share, num_images=x.shape[0], stores_heldout_scores=True)
         cal.q_threshold.copy_(q_p)
         cal.thresholds.copy_(torch.tensor([quantile(s) for s in scores.values()], dtype=torch.float32))
+        cal.heldout_scores.copy_(torch.from_numpy(np.stack(list(scores.values()))))
         self.register_modules(calibration=cal.to(self.device))
         return self
 

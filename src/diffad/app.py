@@ -2,10 +2,14 @@
 
 Drop photos (or a zip of a folder) on the page and see, for each part, the heat map over the photo, the score and
 PASS/FAIL; move the threshold and every decision is re-made from the stored scores, without running the model
-again; switch the map (``combined``, ``multiscale``, ...) the same way: one model call returns every map. Results
-download as a CSV with ``diffad detect``'s columns. Images are read by the same reader as ``detect``
-(:func:`diffad.data.read_image`), scored with the same seeding rule (an image's noise from ``--seed`` and its
-pixels), so a file gets the score ``detect`` gives it; a file that cannot be read shows its error in the table.
+again. Beside the threshold, a histogram of the held-out normal images' scores it was calibrated on (stored in the
+calibration), the threshold line and the scores of the session's inspected images, and the expected false-positive
+rate on normal parts at the threshold shown (the share of those held-out scores above it); a calibration made before
+the scores were stored says so instead. Switch the map (``combined``, ``multiscale``, ...) the same way: one model
+call returns every map. Results download as a CSV with ``diffad detect``'s columns. Images are read by the same
+reader as ``detect`` (:func:`diffad.data.read_image`), scored with the same seeding rule (an image's noise from
+``--seed`` and its pixels), so a file gets the score ``detect`` gives it; a file that cannot be read shows its error
+in the table.
 
 Users are kept apart: every browser session has its own state (:class:`Session`: its inspected files) and its
 own temporary folder (a zip's extracted images, its ``results.csv``), deleted when the session ends and, with
@@ -45,6 +49,7 @@ from diffad import __version__
 from diffad.data import read_image
 from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipeline, read_error_words,
                            render_overlay)
+from diffad.figures import score_histogram
 from diffad.inputs import skip_reason
 from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
 from diffad.pipelines.self_aware_inpaint import threshold_key
@@ -134,6 +139,33 @@ class Inspector:
                  "decision": self.decision(it, name, threshold),
                  "overlay": "" if it.error else f"overlay of {it.file}", "error": it.error, "map": name,
                  "threshold": format_score(threshold)} for it in items]
+
+    def heldout_scores(self, name: str) -> Optional[np.ndarray]:
+        """The scores of the held-out normal images the threshold of map ``name`` was fitted on (the calibration's),
+        or None when the calibration stores none (made before diffad stored them)."""
+        return self.pipe.calibration.heldout_scores_of(threshold_key(self.method, name))
+
+    def false_positive_rate(self, name: str, threshold: float) -> Optional[float]:
+        """The expected false-positive rate on normal parts at ``threshold``: the share of the held-out normal scores
+        above it (decided as parts are: ``score > threshold``); None without stored scores."""
+        scores = self.heldout_scores(name)
+        return None if scores is None or not len(scores) else float(np.mean(scores > threshold))
+
+    def false_positive_text(self, name: str, threshold: float) -> str:
+        """Markdown for the page beside the threshold: the expected false-positive rate, or why there is none."""
+        rate = self.false_positive_rate(name, threshold)
+        if rate is None:
+            return ("No histogram: this model's calibration stores no held-out scores (calibrated by an older "
+                    "diffad); recalibrate it (`diffad calibrate`) to see them and the expected false-positive rate.")
+        scores = self.heldout_scores(name)
+        return (f"Expected false-positive rate on normal parts at {threshold:.4g}: **{rate:.1%}** "
+                f"({int(np.sum(scores > threshold))} of {len(scores)} held-out normal images score above it).")
+
+    def histogram(self, name: str, threshold: float, items: Sequence[Inspection] = ()):
+        """:func:`diffad.figures.score_histogram` of map ``name``: the held-out normal scores, ``threshold`` and the
+        scores of ``items`` (one session's inspected files)."""
+        scores = [it.scores[name] for it in items if not it.error and name in it.scores]
+        return score_histogram(self.heldout_scores(name), threshold, scores, title=f"{self.method}/{name} scores")
 
     def overlay(self, item: Inspection, name: str):
         """The heat map of ``name`` and the mask outline over the photo (colour scale: the calibrated threshold)."""
@@ -356,8 +388,10 @@ def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["S
                          label=f"threshold ({name}; calibrated {t:.4g})")
 
     def views(session: Optional[Session], name: str, threshold: float):
+        """Everything the threshold and map decide: gallery, table, CSV, status, false-positive rate, histogram."""
         if session is None:
-            return [], [], None, "Nothing inspected yet."
+            return ([], [], None, "Nothing inspected yet.", inspector.false_positive_text(name, threshold),
+                    inspector.histogram(name, threshold))
         items = session.items
         rows = inspector.rows(items, name, threshold)
         gallery = [(inspector.overlay(it, name), f"{it.file}: {it.scores[name]:.4g} "
@@ -372,7 +406,8 @@ def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["S
         status = (f"{len(items)} files inspected since the page opened: {failed} FAIL, "
                   f"{sum(r['decision'] == 'ok' for r in rows)} PASS, {sum(r['decision'] == 'error' for r in rows)} "
                   f"errors. Model calls: {inspector.model_calls}; {seconds:.3f} s per image.")
-        return gallery, table, str(csv_path), status
+        return (gallery, table, str(csv_path), status, inspector.false_positive_text(name, threshold),
+                inspector.histogram(name, threshold, items))
 
     def inspect(files, session, name, threshold, progress=gr.Progress()):
         session = session if isinstance(session, Session) else Session(folders.new_folder())
@@ -405,19 +440,23 @@ def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["S
                 map_choice = gr.Dropdown(choices=names, value=first, label="anomaly map", elem_id="map")
                 threshold = slider_for(first)
                 threshold.elem_id = "threshold"
+                fpr = gr.Markdown(inspector.false_positive_text(first, inspector.threshold(first)), elem_id="fpr")
                 with gr.Row():
                     run_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
                     stop_button = gr.Button("Stop", elem_id="stop")
         status = gr.Markdown("Nothing inspected yet.", elem_id="status")
+        histogram = gr.Plot(inspector.histogram(first, inspector.threshold(first)), elem_id="histogram",
+                            label="scores: held-out normal images (the calibration's), threshold, inspected here")
         gallery = gr.Gallery(label="overlays", columns=4, elem_id="gallery")
         table = gr.Dataframe(headers=list(CSV_FIELDS), label="results (same columns as diffad detect)",
                              elem_id="results", interactive=False)
         download = gr.File(label="results.csv", elem_id="csv")
-        event = run_button.click(inspect, [files, items, map_choice, threshold],
-                                 [items, gallery, table, download, status], concurrency_limit=1)
+        shown = [gallery, table, download, status, fpr, histogram]  # what views() returns
+        event = run_button.click(inspect, [files, items, map_choice, threshold], [items, *shown],
+                                 concurrency_limit=1)
         stop_button.click(None, None, None, cancels=[event])
-        threshold.change(redecide, [items, map_choice, threshold], [gallery, table, download, status])
-        map_choice.change(change_map, [items, map_choice], [threshold, gallery, table, download, status])
+        threshold.change(redecide, [items, map_choice, threshold], shown)
+        map_choice.change(change_map, [items, map_choice], [threshold, *shown])
     demo.diffad_session_folders = folders  # close_app(demo) deletes them
     return demo
 

@@ -27,6 +27,14 @@ Images are read by diffad's one reader (:func:`diffad.data.read_image`: any PIL 
 orientation applied). A model that gives a non-finite map for an image writes an error row for it, never a
 decision, and the run exits 2.
 
+Several processes: ``accelerate launch [--num_processes N] [--num_machines M ...] -m diffad.cli detect ...`` splits
+the files to do across the processes (CPU processes form one gloo group; GPU processes each score on their own GPU),
+each image scored as one process scores it (same reader, seeding, one image per UNet call); the overlays are written
+by the process that scored the image, and the main process alone holds the lock and writes ``results.csv``, in the
+order one process writes it: the same bytes as a one-process run (:func:`_detect_ranks`; GPU processes score with
+the GPU's float rounding, not the CPU's). With several machines the inputs and ``--out`` must be on a file system
+they share.
+
 Exit codes: 0 when the run completed (even with unreadable files: their count is printed);
 2 for bad input (no model, no images found, or not one readable image among them) or non-finite maps;
 1 when scoring itself failed.
@@ -44,6 +52,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import binary_opening
@@ -58,7 +69,7 @@ from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_E
                                                  SelfAwareInpaintPipeline, inspect_photos, threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
-from diffad.training_utils import file_lock
+from diffad.training_utils import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, file_lock
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -211,16 +222,35 @@ def read_or_record(path: Path, table, summary: DetectSummary,
     """``(photo, None)`` read by diffad's reader, or ``(None, row)`` for an unreadable file: its error row (``base``'s
     cells, the reason in words) written whole to ``table`` (a :class:`diffad.results.ResultsFile`) and counted in
     ``summary`` (``diffad detect`` and ``diffad watch``)."""
+    photo, row = _read(path, base)
+    if row is not None:
+        table.write([row])
+        _count(summary, [row])
+    return photo, row
+
+
+def _read(path: Path, base: Optional[dict[str, str]] = None) -> tuple[Optional[Image.Image], Optional[dict[str, str]]]:
+    """``(photo, None)``, or ``(None, error row)`` for a file diffad's reader cannot read (logged on one line)."""
     try:
         return read_image(path), None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         message = read_error_words(exc)
         logger.warning("skipping unreadable file %s (%s)", path, message)
-        row = {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "", "error": message}
-        table.write([row])
-        summary.failed += 1
-        summary.failed_files.append(str(path))
-        return None, row
+        return None, {**(base or {}), "file": str(path), "score": "", "decision": "error", "overlay": "",
+                      "error": message}
+
+
+def _count(summary: DetectSummary, rows: Iterable[dict[str, str]]) -> None:
+    """Count written rows in ``summary``: an error row is a failed file (a non-finite map's among them), any other
+    a scored one."""
+    for row in rows:
+        if row["decision"] == "error":
+            summary.failed += 1
+            summary.failed_files.append(row["file"])
+            summary.nonfinite += row["error"] == NONFINITE_ERROR
+        else:
+            summary.scored += 1
+            summary.defective += row["decision"] == "defect"
 
 
 def _batches(paths: Iterable[Path], batch_size: int, summary: DetectSummary, table,
@@ -309,6 +339,7 @@ def detect(
     config: Optional[str] = None,
     precision: Optional[str] = None,
     pipe=None,
+    accelerator=None,
 ) -> DetectSummary:
     """Score ``inputs`` with the model, writing ``out_dir/results.csv`` and ``out_dir/overlays/*.png``.
 
@@ -333,9 +364,12 @@ def detect(
         precision: None, or ``"auto"``/``"fp32"``/``"bf16"``: the precision the calibration must have (an
             assertion too: ``diffad calibrate --precision`` picks it).
         pipe: an already loaded pipeline (tests, the demo).
+        accelerator: an ``accelerate.Accelerator`` of several processes (``accelerate launch``): the files are
+            split across them and the main process alone writes ``results.csv``, byte for byte what one process
+            writes (:func:`_detect_ranks`); None: one process.
 
     Returns:
-        A :class:`DetectSummary`.
+        A :class:`DetectSummary` (on every process: the counts of the whole run).
 
     Raises:
         FileNotFoundError / ValueError: bad model, inputs or options.
@@ -366,17 +400,23 @@ def detect(
         raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
     if pipe is None:
         pipe = load_pipeline(model)
+    ranks = accelerator is not None and accelerator.num_processes > 1
+    if ranks and accelerator.device.type != "cpu":
+        pipe = pipe.to(accelerator.device)  # each GPU rank on its own device
     _check_options(pipe, model, method, anomaly_map, config)
     check_precision(pipe, precision, str(model))
 
     out_dir = Path(out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
-        identity = {"model": str(model), "calibration": calibration_hash(pipe), "method": method,
-                    "map": anomaly_map, "threshold": pipe.calibration.threshold(threshold_key(method, anomaly_map)),
-                    "seed": seed}
-        check_identity(out_dir / IDENTITY_NAME, identity, out_dir / RESULTS_NAME)
-        summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
+    identity = {"model": str(model), "calibration": calibration_hash(pipe), "method": method,
+                "map": anomaly_map, "threshold": pipe.calibration.threshold(threshold_key(method, anomaly_map)),
+                "seed": seed}
+    if ranks:
+        summary = _detect_ranks(accelerator, pipe, paths, out_dir, identity, batch_size, anomaly_map, method, seed)
+    else:
+        with _exclusive(out_dir):
+            check_identity(out_dir / IDENTITY_NAME, identity, out_dir / RESULTS_NAME)
+            summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
     summary.scan = scan
     return summary
 
@@ -411,11 +451,126 @@ def _detect_into(pipe, paths: list[Path], out_dir: Path, batch_size: int, anomal
     return summary
 
 
+class _OneProcessOrder:
+    """The order in which one process writes rows (:func:`_detect_into`): fed every file's row in input order, it
+    returns the rows due now. An unreadable file's row is written when the file is read; the rows of readable files
+    when ``batch_size`` of them are judged, and at the end."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.pending = batch_size, []
+
+    def feed(self, row: dict[str, str], read: bool) -> list[dict[str, str]]:
+        """The rows due once the file of ``row`` has been read (``read``: it was decoded and judged)."""
+        if not read:
+            return [row]
+        self.pending.append(row)
+        if len(self.pending) < self.batch_size:
+            return []
+        due, self.pending = self.pending, []
+        return due
+
+    def finish(self) -> list[dict[str, str]]:
+        """The last, short batch."""
+        due, self.pending = self.pending, []
+        return due
+
+
+def _detect_ranks(accelerator, pipe, paths: list[Path], out_dir: Path, identity: dict, batch_size: int,
+                  anomaly_map: str, method: str, seed: int) -> DetectSummary:
+    """:func:`_detect_into` over several processes (``accelerate launch``), writing the same bytes.
+
+    The main process alone takes the output lock, checks the run's identity and opens ``results.csv`` (resuming
+    it: files already in it are skipped), then sends the files to do to every process. The files go in rounds of
+    ``batch_size`` per process, each process reading and judging a contiguous share of the round (and writing its
+    overlays); the rows are gathered and the main process writes them in :class:`_OneProcessOrder`. A failure on
+    any process stops all of them at the end of the round, with its message.
+    """
+    main = accelerator.is_main_process
+    results_csv = out_dir / RESULTS_NAME
+    summary = DetectSummary(results_csv=results_csv)
+    with contextlib.ExitStack() as stack:
+        plan: list = [None, []]  # [the main process's error, or None; the files to do]
+        table = None
+        if main:
+            try:
+                stack.enter_context(_exclusive(out_dir))
+                check_identity(out_dir / IDENTITY_NAME, identity, results_csv)
+                table = stack.enter_context(ResultsFile(results_csv, CSV_FIELDS))
+                done = table.done()
+                plan = [None, [str(p) for p in paths if safe_cell(str(p)) not in done]]
+            except (ValueError, OSError) as exc:
+                broadcast_object_list([str(exc) or type(exc).__name__, []])
+                raise
+        broadcast_object_list(plan)
+        if plan[0] is not None:
+            raise SystemExit(EXIT_USAGE)  # the main process says why, on one line
+        todo = [Path(p) for p in plan[1]]
+        summary.skipped_done = len(paths) - len(todo)
+        if summary.skipped_done and main:
+            logger.info("%d of %d images already in %s: skipped", summary.skipped_done, len(paths), results_csv)
+        base = result_base(pipe, method, anomaly_map)
+        order = _OneProcessOrder(batch_size)
+        step = batch_size * accelerator.num_processes
+        for start in range(0, len(todo), step):
+            with accelerator.split_between_processes(list(range(start, min(start + step, len(todo))))) as mine:
+                share = _judge_share(pipe, [(i, todo[i]) for i in mine], out_dir, base, method, anomaly_map, seed)
+            shares = gather_object([share])
+            failures = [f"process {rank}: {error}" for rank, (error, _) in enumerate(shares) if error]
+            if failures:
+                if not main:
+                    raise SystemExit(EXIT_FAILURE)  # the main process says why, on one line
+                raise RuntimeError(f"detect failed on {'; '.join(failures)}")
+            due: list[dict[str, str]] = []
+            for _, read, row in sorted((r for _, records in shares for r in records), key=lambda r: r[0]):
+                due += order.feed(row, read)
+            _count(summary, due)
+            if table is not None:
+                table.write(due)
+            if main:
+                logger.info("scored %d/%d images", min(start + step, len(todo)), len(todo))
+        due = order.finish()
+        _count(summary, due)
+        if table is not None:
+            table.write(due)
+    accelerator.wait_for_everyone()  # the main process has written and released the lock
+    return summary
+
+
+def _judge_share(pipe, files: list[tuple[int, Path]], out_dir: Path, base: dict[str, str], method: str,
+                 anomaly_map: str, seed: int) -> tuple[Optional[str], list[tuple[int, bool, dict[str, str]]]]:
+    """One process's share of a round: ``(None, [(index, read, row), ...])``, or ``(error, [])`` when it failed."""
+    try:
+        records, batch, indices = [], [], []
+        for index, path in files:
+            photo, row = _read(path, base)
+            if row is not None:
+                records.append((index, False, row))
+            else:
+                batch.append((path, photo))
+                indices.append(index)
+        if batch:
+            rows = _judge(pipe, batch, out_dir, method=method, anomaly_map=anomaly_map, seed=seed)
+            records += [(index, True, row) for index, row in zip(indices, rows)]
+        return None, records
+    except Exception as exc:  # every process must reach the gather: the error travels with it
+        logger.exception("detect failed on this process")
+        return f"{type(exc).__name__}: {exc}", []
+
+
 def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir: Path, *,
                  method: str, anomaly_map: str, seed: int, summary: DetectSummary) -> list[dict[str, str]]:
     """Judge decoded photos (:func:`~diffad.pipelines.self_aware_inpaint.inspect_photos`), write their overlays into
     ``out_dir`` and their rows, whole, to ``table`` (a :class:`diffad.results.ResultsFile`; each row with its map and
     threshold), count them in ``summary``; return the rows (``diffad detect`` and ``diffad watch``)."""
+    rows = _judge(pipe, batch, out_dir, method=method, anomaly_map=anomaly_map, seed=seed)
+    table.write(rows)  # the batch's rows, whole, on disk
+    _count(summary, rows)
+    return rows
+
+
+def _judge(pipe, batch: Sequence[tuple[Path, Image.Image]], out_dir: Path, *, method: str, anomaly_map: str,
+           seed: int) -> list[dict[str, str]]:
+    """The rows of decoded photos, their overlays written into ``out_dir`` (nothing else written)."""
     base = result_base(pipe, method, anomaly_map)
     threshold = pipe.calibration.threshold(threshold_key(method, anomaly_map))  # the overlays' colour scale
     verdicts = inspect_photos(pipe, [img for _, img in batch], method=method, anomaly_map=anomaly_map, seed=seed)
@@ -425,17 +580,11 @@ def record_batch(pipe, batch: Sequence[tuple[Path, Image.Image]], table, out_dir
             # the model gave NaN/inf: no judgement is possible, so no decision (never "ok")
             logger.error("%s: %s", path, NONFINITE_ERROR)
             rows.append({**base, "file": str(path), "decision": "error", "error": NONFINITE_ERROR})
-            summary.failed += 1
-            summary.failed_files.append(str(path))
-            summary.nonfinite += 1
         else:
             name = _overlay_name(path)
             _save_overlay(photo, verdict.anomaly_map, verdict.inpaint_mask, threshold, out_dir / OVERLAY_DIR / name)
             rows.append({**base, "file": str(path), "score": format_score(verdict.score), "decision": verdict.decision,
                          "overlay": f"{OVERLAY_DIR}/{name}"})
-            summary.scored += 1
-            summary.defective += verdict.decision == "defect"
-    table.write(rows)  # the batch's rows, whole, on disk
     return rows
 
 
@@ -446,7 +595,9 @@ def register(subparsers) -> None:
         description="Score images with a trained, calibrated model. Writes OUT/results.csv and "
                     "OUT/overlays/*.png; a re-run skips images already in the CSV; unreadable files are "
                     "reported and skipped. Exit code 0 when the run completed (the number of unreadable "
-                    "files is printed), 2 for bad input or when no image could be read.")
+                    "files is printed), 2 for bad input or when no image could be read. Several processes or "
+                    "machines: accelerate launch [...] -m diffad.cli detect <same arguments>; one results.csv, the "
+                    "same bytes as one process writes.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER",
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="model folder or Hub repo id (org/name)")
@@ -471,10 +622,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``diffad detect``; see the module docstring for the exit codes."""
+    """Run ``diffad detect``; see the module docstring for the exit codes. Under ``accelerate launch`` with several
+    processes, the main process alone prints (the others exit with the same code, silently)."""
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
+        # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if not accelerator.is_main_process:
+            logging.getLogger("diffad").setLevel(logging.WARNING)  # progress once, from the main process
     summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
                      anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
-                     precision=args.precision)
+                     precision=args.precision, accelerator=accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return EXIT_USAGE if summary.nonfinite or (summary.scored == 0 and summary.skipped_done == 0) else EXIT_OK
     skipped = summary.scan.skipped_summary()
     print(f"scored {summary.scored} images ({summary.defective} defective), "
           f"{summary.failed} unreadable, {summary.skipped_done} already done"

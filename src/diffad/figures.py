@@ -5,6 +5,8 @@
   (when available) | ground truth.
 * :func:`overlay`: an anomaly heat map over the photo, with an optional mask outline
   (used by ``diffad detect``).
+* :func:`score_histogram`: the calibration's held-out normal scores, the threshold and the scores of inspected
+  images (``diffad app``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["FigureRow", "inspection_figure", "overlay"]
+__all__ = ["FigureRow", "inspection_figure", "overlay", "score_histogram"]
 
 
 def _pyplot():
@@ -192,4 +194,43 @@ def inspection_figure(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
+    return fig
+
+
+def score_histogram(heldout: Optional[np.ndarray], threshold: float, inspected: Sequence[float] = (), *,
+                    title: str = "", bins: int = 20):
+    """A histogram of the held-out normal images' scores (what the threshold was fitted on), the threshold as a
+    vertical line and the scores of ``inspected`` images as ticks along the bottom.
+
+    Args:
+        heldout: ``(N,)`` scores, or None when the calibration stores none (the figure says so).
+        threshold: the image threshold drawn.
+        inspected: scores of images inspected since (non-finite ones are left out).
+        title: the axes' title; bins: the histogram's bins (at most one per held-out score).
+
+    Returns:
+        A ``matplotlib.figure.Figure`` not registered with pyplot (safe to make from several threads; freed with
+        its last reference).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 2.8), dpi=100)
+    ax = fig.add_subplot()
+    if heldout is not None and len(heldout):
+        ax.hist(np.asarray(heldout, dtype=np.float64), bins=min(bins, len(heldout)), color="tab:blue", alpha=0.6,
+                label=f"held-out normal images ({len(heldout)})")
+    else:
+        ax.text(0.5, 0.6, "no held-out scores stored in this calibration:\nrecalibrate the model to see them",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9)
+    ax.axvline(float(threshold), color="tab:red", linewidth=2, label=f"threshold {float(threshold):.4g}")
+    scores = [float(v) for v in inspected if np.isfinite(v)]
+    if scores:  # along the bottom, whatever the bars' height
+        ax.plot(scores, [0.03] * len(scores), linestyle="none", marker="|", markersize=16, markeredgewidth=2,
+                color="tab:orange", transform=ax.get_xaxis_transform(), label=f"inspected here ({len(scores)})")
+    ax.set_xlabel("image score")
+    ax.set_ylabel("images")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
     return fig
