@@ -142,7 +142,7 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
     import gc
 
     from diffad.detect import load_pipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     torch.set_num_threads(1)
     resolution = json.loads((Path(folder) / "unet" / "config.json").read_text())["sample_size"]
@@ -158,7 +158,7 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
 def speed(folders: dict[str, Path], rounds: int, seed: int) -> dict:
     """UNet forward (batch 16) and the default detector on 16 test images, every backend interleaved per round."""
     from diffad.detect import load_pipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     pipes = {label: load_pipeline(folder) for label, folder in folders.items()}
     r = next(iter(pipes.values())).resolution

@@ -202,7 +202,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     if (eval_dir / c / "figures" / f"{c}.png").is_file()},
         "torch_threads": torch.get_num_threads(),
     }
-    from diffad.training_utils import atomic_write_json
+    from diffad.files import atomic_write_json
 
     atomic_write_json(out / "bench_real.json", results)
     return results

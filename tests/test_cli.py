@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from diffad.cli import accelerate_launch_command, main
-from diffad.training_utils import report_error
+from diffad.errors import report_error
 from tiny_components import saved_tiny_pipeline
 
 SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push", "serve", "watch"]
@@ -97,12 +97,12 @@ def test_report_error_folds_newlines(capsys):
 
 
 def test_one_parser_and_one_error_mechanism():
-    """diffad and the training scripts share training_utils' parser and error wrapper: no copies in cli.py."""
+    """diffad and the training scripts share diffad.errors' parser and error wrapper: no copies in cli.py."""
     import diffad.cli as cli
-    from diffad import training_utils
+    from diffad import errors
 
-    assert type(cli.build_parser()) is training_utils.OneLineArgumentParser
-    assert cli.report_error is training_utils.report_error
+    assert type(cli.build_parser()) is errors.OneLineArgumentParser
+    assert cli.report_error is errors.report_error
     assert not hasattr(cli, "_OneLineErrorParser")
 
 

@@ -296,7 +296,7 @@ class OraclePipe:
 
     def __init__(self, split, seed):
         from diffad.evaluation import _mask_array
-        from diffad.training_utils import image_generator
+        from diffad.pipelines.self_aware_inpaint import image_generator
 
         self.truth = {row["image"].convert("RGB").tobytes(): _mask_array(row["mask"], 32) for row in split}
         self.seed, self.image_generator, self.calls = seed, image_generator, []

@@ -21,6 +21,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "pipeline": ("diffad.pipelines", "diffad.networks"),
     "core": ("diffad", "diffad.data", "diffad.synthetic", "diffad.anomalies", "diffad.metrics",
              "diffad.metrics_module", "diffad.presets", "diffad.precision", "diffad.training_utils",
+             "diffad.files", "diffad.errors",
              "diffad.figures", "diffad.model_folder", "diffad.defects", "diffad.inputs", "diffad.results"),
     "training": ("diffad.training",),
     "commands": ("diffad.cli", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",

@@ -361,7 +361,8 @@ def test_case6_training_deletes_only_what_diffad_wrote_and_says_so(tmp_path, cap
     from accelerate import Accelerator
     import torch
 
-    from diffad.training_utils import clear_checkpoints, incomplete_path, remove_incomplete, save_checkpoint
+    from diffad.files import incomplete_path, remove_incomplete
+    from diffad.training_utils import clear_checkpoints, save_checkpoint
 
     out = tmp_path / "run"
     out.mkdir()

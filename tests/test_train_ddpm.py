@@ -21,10 +21,11 @@ import torch
 
 from diffad.presets import (UNET_PRESETS, count_parameters, make_scheduler, make_segmenter, make_unet,
                             preset_defaults)
-from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch, checkpoint_step,
-                                   commit_directory, incomplete_path, latest_checkpoint, list_checkpoints,
-                                   remove_incomplete, rotate_checkpoints, run_with_clear_errors, seeded_generator)
-from diffad.pipelines.self_aware_inpaint import NoiseSchedule
+from diffad.errors import run_with_clear_errors
+from diffad.files import atomic_write_json, commit_directory, incomplete_path, remove_incomplete
+from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, augment_batch, checkpoint_step, latest_checkpoint,
+                                   list_checkpoints, rotate_checkpoints)
+from diffad.pipelines.self_aware_inpaint import NoiseSchedule, seeded_generator
 from diffad.training.train_ddpm import PROG, parse_args, resolve_resume, self_conditioned_eps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

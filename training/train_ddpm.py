@@ -50,12 +50,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+from diffad.errors import OneLineArgumentParser, run_with_clear_errors
+from diffad.files import remove_incomplete, save_pipeline
+from diffad.pipelines.self_aware_inpaint import seeded_generator
 from diffad.pipelines.self_aware_inpaint.pipeline import NoiseSchedule, SelfAwareInpaintPipeline, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
-from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pipeline: shared with train_segmenter.py
+from diffad.training_utils import (  # save_checkpoint, resolve_resume: shared with train_segmenter.py
     BEST_WEIGHTS,
     CHECKPOINT_MARKER,
-    OneLineArgumentParser,
     TrainingLog,
     TrainingProgress,
     augment_batch,
@@ -65,12 +67,8 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     holds_output_folder,
     load_ema_state,
     parse_int_list,
-    remove_incomplete,
-    run_with_clear_errors,
     resolve_resume,
     save_checkpoint,
-    save_pipeline,
-    seeded_generator,
     time_budget_spent,
 )
 

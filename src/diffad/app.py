@@ -47,10 +47,10 @@ from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipel
                            render_overlay)
 from diffad.inputs import skip_reason
 from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
-from diffad.pipelines.self_aware_inpaint import threshold_key
+from diffad.files import atomic_write_text
+from diffad.pipelines.self_aware_inpaint import image_generator, threshold_key
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
-from diffad.training_utils import atomic_write_text, image_generator
 
 __all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
            "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]

@@ -34,10 +34,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from diffad import __version__
+from diffad.files import atomic_write_text
 from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CONFIG_FILE, MODEL_INDEX, SEGMENTER_LOG,
                                  TRAINING_LOG, calibration_config, components, require_model_folder)
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
-from diffad.training_utils import atomic_write_text
 
 __all__ = [
     "METRICS",

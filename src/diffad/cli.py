@@ -33,11 +33,12 @@ from diffad.detect import from_pretrained_quietly
 from diffad.model_folder import (CALIBRATION_COMPONENT, TRAINING_LOG, calibration_config, read_json,
                                  require_model_folder)
 from diffad.networks import ExportedNetwork
-from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
-from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
 # The one error mechanism and one-line parser of diffad and its training scripts.
-from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, image_generator,
-                                   report_error, run_with_clear_errors, save_pipeline)
+from diffad.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, report_error,
+                           run_with_clear_errors)
+from diffad.files import save_pipeline
+from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig, image_generator
+from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
 
 __all__ = [
     "EXIT_OK",
@@ -81,7 +82,7 @@ class UsageError(ValueError):
 def save_pipeline_atomically(pipe, model_dir: str | os.PathLike) -> Path:
     """Save ``pipe`` into ``model_dir`` so that a crash never leaves a half-written model.
 
-    Reuses the training scripts' writer (``diffad.training_utils.save_pipeline``): the pipeline is
+    Reuses the training scripts' writer (``diffad.files.save_pipeline``): the pipeline is
     saved into a temporary folder, then each entry is renamed into ``model_dir`` (component folders
     swapped whole, ``model_index.json`` last), keeping ``training_log.json``, ``README.md`` and
     checkpoints beside it.
@@ -120,7 +121,7 @@ def calibrate_model(
     ``pipe.calibrate`` (threshold map ``Q_p`` and a pass/fail threshold for every method and map, with
     the sampling config every later call will run) and writes the folder back atomically
     (:func:`save_pipeline_atomically`). Each image's noise comes from ``seed`` and its pixels
-    (:func:`diffad.training_utils.image_generator`), as in ``diffad detect``.
+    (:func:`diffad.pipelines.self_aware_inpaint.image_generator`), as in ``diffad detect``.
 
     Args:
         model_dir: a pipeline folder written by ``training/train_ddpm.py``.
@@ -409,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``diffad`` console script; returns the exit code (0, 1 or 2).
 
-    Errors go through :func:`diffad.training_utils.run_with_clear_errors`: one line, exit 2 for bad input,
+    Errors go through :func:`diffad.errors.run_with_clear_errors`: one line, exit 2 for bad input,
     1 for a failed run.
     """
     argv = list(sys.argv[1:] if argv is None else argv)

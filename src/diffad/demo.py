@@ -118,7 +118,7 @@ class StepLog:
         self.save()
 
     def save(self) -> None:
-        from diffad.training_utils import atomic_write_json
+        from diffad.files import atomic_write_json
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.log_path, {"config": asdict(self.config),
@@ -147,7 +147,7 @@ def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tup
     done = marker.is_file() and json.loads(marker.read_text()) == settings
 
     def make() -> None:
-        from diffad.training_utils import atomic_write_json
+        from diffad.files import atomic_write_json
 
         make_synthetic_dataset(data_dir, **settings)
         atomic_write_json(marker, settings)
@@ -364,7 +364,7 @@ diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
 Anyone can then load it with diffusers alone:
 `DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
 """
-    from diffad.training_utils import atomic_write_text
+    from diffad.files import atomic_write_text
 
     return atomic_write_text(out / "report.md", text)
 

@@ -42,7 +42,7 @@ after it: ``<model>/<category>/model_index.json`` (what ``--category all`` needs
 Distribution: the test images are cut into fixed batches (``--batch-size``) in dataset order;
 the batches are split across processes (``Accelerator.split_between_processes``) and the
 per-image results gathered (``gather_object``) and re-sorted. The noise of every image comes
-from its own generator, :func:`diffad.training_utils.image_generator` of ``(seed, its pixels)``
+from its own generator, :func:`diffad.pipelines.self_aware_inpaint.image_generator` of ``(seed, its pixels)``
 (the one seeding rule of inference, as ``diffad detect``), never from its position, so any
 number of processes gives exactly the metrics of one (the batches are the same); another
 ``--batch-size`` or image order draws the same noise, and moves scores only by the float
@@ -72,10 +72,12 @@ from diffad.detect import from_pretrained_quietly
 from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
 from diffad.model_folder import MODEL_INDEX
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
+from diffad.errors import report_error
+from diffad.files import atomic_write_text
+from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, image_generator,
+                                                threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
-from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
     "CategoryEvaluation",
@@ -241,7 +243,7 @@ def evaluate_pipeline(
         config: None (run the calibration's sampling config), or a preset name / ``SamplingConfig`` that must
             equal it (``ValueError`` otherwise); for an uncalibrated pipeline (``denoise`` only), the config to run.
         batch_size: images per pipeline call; batches are formed in dataset order.
-        seed: image ``x`` gets the generator ``diffad.training_utils.image_generator(seed, x)`` for every
+        seed: image ``x`` gets the generator ``diffad.pipelines.self_aware_inpaint.image_generator(seed, x)`` for every
             method (paired comparisons; the same noise whatever the batching, the order or the number of
             processes).
         accelerator: an ``accelerate.Accelerator`` to split the batches across processes; None = one.
