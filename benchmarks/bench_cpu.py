@@ -71,7 +71,7 @@ def train(folder: Path, preset: str, resolution: int, steps: int, seed: int) -> 
 def backend_folders(model: Path, work: Path, seed: int) -> dict[str, Path]:
     """Calibrate DDPM-only copies of ``model`` in fp32 and bf16 (the real ``diffad calibrate``) and export them (the real
     ``diffad export``): one model folder per backend."""
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.export import export_model
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from diffad.cli import accelerate_launch_command, main
+from diffad import cli
+from diffad.cli import accelerate_launch_command, build_parser, main
 from diffad.errors import report_error
 from tiny_components import saved_tiny_pipeline
 
@@ -44,8 +45,36 @@ def test_train_help_is_the_training_scripts(capsys):
 
 
 def test_console_script_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "diffad.cli", "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "diffad.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("diffad ")
+
+
+def test_import_help_and_version_load_no_subcommand():
+    """`import diffad.cli`, `diffad --help` and `diffad --version` import no subcommand module, torch nor diffusers."""
+    code = ("import sys, contextlib, io\n"
+            "import diffad.cli as cli\n"
+            "heavy = ('torch', 'diffusers', 'diffad.detect', 'diffad.calibration', 'diffad.pipelines')\n"
+            "loaded = {'import': [m for m in heavy if m in sys.modules]}\n"
+            "for flag in ('--help', '--version'):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            cli.main([flag])\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    loaded[flag] = [m for m in heavy if m in sys.modules]\n"
+            "print(loaded)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "{'import': [], '--help': [], '--version': []}"
+
+
+@pytest.mark.parametrize("subcommand", [pytest.param(s, id=s.name) for s in cli.SUBCOMMANDS])
+def test_help_summary_is_the_subcommands_own(subcommand):
+    """`diffad --help` lists each subcommand with the help its own module registers."""
+    import argparse
+
+    (action,) = [a for a in build_parser(subcommand.name)._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {c.dest: c.help for c in action._choices_actions}[subcommand.name] == subcommand.summary
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -98,7 +127,6 @@ def test_report_error_folds_newlines(capsys):
 
 def test_one_parser_and_one_error_mechanism():
     """diffad and the training scripts share diffad.errors' parser and error wrapper: no copies in cli.py."""
-    import diffad.cli as cli
     from diffad import errors
 
     assert type(cli.build_parser()) is errors.OneLineArgumentParser
@@ -195,7 +223,7 @@ def test_calibrate_model_keeps_its_keyword_arguments():
     """demo.py and benchmarks/bench_real.py call it with seed=, batch_size= and target_false_positive_rate=."""
     import inspect
 
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
 
     params = inspect.signature(calibrate_model).parameters
     assert list(params)[:3] == ["model_dir", "data", "category"]

@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "diffad.files", "diffad.errors",
              "diffad.figures", "diffad.model_folder", "diffad.defects", "diffad.inputs", "diffad.results"),
     "training": ("diffad.training",),
-    "commands": ("diffad.cli", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
+    "commands": ("diffad.cli", "diffad.calibration", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
                  "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook"),
     "benchmarks": ("benchmarks",),
 }

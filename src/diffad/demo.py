@@ -7,7 +7,7 @@ On a fresh machine with no download it:
 2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, ``--ddpm-steps`` optimiser
    steps) into ``<out>/models/<category>``;
 3. calibrates it on the held-out normal images with the ``fast`` sampling config
-   (:func:`diffad.cli.calibrate_model`);
+   (:func:`diffad.calibration.calibrate_model`);
 4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``,
    ``--segmenter-steps``; it recalibrates the pipeline with the segmenter in place);
 5. evaluates ``self_aware`` and ``denoise`` on the test splits, every map of each method from one
@@ -205,7 +205,7 @@ def run_demo(config: DemoConfig) -> Path:
     import torch
 
     from diffad.cards import make_model_card, write_model_card
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.evaluation import evaluate_folder
 
     categories = config.resolved_categories()
