@@ -2,7 +2,7 @@
 """Train diffad's self-conditioned DDPM on photos of good parts, with Hugging Face Accelerate.
 
 The method (Semchyshyn 2023, "Automated visual inspection in the industrial setup via deep
-learning"; see DESIGN.md §1): a stock ``UNet2DModel`` with 6 input channels predicts the noise
+learning"): a stock ``UNet2DModel`` with 6 input channels predicts the noise
 of ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, epsilon loss) under
 diffusers' ``DDPMScheduler(1000, beta_schedule="sigmoid")``. Self-conditioning (Chen et al.,
 "Analog Bits", 2022, https://arxiv.org/abs/2208.04202): half of the batches first estimate

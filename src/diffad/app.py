@@ -326,12 +326,13 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     lines = [f"**Model** `{shown}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
+    log = Path(model) / TRAINING_LOG
+    category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
+    if category:
+        lines.append(f"**Category** `{category}`.")
     card = Path(model) / CARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").splitlines()
-        category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")
-        if category:
-            lines.append(f"**Category** `{category}`.")
         table = _card_table(text, "Image AUROC")
         if table:
             lines += ["", "Measured (model card):", "", *table[:9]]

@@ -150,10 +150,8 @@ def template_path() -> Path:
 
 
 def _config(log: Mapping[str, Any]) -> dict[str, Any]:
-    for key in ("config", "args", "configuration", "hyperparameters"):
-        if isinstance(log.get(key), Mapping):
-            return dict(log[key])
-    return {}
+    """The training run's settings: the ``config`` of its ``training_log.json`` ({} without a log)."""
+    return dict(log.get("config") or {})
 
 
 _HYPERPARAMETERS = (
@@ -361,13 +359,10 @@ def make_model_card(
 
     hyperparameters = _hyperparameters(config, log)
     summary_bits = []
-    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
-    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
+    epochs = log.get("epochs") or []
     for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
-        series = log.get(key, history.get(key))
-        if not isinstance(series, list):
-            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
-        if isinstance(series, list) and series and _is_number(series[-1]):
+        series = [e[key] for e in epochs if _is_number(e.get(key))]
+        if series:
             summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
     training_summary = ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
     seconds = ""

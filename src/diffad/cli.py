@@ -96,7 +96,7 @@ def accelerate_launch_command(num_processes: int, script: str | os.PathLike,
     """The ``accelerate launch`` command line for ``num_processes`` training processes.
 
     On GPUs: ``--multi_gpu --num_processes N``. On CPU, ``accelerate launch --cpu
-    --num_processes 2`` silently starts ONE process (``STACK_NOTES.md``), so a real multi-rank
+    --num_processes 2`` silently starts ONE process, so a real multi-rank
     CPU run uses ``--multi_gpu`` with the cores shared between processes (the training script
     creates ``Accelerator(cpu=True)`` when no GPU is present). ``--expect_world_size N`` is added
     so the script fails, rather than silently training N independent copies, if the launch

@@ -348,7 +348,7 @@ and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<de
 diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
     --max_train_minutes 30
 # 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
-#    (`--config fast`, the default: 23 UNet passes per image; `--config thesis`: the thesis's 301)
+#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
 diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
 # 3. (optional) the learned anomaly map
 python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10

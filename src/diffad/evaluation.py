@@ -293,8 +293,7 @@ def evaluate_pipeline(
 
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     is_main = accelerator is None or accelerator.is_main_process
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)
 
     def process(my_batches: list[list[int]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         local: list[dict[str, Any]] = []
@@ -365,10 +364,9 @@ def evaluate_pipeline(
         per_method[method] = values
     records: list[dict[str, Any]] = []
     metrics: dict[str, dict[str, Any]] = {}
-    threshold_of = getattr(getattr(pipe, "calibration", None), "threshold", None)
     for method, kind in combos:
         key = threshold_key(method, kind)
-        threshold = threshold_of(key) if callable(threshold_of) else None  # what decided the rows
+        threshold = pipe.calibration.threshold(key) if pipe.is_calibrated else None  # what decided the rows
         scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
         maps = np.stack([r["out"][key]["map"] for r in gathered])
         values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
@@ -641,7 +639,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
         from accelerate import Accelerator
 
-        # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
+        # CPU processes need cpu=True to form one gloo group.
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
                               config=args.config, batch_size=args.batch_size, seed=args.seed,
