@@ -125,13 +125,19 @@ def test_report_error_folds_newlines(capsys):
     assert capsys.readouterr().err == "diffad detect: error: line one line two\n"
 
 
-def test_one_parser_and_one_error_mechanism():
-    """diffad and the training scripts share diffad.errors' parser and error wrapper: no copies in cli.py."""
-    from diffad import errors
+def test_diffad_and_the_training_scripts_report_usage_errors_alike(capsys):
+    """One error mechanism: `<prog>: error: <message> (see '<prog> --help')`, one line, exit 2, everywhere."""
+    from diffad.training import train_ddpm, train_segmenter
 
-    assert type(cli.build_parser()) is errors.OneLineArgumentParser
-    assert cli.report_error is errors.report_error
-    assert not hasattr(cli, "_OneLineErrorParser")
+    assert _exit_code(["detect", "--bogus"]) == 2
+    lines = [capsys.readouterr().err]
+    for script in (train_ddpm, train_segmenter):
+        with pytest.raises(SystemExit) as exc:
+            script.parse_args(["--bogus"])
+        assert exc.value.code == 2
+        lines.append(capsys.readouterr().err)
+    for err, prog in zip(lines, ("diffad detect", train_ddpm.PROG, train_segmenter.PROG)):
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and err.endswith(f"(see '{prog} --help')\n")
 
 
 def test_train_forwards_flags_in_process(monkeypatch, tmp_path, capsys):
@@ -219,16 +225,19 @@ def test_calibrate_bad_flags_one_line_exit_2(synthetic_root, tmp_path, capsys, f
     assert not (model / "calibration").exists()
 
 
-def test_calibrate_model_keeps_its_keyword_arguments():
-    """demo.py and benchmarks/bench_real.py call it with seed=, batch_size= and target_false_positive_rate=."""
-    import inspect
-
+def test_calibrate_model_as_the_demo_and_the_benchmarks_call_it(synthetic_root, tmp_path):
+    """demo.py and the benchmarks call it with keywords: the calibration holds what they asked for, and the
+    defaults are the fast preset at a 5% target on the training run's split."""
     from diffad.calibration import calibrate_model
+    from diffad.model_folder import calibration_config
 
-    params = inspect.signature(calibrate_model).parameters
-    assert list(params)[:3] == ["model_dir", "data", "category"]
-    assert {name: params[name].default for name in ("config", "percentile", "target_false_positive_rate", "seed",
-                                                     "batch_size")} == {
-        "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": None, "batch_size": None}
-    assert params["validation_fraction"].default is None  # None: the training run's (issue 23, case 10)
-    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(params)[3:])
+    model = saved_tiny_pipeline(tmp_path / "model", calibrated=False)
+    (model / "training_log.json").write_text(json.dumps({"config": {"category": "weave", "seed": 0}}))
+    assert calibrate_model(model_dir=model, data=synthetic_root, category="weave", seed=0, batch_size=4) == model
+    cal = calibration_config(model)
+    assert cal["target_false_positive_rate"] == 0.05 and cal["sampling_config"]["reconstruction"] == "denoise"
+    calibrate_model(model, synthetic_root, "weave", config="fast", target_false_positive_rate=0.1, percentile=0.9)
+    cal = calibration_config(model)
+    assert cal["target_false_positive_rate"] == 0.1 and cal["sampling_config"]["mask_percentile"] == 0.9
+    with pytest.raises(ValueError, match="trained with --seed 0"):
+        calibrate_model(model, synthetic_root, "weave", seed=1)
