@@ -109,7 +109,7 @@ def test_make_unet_rejects_bad_shapes(overrides, match):
 def test_scheduler_and_segmenter():
     sched = make_scheduler()
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "sigmoid"
-    assert float(sched.alphas_cumprod[300]) == pytest.approx(0.844, abs=2e-3)  # STACK_NOTES
+    assert float(sched.alphas_cumprod[300]) == pytest.approx(0.844, abs=2e-3)  # diffusers' sigmoid schedule
     seg = make_segmenter(32)
     assert seg.config.in_channels == 6 and seg.config.out_channels == 1
     assert seg(torch.randn(1, 6, 32, 32), 0).sample.shape == (1, 1, 32, 32)
