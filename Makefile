@@ -55,7 +55,7 @@ bench-train: venv
 demo: venv
 	$(PY) -m diffad.cli demo --out demo_output
 
-# The thesis sampling config (301 passes) against the fast one (23 passes), tiny and small models,
+# The thesis sampling config (301 passes) against the fast one (10 passes), tiny and small models,
 # on the real bottle images and the synthetic default: s/image, passes, AUROC, peak memory -> JSON.
 BENCH_OUT ?= bench_output
 bench-speed: venv

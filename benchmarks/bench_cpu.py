@@ -71,7 +71,7 @@ def train(folder: Path, preset: str, resolution: int, steps: int, seed: int) -> 
 def backend_folders(model: Path, work: Path, seed: int) -> dict[str, Path]:
     """Calibrate DDPM-only copies of ``model`` in fp32 and bf16 (the real ``diffad calibrate``) and export them (the real
     ``diffad export``): one model folder per backend."""
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.export import export_model
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
@@ -142,7 +142,7 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
     import gc
 
     from diffad.detect import load_pipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     torch.set_num_threads(1)
     resolution = json.loads((Path(folder) / "unet" / "config.json").read_text())["sample_size"]
@@ -158,7 +158,7 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
 def speed(folders: dict[str, Path], rounds: int, seed: int) -> dict:
     """UNet forward (batch 16) and the default detector on 16 test images, every backend interleaved per round."""
     from diffad.detect import load_pipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     pipes = {label: load_pipeline(folder) for label, folder in folders.items()}
     r = next(iter(pipes.values())).resolution

@@ -78,7 +78,7 @@ def anomaly_generator(source: Path):
     """anomalib's ``PerlinAnomalyGenerator`` with texture images read by PIL.
 
     Its own reader is ``torchvision.io.read_image``, whose decoders do not work with the PyPI torchvision build
-    on the CPU torch (see STACK_NOTES); the generator's logic is untouched.
+    on the CPU torch; the generator's logic is untouched.
     """
     from anomalib.data.utils.generators import perlin
 

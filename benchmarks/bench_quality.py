@@ -116,7 +116,7 @@ def run_ddpm_phase(out: Path, category: str, seed: int, ddpm_steps: Optional[int
 
 def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
     """The cell's DDPM (no segmenter), calibrated with the phase's sampler and evaluated with it."""
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.demo import evaluation_is_current, has_component
     from diffad.evaluation import evaluate_folder
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
@@ -183,7 +183,7 @@ def run_validation(model: Path, out_file: Path, category: str, seed: int, config
 
     from diffad.metrics import compute_anomaly_metrics
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     if out_file.is_file():
         return

@@ -6,7 +6,7 @@ CPU budget:
 1. train a self-conditioned DDPM (``training/train_ddpm.py``, ``--preset tiny|small``, bounded by
    ``--ddpm_steps`` optimiser steps) into ``<out>/models/<category>``;
 2. calibrate it on the held-out normal images with the ``--config`` sampling preset (default ``fast``;
-   :func:`diffad.cli.calibrate_model`);
+   :func:`diffad.calibration.calibrate_model`);
 3. train the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``, bounded by
    ``--segmenter_steps``; anomaly source: the DTD textures in ``--textures_dir`` when present; it recalibrates
    the pipeline with the segmenter in place);
@@ -148,7 +148,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run every step for every category (skipping finished ones); write and return the results."""
     import torch
 
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.demo import StepLog, evaluation_is_current, has_component
     from diffad.evaluation import evaluate_folder, markdown_table, mean_metrics
 
@@ -202,7 +202,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     if (eval_dir / c / "figures" / f"{c}.png").is_file()},
         "torch_threads": torch.get_num_threads(),
     }
-    from diffad.training_utils import atomic_write_json
+    from diffad.files import atomic_write_json
 
     atomic_write_json(out / "bench_real.json", results)
     return results

@@ -6,7 +6,7 @@ For every category of the embedded synthetic default and of the real MVTec AD su
 
 1. train a DDPM with ``training/train_ddpm.py`` for ``--ddpm_minutes`` of training;
 2. calibrate it on its validation split with the ``fast`` sampling config
-   (:func:`diffad.cli.calibrate_model`);
+   (:func:`diffad.calibration.calibrate_model`);
 3. train the segmenter with ``training/train_segmenter.py`` for ``--segmenter_minutes``
    (the reconstruction cache is built first and not counted in those minutes);
 4. evaluate the test split with :func:`diffad.evaluation.evaluate_pipeline` (which computes the
@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from diffad.training_utils import atomic_write_text
+from diffad.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = Path(os.environ.get("DIFFAD_REAL_DATA", REPO_ROOT.parent / "shared" / "data")) / "mvtec_subset"
@@ -110,7 +110,7 @@ def _jobs(args: argparse.Namespace, work: Path) -> List[Dict[str, str]]:
 
 def run_category(job: Dict[str, str], args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     """Train, calibrate, add the segmenter and evaluate one category; returns its record."""
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.data import load_mvtec
     from diffad.evaluation import evaluate_pipeline
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline

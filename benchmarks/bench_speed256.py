@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from diffad.data import load_mvtec
-from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
-from diffad.training_utils import image_generator
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline, image_generator
 
 
 def main() -> None:

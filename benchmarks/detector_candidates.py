@@ -15,7 +15,8 @@ Candidates (UNet passes per image):
 * ``redraw`` (10): ``Q / Q_p`` (3 passes) smoothed and thresholded for ~5% of normal pixels marks blobs; 7 strided
   steps from t = 200 redraw them from the noised original while the known region is pasted at matching noise
   down to t = 50 and then denoised with the rest: a masked defect is redrawn, the rest denoised as ``denoise``.
-* ``fast`` (23): today's default (self-aware, 3 + 10 x 2), for reference.
+* today's ``fast`` preset makes the same 10 passes as ``ne150+denoise7`` (``Q / Q_p`` at t = 150 x 3 and a 7-step
+  denoising; its ``combined`` map averages the two as ``fused`` does).
 
 Example::
 

@@ -6,7 +6,7 @@ the other half is scored twice, as is and with a DRAEM-style synthetic defect (`
 validation split, score the real test split (the thesis's comparison: ``self_aware`` against ``denoise``).
 
 Every variant runs with the same per-image noise seeds; ``--seeds`` repeats the whole run with other noise seeds
-(FINDINGS: one seed moves image AUROC by up to 0.03 at this scale).
+(one seed moves image AUROC by up to 0.03 at this scale).
 
 Example::
 

@@ -31,7 +31,7 @@ from diffad.data import images_to_tensor, load_mvtec  # noqa: E402
 from diffad.defects import DEFECT_KINDS, DefectSynthesizer  # noqa: E402
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline  # noqa: E402
 from diffad.pipelines.self_aware_inpaint.pipeline import COMBINED_MAPS, threshold_key  # noqa: E402
-from diffad.training_utils import image_generator  # noqa: E402
+from diffad.pipelines.self_aware_inpaint import image_generator  # noqa: E402
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import zipfile
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_inspector_scores_as_detect_and_redecides_without_the_model(model, tmp_p
     assert inspector.overlay(items[0], name).size == (40, 40)
 
 
-def test_model_summary_shows_the_cards_category_and_results_table(model, tmp_path):
+def test_model_summary_shows_the_trained_category_and_the_cards_results_table(model, tmp_path):
     import shutil
 
     from diffad.app import Inspector, model_summary
@@ -62,6 +63,7 @@ def test_model_summary_shows_the_cards_category_and_results_table(model, tmp_pat
 
     folder = tmp_path / "carded"
     shutil.copytree(model, folder)
+    (folder / "training_log.json").write_text(json.dumps({"config": {"category": "weave"}, "epochs": [], "summary": {}}))
     (folder / "README.md").write_text("\n".join([
         "---", "license: apache-2.0", "---", "# card", "", "| hyper-parameter | value |", "|---|---|",
         "| category | weave |", "| preset | tiny |", "", "| method / map | Image AUROC | Pixel AUROC |", "|---|---|---|",

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from diffad.cli import accelerate_launch_command, main
-from diffad.training_utils import report_error
+from diffad import cli
+from diffad.cli import accelerate_launch_command, build_parser, main
+from diffad.errors import report_error
 from tiny_components import saved_tiny_pipeline
 
 SUBCOMMANDS = ["demo", "train", "calibrate", "detect", "evaluate", "card", "push", "serve", "watch"]
@@ -45,8 +46,36 @@ def test_train_help_is_the_training_scripts(capsys):
 
 
 def test_console_script_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "diffad.cli", "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "diffad.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("diffad ")
+
+
+def test_import_help_and_version_load_no_subcommand():
+    """`import diffad.cli`, `diffad --help` and `diffad --version` import no subcommand module, torch nor diffusers."""
+    code = ("import sys, contextlib, io\n"
+            "import diffad.cli as cli\n"
+            "heavy = ('torch', 'diffusers', 'diffad.detect', 'diffad.calibration', 'diffad.pipelines')\n"
+            "loaded = {'import': [m for m in heavy if m in sys.modules]}\n"
+            "for flag in ('--help', '--version'):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            cli.main([flag])\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    loaded[flag] = [m for m in heavy if m in sys.modules]\n"
+            "print(loaded)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "{'import': [], '--help': [], '--version': []}"
+
+
+@pytest.mark.parametrize("subcommand", [pytest.param(s, id=s.name) for s in cli.SUBCOMMANDS])
+def test_help_summary_is_the_subcommands_own(subcommand):
+    """`diffad --help` lists each subcommand with the help its own module registers."""
+    import argparse
+
+    (action,) = [a for a in build_parser(subcommand.name)._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {c.dest: c.help for c in action._choices_actions}[subcommand.name] == subcommand.summary
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -97,14 +126,19 @@ def test_report_error_folds_newlines(capsys):
     assert capsys.readouterr().err == "diffad detect: error: line one line two\n"
 
 
-def test_one_parser_and_one_error_mechanism():
-    """diffad and the training scripts share training_utils' parser and error wrapper: no copies in cli.py."""
-    import diffad.cli as cli
-    from diffad import training_utils
+def test_diffad_and_the_training_scripts_report_usage_errors_alike(capsys):
+    """One error mechanism: `<prog>: error: <message> (see '<prog> --help')`, one line, exit 2, everywhere."""
+    from diffad.training import train_ddpm, train_segmenter
 
-    assert type(cli.build_parser()) is training_utils.OneLineArgumentParser
-    assert cli.report_error is training_utils.report_error
-    assert not hasattr(cli, "_OneLineErrorParser")
+    assert _exit_code(["detect", "--bogus"]) == 2
+    lines = [capsys.readouterr().err]
+    for script in (train_ddpm, train_segmenter):
+        with pytest.raises(SystemExit) as exc:
+            script.parse_args(["--bogus"])
+        assert exc.value.code == 2
+        lines.append(capsys.readouterr().err)
+    for err, prog in zip(lines, ("diffad detect", train_ddpm.PROG, train_segmenter.PROG)):
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and err.endswith(f"(see '{prog} --help')\n")
 
 
 def test_train_forwards_flags_in_process(monkeypatch, tmp_path, capsys):
@@ -192,19 +226,22 @@ def test_calibrate_bad_flags_one_line_exit_2(synthetic_root, tmp_path, capsys, f
     assert not (model / "calibration").exists()
 
 
-def test_calibrate_model_keeps_its_keyword_arguments():
-    """demo.py and benchmarks/bench_real.py call it with seed=, batch_size= and target_false_positive_rate=."""
-    import inspect
+def test_calibrate_model_as_the_demo_and_the_benchmarks_call_it(synthetic_root, tmp_path):
+    """demo.py and the benchmarks call it with keywords: the calibration holds what they asked for, and the
+    defaults are the fast preset at a 5% target on the training run's split."""
+    from diffad.calibration import calibrate_model
+    from diffad.model_folder import calibration_config
 
-    from diffad.cli import calibrate_model
-
-    params = inspect.signature(calibrate_model).parameters
-    assert list(params)[:3] == ["model_dir", "data", "category"]
-    assert {name: params[name].default for name in ("config", "percentile", "target_false_positive_rate", "seed",
-                                                     "batch_size")} == {
-        "config": "fast", "percentile": None, "target_false_positive_rate": 0.05, "seed": None, "batch_size": None}
-    assert params["validation_fraction"].default is None  # None: the training run's (issue 23, case 10)
-    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(params)[3:])
+    model = saved_tiny_pipeline(tmp_path / "model", calibrated=False)
+    (model / "training_log.json").write_text(json.dumps({"config": {"category": "weave", "seed": 0}}))
+    assert calibrate_model(model_dir=model, data=synthetic_root, category="weave", seed=0, batch_size=4) == model
+    cal = calibration_config(model)
+    assert cal["target_false_positive_rate"] == 0.05 and cal["sampling_config"]["reconstruction"] == "denoise"
+    calibrate_model(model, synthetic_root, "weave", config="fast", target_false_positive_rate=0.1, percentile=0.9)
+    cal = calibration_config(model)
+    assert cal["target_false_positive_rate"] == 0.1 and cal["sampling_config"]["mask_percentile"] == 0.9
+    with pytest.raises(ValueError, match="trained with --seed 0"):
+        calibrate_model(model, synthetic_root, "weave", seed=1)
 
 
 def test_train_with_a_head_preset_calibrates_and_trains_the_head(trained_tiny_pipeline, synthetic_root, tmp_path,
@@ -220,7 +257,7 @@ def test_train_with_a_head_preset_calibrates_and_trains_the_head(trained_tiny_pi
     shutil.copytree(trained_tiny_pipeline, model)
     monkeypatch.setattr(train_ddpm, "main", lambda args: model)  # the DDPM is the session's tiny one
     tiny = presets.preset_defaults("tiny")
-    monkeypatch.setattr("diffad.cli.preset_defaults", lambda name: {**tiny, "head": True})
+    monkeypatch.setattr(presets, "preset_defaults", lambda name: {**tiny, "head": True})
     parse = train_segmenter.parse_args
     monkeypatch.setattr(train_segmenter, "parse_args", lambda argv: parse(
         argv + ["--num_synthetic", "6", "--max_train_steps", "4", "--train_batch_size", "4",

@@ -16,8 +16,7 @@ from PIL import Image
 
 from diffad.cli import main
 from diffad.detect import format_score, load_pipeline
-from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-from diffad.training_utils import image_generator
+from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline, image_generator
 from tiny_components import saved_tiny_pipeline
 
 

@@ -291,12 +291,12 @@ class OraclePipe:
     resolution = 32
     segmenter = None
     is_calibrated = True
-    calibration = SimpleNamespace(sampling=CHEAP_CONFIG)
+    calibration = SimpleNamespace(sampling=CHEAP_CONFIG, threshold=lambda key: None)  # no image thresholds
     band = 4
 
     def __init__(self, split, seed):
         from diffad.evaluation import _mask_array
-        from diffad.training_utils import image_generator
+        from diffad.pipelines.self_aware_inpaint import image_generator
 
         self.truth = {row["image"].convert("RGB").tobytes(): _mask_array(row["mask"], 32) for row in split}
         self.seed, self.image_generator, self.calls = seed, image_generator, []

@@ -257,16 +257,30 @@ def test_the_space_of_an_exported_model_installs_its_backend(exported, tmp_path)
     assert (tmp_path / "space" / "requirements.txt").read_text().startswith("diffad[app,openvino]>=")
 
 
-def test_openvino_compiles_each_batch_size_once_and_keeps_the_most_recent(exported):
+def test_openvino_compiles_each_batch_size_once_and_keeps_the_most_recent(exported, monkeypatch):
+    import openvino
+
     from diffad import SelfAwareInpaintPipeline
 
+    compiled = []
+
+    class CountingCore(openvino.Core):
+        def compile_model(self, *args, **kwargs):
+            compiled.append(1)
+            return super().compile_model(*args, **kwargs)
+
+    monkeypatch.setattr(openvino, "Core", CountingCore)
     net = SelfAwareInpaintPipeline.from_pretrained(exported["openvino", "fp32"]).unet
     net.max_shapes = 2
     x = torch.randn(4, 6, 32, 32, generator=torch.Generator().manual_seed(2))
     first = {b: net(x[:b], 150).sample for b in (4, 1, 2)}  # 3 sizes: the oldest (4) is evicted
-    assert sorted(k[0] for k in net._by_shape) == [1, 2]
+    assert len(compiled) == 3
+    net(x[:2], 150)  # kept: not compiled again
+    assert len(compiled) == 3
     again = net(x[:4], 150).sample  # compiled again, same numbers; now 1 is the oldest and goes
-    assert torch.equal(again, first[4]) and sorted(k[0] for k in net._by_shape) == [2, 4]
+    assert len(compiled) == 4 and torch.equal(again, first[4])
+    net(x[:1], 150)
+    assert len(compiled) == 5
     assert torch.allclose(first[1], first[4][:1], atol=1e-5) and torch.allclose(first[2], first[4][:2], atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""The layer rule of DESIGN.md ("Layers") and docs/ARCHITECTURE.md, read from the source with ``ast``.
+"""The layer rule of docs/ARCHITECTURE.md ("Layers"), read from the source with ``ast``.
 
 Bottom to top: the Hub pipeline package (and the runtime networks it must load) -> core -> training scripts ->
 commands -> benchmarks. No module imports a module of a layer above its own (imports inside functions count too),
@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, tuple[str, ...]] = {
     "pipeline": ("diffad.pipelines", "diffad.networks"),
     "core": ("diffad", "diffad.data", "diffad.synthetic", "diffad.anomalies", "diffad.metrics",
-             "diffad.metrics_module", "diffad.presets", "diffad.precision", "diffad.training_utils",
+             "diffad.presets", "diffad.precision", "diffad.training_utils",
+             "diffad.files", "diffad.errors",
              "diffad.figures", "diffad.model_folder", "diffad.defects", "diffad.inputs", "diffad.results"),
     "training": ("diffad.training",),
-    "commands": ("diffad.cli", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
+    "commands": ("diffad.cli", "diffad.calibration", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
                  "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook"),
     "benchmarks": ("benchmarks",),
 }

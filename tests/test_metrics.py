@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
-from diffad.metrics import aupro, compute_anomaly_metrics, image_auroc, image_f1_max, load_metric, pixel_auroc
+from diffad.metrics import aupro, compute_anomaly_metrics, image_auroc, image_f1_max, pixel_auroc
 
 
 def slow_aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
@@ -175,19 +175,3 @@ def test_compute_anomaly_metrics_keys_and_values():
     assert set(out) == {"image_auroc", "image_f1_max", "image_f1_threshold", "pixel_auroc", "aupro"}
     assert out["image_auroc"] == 1.0 and out["pixel_auroc"] == 1.0 and out["aupro"] == pytest.approx(1.0)
 
-
-def test_evaluate_wrapper_matches_function():
-    rng = np.random.default_rng(5)
-    labels = np.array([0, 0, 1, 1, 1, 0])
-    scores = rng.random(6) + labels * 0.5
-    masks = np.zeros((6, 12, 12), np.uint8)
-    masks[labels == 1, 3:7, 3:8] = 1
-    maps = rng.random((6, 12, 12)) + masks * 0.5
-    metric = load_metric()
-    for s, l in zip(scores, labels):
-        metric.add(scores=s, labels=l)
-    via_evaluate = metric.compute(anomaly_maps=maps, masks=masks)
-    direct = compute_anomaly_metrics(scores, labels, maps, masks)
-    assert via_evaluate.keys() == direct.keys()
-    for key in direct:
-        assert via_evaluate[key] == pytest.approx(direct[key], abs=1e-12)

@@ -361,7 +361,8 @@ def test_case6_training_deletes_only_what_diffad_wrote_and_says_so(tmp_path, cap
     from accelerate import Accelerator
     import torch
 
-    from diffad.training_utils import clear_checkpoints, incomplete_path, remove_incomplete, save_checkpoint
+    from diffad.files import incomplete_path, remove_incomplete
+    from diffad.training_utils import clear_checkpoints, save_checkpoint
 
     out = tmp_path / "run"
     out.mkdir()
@@ -415,7 +416,7 @@ def test_case7_space_refuses_a_non_empty_out(model, tmp_path, capsys):
 def test_case10_calibrate_takes_the_training_split_and_refuses_another(model, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import diffad.cli
+    import diffad.calibration
     from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
 
     category = SYNTHETIC_CATEGORIES[0]
@@ -433,13 +434,13 @@ def test_case10_calibrate_takes_the_training_split_and_refuses_another(model, tm
     code = main(["calibrate", "--model", str(folder), "--data", str(data), "--category", "nut"])
     assert code == 2 and f"was trained on {category!r}" in capsys.readouterr().err
     seen = {}
-    real = diffad.cli.load_mvtec
+    real = diffad.calibration.load_mvtec
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(diffad.cli, "load_mvtec", spy)
+    monkeypatch.setattr(diffad.calibration, "load_mvtec", spy)
     assert main(["calibrate", "--model", str(folder), "--data", str(data), "--category", category]) == 0
     assert seen["validation_fraction"] == 0.5 and seen["seed"] == 3
 
@@ -545,7 +546,7 @@ def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_a
     import logging
     import shutil
 
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.synthetic import SYNTHETIC_CATEGORIES, make_synthetic_dataset
     from diffad.training import train_ddpm
 
@@ -559,6 +560,6 @@ def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_a
     other = data(1)  # the same folder names, other images
     with pytest.raises(ValueError, match="was trained on other images"):
         train_ddpm.main(_train_args(other, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
-    with caplog.at_level(logging.WARNING, logger="diffad.cli"):
+    with caplog.at_level(logging.WARNING, logger="diffad.calibration"):
         calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None)
     assert "are not the ones" in caplog.text and "content differs" in caplog.text

@@ -103,7 +103,7 @@ def test_detect_and_export_work_at_the_working_resolution(tmp_path):
 
     from diffad.cli import main
     from diffad.detect import format_score, load_pipeline
-    from diffad.training_utils import image_generator
+    from diffad.pipelines.self_aware_inpaint import image_generator
 
     pipe = tiled_pipeline(48)
     pipe.calibrate(torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1, config=CHEAP_CONFIG)

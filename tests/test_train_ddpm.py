@@ -21,10 +21,11 @@ import torch
 
 from diffad.presets import (UNET_PRESETS, count_parameters, make_scheduler, make_segmenter, make_unet,
                             preset_defaults)
-from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, atomic_write_json, augment_batch, checkpoint_step,
-                                   commit_directory, incomplete_path, latest_checkpoint, list_checkpoints,
-                                   remove_incomplete, rotate_checkpoints, run_with_clear_errors, seeded_generator)
-from diffad.pipelines.self_aware_inpaint import NoiseSchedule
+from diffad.errors import run_with_clear_errors
+from diffad.files import atomic_write_json, commit_directory, incomplete_path, remove_incomplete
+from diffad.training_utils import (CHECKPOINT_MARKER, TrainingLog, augment_batch, checkpoint_step, latest_checkpoint,
+                                   list_checkpoints, rotate_checkpoints)
+from diffad.pipelines.self_aware_inpaint import NoiseSchedule, seeded_generator
 from diffad.training.train_ddpm import PROG, parse_args, resolve_resume, self_conditioned_eps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_make_unet_rejects_bad_shapes(overrides, match):
 def test_scheduler_and_segmenter():
     sched = make_scheduler()
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "sigmoid"
-    assert float(sched.alphas_cumprod[300]) == pytest.approx(0.844, abs=2e-3)  # STACK_NOTES
+    assert float(sched.alphas_cumprod[300]) == pytest.approx(0.844, abs=2e-3)  # diffusers' sigmoid schedule
     seg = make_segmenter(32)
     assert seg.config.in_channels == 6 and seg.config.out_channels == 1
     assert seg(torch.randn(1, 6, 32, 32), 0).sample.shape == (1, 1, 32, 32)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from diffad.training import train_segmenter as ts
-from diffad.training_utils import image_generator
+from diffad.pipelines.self_aware_inpaint import image_generator
 from tiny_components import CHEAP_CONFIG
 
 NUM_SYNTHETIC = 8
@@ -292,7 +292,7 @@ def test_a_second_build_of_the_same_cache_waits_for_the_first_and_reuses_it(trai
     deleted the first's partial shards mid-build (FileNotFoundError)."""
     import threading
 
-    from diffad.training_utils import file_lock
+    from diffad.files import file_lock
 
     model_dir, key = trained["model_dir"], trained["log"]["config"]["cache_key"]
     name = f"segmenter-reconstructions-{key}"

@@ -250,7 +250,7 @@ def test_webhook_retries_and_bounds_its_queue(sink):
 
 def test_refusals(model_dir, tmp_path, capsys):
     from diffad.detect import LOCK_NAME
-    from diffad.training_utils import file_lock
+    from diffad.files import file_lock
     from diffad.watch import watch
 
     inbox = tmp_path / "inbox"

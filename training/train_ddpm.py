@@ -2,7 +2,7 @@
 """Train diffad's self-conditioned DDPM on photos of good parts, with Hugging Face Accelerate.
 
 The method (Semchyshyn 2023, "Automated visual inspection in the industrial setup via deep
-learning"; see DESIGN.md §1): a stock ``UNet2DModel`` with 6 input channels predicts the noise
+learning"): a stock ``UNet2DModel`` with 6 input channels predicts the noise
 of ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, epsilon loss) under
 diffusers' ``DDPMScheduler(1000, beta_schedule="sigmoid")``. Self-conditioning (Chen et al.,
 "Analog Bits", 2022, https://arxiv.org/abs/2208.04202): half of the batches first estimate
@@ -50,12 +50,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+from diffad.errors import OneLineArgumentParser, run_with_clear_errors
+from diffad.files import remove_incomplete, save_pipeline
+from diffad.pipelines.self_aware_inpaint import seeded_generator
 from diffad.pipelines.self_aware_inpaint.pipeline import NoiseSchedule, SelfAwareInpaintPipeline, predict_noise
 from diffad.presets import PRESET_NAMES, count_parameters, make_scheduler, make_unet, preset_defaults
-from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pipeline: shared with train_segmenter.py
+from diffad.training_utils import (  # save_checkpoint, resolve_resume: shared with train_segmenter.py
     BEST_WEIGHTS,
     CHECKPOINT_MARKER,
-    OneLineArgumentParser,
     TrainingLog,
     TrainingProgress,
     augment_batch,
@@ -65,12 +67,8 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume, save_pip
     holds_output_folder,
     load_ema_state,
     parse_int_list,
-    remove_incomplete,
-    run_with_clear_errors,
     resolve_resume,
     save_checkpoint,
-    save_pipeline,
-    seeded_generator,
     time_budget_spent,
 )
 

@@ -37,7 +37,7 @@ and its threshold is calibrated on the same held-out normal images. The segmente
 INTO ``--model_dir`` as the pipeline component ``segmenter`` (each saved entry written under a
 temporary name and renamed), and the pipeline is recalibrated with it in place: the same
 sampling config, methods and validation images, each image's noise from
-:func:`diffad.training_utils.image_generator` of the split seed and its pixels (what
+:func:`diffad.pipelines.self_aware_inpaint.image_generator` of the split seed and its pixels (what
 ``diffad calibrate`` does), so ``Q_p`` comes out as before and every threshold, the learned
 map's included, is fitted with the segmenter. ``segmenter_log.json`` records the run
 (``q_threshold_unchanged`` says whether ``Q_p`` was reproduced). Afterwards::
@@ -82,23 +82,17 @@ from diffad.pipelines.self_aware_inpaint.pipeline import (
     split_tiles,
 )
 from diffad.presets import count_parameters, make_segmenter
+from diffad.errors import OneLineArgumentParser, run_with_clear_errors
+from diffad.files import commit_directory, file_lock, incomplete_path, remove_incomplete, save_pipeline
+from diffad.pipelines.self_aware_inpaint import image_generator, seeded_generator
 from diffad.training_utils import (
     CHECKPOINT_MARKER,
-    OneLineArgumentParser,
     TrainingLog,
     TrainingProgress,
-    commit_directory,
-    file_lock,
     holds_output_folder,
-    image_generator,
-    incomplete_path,
     parse_int_list,
-    remove_incomplete,
     resolve_resume,
-    run_with_clear_errors,
     save_checkpoint,
-    save_pipeline,
-    seeded_generator,
     time_budget_spent,
 )
 

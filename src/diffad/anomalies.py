@@ -10,7 +10,7 @@ reconstruction embedding for surface anomaly detection", ICCV 2021
   is changed by 3 augmentations drawn without replacement from {posterize, sharpness,
   solarize, equalize, brightness, color, autocontrast} (PIL ``ImageOps``/``ImageEnhance``);
 * it is blended with opacity ``beta ~ U[0.1, 1.0]``:
-  ``I_a = (1 - M) I + (1 - beta) (M I) + beta (M A)`` (the formula of diffad's DESIGN.md);
+  ``I_a = (1 - M) I + (1 - beta) (M I) + beta (M A)`` (DRAEM's blending);
 * a share of the samples (``normal_probability``, 0.5 as in DRAEM) stays normal, mask empty.
 
 Every draw comes from the ``generator`` argument (a ``torch.Generator`` or an int seed; one

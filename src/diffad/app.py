@@ -52,10 +52,10 @@ from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipel
 from diffad.figures import score_histogram
 from diffad.inputs import skip_reason
 from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
-from diffad.pipelines.self_aware_inpaint import threshold_key
+from diffad.files import atomic_write_text
+from diffad.pipelines.self_aware_inpaint import image_generator, threshold_key
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
-from diffad.training_utils import atomic_write_text, image_generator
 
 __all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
            "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]
@@ -358,12 +358,13 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     lines = [f"**Model** `{shown}`: {pipe.resolution} px, sampling config `{sampling.preset_name or 'custom'}` "
              f"({sampling.unet_passes(inspector.method)} UNet passes per image, {sampling.precision}), method "
              f"`{inspector.method}`."]
+    log = Path(model) / TRAINING_LOG
+    category = json.loads(log.read_text()).get("config", {}).get("category", "") if log.is_file() else ""
+    if category:
+        lines.append(f"**Category** `{category}`.")
     card = Path(model) / CARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace").splitlines()
-        category = next((ln.split("|")[2].strip() for ln in text if ln.startswith("| category |")), "")
-        if category:
-            lines.append(f"**Category** `{category}`.")
         table = _card_table(text, "Image AUROC")
         if table:
             lines += ["", "Measured (model card):", "", *table[:9]]

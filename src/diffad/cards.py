@@ -34,10 +34,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from diffad import __version__
+from diffad.files import atomic_write_text
 from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CONFIG_FILE, MODEL_INDEX, SEGMENTER_LOG,
                                  TRAINING_LOG, calibration_config, components, require_model_folder)
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
-from diffad.training_utils import atomic_write_text
 
 __all__ = [
     "METRICS",
@@ -150,10 +150,8 @@ def template_path() -> Path:
 
 
 def _config(log: Mapping[str, Any]) -> dict[str, Any]:
-    for key in ("config", "args", "configuration", "hyperparameters"):
-        if isinstance(log.get(key), Mapping):
-            return dict(log[key])
-    return {}
+    """The training run's settings: the ``config`` of its ``training_log.json`` ({} without a log)."""
+    return dict(log.get("config") or {})
 
 
 _HYPERPARAMETERS = (
@@ -299,6 +297,48 @@ def make_model_card(
         ValueError: no results for the category, or the category is ambiguous.
     """
     model_dir = require_model_folder(model_dir)
+    log = read_training_log(model_dir)
+    config = _config(log)
+    category, rows = _category_rows(_read_results(results), category or config.get("category") or log.get("category"))
+    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
+    data = _dataset_facts(data_dir, category, dataset_type, dataset_name, license)
+    eval_results = [
+        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=data["dataset_type"],
+                   dataset_name=data["dataset_name"], dataset_config=str(category), dataset_split="test",
+                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
+                   metric_config=row.method)
+        for row in rows for key, value in row.metrics.items()
+    ]
+    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
+            "diffad", "diffusers", *extra_tags]
+    if data["is_mvtec"]:
+        tags.append("mvtec-ad")
+    card_data = ModelCardData(
+        model_name=f"diffad-{category}", library_name="diffusers", license=data["license"],
+        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
+        eval_results=eval_results)
+
+    present = components(_read_json(model_dir / MODEL_INDEX))
+    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
+    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
+    seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in (seconds_per_image or {}).items())
+    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
+    return ModelCard.from_template(
+        card_data, template_path=str(template_path()),
+        model_name=f"diffad-{category}", category=category, repo_id=repo_id or f"your-username/diffad-{category}",
+        dataset_name=data["dataset_name"], diffad_version=__version__, num_parameters=_num_parameters(model_dir),
+        resolution=config.get("resolution") or unet_config.get("sample_size", "?"),
+        tile_size=config.get("crop_size") or unet_config.get("sample_size"),
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
+        num_train_images=log.get("num_train_images") or config.get("num_train_images"),
+        data_license_note=data["data_license_note"], dataset_description=data["dataset_description"],
+        hyperparameters=_hyperparameters(config, log), segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
+        training_summary=_training_summary(log), eval_table=_eval_table(rows), seconds_per_image=seconds,
+        default_map="combined")  # the self_aware default (SelfAwareInpaintPipeline.default_map)
+
+
+def _read_results(results: Any) -> list[ResultRow]:
+    """The rows of ``results`` (:func:`normalize_results`), read from the JSON file first when it is a path."""
     if isinstance(results, (str, os.PathLike)):
         results_path = Path(results)
         if not results_path.is_file():
@@ -307,11 +347,12 @@ def make_model_card(
             results = json.loads(results_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"results file {results_path} is not valid JSON ({exc})") from exc
-    rows = normalize_results(results)
+    return normalize_results(results)
 
-    log = read_training_log(model_dir)
-    config = _config(log)
-    category = category or config.get("category") or log.get("category")
+
+def _category_rows(rows: list[ResultRow], category: Optional[str]) -> tuple[str, list[ResultRow]]:
+    """The card's category (None: the results' only one) and its rows, self_aware before denoise and multiscale
+    before learned."""
     categories = sorted({r.category for r in rows})
     if category is None:
         if len(categories) != 1:
@@ -322,8 +363,13 @@ def make_model_card(
                   key=lambda r: tuple(order.get(part, 9) for part in r.method.split("/")) + (r.method,))
     if not rows:
         raise ValueError(f"no results for category {category!r} (the results hold {categories})")
+    return category, rows
 
-    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
+
+def _dataset_facts(data_dir: str, category: str, dataset_type: Optional[str], dataset_name: Optional[str],
+                   license: Optional[str]) -> dict[str, Any]:
+    """What the card says of the training data (``is_mvtec``, ``dataset_type``, ``dataset_name``, ``license``,
+    ``dataset_description``, ``data_license_note``), from its folder unless given."""
     is_mvtec = "mvtec" in data_dir.lower()
     is_synthetic = (dataset_type == "diffad-synthetic" or "synthetic" in data_dir.lower()
                     or (data_dir != "" and (Path(data_dir) / ".diffad-demo-data.json").is_file()))
@@ -334,45 +380,6 @@ def make_model_card(
                         else (Path(data_dir).name or "custom dataset"))
     if license is None:
         license = "cc-by-nc-sa-4.0" if is_mvtec else "apache-2.0"
-    repo_id = repo_id or f"your-username/diffad-{category}"
-
-    eval_results = [
-        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_type,
-                   dataset_name=dataset_name, dataset_config=str(category), dataset_split="test",
-                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
-                   metric_config=row.method)
-        for row in rows for key, value in row.metrics.items()
-    ]
-    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
-            "diffad", "diffusers", *extra_tags]
-    if is_mvtec:
-        tags.append("mvtec-ad")
-    card_data = ModelCardData(
-        model_name=f"diffad-{category}", library_name="diffusers", license=license,
-        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
-        eval_results=eval_results)
-
-    present = components(_read_json(model_dir / MODEL_INDEX))
-    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
-    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
-    resolution = config.get("resolution") or unet_config.get("sample_size", "?")
-    tile_size = config.get("crop_size") or unet_config.get("sample_size")
-    num_train = log.get("num_train_images") or config.get("num_train_images")
-
-    hyperparameters = _hyperparameters(config, log)
-    summary_bits = []
-    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
-    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
-    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
-        series = log.get(key, history.get(key))
-        if not isinstance(series, list):
-            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
-        if isinstance(series, list) and series and _is_number(series[-1]):
-            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
-    training_summary = ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
-    seconds = ""
-    if seconds_per_image:
-        seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in seconds_per_image.items())
     if is_mvtec:
         dataset_description = (f"Normal (`train/good`) images of the category `{category}` of MVTec AD "
                                f"(Bergmann et al., CVPR 2019), from `{data_dir}`; 20% held out (seeded) for "
@@ -389,20 +396,19 @@ def make_model_card(
         dataset_description = (f"Normal (`train/good`) images of `{category}` from `{data_dir or 'a local folder'}`, "
                                "in MVTec AD layout; a seeded fraction held out for validation and calibration.")
         data_license_note = ""
+    return {"is_mvtec": is_mvtec, "dataset_type": dataset_type, "dataset_name": dataset_name, "license": license,
+            "dataset_description": dataset_description, "data_license_note": data_license_note}
 
-    default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
-    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
-    return ModelCard.from_template(
-        card_data, template_path=str(template_path()),
-        model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
-        diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
-        tile_size=tile_size,
-        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
-        num_train_images=num_train, data_license_note=data_license_note,
-        dataset_description=dataset_description, hyperparameters=hyperparameters,
-        segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
-        training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map=default_map)
+
+def _training_summary(log: Mapping[str, Any]) -> str:
+    """One sentence on the training curve: the last training and validation losses of the log's epochs."""
+    summary_bits = []
+    epochs = log.get("epochs") or []
+    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
+        series = [e[key] for e in epochs if _is_number(e.get(key))]
+        if series:
+            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
+    return ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:

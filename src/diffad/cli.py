@@ -2,292 +2,90 @@
 
 Each subcommand lives in the module that implements it and exposes ``register(subparsers)``
 (adds its parser with ``set_defaults(func=run)``) and ``run(args) -> int`` (the exit code).
-This module only wires them together and owns the conventions shared by all of them:
+This module only wires them together and owns the conventions shared by all of them
+(:mod:`diffad.errors`):
 
 * exit codes: ``0`` success, ``1`` a run that failed, ``2`` bad arguments or bad input;
 * a user error prints ONE line, ``diffad <cmd>: error: <message>``, never a traceback
   (set ``DIFFAD_DEBUG=1`` to see the traceback of an unexpected failure);
 * progress and warnings go through :mod:`logging` (stderr), results to stdout.
 
-Subcommands: ``demo`` (:mod:`diffad.demo`), ``train`` (``training/train_ddpm.py`` in-process,
-or under ``accelerate launch`` with ``--num-processes N``), ``calibrate`` (this module),
-``detect`` (:mod:`diffad.detect`), ``evaluate`` (:mod:`diffad.evaluation`), ``card``
-(:mod:`diffad.cards`), ``push`` (:mod:`diffad.hub`), ``serve`` (:mod:`diffad.serve`), ``watch`` (:mod:`diffad.watch`).
+Subcommands load lazily: ``diffad --help`` and ``diffad --version`` list them from :data:`SUBCOMMANDS` and import
+none (no torch); a call imports only its own subcommand's module. ``demo`` (:mod:`diffad.demo`), ``train``
+(``training/train_ddpm.py`` in-process, or under ``accelerate launch`` with ``--num-processes N``), ``calibrate``
+(:mod:`diffad.calibration`), ``detect`` (:mod:`diffad.detect`), ``evaluate`` (:mod:`diffad.evaluation`), ``card``
+(:mod:`diffad.cards`), ``push`` (:mod:`diffad.hub`), ``app`` and ``space`` (:mod:`diffad.app`), ``export``
+(:mod:`diffad.export`), ``serve`` (:mod:`diffad.serve`), ``watch`` (:mod:`diffad.watch`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from diffad import __version__
-from diffad.data import load_mvtec, split_fingerprint
-from diffad.detect import from_pretrained_quietly
-from diffad.model_folder import (CALIBRATION_COMPONENT, TRAINING_LOG, calibration_config, read_json,
-                                 require_model_folder)
-from diffad.networks import ExportedNetwork
-from diffad.pipelines.self_aware_inpaint import SAMPLING_PRESETS, SamplingConfig
-from diffad.precision import DEFAULT_PRECISION, PRECISION_CHOICES, resolve_precision
-from diffad.presets import preset_defaults
-# The one error mechanism and one-line parser of diffad and its training scripts.
-from diffad.training_utils import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, image_generator,
-                                   report_error, run_with_clear_errors, save_pipeline)
+# The one error mechanism and one-line parser of diffad and its training scripts (standard library only).
+from diffad.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, OneLineArgumentParser, report_error,
+                           run_with_clear_errors)
 
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_USAGE",
+    "SUBCOMMANDS",
+    "Subcommand",
     "UsageError",
     "build_parser",
     "main",
-    "calibrate_model",
-    "calibration_summary",
-    "save_pipeline_atomically",
     "accelerate_launch_command",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Subcommand modules, in the order ``diffad --help`` lists them.
-_SUBCOMMAND_MODULES = (
-    ("demo", "diffad.demo"),
-    ("train", "diffad.cli"),
-    ("calibrate", "diffad.cli"),
-    ("detect", "diffad.detect"),
-    ("evaluate", "diffad.evaluation"),
-    ("card", "diffad.cards"),
-    ("push", "diffad.hub"),
-    ("app", "diffad.app"),
-    ("export", "diffad.export"),
-    ("space", "diffad.app"),
-    ("serve", "diffad.serve"),
-    ("watch", "diffad.watch"),
+
+class Subcommand(NamedTuple):
+    """One ``diffad`` subcommand: where its parser is registered, and its line in ``diffad --help``."""
+
+    name: str
+    module: str  #: the module that implements it
+    register: str  #: the function of ``module`` that adds its parser to the subparsers
+    summary: str  #: its ``help=`` there (``tests/test_cli.py`` checks the two agree)
+
+
+#: Every subcommand, in the order ``diffad --help`` lists them.
+SUBCOMMANDS = (
+    Subcommand("demo", "diffad.demo", "register",
+               "the whole method on the built-in synthetic data, in about 10 CPU minutes"),
+    Subcommand("train", "diffad.cli", "_register_train",
+               "train the self-conditioned DDPM (training/train_ddpm.py; `diffad train --help` lists its flags)"),
+    Subcommand("calibrate", "diffad.calibration", "register",
+               "fit the noise-error threshold map and pass/fail thresholds on normal images"),
+    Subcommand("detect", "diffad.detect", "register",
+               "score photos: results.csv (file, score, decision) and an overlay PNG per image"),
+    Subcommand("evaluate", "diffad.evaluation", "register",
+               "metrics, Table 4.1 and Fig. 4.4 on the test split of one or all categories"),
+    Subcommand("card", "diffad.cards", "register",
+               "write the model card (README.md with model-index metadata) into a model folder"),
+    Subcommand("push", "diffad.hub", "register", "publish a calibrated model with its card to the Hugging Face Hub"),
+    Subcommand("app", "diffad.app", "register",
+               "a web page for the inspection station: drop photos, see heat maps, scores and PASS/FAIL"),
+    Subcommand("export", "diffad.export", "register",
+               "the networks in OpenVINO's or ONNX's format: a model folder detect, evaluate and app run faster on CPU"),
+    Subcommand("space", "diffad.app", "register_space", "write a Hugging Face Space folder that serves `diffad app`"),
+    Subcommand("serve", "diffad.serve", "register",
+               "an HTTP API: POST /inspect a photo, get its score, decision and overlay as JSON"),
+    Subcommand("watch", "diffad.watch", "register",
+               "score every photo that appears in a folder: results.csv rows, overlays, a webhook"),
 )
 
 
 class UsageError(ValueError):
     """Bad input from the user (a missing folder, an invalid value): exit code 2, one line."""
-
-
-# --------------------------------------------------------------------------------------
-# Helpers shared by `calibrate` and the demo
-# --------------------------------------------------------------------------------------
-def save_pipeline_atomically(pipe, model_dir: str | os.PathLike) -> Path:
-    """Save ``pipe`` into ``model_dir`` so that a crash never leaves a half-written model.
-
-    Reuses the training scripts' writer (``diffad.training_utils.save_pipeline``): the pipeline is
-    saved into a temporary folder, then each entry is renamed into ``model_dir`` (component folders
-    swapped whole, ``model_index.json`` last), keeping ``training_log.json``, ``README.md`` and
-    checkpoints beside it.
-
-    Args:
-        pipe: a ``SelfAwareInpaintPipeline``.
-        model_dir: the model folder to (re)write.
-
-    Returns:
-        The model folder.
-    """
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_pipeline(pipe, model_dir)
-    return model_dir
-
-
-def calibrate_model(
-    model_dir: str | os.PathLike,
-    data: str | os.PathLike,
-    category: str,
-    *,
-    config: str | SamplingConfig = "fast",
-    percentile: Optional[float] = None,
-    precision: str = "auto",
-    target_false_positive_rate: float = 0.05,
-    seed: Optional[int] = None,
-    validation_fraction: Optional[float] = None,
-    batch_size: Optional[int] = None,
-) -> Path:
-    """Calibrate a saved pipeline on the validation split of its category and save it back.
-
-    Loads ``SelfAwareInpaintPipeline.from_pretrained(model_dir)``, reads the normal validation
-    images (the seeded ``validation_fraction`` of ``train/good``, as ``diffad.load_mvtec``
-    splits them; use the same ``seed`` as training so they were never trained on), calls
-    ``pipe.calibrate`` (threshold map ``Q_p`` and a pass/fail threshold for every method and map, with
-    the sampling config every later call will run) and writes the folder back atomically
-    (:func:`save_pipeline_atomically`). Each image's noise comes from ``seed`` and its pixels
-    (:func:`diffad.training_utils.image_generator`), as in ``diffad detect``.
-
-    Args:
-        model_dir: a pipeline folder written by ``training/train_ddpm.py``.
-        data: a folder in MVTec AD layout (root of categories or one category folder).
-        category: the category the model was trained on.
-        config: the sampling preset, one of ``SAMPLING_PRESETS`` (``"fast"``, ``"thesis"``), or a
-            ``SamplingConfig``; ``diffad detect`` and ``diffad evaluate`` then run exactly it.
-        percentile: overrides the preset's ``mask_percentile`` ``p`` in (0, 1) (None: the preset's).
-        precision: the networks' arithmetic, ``"auto"`` (bf16 where the hardware has it natively, else fp32),
-            ``"fp32"`` or ``"bf16"``; recorded in the calibration and run by every later call.
-        target_false_positive_rate: fraction of normal images the image thresholds flag.
-        seed: seeds the validation split and the calibration noise; None: the training run's (its
-            ``training_log.json``), another value than the training run's is refused.
-        validation_fraction: None: the training run's; another value is refused (the split would hold images the
-            model was trained on). Without a training log: 0.2 and seed 0, with a warning.
-        batch_size: images per UNet call (``None``: all at once).
-
-    Returns:
-        The model folder.
-
-    Raises:
-        FileNotFoundError: ``model_dir`` holds no ``model_index.json``.
-        ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
-            a seed, validation fraction or category other than the training run's.
-    """
-    model_dir = require_model_folder(model_dir, fix="; train one with `diffad train` first")
-    validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
-    sampling = SamplingConfig.from_preset(config)
-    if percentile is not None:
-        if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
-            raise ValueError(f"--percentile must be in (0, 1), got {percentile}")
-        sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
-    if not 0.0 < target_false_positive_rate < 1.0:
-        raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
-    pipe = from_pretrained_quietly(model_dir)
-    resolved = resolve_precision(precision, pipe.device)
-    # `diffad export`'s networks run the precision they were built at
-    exported = pipe.unet.precision if isinstance(pipe.unet, ExportedNetwork) else None
-    if exported is not None and resolved != exported:
-        if precision != "auto":
-            raise ValueError(f"--precision {precision}: {model_dir} holds networks exported in {exported}; calibrate "
-                             f"it with --precision {exported}, or export the torch model again at {precision}")
-        resolved = exported
-    sampling = dataclasses.replace(sampling, precision=resolved)
-    pipe.set_progress_bar_config(disable=True)
-    splits = load_mvtec(data, category, resolution=pipe.resolution,
-                        validation_fraction=validation_fraction, seed=seed)
-    validation = splits["validation"]
-    if len(validation) < 4:
-        raise ValueError(f"the validation split of {category!r} in {data} has {len(validation)} images and "
-                         "calibration needs at least 4: raise --validation-fraction or add train/good images")
-    trained_on = (_training_config(model_dir).get("data_fingerprint") or {}).get("validation")
-    if trained_on is not None and split_fingerprint(validation) != trained_on:
-        logger.warning("WARNING: the validation images of %r in %s are not the ones %s was trained beside (their "
-                       "content differs): calibrating on other data than the model's gives thresholds that do not "
-                       "hold for it; pass the training run's --data", category, data, model_dir)
-    images = [row["image"] for row in validation]
-    logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
-                category, sampling.preset_name or sampling, sampling.precision)
-    pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
-                   generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
-    return save_pipeline_atomically(pipe, model_dir)
-
-
-def _training_config(model_dir: Path) -> dict:
-    """The ``config`` of ``model_dir/training_log.json`` ({} when there is none)."""
-    log = model_dir / TRAINING_LOG
-    if not log.is_file():
-        return {}
-    try:
-        return read_json(log).get("config") or {}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{log} is unreadable ({exc}): restore it from the training run, or delete it and pass "
-                         "--validation-fraction and --seed as in training") from None
-
-
-#: What calibration uses when a model folder has no training log (a model trained elsewhere).
-_SPLIT_DEFAULTS = {"validation_fraction": 0.2, "seed": 0}
-
-
-def training_split(model_dir: Path, category: str, validation_fraction: Optional[float],
-                   seed: Optional[int]) -> tuple[float, int]:
-    """The validation split calibration must use: the training run's ``validation_fraction`` and ``seed`` (from
-    ``training_log.json``), so it holds only images the model never trained on. A given value that differs from
-    the training run's, or another category than it was trained on, is refused in one line (``ValueError``)."""
-    trained = _training_config(model_dir)
-    if trained.get("category") not in (None, category):
-        raise ValueError(f"--category {category}: {model_dir} was trained on {trained['category']!r} "
-                         f"(training_log.json); calibrate it on {trained['category']!r} images")
-    chosen = {"validation_fraction": validation_fraction, "seed": seed}
-    for key, flag in (("validation_fraction", "--validation-fraction"), ("seed", "--seed")):
-        if trained.get(key) is None:
-            if chosen[key] is None:
-                chosen[key] = _SPLIT_DEFAULTS[key]
-                logger.warning("%s has no training log: calibrating with %s %s; pass the training run's value if "
-                               "it differs", model_dir, flag, chosen[key])
-        elif chosen[key] is None:
-            chosen[key] = trained[key]
-        elif chosen[key] != trained[key]:
-            raise ValueError(f"{flag} {chosen[key]}: {model_dir} was trained with {flag} {trained[key]} "
-                             f"(training_log.json), and another split would calibrate on training images; drop "
-                             f"{flag} to use the training run's")
-    return float(chosen["validation_fraction"]), int(chosen["seed"])
-
-
-def calibration_summary(model_dir: str | os.PathLike) -> str:
-    """One line on a saved calibration: its sampling config, and what it measured on held-out normal images
-    (the share of pixels masked, and each image threshold's false-positive rate against the target)."""
-    try:
-        cal = calibration_config(model_dir)
-    except (OSError, ValueError):
-        cal = None
-    if cal is None:
-        raise FileNotFoundError(f"{Path(model_dir) / CALIBRATION_COMPONENT}: no readable calibration; run "
-                                "`diffad calibrate`")
-    sampling = SamplingConfig.from_dict(cal["sampling_config"])
-    share = cal.get("heldout_mask_share")
-    share_text = "n/a" if share is None else f"{share:.3f} (expected about {1 - sampling.mask_percentile:.2f})"
-    rates = ", ".join(f"{name} {rate:.3f}" for name, rate in zip(cal["threshold_names"],
-                                                                  cal["heldout_false_positive_rates"]))
-    return (f"sampling config {sampling.preset_name or 'custom'} (mask_percentile {sampling.mask_percentile:g}, "
-            f"{sampling.precision}), "
-            f"{cal['num_images']} normal images; held-out mask share {share_text}; held-out false-positive rate "
-            f"(target {cal['target_false_positive_rate']:g}): {rates}")
-
-
-def _register_calibrate(subparsers) -> None:
-    passes = ", ".join(f"{name}: {SamplingConfig.from_preset(name).unet_passes('self_aware')}"
-                       for name in SAMPLING_PRESETS)
-    parser = subparsers.add_parser(
-        "calibrate", help="fit the noise-error threshold map and pass/fail thresholds on normal images",
-        description="Calibrate a trained model on the validation split (held-out train/good images) of "
-                    "its category with a sampling config, and save the calibration into the model folder "
-                    "(atomically). `diffad detect` and `diffad evaluate` then run exactly that config.")
-    parser.add_argument("--model", required=True, help="the model folder written by `diffad train`")
-    parser.add_argument("--data", required=True, help="dataset folder in MVTec AD layout")
-    parser.add_argument("--category", required=True, help="the category the model was trained on")
-    parser.add_argument("--config", choices=SAMPLING_PRESETS, default="fast",
-                        help=f"sampling preset, the sampler every later call runs (UNet passes per image, "
-                             f"{passes}; thesis is the thesis's sampler) (default: fast)")
-    parser.add_argument("--percentile", type=float, default=None,
-                        help="override the preset's per-pixel percentile p (mask_percentile) of the threshold "
-                             "map Q_p, in (0, 1); lower gives larger inpainting masks (both presets: 0.8, the "
-                             "thesis's)")
-    parser.add_argument("--target-fpr", type=float, default=0.05,
-                        help="fraction of normal images the pass/fail thresholds may flag (default: 0.05)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
-                        help="the networks' arithmetic, recorded in the calibration: auto (bf16 where the CPU has "
-                             "AVX512-BF16/AMX or the GPU has bf16, else fp32), fp32 or bf16 (default: "
-                             f"{DEFAULT_PRECISION})")
-    parser.add_argument("--validation-fraction", type=float, default=None,
-                        help="held-out fraction of train/good (default: the training run's, from its "
-                             "training_log.json; another value is refused)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: all)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seeds the validation split and the noise (default: the training run's, from its "
-                             "training_log.json; another value is refused)")
-    parser.set_defaults(func=_run_calibrate)
-
-
-def _run_calibrate(args: argparse.Namespace) -> int:
-    path = calibrate_model(args.model, args.data, args.category, config=args.config, percentile=args.percentile,
-                           precision=args.precision, target_false_positive_rate=args.target_fpr, seed=args.seed,
-                           validation_fraction=args.validation_fraction, batch_size=args.batch_size)
-    print(f"calibrated {path}: {calibration_summary(path)}")
-    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------
@@ -298,7 +96,7 @@ def accelerate_launch_command(num_processes: int, script: str | os.PathLike,
     """The ``accelerate launch`` command line for ``num_processes`` training processes.
 
     On GPUs: ``--multi_gpu --num_processes N``. On CPU, ``accelerate launch --cpu
-    --num_processes 2`` silently starts ONE process (``STACK_NOTES.md``), so a real multi-rank
+    --num_processes 2`` silently starts ONE process, so a real multi-rank
     CPU run uses ``--multi_gpu`` with the cores shared between processes (the training script
     creates ``Accelerator(cpu=True)`` when no GPU is present). ``--expect_world_size N`` is added
     so the script fails, rather than silently training N independent copies, if the launch
@@ -356,6 +154,8 @@ def train_head(model_dir: str | os.PathLike, train_args: argparse.Namespace, *,
     (:func:`calibrate_model`, the training run's split and seed), then train the segmenter into it
     (``training/train_segmenter.py`` defaults, seeded by the training seed, resumable), which recalibrates every
     threshold with the head in place."""
+    from diffad.calibration import _training_config, calibrate_model
+    from diffad.model_folder import calibration_config
     from diffad.training import train_segmenter
 
     model_dir = Path(model_dir)
@@ -389,7 +189,9 @@ def _run_train(args: argparse.Namespace) -> int:
         except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
             return int(exc.code or 0)
         output = train_ddpm.main(train_args)
-        if preset_defaults(train_args.preset).get("head"):
+        from diffad import presets
+
+        if presets.preset_defaults(train_args.preset).get("head"):
             train_head(output, train_args)
         print(f"model saved to {output}")
         return EXIT_OK
@@ -409,8 +211,23 @@ def _unavailable(name: str, exc: BaseException) -> Callable:
     return register
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``diffad`` parser with every subcommand registered by the module that implements it."""
+def _registration(subcommand: Subcommand) -> Callable:
+    """The function that adds ``subcommand``'s parser, its module imported now; a module that fails to import
+    gives a subcommand that says so (exit 1) and leaves the others working."""
+    try:
+        return getattr(importlib.import_module(subcommand.module), subcommand.register)
+    except Exception as exc:  # a module that fails to import must not break the others
+        logger.debug("subcommand %s unavailable", subcommand.name, exc_info=True)
+        return _unavailable(subcommand.name, exc)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``diffad`` parser: every subcommand listed with its summary, and ``command``'s own parser (all its flags,
+    its ``--help``) registered by the module that implements it.
+
+    The other subcommands are placeholders that accept any argument and import nothing, so the parser of
+    ``diffad --help`` (``command=None``) loads no subcommand module and no torch.
+    """
     parser = OneLineArgumentParser(
         prog="diffad",
         description="Visual inspection with diffusion models: train on good parts, find defects in new "
@@ -420,30 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", parser_class=OneLineArgumentParser)
     subparsers.required = True
-    for name, module_name in _SUBCOMMAND_MODULES:
-        if name == "train":
-            register = _register_train
-        elif name == "calibrate":
-            register = _register_calibrate
+    for subcommand in SUBCOMMANDS:
+        if subcommand.name == command:
+            _registration(subcommand)(subparsers)
         else:
-            try:
-                module = importlib.import_module(module_name)
-                register = module.register_space if name == "space" else module.register
-            except Exception as exc:  # a module that fails to import must not break the others
-                logger.debug("subcommand %s unavailable", name, exc_info=True)
-                register = _unavailable(name, exc)
-        register(subparsers)
+            subparsers.add_parser(subcommand.name, help=subcommand.summary, add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``diffad`` console script; returns the exit code (0, 1 or 2).
 
-    Errors go through :func:`diffad.training_utils.run_with_clear_errors`: one line, exit 2 for bad input,
-    1 for a failed run.
+    The arguments are read twice: first by the parser of every subcommand's placeholder (``--help``, ``--version``,
+    a missing or unknown subcommand end here, nothing imported), then by the chosen subcommand's own parser. Errors
+    go through :func:`diffad.errors.run_with_clear_errors`: one line, exit 2 for bad input, 1 for a failed run.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = build_parser().parse_known_args(argv)[0].command
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_forward_unknown", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

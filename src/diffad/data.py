@@ -54,7 +54,6 @@ __all__ = [
     "read_image",
     "mvtec_features",
     "split_fingerprint",
-    "tensor_to_pil",
 ]
 
 logger = logging.getLogger(__name__)
@@ -459,15 +458,6 @@ def _mask_to_tensor(mask: Image.Image, resolution: int) -> torch.Tensor:
     arr = np.asarray(_resize(_to_mask(mask), resolution, Image.Resampling.NEAREST)) > 0
     return torch.from_numpy(arr.astype(np.float32))[None]
 
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Float tensor (B, C, H, W) or (C, H, W) in [-1, 1] -> list of PIL images (RGB for C = 3, L for C = 1)."""
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected a tensor (B, 3 or 1, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a, mode="RGB") for a in arr]
 
 
 def make_transform(resolution: int) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:

@@ -7,7 +7,7 @@ On a fresh machine with no download it:
 2. per category, trains a tiny self-conditioned DDPM (``training/train_ddpm.py``, ``--ddpm-steps`` optimiser
    steps) into ``<out>/models/<category>``;
 3. calibrates it on the held-out normal images with the ``fast`` sampling config
-   (:func:`diffad.cli.calibrate_model`);
+   (:func:`diffad.calibration.calibrate_model`);
 4. trains the DRAEM-style segmenter for the learned map (``training/train_segmenter.py``,
    ``--segmenter-steps``; it recalibrates the pipeline with the segmenter in place);
 5. evaluates ``self_aware`` and ``denoise`` on the test splits, every map of each method from one
@@ -118,7 +118,7 @@ class StepLog:
         self.save()
 
     def save(self) -> None:
-        from diffad.training_utils import atomic_write_json
+        from diffad.files import atomic_write_json
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.log_path, {"config": asdict(self.config),
@@ -147,7 +147,7 @@ def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tup
     done = marker.is_file() and json.loads(marker.read_text()) == settings
 
     def make() -> None:
-        from diffad.training_utils import atomic_write_json
+        from diffad.files import atomic_write_json
 
         make_synthetic_dataset(data_dir, **settings)
         atomic_write_json(marker, settings)
@@ -205,7 +205,7 @@ def run_demo(config: DemoConfig) -> Path:
     import torch
 
     from diffad.cards import make_model_card, write_model_card
-    from diffad.cli import calibrate_model
+    from diffad.calibration import calibrate_model
     from diffad.evaluation import evaluate_folder
 
     categories = config.resolved_categories()
@@ -348,7 +348,7 @@ and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<de
 diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
     --max_train_minutes 30
 # 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
-#    (`--config fast`, the default: 23 UNet passes per image; `--config thesis`: the thesis's 301)
+#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
 diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
 # 3. (optional) the learned anomaly map
 python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
@@ -364,7 +364,7 @@ diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
 Anyone can then load it with diffusers alone:
 `DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
 """
-    from diffad.training_utils import atomic_write_text
+    from diffad.files import atomic_write_text
 
     return atomic_write_text(out / "report.md", text)
 

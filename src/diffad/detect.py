@@ -61,6 +61,7 @@ from scipy.ndimage import binary_opening
 
 from diffad.data import ImageReadError, read_image
 from diffad.figures import overlay
+from diffad.files import file_lock
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.model_folder import require_model_folder
 from diffad.networks import INSTALL_HINT, ExportedNetwork
@@ -69,7 +70,6 @@ from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_E
                                                  SelfAwareInpaintPipeline, inspect_photos, threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
-from diffad.training_utils import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, file_lock
 
 __all__ = [
     "IMAGE_EXTENSIONS",

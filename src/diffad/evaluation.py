@@ -42,7 +42,7 @@ after it: ``<model>/<category>/model_index.json`` (what ``--category all`` needs
 Distribution: the test images are cut into fixed batches (``--batch-size``) in dataset order;
 the batches are split across processes (``Accelerator.split_between_processes``) and the
 per-image results gathered (``gather_object``) and re-sorted. The noise of every image comes
-from its own generator, :func:`diffad.training_utils.image_generator` of ``(seed, its pixels)``
+from its own generator, :func:`diffad.pipelines.self_aware_inpaint.image_generator` of ``(seed, its pixels)``
 (the one seeding rule of inference, as ``diffad detect``), never from its position, so any
 number of processes gives exactly the metrics of one (the batches are the same); another
 ``--batch-size`` or image order draws the same noise, and moves scores only by the float
@@ -72,10 +72,12 @@ from diffad.detect import from_pretrained_quietly
 from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
 from diffad.model_folder import MODEL_INDEX
-from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
+from diffad.errors import report_error
+from diffad.files import atomic_write_text
+from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, image_generator,
+                                                threshold_key)
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
-from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
     "CategoryEvaluation",
@@ -241,7 +243,7 @@ def evaluate_pipeline(
         config: None (run the calibration's sampling config), or a preset name / ``SamplingConfig`` that must
             equal it (``ValueError`` otherwise); for an uncalibrated pipeline (``denoise`` only), the config to run.
         batch_size: images per pipeline call; batches are formed in dataset order.
-        seed: image ``x`` gets the generator ``diffad.training_utils.image_generator(seed, x)`` for every
+        seed: image ``x`` gets the generator ``diffad.pipelines.self_aware_inpaint.image_generator(seed, x)`` for every
             method (paired comparisons; the same noise whatever the batching, the order or the number of
             processes).
         accelerator: an ``accelerate.Accelerator`` to split the batches across processes; None = one.
@@ -257,6 +259,40 @@ def evaluate_pipeline(
             maps asked for, another sampling config than the calibration's, a batch size < 1, or a test split on
             which a metric is undefined (e.g. no defective image).
     """
+    methods, maps_of = _check_arguments(pipe, methods, anomaly_maps, batch_size)
+    sampling = check_config(pipe, config)
+    labels, defect_types, files, category = _split_columns(dataset_split, category)
+    n, resolution = len(labels), int(pipe.resolution)
+    run = _Batches(pipe, dataset_split, methods, maps_of, config, seed, resolution,
+                   figure_indices=set(_figure_indices(labels, defect_types, num_figure_rows)),
+                   figure_method="self_aware" if "self_aware" in methods else methods[0])
+    pipe.set_progress_bar_config(disable=True)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    gathered, seconds = _run_on_processes(run, batches, accelerator, f"evaluate {category}", progress)
+
+    per_method = _method_statistics(gathered, methods, seconds, labels, resolution)
+    records: list[dict[str, Any]] = []
+    metrics: dict[str, dict[str, Any]] = {}
+    gt = np.stack([r["gt"] for r in gathered])
+    has_pixels = bool(gt.any() and not gt.all())
+    for method in methods:
+        for kind in maps_of[method]:
+            key = threshold_key(method, kind)
+            scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
+            maps = np.stack([r["out"][key]["map"] for r in gathered])
+            values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
+            metrics[key] = {**values, **per_method[method], "num_images": n}
+            threshold = pipe.calibration.threshold(key) if pipe.is_calibrated else None  # what decided the rows
+            records += [{"file": files[r["index"]], "category": category, "defect_type": defect_types[r["index"]],
+                         "label": labels[r["index"]], "method": method, "map": kind, **_decision(r["out"][key], threshold)}
+                        for r in gathered]
+    return CategoryEvaluation(category=category, records=records, metrics=metrics,
+                              figure_rows=_figure_rows(gathered, files), resolution=resolution, sampling=sampling)
+
+
+def _check_arguments(pipe, methods: Optional[Sequence[str]], anomaly_maps: Optional[Sequence[str]],
+                     batch_size: int) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """The methods and each method's maps, or the first ``ValueError`` of :func:`evaluate_pipeline`'s arguments."""
     methods = list(METHODS if methods is None else methods)
     if not methods:
         raise ValueError("need at least one method")
@@ -271,68 +307,104 @@ def evaluate_pipeline(
     if "self_aware" in methods and not pipe.is_calibrated:
         raise ValueError("method 'self_aware' needs a calibrated model: run `diffad calibrate` on it first "
                          "(or evaluate --methods denoise)")
-    sampling = check_config(pipe, config)
+    return methods, maps_of
+
+
+def _split_columns(dataset_split, category: Optional[str]) -> tuple[list[int], list[str], list[str], str]:
+    """The test split's labels, defect types, file names and category (``category`` when given), or a
+    ``ValueError`` for a split on which image AUROC is undefined (empty, or one class only)."""
     n = len(dataset_split)
     if n == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
-    combos = [(m, a) for m in methods for a in maps_of[m]]
-    resolution = int(pipe.resolution)
     labels = [int(v) for v in dataset_split["label"]]
     if len(set(labels)) < 2:  # before any model call: AUROC needs both classes
         only = "good" if labels[0] == 0 else "defective"
         raise ValueError(f"the test split has only {only} images ({n}): image AUROC needs good and defective test "
                          "images; add test/good/ and at least one test/<defect>/ folder with its ground_truth masks")
-    defect_types = list(dataset_split["defect_type"])
     files = list(dataset_split["file_name"]) if "file_name" in dataset_split.column_names else [str(i) for i in range(n)]
     if category is None:
         category = str(dataset_split["category"][0]) if "category" in dataset_split.column_names else ""
-    figure_set = set(_figure_indices(labels, defect_types, num_figure_rows))
-    figure_method = "self_aware" if "self_aware" in methods else methods[0]
+    return labels, list(dataset_split["defect_type"]), files, category
 
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+@dataclass
+class _Batches:
+    """One evaluation's model calls: ONE pipeline call per method and batch, every map of the method from it.
+
+    A result per image: ``index`` (in the split), ``gt`` (its ``(R, R)`` defect mask), ``out`` (per
+    ``<method>/<map>``: ``score``, ``decision`` (None without a threshold) and the ``(R, R)`` ``map``), ``passes``
+    (UNet passes per method), ``mask_counts`` (``self_aware``: the masked pixels, and those on the defect) and, for
+    the figure's images, ``figure`` (its panels)."""
+
+    pipe: Any
+    dataset_split: Any
+    methods: list[str]
+    maps_of: dict[str, tuple[str, ...]]
+    config: Any
+    seed: int
+    resolution: int
+    figure_indices: set[int]
+    figure_method: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, batches: list[list[int]], bar: Any) -> list[dict[str, Any]]:
+        """The results of ``batches`` (lists of split indices), ``bar`` advanced per image; :attr:`seconds` sums
+        each method's call time."""
+        self.seconds = {m: 0.0 for m in self.methods}
+        results: list[dict[str, Any]] = []
+        for batch in batches:
+            results += self._batch(batch)
+            bar.update(len(batch))
+        return results
+
+    def _batch(self, batch: list[int]) -> list[dict[str, Any]]:
+        rows = [self.dataset_split[i] for i in batch]
+        images = [row["image"].convert("RGB") for row in rows]
+        results = [{"index": i, "gt": _mask_array(row.get("mask"), self.resolution), "out": {}, "passes": {}}
+                   for i, row in zip(batch, rows)]
+        for method in self.methods:
+            generators = [image_generator(self.seed, image) for image in images]
+            start = time.perf_counter()
+            out = self.pipe(images, method=method, config=self.config, generator=generators, batch_size=len(batch),
+                            output_type="np")
+            self.seconds[method] += time.perf_counter() - start
+            masks = np.asarray(out.inpaint_masks, dtype=bool)
+            for j, res in enumerate(results):
+                self._record(res, method, out, j, masks[j], images[j])
+        return results
+
+    def _record(self, res: dict[str, Any], method: str, out: Any, j: int, mask: np.ndarray,
+                image: Image.Image) -> None:
+        """Image ``j`` of ``method``'s output ``out`` (its inpainting ``mask``) into its result ``res``."""
+        for kind in self.maps_of[method]:
+            decisions = out.is_anomalous.get(kind)
+            res["out"][threshold_key(method, kind)] = {
+                "score": float(out.scores[kind][j]),
+                "decision": None if decisions is None else bool(decisions[j]),
+                "map": np.asarray(out.anomaly_maps[kind][j], dtype=np.float32),
+            }
+        res["passes"][method] = int(out.unet_passes[j])
+        if method == "self_aware":
+            res["mask_counts"] = (int(mask.sum()), int((mask & res["gt"]).sum()))
+        if res["index"] in self.figure_indices and method == self.figure_method:
+            res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"] for kind in self.maps_of[method]}
+            res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
+            res["figure"]["inpainting_mask"] = mask
+            res["figure"]["image"] = np.asarray(image.resize((self.resolution, self.resolution),
+                                                             Image.Resampling.BICUBIC))
+
+
+def _run_on_processes(run: _Batches, batches: list[list[int]], accelerator, desc: str,
+                      progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Every image's result in split order, and each process's seconds per method: the batches split between the
+    accelerator's processes (None: this one), a progress bar on the main process."""
     is_main = accelerator is None or accelerator.is_main_process
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
 
     def process(my_batches: list[list[int]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        local: list[dict[str, Any]] = []
-        seconds = {m: 0.0 for m in methods}
-        bar = tqdm(total=sum(map(len, my_batches)), desc=f"evaluate {category}", disable=not (progress and is_main),
-                   unit="img")
-        for batch in my_batches:
-            rows = [dataset_split[i] for i in batch]
-            images = [row["image"].convert("RGB") for row in rows]
-            results = [{"index": i, "gt": _mask_array(row.get("mask"), resolution), "out": {}, "passes": {}}
-                       for i, row in zip(batch, rows)]
-            for method in methods:  # ONE call per method and batch: every map comes from it
-                generators = [image_generator(seed, image) for image in images]
-                start = time.perf_counter()
-                out = pipe(images, method=method, config=config, generator=generators, batch_size=len(batch),
-                           output_type="np")
-                seconds[method] += time.perf_counter() - start
-                masks = np.asarray(out.inpaint_masks, dtype=bool)
-                for j, res in enumerate(results):
-                    for kind in maps_of[method]:
-                        decisions = out.is_anomalous.get(kind)
-                        res["out"][threshold_key(method, kind)] = {
-                            "score": float(out.scores[kind][j]),
-                            "decision": None if decisions is None else bool(decisions[j]),
-                            "map": np.asarray(out.anomaly_maps[kind][j], dtype=np.float32),
-                        }
-                    res["passes"][method] = int(out.unet_passes[j])
-                    if method == "self_aware":
-                        res["mask_counts"] = (int(masks[j].sum()), int((masks[j] & res["gt"]).sum()))
-                    if res["index"] in figure_set and method == figure_method:
-                        res["figure"] = {kind: res["out"][threshold_key(method, kind)]["map"]
-                                         for kind in maps_of[method]}
-                        res["figure"]["reconstruction"] = np.asarray(out.reconstructions[j])
-                        res["figure"]["inpainting_mask"] = masks[j]
-                        res["figure"]["image"] = np.asarray(images[j].resize((resolution, resolution),
-                                                                             Image.Resampling.BICUBIC))
-            local.extend(results)
-            bar.update(len(batch))
+        bar = tqdm(total=sum(map(len, my_batches)), desc=desc, disable=not (progress and is_main), unit="img")
+        local = run.run(my_batches, bar)
         bar.close()
-        return local, seconds
+        return local, run.seconds
 
     if accelerator is None or accelerator.num_processes == 1:
         gathered, seconds = process(batches)
@@ -345,11 +417,17 @@ def evaluate_pipeline(
         gathered = gather_object(local)
         seconds_all = gather_object([seconds])
     gathered = sorted(gathered, key=lambda r: r["index"])
+    n = sum(map(len, batches))
     if [r["index"] for r in gathered] != list(range(n)):
         raise RuntimeError(f"gathered {len(gathered)} results for {n} images: a process lost or repeated images")
+    return gathered, seconds_all
 
+
+def _method_statistics(gathered: list[dict[str, Any]], methods: list[str], seconds_all: list[dict[str, float]],
+                       labels: list[int], resolution: int) -> dict[str, dict[str, Any]]:
+    """Per method: seconds and UNet passes per image, and for ``self_aware`` the inpainting masks' statistics."""
+    n = len(gathered)
     gt = np.stack([r["gt"] for r in gathered])
-    has_pixels = bool(gt.any() and not gt.all())
     per_method: dict[str, dict[str, Any]] = {}
     for method in methods:
         values: dict[str, Any] = {
@@ -361,37 +439,22 @@ def evaluate_pipeline(
                                           [r["mask_counts"][1] for r in gathered],
                                           gt.reshape(n, -1).sum(axis=1), labels, resolution * resolution))
         per_method[method] = values
-    records: list[dict[str, Any]] = []
-    metrics: dict[str, dict[str, Any]] = {}
-    threshold_of = getattr(getattr(pipe, "calibration", None), "threshold", None)
-    for method, kind in combos:
-        key = threshold_key(method, kind)
-        threshold = threshold_of(key) if callable(threshold_of) else None  # what decided the rows
-        scores = np.array([r["out"][key]["score"] for r in gathered], dtype=np.float64)
-        maps = np.stack([r["out"][key]["map"] for r in gathered])
-        values = compute_anomaly_metrics(scores, labels, maps if has_pixels else None, gt if has_pixels else None)
-        values.update(per_method[method])
-        values["num_images"] = n
-        metrics[key] = values
-        for r in gathered:
-            o = r["out"][key]
-            decision = "unknown" if o["decision"] is None else ("defect" if o["decision"] else "ok")
-            records.append({"file": files[r["index"]], "category": category, "defect_type": defect_types[r["index"]],
-                            "label": labels[r["index"]], "method": method, "map": kind,
-                            "score": f"{o['score']:.8g}", "decision": decision,
-                            "threshold": "" if threshold is None or o["decision"] is None else f"{threshold:.8g}"})
+    return per_method
 
-    figure_rows = []
-    for r in gathered:
-        fig = r.get("figure")
-        if fig is None:
-            continue
-        figure_rows.append(FigureRow(image=fig["image"], reconstruction=fig["reconstruction"],
-                                     inpainting_mask=fig["inpainting_mask"], multiscale_map=fig.get("multiscale"),
-                                     learned_map=fig.get("learned"), ground_truth=r["gt"], title=files[r["index"]],
-                                     noise_error_map=fig.get("noise_error")))
-    return CategoryEvaluation(category=category, records=records, metrics=metrics, figure_rows=figure_rows,
-                              resolution=resolution, sampling=sampling)
+
+def _decision(out: dict[str, Any], threshold: Optional[float]) -> dict[str, str]:
+    """The ``score``, ``decision`` and ``threshold`` cells of one image's row for one map."""
+    decision = "unknown" if out["decision"] is None else ("defect" if out["decision"] else "ok")
+    return {"score": f"{out['score']:.8g}", "decision": decision,
+            "threshold": "" if threshold is None or out["decision"] is None else f"{threshold:.8g}"}
+
+
+def _figure_rows(gathered: list[dict[str, Any]], files: list[str]) -> list[FigureRow]:
+    """The Fig. 4.4 rows of the images chosen for it, in split order."""
+    return [FigureRow(image=fig["image"], reconstruction=fig["reconstruction"], inpainting_mask=fig["inpainting_mask"],
+                      multiscale_map=fig.get("multiscale"), learned_map=fig.get("learned"), ground_truth=r["gt"],
+                      title=files[r["index"]], noise_error_map=fig.get("noise_error"))
+            for r in gathered if (fig := r.get("figure")) is not None]
 
 
 # ----------------------------------------------------------------------------- tables and files
@@ -639,7 +702,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
         from accelerate import Accelerator
 
-        # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
+        # CPU processes need cpu=True to form one gloo group.
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
                               config=args.config, batch_size=args.batch_size, seed=args.seed,

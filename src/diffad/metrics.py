@@ -1,8 +1,6 @@
 """Anomaly-detection metrics: image AUROC, image F1-max, pixel AUROC and AUPRO.
 
-The maths lives in plain numpy / scikit-learn functions (fast, testable); the
-``evaluate.Metric`` in :mod:`diffad.metrics_module` is a thin wrapper around
-:func:`compute_anomaly_metrics`, loaded offline with :func:`load_metric`.
+Plain numpy / scikit-learn functions (fast, testable, offline); :func:`compute_anomaly_metrics` gives them all.
 
 References:
     * AUPRO: P. Bergmann, M. Fauser, D. Sattlegger, C. Steger, "Uninformed Students:
@@ -18,7 +16,6 @@ Scores are used raw (no min-max normalisation).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +27,9 @@ __all__ = [
     "compute_anomaly_metrics",
     "image_auroc",
     "image_f1_max",
-    "load_metric",
     "pixel_auroc",
     "pro_curve",
 ]
-
-METRIC_MODULE_DIR = Path(__file__).resolve().parent / "metrics_module"
 
 # 8-connectivity for ground-truth regions, as in the MVTec AD evaluation code.
 _REGION_STRUCTURE = np.ones((3, 3), dtype=int)
@@ -227,19 +221,3 @@ def compute_anomaly_metrics(
         result["aupro"] = aupro(maps, gt, max_fpr=max_fpr)
     return result
 
-
-def load_metric(**kwargs: Any):
-    """Load the anomaly-detection ``evaluate.Metric`` shipped inside the package, offline.
-
-    ``evaluate.load(<folder>)`` runs ``<folder>/<folder name>.py``; the folder is
-    ``diffad/metrics_module`` in the installed package. Extra keyword arguments go to
-    ``evaluate.load`` (e.g. ``experiment_id``).
-
-    Example::
-
-        metric = load_metric()
-        metric.compute(scores=scores, labels=labels, anomaly_maps=maps, masks=masks)
-    """
-    import evaluate
-
-    return evaluate.load(str(METRIC_MODULE_DIR), **kwargs)

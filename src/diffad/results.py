@@ -175,7 +175,7 @@ def check_identity(sidecar: str | os.PathLike, identity: Mapping[str, Any], resu
     """Write ``identity`` to ``sidecar`` (JSON), or, when it exists, refuse (``ValueError``, one line) to add rows to
     ``results`` under another calibration, method, map, threshold or seed. A results file with rows but no sidecar
     (another diffad version) is refused too: its rows' identity is unknown."""
-    from diffad.training_utils import atomic_write_json
+    from diffad.files import atomic_write_json
 
     sidecar, results = Path(sidecar), Path(results)
     if sidecar.is_file():

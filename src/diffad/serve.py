@@ -13,7 +13,7 @@
 Scores are ``diffad detect``'s for the same file: the same reader (8-bit RGB by the pipeline's ``rgb_image``), the
 same seeding (``--seed`` and the photo's pixels) and the same decision (``inspect_photos``, one photo per UNet
 call). Requests are not batched together: detect's bit-identical scores need one photo per UNet call, and on CPU
-batching saves at most ~10% (``STACK_NOTES.md``). One photo is scored at a time; ``/health`` answers meanwhile.
+batching saves at most ~10%. One photo is scored at a time; ``/health`` answers meanwhile.
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise (a one-line warning then: the API has no login).
 FastAPI and uvicorn are an optional extra: ``pip install 'diffad[serve]'``.

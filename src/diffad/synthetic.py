@@ -58,7 +58,6 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_DEFECT_TYPES",
     "make_synthetic_dataset",
-    "render_sample",
 ]
 
 logger = logging.getLogger(__name__)
@@ -394,25 +393,6 @@ def _render_pair(category: str, defect_type: str | None, resolution: int,
         if mask.sum() >= min_area:
             return normal, np.where(mask[..., None], candidate, normal), mask
     raise RuntimeError(f"could not draw a {defect_type!r} defect of at least {min_area} pixels in {_MAX_DRAWS} tries")
-
-
-def render_sample(category: str, defect_type: str | None = None, *, resolution: int = 128,
-                  seed: int | np.random.Generator = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Render one synthetic image and its ground-truth mask.
-
-    Args:
-        category: one of :data:`SYNTHETIC_CATEGORIES`.
-        defect_type: one of ``SYNTHETIC_DEFECT_TYPES[category]``, or None for a normal image.
-        resolution: side R of the square image in pixels.
-        seed: an int or a ``numpy.random.Generator``.
-
-    Returns:
-        ``(image, mask)``: image (R, R, 3) uint8 RGB; mask (R, R) bool, True exactly where the
-        defect changed the pixel, each by at least 8 levels (all False for a normal image).
-    """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    _, image, mask = _render_pair(category, defect_type, resolution, rng)
-    return image, mask
 
 
 def _image_rng(seed: int, category: str, split: str, index: int, defect: str = "") -> np.random.Generator:

@@ -1,16 +1,12 @@
-"""What diffad's training scripts share: crash-safe writes, checkpoint discovery and rotation,
-the training log, seeded augmentations, and turning user errors into one clear line.
+"""What diffad's training scripts share: checkpoint discovery and rotation, the training log, seeded
+augmentations, the output-folder lock, progress and the time budget.
 
-Crash safety: every file or folder that a later run reads back is first written under a
-temporary name in the same directory and then renamed (``os.replace``, atomic on POSIX), so a
-run killed at any instant (SIGKILL, power loss) leaves either the old or the new version, never a
-half-written one. Checkpoint folders carry a marker file written last
+Checkpoint folders are written crash-safely through :mod:`diffad.files` and carry a marker file written last
 (:data:`CHECKPOINT_MARKER`); :func:`latest_checkpoint` only takes folders that have it.
 
 Other people's files: one run at a time writes an output folder (:func:`output_folder_lock`, an OS lock held by
-the training scripts' ``main``), and diffad deletes only what it wrote, saying so in the log: leftovers under its
-own temporary names (``.<name>.diffad-incomplete``, ``.<name>.diffad-old-<pid>-<ns>``), and in a checkpoint the
-files its marker lists (:func:`delete_checkpoint`); a checkpoint holding anything else is renamed aside, kept.
+the training scripts' ``main``), and in a checkpoint diffad deletes only the files its marker lists
+(:func:`delete_checkpoint`); a checkpoint holding anything else is renamed aside, kept.
 """
 
 from __future__ import annotations
@@ -20,18 +16,17 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
+
+from diffad.files import PathLike, atomic_write_json, commit_directory, file_lock, incomplete_path, to_jsonable
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -40,35 +35,20 @@ __all__ = [
     "BEST_WEIGHTS",
     "CHECKPOINT_PREFIX",
     "CHECKPOINT_MARKER",
-    "EXIT_FAILURE",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "OneLineArgumentParser",
     "TrainingLog",
-    "file_lock",
+    "TrainingProgress",
     "holds_output_folder",
     "output_folder_lock",
     "delete_checkpoint",
-    "atomic_write_json",
-    "atomic_write_text",
     "augment_batch",
     "checkpoint_step",
-    "commit_directory",
-    "incomplete_path",
     "latest_checkpoint",
     "list_checkpoints",
     "parse_int_list",
-    "remove_incomplete",
-    "report_error",
     "resolve_resume",
     "rotate_checkpoints",
-    "run_with_clear_errors",
     "save_checkpoint",
-    "save_pipeline",
-    "seeded_generator",
-    "image_generator",
     "time_budget_spent",
-    "to_jsonable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,136 +56,15 @@ logger = logging.getLogger(__name__)
 # The best-by-validation weights inside a checkpoint folder.
 BEST_WEIGHTS = "best_unet.safetensors"
 
-PathLike = Union[str, os.PathLike]
-
 CHECKPOINT_PREFIX = "checkpoint"
 CHECKPOINT_MARKER = "diffad_training_state.json"
 #: diffad's own tensors in a checkpoint (the EMA's shadow weights), in safetensors: never a pickle.
 STATE_TENSORS = "diffad_state.safetensors"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
-_INCOMPLETE_SUFFIX = ".diffad-incomplete"
-#: The names of diffad's own temporary files and folders (nothing else is ever deleted as a leftover).
-_LEFTOVER_RE = re.compile(r"^\..+\.diffad-(incomplete|old-\d+-\d+)$")
 #: The lock file a training run holds in its output folder.
 TRAIN_LOCK_NAME = ".diffad-train.lock"
 
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def to_jsonable(value: Any) -> Any:
-    """``value`` with tuples, paths, numpy/torch scalars and tensors turned into JSON types."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, torch.Tensor):
-        return to_jsonable(value.tolist())
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf
-    return value
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one, never a
-    partial one: write a temporary file in the same folder, flush it to disk, then ``os.replace``.
-
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write_text`).
-
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent) + "\n")
-
-
-def incomplete_path(dest: PathLike) -> Path:
-    """The temporary sibling under which ``dest`` is written before :func:`commit_directory`:
-    ``<parent>/.<name>.diffad-incomplete``. Deterministic, so that every rank of a distributed run
-    writes its share of a checkpoint into the same folder."""
-    dest = Path(dest)
-    return dest.parent / f".{dest.name}{_INCOMPLETE_SUFFIX}"
-
-
-@contextlib.contextmanager
-def file_lock(path: PathLike, *, blocking: bool = True) -> Iterator[None]:
-    """Hold an exclusive OS lock (``flock``) on the file ``path`` (created when missing) for the ``with`` block.
-
-    The OS releases it even when the holder is killed, so no stale lock ever blocks a rerun. With
-    ``blocking=False`` a lock held by another process raises ``BlockingIOError`` at once. Not POSIX: no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def commit_directory(tmp: PathLike, dest: PathLike) -> Path:
-    """Move a fully written folder ``tmp`` to ``dest`` by renaming it.
-
-    If ``dest`` already exists it is first renamed aside and deleted only after the new folder
-    is in place, so at every instant one complete version exists on disk.
-    """
-    tmp, dest = Path(tmp), Path(dest)
-    if not tmp.is_dir():
-        raise FileNotFoundError(f"cannot commit {tmp}: it is not a folder")
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.diffad-old-{os.getpid()}-{time.time_ns()}"
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
-def remove_incomplete(output_dir: PathLike) -> List[Path]:
-    """Delete diffad's own leftovers of interrupted writes in ``output_dir`` (``.<name>.diffad-incomplete`` and
-    ``.<name>.diffad-old-<pid>-<ns>``; never another name), each named in the log. Call it on one process, before
-    any process starts writing.
-
-    Returns:
-        The removed paths.
-    """
-    output_dir = Path(output_dir)
-    removed = []
-    if not output_dir.is_dir():
-        return removed
-    for p in sorted(output_dir.iterdir()):
-        if _LEFTOVER_RE.match(p.name):
-            logger.info("removing %s: diffad's leftover of an interrupted write", p)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+# --------------------------------------------------------------------------- the output folder
 
 
 @contextlib.contextmanager
@@ -361,12 +220,7 @@ class TrainingLog:
         return atomic_write_json(path, self.state_dict())
 
 
-# --------------------------------------------------------------------------- randomness
-
-
-# The inference seeding rule lives in the file every Hub repo carries as handler.py, so that Inference Endpoints
-# (diffusers alone) seed a photo exactly as `diffad detect` does; re-exported here for the scripts and commands.
-from diffad.pipelines.self_aware_inpaint.inspection import image_generator, seeded_generator  # noqa: E402
+# --------------------------------------------------------------------------- augmentation and flags
 
 
 def augment_batch(
@@ -411,76 +265,6 @@ def augment_batch(
     return torch.stack(out)
 
 
-# --------------------------------------------------------------------------- user errors
-
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line, ``<prog>: error: <message> (see '<prog> --help')``,
-    with exit status 2, instead of the full usage block. Used by ``diffad`` and both training scripts."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def report_error(prog: str, message: object, code: int = EXIT_USAGE) -> int:
-    """Print ``<prog>: error: <message>`` as ONE line on stderr (newlines folded) and return ``code``.
-
-    The one writer of user-facing errors: :func:`run_with_clear_errors` (``diffad`` and the training
-    scripts) goes through it, so every error of the project looks alike.
-    """
-    text = " ".join(str(message).split())
-    sys.stderr.write(f"{prog}: error: {text}\n")
-    sys.stderr.flush()
-    return code
-
-
-def _user_error_types() -> tuple:
-    """Exceptions that mean bad input (exit 2): a bad flag, a missing or malformed file or folder."""
-    return (ValueError, FileNotFoundError, NotADirectoryError)  # diffad.data.MVTecDataError is a ValueError
-
-
-def run_with_clear_errors(fn: Callable[[], Any], prog: str) -> int:
-    """Run ``fn()`` and turn any failure into one line on stderr (:func:`report_error`) and an exit status.
-
-    * bad input (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``): ``<prog>: error: <message>``,
-      exit status 2 (a ``FileNotFoundError`` raised by ``open`` gets its file name appended);
-    * ``KeyboardInterrupt``: ``<prog>: error: interrupted``, exit status 1;
-    * anything else (a bug, a crash): ``<prog>: error: <Type>: <message> (set DIFFAD_DEBUG=1 for the
-      traceback)``, exit status 1.
-
-    With ``DIFFAD_DEBUG=1`` the traceback is printed before the line. The one error mechanism of ``diffad``
-    (:func:`diffad.cli.main`), ``training/train_ddpm.py`` and ``training/train_segmenter.py``.
-
-    Returns:
-        ``fn()``'s result when it is an int (an exit status), 0 when it returns anything else, or the error's
-        exit status.
-    """
-    import traceback
-
-    try:
-        result = fn()
-    except _user_error_types() as err:
-        if os.environ.get("DIFFAD_DEBUG"):
-            traceback.print_exc()
-        message = str(err).strip() or type(err).__name__
-        if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in message:
-            message = f"{message}: {err.filename}"
-        return report_error(prog, message, EXIT_USAGE)
-    except KeyboardInterrupt:
-        return report_error(prog, "interrupted", EXIT_FAILURE)
-    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        if os.environ.get("DIFFAD_DEBUG"):
-            traceback.print_exc()
-        return report_error(prog, f"{type(err).__name__}: {err} (set DIFFAD_DEBUG=1 for the traceback)",
-                            EXIT_FAILURE)
-    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
-
-
 def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
     """``"16,32,64"`` (or ``"16 32 64"``, or a sequence) -> ``(16, 32, 64)``; for argparse ``type=``."""
     if not isinstance(text, str):
@@ -493,7 +277,7 @@ def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints and pipeline folders, shared by train_ddpm.py, train_segmenter.py and `diffad calibrate`
+# Checkpoints, shared by train_ddpm.py and train_segmenter.py
 # --------------------------------------------------------------------------------------
 def ema_state(ema) -> tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """An ``EMAModel``'s state as JSON-able scalars and named tensors (for :data:`STATE_TENSORS`)."""
@@ -611,22 +395,7 @@ def resolve_resume(args: argparse.Namespace, output_dir: Path) -> Optional[Path]
     return path
 
 
-# --------------------------------------------------------------------------- main
-
-
-def save_pipeline(pipeline: Any, output_dir: Path) -> None:
-    """``pipeline.save_pretrained`` into a temporary folder, then each saved entry renamed into
-    ``output_dir`` (beside the checkpoints and logs), so a crash never leaves a torn ``unet/``."""
-    tmp = incomplete_path(output_dir / "pipeline")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")  # the index last
-    for entry in entries:
-        if entry.is_dir():
-            commit_directory(entry, output_dir / entry.name)
-        else:
-            os.replace(entry, output_dir / entry.name)
-    shutil.rmtree(tmp, ignore_errors=True)
+# --------------------------------------------------------------------------- progress and the time budget
 
 
 class TrainingProgress:

@@ -176,7 +176,7 @@ def watch(
     """
     from diffad.detect import _check_options
     from diffad.pipelines.self_aware_inpaint import MAP_NAMES, SelfAwareInpaintPipeline
-    from diffad.training_utils import file_lock
+    from diffad.files import file_lock
 
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
     if not input_dir.is_dir():

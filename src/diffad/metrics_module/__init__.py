@@ -1,1 +1,0 @@
-"""evaluate.Metric module for anomaly detection (loaded offline with evaluate.load(<this folder>))."""
