@@ -179,7 +179,6 @@ def run_validation(model: Path, out_file: Path, category: str, seed: int, config
     synthetic defects (:func:`validation_set`): every method and map's metrics -> ``out_file``."""
     import dataclasses as dc
 
-    import torch
 
     from diffad.metrics import compute_anomaly_metrics
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline

@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from bench_speed import split_tensors  # noqa: E402
 from diffad.anomalies import AnomalySynthesizer  # noqa: E402
 from diffad.data import load_mvtec  # noqa: E402
 from diffad.metrics import compute_anomaly_metrics  # noqa: E402
-from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline  # noqa: E402
+from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline  # noqa: E402
 from diffad.pipelines.self_aware_inpaint.pipeline import (  # noqa: E402
     NoiseSchedule, denoise, mean_filter, multiscale_anomaly_map, noise_error, per_pixel_quantile, predict_noise,
     randn_tensor,

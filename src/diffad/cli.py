@@ -26,7 +26,8 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from diffad import __version__
 # The one error mechanism and one-line parser of diffad and its training scripts (standard library only).
@@ -62,7 +63,8 @@ SUBCOMMANDS = (
     Subcommand("demo", "diffad.demo", "register",
                "the whole method on the built-in synthetic data, in about 10 CPU minutes"),
     Subcommand("train", "diffad.cli", "_register_train",
-               "train the self-conditioned DDPM (training/train_ddpm.py; `diffad train --help` lists its flags)"),
+               "train everything the default detector needs: the DDPM (training/train_ddpm.py; `diffad train "
+               "--help` lists its flags), then, with the cpu preset, its calibration and the learned head"),
     Subcommand("calibrate", "diffad.calibration", "register",
                "fit the noise-error threshold map and pass/fail thresholds on normal images"),
     Subcommand("detect", "diffad.detect", "register",
@@ -137,8 +139,7 @@ def accelerate_launch_command(num_processes: int, script: str | os.PathLike,
 def _register_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", add_help=False,
-        help="train everything the default detector needs: the DDPM (training/train_ddpm.py; `diffad train "
-             "--help` lists its flags), then, with the cpu preset, its calibration and the learned head",
+        help=SUBCOMMANDS[1].summary,
         description="Train the DDPM of one category (every flag except --num-processes is forwarded to "
                     "training/train_ddpm.py); with a preset that has a learned head (the default cpu preset), "
                     "then calibrate it (`diffad calibrate`'s defaults) and train the head into the model folder "

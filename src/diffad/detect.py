@@ -60,6 +60,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import binary_opening
 
 from diffad.data import ImageReadError, read_image
+from diffad.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from diffad.figures import overlay
 from diffad.files import file_lock
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
