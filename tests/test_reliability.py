@@ -386,6 +386,40 @@ def test_case6_training_deletes_only_what_diffad_wrote_and_says_so(tmp_path, cap
     del model
 
 
+def test_case16_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_folder_exists(
+        tmp_path, capsys, monkeypatch):
+    import diffad.training_utils as training_utils
+    from diffad.presets import unet_kwargs
+    from diffad.training import train_ddpm
+
+    monkeypatch.setattr(training_utils, "available_memory", lambda device=None: 256 * 2**20)  # a small machine
+    out = tmp_path / "big-run"
+    code = main(["train", "--preset", "tiny", "--resolution", "256", "--data_dir", str(tmp_path / "no-data-needed"),
+                 "--report_to", "none", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "diffad train: error: training on 8 x 256 px images (tiny preset) needs about" in err
+    assert "0.2 GiB is available" in err and all(flag in err for flag in ("--resolution", "--crop_size",
+                                                                         "--train_batch_size", "--skip_memory_check"))
+    assert not out.exists(), "nothing is written before the refusal"
+    # what fits starts (the tiny preset at its own 32 px), and anything does with --skip_memory_check
+    train_ddpm.check_memory(train_ddpm.parse_args(["--preset", "tiny", "--output_dir", str(out)]))
+    with pytest.raises(ValueError, match="no-data-needed"):  # past the check: the data is read
+        train_ddpm.main(train_ddpm.parse_args(["--preset", "tiny", "--resolution", "256", "--skip_memory_check",
+                                               "--data_dir", str(tmp_path / "no-data-needed"), "--output_dir",
+                                               str(out), "--report_to", "none"]))
+    # the issue's run (tiny, --resolution 4096: killed by the kernel at 22.8 GB) is estimated above that
+    needed = training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=4096), crop_size=4096,
+                                                     resolution=4096, batch_size=8, eval_batch_size=16, use_ema=False)
+    assert needed > 22.8e9
+    # and the estimate grows with the batch and the crop
+    small = training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=64), crop_size=64, resolution=64,
+                                                    batch_size=1, eval_batch_size=1, use_ema=False)
+    assert small < training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=64), crop_size=64,
+                                                           resolution=64, batch_size=2, eval_batch_size=1,
+                                                           use_ema=False) < needed
+
+
 # ------------------------------------------------------------------ diffad space (case 7)
 
 
@@ -540,8 +574,8 @@ def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys):
 # ------------------------------------------------------------------ the data identified by content (cases 12, 11)
 
 
-def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_and_case11_calibrate_warns(
-        tmp_path, caplog):
+def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_and_case11_calibrate_refuses(
+        tmp_path, caplog, capsys):
     import logging
     import shutil
 
@@ -559,6 +593,15 @@ def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_a
     other = data(1)  # the same folder names, other images
     with pytest.raises(ValueError, match="was trained on other images"):
         train_ddpm.main(_train_args(other, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
-    with caplog.at_level(logging.WARNING, logger="diffad.cli"):
-        calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None)
+    # case 11: calibrating on another category's (here: other) images is refused in one line, naming --data and
+    # the override; nothing is written
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()  # the training runs' progress bars
+    code = main(["calibrate", "--model", str(out), "--data", str(other), "--category", SYNTHETIC_CATEGORIES[0]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"--data {other}:" in err and "content differs" in err
+    assert "--allow-other-data" in err and sorted(p.name for p in out.iterdir()) == before
+    with caplog.at_level(logging.WARNING, logger="diffad.cli"):  # the explicit override calibrates, loudly
+        calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None,
+                        allow_other_data=True)
     assert "are not the ones" in caplog.text and "content differs" in caplog.text
