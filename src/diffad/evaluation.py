@@ -73,7 +73,7 @@ from diffad.figures import FigureRow, inspection_figure
 from diffad.metrics import compute_anomaly_metrics
 from diffad.model_folder import MODEL_INDEX
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
-from diffad.precision import add_precision_assertion, check_precision
+from diffad.precision import add_precision_assertion, check_network_precision, check_precision
 from diffad.results import csv_text
 from diffad.training_utils import atomic_write_text, image_generator, report_error
 
@@ -556,6 +556,7 @@ def evaluate_folder(
         pipe = from_pretrained_quietly(model_dirs[c]).to(device)
         check_config(pipe, config, where=str(model_dirs[c]))
         check_precision(pipe, precision, str(model_dirs[c]))
+        check_network_precision(pipe, str(model_dirs[c]))  # another export's networks swapped in (case 13)
         split = load_mvtec(data, c, resolution=int(pipe.resolution))["test"]
         logger.info("evaluating %s on %d test images of %r", model_dirs[c], len(split), c)
         results.append(evaluate_pipeline(pipe, split, methods=methods, anomaly_maps=anomaly_maps, config=config,
