@@ -282,6 +282,9 @@ def test_case9_detect_refuses_to_append_under_another_map_method_seed_or_calibra
         assert err.count("\n") == 1 and f"{what} " in err and "another --out" in err, err
     other = tmp_path / "other_model"
     shutil.copytree(model, other)
+    _photo(photos, "b.png", seed=1)  # the same calibration in a moved folder is the same model: it resumes
+    assert main(["detect", "--model", str(other), str(photos), "--out", str(out)]) == 0
+    assert len(_rows(out / "results.csv")) == 2
     from diffad.detect import load_pipeline
     from tiny_components import calibrate_cheaply, random_images
 
@@ -289,7 +292,7 @@ def test_case9_detect_refuses_to_append_under_another_map_method_seed_or_calibra
     repiped.save_pretrained(str(other))
     assert main(["detect", "--model", str(other), str(photos), "--out", str(out)]) == 2
     assert "calibration" in capsys.readouterr().err
-    assert len(_rows(out / "results.csv")) == 1
+    assert len(_rows(out / "results.csv")) == 2
 
 
 def test_case15_a_250_character_file_name_is_scored(model, tmp_path):
@@ -590,6 +593,8 @@ def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_a
 
     out = tmp_path / "run"
     train_ddpm.main(_train_args(data(0), out, "--checkpointing_steps", "1", "--seed", "0"))
+    recorded = json.loads((out / "training_log.json").read_text())["config"]["data_source"]  # for diffad card (19)
+    assert recorded["dataset"] == "diffad-synthetic" and recorded["license"] == "apache-2.0"
     other = data(1)  # the same folder names, other images
     with pytest.raises(ValueError, match="was trained on other images"):
         train_ddpm.main(_train_args(other, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))

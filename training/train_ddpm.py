@@ -301,7 +301,7 @@ def _stack_pixels(batch: Dict[str, Any]) -> torch.Tensor:
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """The train split (a transformed ``datasets.Dataset``) and the validation images
     ``(V, 3, R, R)`` in [-1, 1] (V may be 0)."""
-    from diffad.data import load_mvtec, make_transform, split_fingerprint
+    from diffad.data import data_source, load_mvtec, make_transform, split_fingerprint
 
     data_dir, category = args.data_dir, args.category
     if data_dir is None:  # the embedded default: procedural parts in MVTec layout
@@ -319,6 +319,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         category = train[0]["category"]  # load_mvtec resolved the only category there
     args.category, args.resolved_data_dir = category, str(Path(data_dir).resolve())
     args.data_fingerprint = {name: split_fingerprint(splits[name]) for name in ("train", "validation")}  # by content
+    args.data_source = data_source(data_dir, category)  # its licence and name, from its own files (diffad card)
     transform = make_transform(args.resolution)
     if len(train) == 0:
         raise ValueError(f"no training images in {data_dir}/{category}/train/good")

@@ -42,6 +42,7 @@ from diffad.training_utils import atomic_write_text
 __all__ = [
     "METRICS",
     "ResultRow",
+    "check_results_model",
     "normalize_results",
     "read_training_log",
     "template_path",
@@ -262,6 +263,50 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def check_results_model(results: Any, model_dir: Path, category: str, where: str = "the results") -> None:
+    """Refuse (``ValueError``, one line) results that ``diffad evaluate`` recorded as made by another model: its
+    ``settings.calibrations[<category>]`` (the calibration's hash, :func:`diffad.results.calibration_hash`) must be
+    ``model_dir``'s. Results that record no model (another tool's, or an older diffad's) are taken with a warning."""
+    from diffad.results import folder_calibration_hash
+
+    settings = results.get("settings") if isinstance(results, Mapping) else None
+    recorded = settings.get("calibrations") if isinstance(settings, Mapping) else None
+    if not isinstance(recorded, Mapping) or category not in recorded:
+        logger.warning("%s do not say which model made them (no settings.calibrations, as `diffad evaluate` writes): "
+                       "make sure they are %s's", where, model_dir)
+        return
+    mine = folder_calibration_hash(model_dir)
+    if recorded[category] != mine:
+        made_by = (settings.get("model_dirs") or {}).get(category) or settings.get("model") or "another model"
+        raise ValueError(f"{where} were made by another model ({made_by}, calibration {recorded[category]}), not by "
+                         f"{model_dir} (calibration {mine or 'none: not calibrated'}): evaluate this model (`diffad "
+                         f"evaluate --model {model_dir} ...`) and pass its metrics.json")
+
+
+def _data_source(config: Mapping[str, Any], category: str) -> dict[str, Any]:
+    """What the training data says about itself (:func:`diffad.data.data_source`): as ``training_log.json`` recorded
+    it at training, else read from the data folder now (a model trained by an older diffad), else nothing known."""
+    from diffad.data import data_source
+
+    recorded = config.get("data_source")
+    if isinstance(recorded, Mapping):
+        return {"license": None, "license_file": None, "dataset": None, **recorded}
+    folder = config.get("resolved_data_dir") or config.get("data_dir")
+    if folder and Path(str(folder)).is_dir():
+        return data_source(str(folder), category)
+    return {"license": None, "license_file": None, "dataset": None}
+
+
+def _unknown_license(source: Mapping[str, Any], data_dir: str) -> str:
+    """Raise the one-line error for a card whose licence no flag, log or licence file gives."""
+    if source.get("license_file"):
+        raise ValueError(f"{source['license_file']}: diffad does not recognise the licence of the training data; pass "
+                         "--license with its Hub id (e.g. cc-by-nc-sa-4.0, apache-2.0, other)")
+    raise ValueError(f"the training data ({data_dir or 'unknown'}) has no licence file (license.txt, LICENSE) and "
+                     "training_log.json records none: pass --license with the licence the data allows (e.g. "
+                     "cc-by-nc-sa-4.0 for MVTec AD, whose weights inherit it)")
+
+
 def make_model_card(
     model_dir: str | os.PathLike,
     results: Any,
@@ -284,8 +329,9 @@ def make_model_card(
         category: the model's category (default: ``training_log.json``'s, else the results' only one).
         dataset_name: a readable dataset name (default: from the training data folder).
         dataset_type: the dataset id in the metadata (default ``mvtec_ad`` or ``diffad-synthetic``).
-        license: the model's license (default: ``cc-by-nc-sa-4.0`` when trained on MVTec AD, whose
-            license the weights inherit, else ``apache-2.0``).
+        license: the model's licence (default: the training data's, as its licence file states it, recorded in
+            ``training_log.json`` at training or read from the data folder: MVTec AD's ``cc-by-nc-sa-4.0`` is
+            inherited by the weights; ``apache-2.0`` for diffad's synthetic data; none known is an error).
         seconds_per_image: ``{method: seconds}`` shown under the table (one reconstruction gives every map of a
             method, so seconds are per method; ``"<method>/<map>"`` labels are shown as given).
         extra_tags: added to the card's tags.
@@ -296,11 +342,14 @@ def make_model_card(
 
     Raises:
         FileNotFoundError: ``model_dir`` is not a model folder.
-        ValueError: no results for the category, or the category is ambiguous.
+        ValueError: no results for the category, or the category is ambiguous; results made by another model
+            (:func:`check_results_model`); no ``license`` given and none known for the training data.
     """
     model_dir = require_model_folder(model_dir)
+    where = "the results"
     if isinstance(results, (str, os.PathLike)):
         results_path = Path(results)
+        where = f"--results {results_path}"
         if not results_path.is_file():
             raise FileNotFoundError(f"results file {results_path} does not exist: run `diffad evaluate` first")
         try:
@@ -322,18 +371,17 @@ def make_model_card(
                   key=lambda r: tuple(order.get(part, 9) for part in r.method.split("/")) + (r.method,))
     if not rows:
         raise ValueError(f"no results for category {category!r} (the results hold {categories})")
+    check_results_model(results, model_dir, str(category), where)
 
     data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
-    is_mvtec = "mvtec" in data_dir.lower()
-    is_synthetic = (dataset_type == "diffad-synthetic" or "synthetic" in data_dir.lower()
-                    or (data_dir != "" and (Path(data_dir) / ".diffad-demo-data.json").is_file()))
+    source = _data_source(config, str(category))
     if dataset_type is None:
-        dataset_type = "mvtec_ad" if is_mvtec else ("diffad-synthetic" if is_synthetic else "custom")
+        dataset_type = source["dataset"] or "custom"
+    is_mvtec, is_synthetic = dataset_type == "mvtec_ad", dataset_type == "diffad-synthetic"
     if dataset_name is None:
         dataset_name = ("MVTec AD" if is_mvtec else "diffad synthetic default" if is_synthetic
                         else (Path(data_dir).name or "custom dataset"))
-    if license is None:
-        license = "cc-by-nc-sa-4.0" if is_mvtec else "apache-2.0"
+    license = license or source["license"] or _unknown_license(source, data_dir)
     repo_id = repo_id or f"your-username/diffad-{category}"
 
     eval_results = [
@@ -421,7 +469,8 @@ def register(subparsers) -> None:
     parser.add_argument("--category", default=None, help="the model's category (default: from the training log)")
     parser.add_argument("--repo-id", default=None, help="Hub id shown in the usage snippets (ORG/NAME)")
     parser.add_argument("--license", default=None,
-                        help="model license (default: cc-by-nc-sa-4.0 for MVTec AD data, else apache-2.0)")
+                        help="the model's licence, a Hub licence id (default: the training data's, from its licence "
+                             "file, e.g. cc-by-nc-sa-4.0 for MVTec AD; required when the data has none)")
     parser.set_defaults(func=run)
 
 

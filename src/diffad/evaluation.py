@@ -74,7 +74,7 @@ from diffad.metrics import compute_anomaly_metrics
 from diffad.model_folder import MODEL_INDEX
 from diffad.pipelines.self_aware_inpaint import MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, threshold_key
 from diffad.precision import add_precision_assertion, check_network_precision, check_precision
-from diffad.results import csv_text
+from diffad.results import calibration_hash, csv_text
 from diffad.training_utils import atomic_write_text, image_generator, report_error
 
 __all__ = [
@@ -551,9 +551,10 @@ def evaluate_folder(
         device = accelerator.device
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
+    results, calibrations = [], {}
     for c in categories:
         pipe = from_pretrained_quietly(model_dirs[c]).to(device)
+        calibrations[c] = calibration_hash(pipe) if pipe.is_calibrated else None  # who made the results (diffad card)
         check_config(pipe, config, where=str(model_dirs[c]))
         check_precision(pipe, precision, str(model_dirs[c]))
         check_network_precision(pipe, str(model_dirs[c]))  # another export's networks swapped in (case 13)
@@ -569,7 +570,7 @@ def evaluate_folder(
                     "sampling": {r.category: r.sampling for r in results},
                     "num_processes": 1 if accelerator is None else accelerator.num_processes,
                     "figure_method": "self_aware" if "self_aware" in methods else list(methods)[0],
-                    "model_dirs": {c: str(p) for c, p in model_dirs.items()}}
+                    "model_dirs": {c: str(p) for c, p in model_dirs.items()}, "calibrations": calibrations}
         write_outputs(results, out_dir, settings)
     if accelerator is not None:
         accelerator.wait_for_everyone()
