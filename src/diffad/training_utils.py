@@ -690,8 +690,8 @@ _PROBE_SIDE = 32
 def available_memory(device: Union[str, torch.device, None] = None) -> int:
     """Bytes a new training run can still allocate on ``device``: a CUDA device's free memory
     (``torch.cuda.mem_get_info``), else the host's available memory (psutil's ``available``, or
-    ``MemAvailable`` in ``/proc/meminfo``), capped by a cgroup v2 limit (``memory.max`` less
-    ``memory.current``) when the process runs in a container with one.
+    ``MemAvailable`` in ``/proc/meminfo``), capped by a cgroup v2 limit (``memory.max`` less ``memory.current``,
+    plus the inactive page cache) when the process runs in a container with one.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -706,7 +706,10 @@ def available_memory(device: Union[str, torch.device, None] = None) -> int:
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
-            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            stat = Path("/sys/fs/cgroup/memory.stat").read_text()
+            cache = re.search(r"^inactive_file (\d+)", stat, re.M)  # page cache the kernel gives back first
+            free = min(free, int(limit) - used + (int(cache.group(1)) if cache else 0))
     except (OSError, ValueError):
         pass
     return free
@@ -716,7 +719,8 @@ def _saved_for_backward(unet: torch.nn.Module, side: int) -> tuple:
     """``(total, largest)`` bytes autograd saves in a forward of ``unet`` (on the meta device: no memory, no
     arithmetic) on one ``side x side`` sample. Attention is counted as memory-efficient kernels (PyTorch's SDPA on
     CPU and GPU) hold it, a few tensors of its input's size, not the ``tokens x tokens`` matrix the meta device's
-    reference implementation would save."""
+    reference implementation would save (the probe swaps ``F.scaled_dot_product_attention`` for one that saves
+    that much, and puts it back)."""
     import torch.nn.functional as F
 
     def efficient_attention(query, key, value, *args, **kwargs):  # saves query, key, value and one product
