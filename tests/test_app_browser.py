@@ -104,6 +104,8 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         captions = driver.find_element(By.CSS_SELECTOR, "#gallery").text
         assert "part0.png" in captions and "part1.png" in captions, captions
         before = table.count("defect")
+        wait.until(lambda d: d.execute_script(  # the overlays drawn, not only their <img> tags (a busy machine lags)
+            "return Array.from(document.querySelectorAll('#gallery img')).every(i => i.complete && i.naturalWidth > 0)"))
         shots = Path(os.environ.get("DIFFAD_SCREENSHOT_DIR", tmp_path))
         shots.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shots / "diffad_app.png"))  # at the calibrated threshold
