@@ -105,6 +105,8 @@ def test_app_in_headless_chromium(app_url, tmp_path):
         captions = driver.find_element(By.CSS_SELECTOR, "#gallery").text
         assert "part0.png" in captions and "part1.png" in captions, captions
         before = table.count("defect")
+        wait.until(lambda d: d.execute_script(  # the overlays drawn, not only their <img> tags (a busy machine lags)
+            "return Array.from(document.querySelectorAll('#gallery img')).every(i => i.complete && i.naturalWidth > 0)"))
         # the histogram of the calibration's held-out normal scores, with this session's scores, and its rate
         fpr = driver.find_element(By.CSS_SELECTOR, "#fpr").text
         assert "Expected false-positive rate on normal parts" in fpr and "held-out normal images" in fpr, fpr

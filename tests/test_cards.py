@@ -25,7 +25,8 @@ def model_dir(tmp_path_factory) -> Path:
     """A saved (uncalibrated) tiny pipeline with a training_log.json as train_ddpm.py writes it."""
     folder = saved_tiny_pipeline(tmp_path_factory.mktemp("cards") / "model", calibrated=False)
     log = {"config": {"data_dir": "/data/synthetic", "category": "weave", "preset": "tiny", "resolution": 32,
-                      "learning_rate": 2e-4, "train_batch_size": 16, "seed": 0},
+                      "learning_rate": 2e-4, "train_batch_size": 16, "seed": 0,
+                      "data_source": {"dataset": "diffad-synthetic", "license": "apache-2.0", "license_file": None}},
            "epochs": [{"epoch": 0, "train_loss": 0.5, "val_loss": 0.4}, {"epoch": 1, "train_loss": 0.2, "val_loss": 0.25}],
            "summary": {"best_epoch": 1, "best_val_loss": 0.25, "total_optimizer_steps": 40}}
     (folder / "training_log.json").write_text(json.dumps(log))
@@ -70,19 +71,84 @@ def test_card_metadata_round_trips_through_huggingface_hub(model_dir, tmp_path):
     assert "not calibrated yet" in text  # this model has no calibration
 
 
-def test_card_license_follows_mvtec_data(model_dir, tmp_path):
-    from diffad.cards import make_model_card
-
-    log = json.loads((model_dir / "training_log.json").read_text())
-    other = tmp_path / "model"
+def _with_data(model_dir: Path, folder: Path, data_dir: Path, recorded: dict | None = None) -> Path:
+    """A copy of ``model_dir`` whose training log says it was trained on ``data_dir`` (and recorded ``recorded``)."""
     import shutil
 
-    shutil.copytree(model_dir, other)
-    log["config"]["data_dir"] = "/data/mvtec_subset"
-    (other / "training_log.json").write_text(json.dumps(log))
-    card = make_model_card(other, RESULTS)
+    shutil.copytree(model_dir, folder)
+    log = json.loads((model_dir / "training_log.json").read_text())
+    log["config"].pop("data_source")
+    log["config"]["data_dir"] = str(data_dir)
+    if recorded is not None:
+        log["config"]["data_source"] = recorded
+    (folder / "training_log.json").write_text(json.dumps(log))
+    return folder
+
+
+MVTEC_LICENSE = "Attribution-NonCommercial-ShareAlike 4.0 International\n\n=====\n\nCreative Commons Corporation..."
+MVTEC_README = ('Paul Bergmann, Michael Fauser, David Sattlegger, and Carsten Steger, "A Comprehensive Real-World '
+                'Dataset for Unsupervised Anomaly Detection", CVPR 2019\n\nCopyright 2019 MVTec Software GmbH')
+
+
+def test_case19_the_card_licence_comes_from_the_data_never_from_its_path(model_dir, tmp_path, capsys):
+    """Issue 23, case 19: the licence came from the substring "mvtec" in the data path."""
+    from diffad.cards import make_model_card
+
+    # MVTec AD under a neutral name: its license.txt and readme.txt say what it is
+    parts = tmp_path / "line3-photos" / "weave"
+    parts.mkdir(parents=True)
+    (parts / "license.txt").write_text(MVTEC_LICENSE)
+    (parts / "readme.txt").write_text(MVTEC_README)
+    card = make_model_card(_with_data(model_dir, tmp_path / "a", parts.parent), RESULTS)
+    assert card.data.license == "cc-by-nc-sa-4.0" and "mvtec-ad" in card.data.tags and "non-commercial" in card.text
+    # "mvtec" in the path of an MIT-licensed folder is not MVTec AD
+    own = tmp_path / "not_mvtec_at_all"
+    own.mkdir()
+    (own / "LICENSE").write_text("MIT License\n\nCopyright (c) 2026 ACME\n\nPermission is hereby granted, free of charge")
+    card = make_model_card(_with_data(model_dir, tmp_path / "b", own), RESULTS)
+    assert card.data.license == "mit" and "mvtec-ad" not in card.data.tags and "non-commercial" not in card.text
+    # what training recorded wins when the data folder is gone (another machine)
+    recorded = {"dataset": "mvtec_ad", "license": "cc-by-nc-sa-4.0", "license_file": "/gone/license.txt"}
+    card = make_model_card(_with_data(model_dir, tmp_path / "c", tmp_path / "gone" / "mvtec", recorded), RESULTS)
     assert card.data.license == "cc-by-nc-sa-4.0" and "mvtec-ad" in card.data.tags
-    assert "non-commercial" in card.text
+    # no licence known: refused in one line naming --license; an explicit --license is taken as it is
+    unknown = _with_data(model_dir, tmp_path / "d", tmp_path / "mvtec_anomaly_detection")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    capsys.readouterr()
+    assert main(["card", "--model", str(unknown), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no licence file" in err and "pass --license" in err
+    assert not (unknown / "README.md").exists()
+    assert main(["card", "--model", str(unknown), "--results", str(results), "--license", "other"]) == 0
+    assert make_model_card(unknown, RESULTS, license="cc-by-4.0").data.license == "cc-by-4.0"
+
+
+@pytest.mark.parametrize("category", ["weave: x\nlicense: mit\n---\ninjected: true", "a: b", "line\nbreak",
+                                      "'quoted\"", "- item"])
+def test_case19_a_category_with_a_colon_or_newline_cannot_break_or_inject_front_matter(model_dir, tmp_path,
+                                                                                       category):
+    """Issue 23, case 19: all YAML front matter is generated from data by a YAML library (ModelCardData)."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from diffad.cards import make_model_card, write_model_card
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    log = json.loads((model_dir / "training_log.json").read_text())
+    log["config"]["category"] = category
+    (folder / "training_log.json").write_text(json.dumps(log))
+    rows = [{**row, "category": category} for row in RESULTS if row["category"] == "weave"]
+    write_model_card(make_model_card(folder, rows), folder)
+    loaded = ModelCard.load(folder / "README.md")
+    metadata = loaded.data.to_dict()
+    assert set(metadata) == {"library_name", "license", "tags", "metrics", "model-index"}  # nothing injected
+    assert metadata["license"] == "apache-2.0" and metadata["tags"] == make_model_card(model_dir, RESULTS).data.tags
+    name, evals = model_index_to_eval_results(metadata["model-index"])
+    assert name == f"diffad-{category}" and {e.dataset_config for e in evals} == {category} and len(evals) == 7
 
 
 def test_normalize_results_accepts_nested_mappings():
@@ -181,3 +247,41 @@ def test_card_of_an_uncalibrated_model_promises_no_false_positive_rate(model_dir
 
     text = " ".join(make_model_card(model_dir, RESULTS).text.split())
     assert "not calibrated yet" in text and "% false alarms" not in text
+
+
+def test_case19_the_card_refuses_results_made_by_another_model(synthetic_root, tmp_path, capsys, caplog):
+    """Issue 23, case 19: ``diffad card`` took another model's results without a word; ``diffad evaluate`` records
+    which calibration made them, and the card checks it against the model folder's."""
+    import logging
+    import shutil
+
+    from tiny_components import calibrate_cheaply, random_images, tiny_pipeline
+
+    log = {"config": {"category": "weave", "preset": "tiny", "resolution": 32,
+                      "data_source": {"dataset": "diffad-synthetic", "license": "apache-2.0"}}}
+    models = {}
+    for name, seed in (("ours", 0), ("theirs", 1)):
+        pipe = calibrate_cheaply(tiny_pipeline(seed=seed), random_images(4, seed=seed))
+        models[name] = tmp_path / name
+        pipe.save_pretrained(models[name])
+        (models[name] / "training_log.json").write_text(json.dumps(log))
+    assert main(["evaluate", "--model", str(models["theirs"]), "--data", str(synthetic_root), "--category", "weave",
+                 "--methods", "self_aware", "--out", str(tmp_path / "eval"), "--figure-rows", "0",
+                 "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    for results in (tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "metrics" / "weave.json"):
+        assert main(["card", "--model", str(models["ours"]), "--results", str(results)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--results {results} were made by another model" in err, err
+        assert str(models["theirs"]) in err and f"diffad evaluate --model {models['ours']}" in err
+        assert not (models["ours"] / "README.md").exists()
+        assert main(["card", "--model", str(models["theirs"]), "--results", str(results)]) == 0
+    # a copy of the model (same calibration, another path) is the same model
+    shutil.copytree(models["theirs"], tmp_path / "copy")
+    assert main(["card", "--model", str(tmp_path / "copy"), "--results", str(results)]) == 0
+    # results that record no model: taken, with a warning
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(RESULTS))
+    with caplog.at_level(logging.WARNING, logger="diffad.cards"):
+        assert main(["card", "--model", str(models["ours"]), "--results", str(bare)]) == 0
+    assert "do not say which model made them" in caplog.text

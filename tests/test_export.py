@@ -284,7 +284,8 @@ def test_openvino_compiles_each_batch_size_once_and_keeps_the_most_recent(export
     assert torch.allclose(first[1], first[4][:1], atol=1e-5) and torch.allclose(first[2], first[4][:2], atol=1e-5)
 
 
-def test_case13_a_network_running_another_precision_than_the_calibration_is_refused(exported, tmp_path, capsys):
+def test_case13_a_network_running_another_precision_than_the_calibration_is_refused(exported, synthetic_root, tmp_path,
+                                                                                   capsys):
     """Issue 23, case 13: another export's networks swapped in (or an edited config) never run unnoticed."""
     import shutil
 
@@ -302,3 +303,84 @@ def test_case13_a_network_running_another_precision_than_the_calibration_is_refu
     assert main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "unet/ runs fp32 but it was calibrated in bf16" in err and err.count("\n") == 1
+    # another export's unet/ swapped in: the bf16 export's networks under this fp32 calibration
+    swapped = tmp_path / "swapped"
+    shutil.copytree(exported["openvino", "fp32"], swapped)
+    shutil.rmtree(swapped / "unet")
+    shutil.copytree(exported["openvino", "bf16"] / "unet", swapped / "unet")
+    assert main(["detect", "--model", str(swapped), str(photos), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "unet/ runs bf16 but it was calibrated in fp32" in err and err.count("\n") == 1
+    # evaluate loads the folder its own way: it refuses the swapped networks too, before scoring anything
+    code = main(["evaluate", "--model", str(swapped), "--data", str(synthetic_root), "--category", "weave",
+                 "--methods", "self_aware", "--out", str(tmp_path / "eval"), "--figure-rows", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unet/ runs bf16 but it was calibrated in fp32" in err and err.count("\n") == 1
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "empty", "missing"])
+def test_case18_a_broken_openvino_bin_is_one_line_naming_it_and_the_fix(exported, tmp_path, capsys, damage):
+    """Issue 23, case 18: a broken ``openvino_model.bin`` gave OpenVINO's raw message, no path, no fix."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(exported["openvino", "fp32"], folder)
+    weights = folder / "unet" / "openvino_model.bin"
+    size = weights.stat().st_size
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes({"truncated": weights.read_bytes()[:size // 3], "empty": b"",
+                             "overwritten": np.random.default_rng(0).bytes(size)}[damage])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(photos / "a.png")
+    capsys.readouterr()
+    code = main(["detect", "--model", str(folder), str(photos), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"diffad detect: error: {weights}") and "export" in err and "Exception from src" not in err
+    if damage != "missing":
+        assert "broken or truncated" in err and "re-run `diffad export`" in err
+
+
+def test_case18_export_into_a_symlinked_folder_works_and_a_failed_export_leaves_nothing(model, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Issue 23, case 18: an export into a symbolic link to a folder ran, then failed and left ``.incomplete``."""
+    import os
+
+    import diffad.export
+
+    target = tmp_path / "disk" / "exports"
+    target.mkdir(parents=True)
+    link = tmp_path / "exports-link"
+    os.symlink(target, link)
+    assert main(["export", "--model", str(model), "--out", str(link)]) == 0
+    assert link.is_symlink() and (target / "export.json").is_file() and load_pipeline(link).unet.format == "openvino"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "exports-link"]
+    assert [p.name for p in target.parent.iterdir()] == ["exports"]
+
+    def slow_then_fails(*args, **kwargs):
+        raise AssertionError("the export ran: --out is checked first")
+
+    monkeypatch.setattr(diffad.export, "load_pipeline", slow_then_fails)
+    dangling = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere", dangling)
+    (tmp_path / "a-file").write_text("x")
+    capsys.readouterr()
+    for out, message in ((dangling, "is a symbolic link to"), (tmp_path / "a-file", "is a file"),
+                         (link, "exists and is not empty")):
+        code = main(["export", "--model", str(model), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    monkeypatch.undo()
+
+    def fails(*args, **kwargs):  # a converter that fails half way
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(diffad.export, "_convert", fails)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["export", "--model", str(model), "--out", str(tmp_path / "new" / "deeper" / "out")]) == 1
+    assert "converter crashed" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing left behind"

@@ -282,6 +282,9 @@ def test_case9_detect_refuses_to_append_under_another_map_method_seed_or_calibra
         assert err.count("\n") == 1 and f"{what} " in err and "another --out" in err, err
     other = tmp_path / "other_model"
     shutil.copytree(model, other)
+    _photo(photos, "b.png", seed=1)  # the same calibration in a moved folder is the same model: it resumes
+    assert main(["detect", "--model", str(other), str(photos), "--out", str(out)]) == 0
+    assert len(_rows(out / "results.csv")) == 2
     from diffad.detect import load_pipeline
     from tiny_components import calibrate_cheaply, random_images
 
@@ -289,7 +292,7 @@ def test_case9_detect_refuses_to_append_under_another_map_method_seed_or_calibra
     repiped.save_pretrained(str(other))
     assert main(["detect", "--model", str(other), str(photos), "--out", str(out)]) == 2
     assert "calibration" in capsys.readouterr().err
-    assert len(_rows(out / "results.csv")) == 1
+    assert len(_rows(out / "results.csv")) == 2
 
 
 def test_case15_a_250_character_file_name_is_scored(model, tmp_path):
@@ -385,6 +388,40 @@ def test_case6_training_deletes_only_what_diffad_wrote_and_says_so(tmp_path, cap
     assert not (out / "checkpoint-1999").exists()  # no longer a checkpoint a resume could pick up
     assert not any(p.suffix == ".safetensors" for p in out.rglob("*")), "diffad's own files are deleted"
     del model
+
+
+def test_case16_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_folder_exists(
+        tmp_path, capsys, monkeypatch):
+    import diffad.training_utils as training_utils
+    from diffad.presets import unet_kwargs
+    from diffad.training import train_ddpm
+
+    monkeypatch.setattr(training_utils, "available_memory", lambda device=None: 256 * 2**20)  # a small machine
+    out = tmp_path / "big-run"
+    code = main(["train", "--preset", "tiny", "--resolution", "256", "--data_dir", str(tmp_path / "no-data-needed"),
+                 "--report_to", "none", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "diffad train: error: training on 8 x 256 px images (tiny preset) needs about" in err
+    assert "0.2 GiB is available" in err and all(flag in err for flag in ("--resolution", "--crop_size",
+                                                                         "--train_batch_size", "--skip_memory_check"))
+    assert not out.exists(), "nothing is written before the refusal"
+    # what fits starts (the tiny preset at its own 32 px), and anything does with --skip_memory_check
+    train_ddpm.check_memory(train_ddpm.parse_args(["--preset", "tiny", "--output_dir", str(out)]))
+    with pytest.raises(ValueError, match="no-data-needed"):  # past the check: the data is read
+        train_ddpm.main(train_ddpm.parse_args(["--preset", "tiny", "--resolution", "256", "--skip_memory_check",
+                                               "--data_dir", str(tmp_path / "no-data-needed"), "--output_dir",
+                                               str(out), "--report_to", "none"]))
+    # the issue's run (tiny, --resolution 4096: killed by the kernel at 22.8 GB) is estimated above that
+    needed = training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=4096), crop_size=4096,
+                                                     resolution=4096, batch_size=8, eval_batch_size=16, use_ema=False)
+    assert needed > 22.8e9
+    # and the estimate grows with the batch and the crop
+    small = training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=64), crop_size=64, resolution=64,
+                                                    batch_size=1, eval_batch_size=1, use_ema=False)
+    assert small < training_utils.estimate_training_memory(unet_kwargs("tiny", resolution=64), crop_size=64,
+                                                           resolution=64, batch_size=2, eval_batch_size=1,
+                                                           use_ema=False) < needed
 
 
 # ------------------------------------------------------------------ diffad space (case 7)
@@ -541,8 +578,8 @@ def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys):
 # ------------------------------------------------------------------ the data identified by content (cases 12, 11)
 
 
-def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_and_case11_calibrate_warns(
-        tmp_path, caplog):
+def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_and_case11_calibrate_refuses(
+        tmp_path, caplog, capsys):
     import logging
     import shutil
 
@@ -557,9 +594,20 @@ def test_case12_a_resume_on_other_images_under_the_same_folder_name_is_refused_a
 
     out = tmp_path / "run"
     train_ddpm.main(_train_args(data(0), out, "--checkpointing_steps", "1", "--seed", "0"))
+    recorded = json.loads((out / "training_log.json").read_text())["config"]["data_source"]  # for diffad card (19)
+    assert recorded["dataset"] == "diffad-synthetic" and recorded["license"] == "apache-2.0"
     other = data(1)  # the same folder names, other images
     with pytest.raises(ValueError, match="was trained on other images"):
         train_ddpm.main(_train_args(other, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
-    with caplog.at_level(logging.WARNING, logger="diffad.calibration"):
-        calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None)
+    # case 11: calibrating on another category's (here: other) images is refused in one line, naming --data and
+    # the override; nothing is written
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()  # the training runs' progress bars
+    code = main(["calibrate", "--model", str(out), "--data", str(other), "--category", SYNTHETIC_CATEGORIES[0]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"--data {other}:" in err and "content differs" in err
+    assert "--allow-other-data" in err and sorted(p.name for p in out.iterdir()) == before
+    with caplog.at_level(logging.WARNING, logger="diffad.calibration"):  # the explicit override calibrates, loudly
+        calibrate_model(out, other, SYNTHETIC_CATEGORIES[0], config="fast", validation_fraction=None,
+                        allow_other_data=True)
     assert "are not the ones" in caplog.text and "content differs" in caplog.text

@@ -62,8 +62,10 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume: shared w
     TrainingProgress,
     augment_batch,
     check_resume_config,
+    check_training_memory,
     clear_checkpoints,
     ema_state,
+    estimate_training_memory,
     holds_output_folder,
     load_ema_state,
     parse_int_list,
@@ -170,6 +172,10 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Overrides accelerate's config; bf16 on recent GPUs (fp16 needs a GPU).")
     g.add_argument("--seed", type=int, default=0, help="Seeds initialisation, split, noise, timesteps, augmentations.")
+    g.add_argument("--skip_memory_check", action="store_true",
+                   help="Start even when the estimated peak memory (UNet activations at --crop_size x "
+                        "--train_batch_size, weights, optimiser, EMA) exceeds the memory available now; without it "
+                        "such a run is refused before anything is written.")
 
     g = p.add_argument_group("output, checkpoints, logging")
     g.add_argument("--output_dir", type=str, default="ddpm-model", help="Pipeline folder, checkpoints and logs.")
@@ -229,6 +235,25 @@ def check_args(args: argparse.Namespace) -> None:
     unet_kwargs(args.preset, **unet_args(args))
 
 
+def check_memory(args: argparse.Namespace) -> None:
+    """Refuse, in one line (``ValueError``), a run whose estimated peak memory exceeds what is available now
+    (:func:`diffad.training_utils.estimate_training_memory`; the kernel would kill it with no message). The
+    processes of one launch share the host's memory on CPU."""
+    from diffad.presets import unet_kwargs
+
+    needed = estimate_training_memory(unet_kwargs(args.preset, **unet_args(args)), crop_size=args.crop_size, resolution=args.resolution,
+                                      batch_size=args.train_batch_size, eval_batch_size=args.eval_batch_size,
+                                      use_ema=args.use_ema, mixed_precision=args.mixed_precision)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or args.expect_world_size or 1)
+    crops = f"{args.crop_size} px crops of " if args.crop_size < args.resolution else ""
+    check_training_memory(
+        needed, processes=processes,
+        what=f"{args.train_batch_size} x {crops}{args.resolution} px images ({args.preset} preset"
+             + (f", {processes} processes)" if processes > 1 else ")"),
+        fix="lower --resolution, --crop_size or --train_batch_size (or --eval_batch_size), or pass "
+            "--skip_memory_check to try anyway")
+
+
 def unet_args(args: argparse.Namespace) -> Dict[str, Any]:
     """``make_unet`` overrides from the flags: the UNet's ``sample_size`` is the crop (tile) size."""
     return dict(resolution=args.crop_size, block_out_channels=args.block_out_channels,
@@ -274,7 +299,7 @@ def _stack_pixels(batch: Dict[str, Any]) -> torch.Tensor:
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """The train split (a transformed ``datasets.Dataset``) and the validation images
     ``(V, 3, R, R)`` in [-1, 1] (V may be 0)."""
-    from diffad.data import load_mvtec, make_transform, split_fingerprint
+    from diffad.data import data_source, load_mvtec, make_transform, split_fingerprint
 
     data_dir, category = args.data_dir, args.category
     if data_dir is None:  # the embedded default: procedural parts in MVTec layout
@@ -292,6 +317,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         category = train[0]["category"]  # load_mvtec resolved the only category there
     args.category, args.resolved_data_dir = category, str(Path(data_dir).resolve())
     args.data_fingerprint = {name: split_fingerprint(splits[name]) for name in ("train", "validation")}  # by content
+    args.data_source = data_source(data_dir, category)  # its licence and name, from its own files (diffad card)
     transform = make_transform(args.resolution)
     if len(train) == 0:
         raise ValueError(f"no training images in {data_dir}/{category}/train/good")
@@ -339,9 +365,20 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
 # --------------------------------------------------------------------------- checkpoints
 
 
-@holds_output_folder("output_dir", "--output_dir")  # one run at a time writes the folder
 def main(args: argparse.Namespace) -> Path:
-    """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder."""
+    """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder.
+
+    A run whose estimated peak memory exceeds what is available is refused first (:func:`check_memory`, unless
+    ``--skip_memory_check``), before the output folder is created or locked.
+    """
+    if not args.skip_memory_check:
+        check_memory(args)
+    return _train(args)
+
+
+@holds_output_folder("output_dir", "--output_dir")  # one run at a time writes the folder
+def _train(args: argparse.Namespace) -> Path:
+    """:func:`main` once the run is known to fit: the output folder is locked, then written."""
     start_time = time.time()
     output_dir = Path(args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",

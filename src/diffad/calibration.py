@@ -43,6 +43,7 @@ def calibrate_model(
     seed: Optional[int] = None,
     validation_fraction: Optional[float] = None,
     batch_size: Optional[int] = None,
+    allow_other_data: bool = False,
 ) -> Path:
     """Calibrate a saved pipeline on the validation split of its category and save it back.
 
@@ -69,6 +70,8 @@ def calibrate_model(
         validation_fraction: None: the training run's; another value is refused (the split would hold images the
             model was trained on). Without a training log: 0.2 and seed 0, with a warning.
         batch_size: images per UNet call (``None``: all at once).
+        allow_other_data: calibrate even on validation images other than those the model was trained beside (by
+            content, as ``training_log.json`` records them); without it they are refused.
 
     Returns:
         The model folder.
@@ -76,7 +79,8 @@ def calibrate_model(
     Raises:
         FileNotFoundError: ``model_dir`` holds no ``model_index.json``.
         ValueError: a validation split of fewer than 4 images, an unknown preset or an invalid percentile / rate,
-            a seed, validation fraction or category other than the training run's.
+            a seed, validation fraction or category other than the training run's, validation images other than
+            the training run's (unless ``allow_other_data``).
     """
     model_dir = require_model_folder(model_dir, fix="; train one with `diffad train` first")
     validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
@@ -106,9 +110,14 @@ def calibrate_model(
                          "calibration needs at least 4: raise --validation-fraction or add train/good images")
     trained_on = (_training_config(model_dir).get("data_fingerprint") or {}).get("validation")
     if trained_on is not None and split_fingerprint(validation) != trained_on:
+        if not allow_other_data:
+            raise ValueError(f"--data {data}: the validation images of {category!r} there are not the ones {model_dir} "
+                             "was trained beside (their content differs from training_log.json's), and thresholds "
+                             "calibrated on other data do not hold for the model: pass the training run's --data, "
+                             "or --allow-other-data to calibrate on these anyway")
         logger.warning("WARNING: the validation images of %r in %s are not the ones %s was trained beside (their "
-                       "content differs): calibrating on other data than the model's gives thresholds that do not "
-                       "hold for it; pass the training run's --data", category, data, model_dir)
+                       "content differs): calibrating on other data than the model's (--allow-other-data) gives "
+                       "thresholds that may not hold for it", category, data, model_dir)
     images = [row["image"] for row in validation]
     logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
                 category, sampling.preset_name or sampling, sampling.precision)
@@ -212,6 +221,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="seeds the validation split and the noise (default: the training run's, from its "
                              "training_log.json; another value is refused)")
+    parser.add_argument("--allow-other-data", action="store_true",
+                        help="calibrate even when the validation images differ (by content) from those the model "
+                             "was trained beside; without it such a calibration is refused")
     parser.set_defaults(func=run)
 
 
@@ -219,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     """``diffad calibrate``: calibrate, save, and print what the calibration measured."""
     path = calibrate_model(args.model, args.data, args.category, config=args.config, percentile=args.percentile,
                            precision=args.precision, target_false_positive_rate=args.target_fpr, seed=args.seed,
-                           validation_fraction=args.validation_fraction, batch_size=args.batch_size)
+                           validation_fraction=args.validation_fraction, batch_size=args.batch_size,
+                           allow_other_data=args.allow_other_data)
     print(f"calibrated {path}: {calibration_summary(path)}")
     return EXIT_OK

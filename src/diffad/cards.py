@@ -34,14 +34,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from diffad import __version__
-from diffad.files import atomic_write_text
 from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CONFIG_FILE, MODEL_INDEX, SEGMENTER_LOG,
                                  TRAINING_LOG, calibration_config, components, require_model_folder)
 from diffad.pipelines.self_aware_inpaint import SamplingConfig, threshold_key
+from diffad.files import atomic_write_text
 
 __all__ = [
     "METRICS",
     "ResultRow",
+    "check_results_model",
     "normalize_results",
     "read_training_log",
     "template_path",
@@ -150,8 +151,10 @@ def template_path() -> Path:
 
 
 def _config(log: Mapping[str, Any]) -> dict[str, Any]:
-    """The training run's settings: the ``config`` of its ``training_log.json`` ({} without a log)."""
-    return dict(log.get("config") or {})
+    for key in ("config", "args", "configuration", "hyperparameters"):
+        if isinstance(log.get(key), Mapping):
+            return dict(log[key])
+    return {}
 
 
 _HYPERPARAMETERS = (
@@ -260,6 +263,50 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def check_results_model(results: Any, model_dir: Path, category: str, where: str = "the results") -> None:
+    """Refuse (``ValueError``, one line) results that ``diffad evaluate`` recorded as made by another model: its
+    ``settings.calibrations[<category>]`` (the calibration's hash, :func:`diffad.results.calibration_hash`) must be
+    ``model_dir``'s. Results that record no model (another tool's, or an older diffad's) are taken with a warning."""
+    from diffad.results import folder_calibration_hash
+
+    settings = results.get("settings") if isinstance(results, Mapping) else None
+    recorded = settings.get("calibrations") if isinstance(settings, Mapping) else None
+    if not isinstance(recorded, Mapping) or category not in recorded:
+        logger.warning("%s do not say which model made them (no settings.calibrations, as `diffad evaluate` writes): "
+                       "make sure they are %s's", where, model_dir)
+        return
+    mine = folder_calibration_hash(model_dir)
+    if recorded[category] != mine:
+        made_by = (settings.get("model_dirs") or {}).get(category) or settings.get("model") or "another model"
+        raise ValueError(f"{where} were made by another model ({made_by}, calibration {recorded[category]}), not by "
+                         f"{model_dir} (calibration {mine or 'none: not calibrated'}): evaluate this model (`diffad "
+                         f"evaluate --model {model_dir} ...`) and pass its metrics.json")
+
+
+def _data_source(config: Mapping[str, Any], category: str) -> dict[str, Any]:
+    """What the training data says about itself (:func:`diffad.data.data_source`): as ``training_log.json`` recorded
+    it at training, else read from the data folder now (a model trained by an older diffad), else nothing known."""
+    from diffad.data import data_source
+
+    recorded = config.get("data_source")
+    if isinstance(recorded, Mapping):
+        return {"license": None, "license_file": None, "dataset": None, **recorded}
+    folder = config.get("resolved_data_dir") or config.get("data_dir")
+    if folder and Path(str(folder)).is_dir():
+        return data_source(str(folder), category)
+    return {"license": None, "license_file": None, "dataset": None}
+
+
+def _unknown_license(source: Mapping[str, Any], data_dir: str) -> str:
+    """Raise the one-line error for a card whose licence no flag, log or licence file gives."""
+    if source.get("license_file"):
+        raise ValueError(f"{source['license_file']}: diffad does not recognise the licence of the training data; pass "
+                         "--license with its Hub id (e.g. cc-by-nc-sa-4.0, apache-2.0, other)")
+    raise ValueError(f"the training data ({data_dir or 'unknown'}) has no licence file (license.txt, LICENSE) and "
+                     "training_log.json records none: pass --license with the licence the data allows (e.g. "
+                     "cc-by-nc-sa-4.0 for MVTec AD, whose weights inherit it)")
+
+
 def make_model_card(
     model_dir: str | os.PathLike,
     results: Any,
@@ -282,8 +329,9 @@ def make_model_card(
         category: the model's category (default: ``training_log.json``'s, else the results' only one).
         dataset_name: a readable dataset name (default: from the training data folder).
         dataset_type: the dataset id in the metadata (default ``mvtec_ad`` or ``diffad-synthetic``).
-        license: the model's license (default: ``cc-by-nc-sa-4.0`` when trained on MVTec AD, whose
-            license the weights inherit, else ``apache-2.0``).
+        license: the model's licence (default: the training data's, as its licence file states it, recorded in
+            ``training_log.json`` at training or read from the data folder: MVTec AD's ``cc-by-nc-sa-4.0`` is
+            inherited by the weights; ``apache-2.0`` for diffad's synthetic data; none known is an error).
         seconds_per_image: ``{method: seconds}`` shown under the table (one reconstruction gives every map of a
             method, so seconds are per method; ``"<method>/<map>"`` labels are shown as given).
         extra_tags: added to the card's tags.
@@ -294,65 +342,25 @@ def make_model_card(
 
     Raises:
         FileNotFoundError: ``model_dir`` is not a model folder.
-        ValueError: no results for the category, or the category is ambiguous.
+        ValueError: no results for the category, or the category is ambiguous; results made by another model
+            (:func:`check_results_model`); no ``license`` given and none known for the training data.
     """
     model_dir = require_model_folder(model_dir)
-    log = read_training_log(model_dir)
-    config = _config(log)
-    category, rows = _category_rows(_read_results(results), category or config.get("category") or log.get("category"))
-    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
-    data = _dataset_facts(data_dir, category, dataset_type, dataset_name, license)
-    eval_results = [
-        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=data["dataset_type"],
-                   dataset_name=data["dataset_name"], dataset_config=str(category), dataset_split="test",
-                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
-                   metric_config=row.method)
-        for row in rows for key, value in row.metrics.items()
-    ]
-    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
-            "diffad", "diffusers", *extra_tags]
-    if data["is_mvtec"]:
-        tags.append("mvtec-ad")
-    card_data = ModelCardData(
-        model_name=f"diffad-{category}", library_name="diffusers", license=data["license"],
-        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
-        eval_results=eval_results)
-
-    present = components(_read_json(model_dir / MODEL_INDEX))
-    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
-    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
-    seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in (seconds_per_image or {}).items())
-    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
-    return ModelCard.from_template(
-        card_data, template_path=str(template_path()),
-        model_name=f"diffad-{category}", category=category, repo_id=repo_id or f"your-username/diffad-{category}",
-        dataset_name=data["dataset_name"], diffad_version=__version__, num_parameters=_num_parameters(model_dir),
-        resolution=config.get("resolution") or unet_config.get("sample_size", "?"),
-        tile_size=config.get("crop_size") or unet_config.get("sample_size"),
-        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
-        num_train_images=log.get("num_train_images") or config.get("num_train_images"),
-        data_license_note=data["data_license_note"], dataset_description=data["dataset_description"],
-        hyperparameters=_hyperparameters(config, log), segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
-        training_summary=_training_summary(log), eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map="combined")  # the self_aware default (SelfAwareInpaintPipeline.default_map)
-
-
-def _read_results(results: Any) -> list[ResultRow]:
-    """The rows of ``results`` (:func:`normalize_results`), read from the JSON file first when it is a path."""
+    where = "the results"
     if isinstance(results, (str, os.PathLike)):
         results_path = Path(results)
+        where = f"--results {results_path}"
         if not results_path.is_file():
             raise FileNotFoundError(f"results file {results_path} does not exist: run `diffad evaluate` first")
         try:
             results = json.loads(results_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"results file {results_path} is not valid JSON ({exc})") from exc
-    return normalize_results(results)
+    rows = normalize_results(results)
 
-
-def _category_rows(rows: list[ResultRow], category: Optional[str]) -> tuple[str, list[ResultRow]]:
-    """The card's category (None: the results' only one) and its rows, self_aware before denoise and multiscale
-    before learned."""
+    log = read_training_log(model_dir)
+    config = _config(log)
+    category = category or config.get("category") or log.get("category")
     categories = sorted({r.category for r in rows})
     if category is None:
         if len(categories) != 1:
@@ -363,23 +371,56 @@ def _category_rows(rows: list[ResultRow], category: Optional[str]) -> tuple[str,
                   key=lambda r: tuple(order.get(part, 9) for part in r.method.split("/")) + (r.method,))
     if not rows:
         raise ValueError(f"no results for category {category!r} (the results hold {categories})")
-    return category, rows
+    check_results_model(results, model_dir, str(category), where)
 
-
-def _dataset_facts(data_dir: str, category: str, dataset_type: Optional[str], dataset_name: Optional[str],
-                   license: Optional[str]) -> dict[str, Any]:
-    """What the card says of the training data (``is_mvtec``, ``dataset_type``, ``dataset_name``, ``license``,
-    ``dataset_description``, ``data_license_note``), from its folder unless given."""
-    is_mvtec = "mvtec" in data_dir.lower()
-    is_synthetic = (dataset_type == "diffad-synthetic" or "synthetic" in data_dir.lower()
-                    or (data_dir != "" and (Path(data_dir) / ".diffad-demo-data.json").is_file()))
+    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
+    source = _data_source(config, str(category))
     if dataset_type is None:
-        dataset_type = "mvtec_ad" if is_mvtec else ("diffad-synthetic" if is_synthetic else "custom")
+        dataset_type = source["dataset"] or "custom"
+    is_mvtec, is_synthetic = dataset_type == "mvtec_ad", dataset_type == "diffad-synthetic"
     if dataset_name is None:
         dataset_name = ("MVTec AD" if is_mvtec else "diffad synthetic default" if is_synthetic
                         else (Path(data_dir).name or "custom dataset"))
-    if license is None:
-        license = "cc-by-nc-sa-4.0" if is_mvtec else "apache-2.0"
+    license = license or source["license"] or _unknown_license(source, data_dir)
+    repo_id = repo_id or f"your-username/diffad-{category}"
+
+    eval_results = [
+        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_type,
+                   dataset_name=dataset_name, dataset_config=str(category), dataset_split="test",
+                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
+                   metric_config=row.method)
+        for row in rows for key, value in row.metrics.items()
+    ]
+    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
+            "diffad", "diffusers", *extra_tags]
+    if is_mvtec:
+        tags.append("mvtec-ad")
+    card_data = ModelCardData(
+        model_name=f"diffad-{category}", library_name="diffusers", license=license,
+        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
+        eval_results=eval_results)
+
+    present = components(_read_json(model_dir / MODEL_INDEX))
+    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
+    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
+    resolution = config.get("resolution") or unet_config.get("sample_size", "?")
+    tile_size = config.get("crop_size") or unet_config.get("sample_size")
+    num_train = log.get("num_train_images") or config.get("num_train_images")
+
+    hyperparameters = _hyperparameters(config, log)
+    summary_bits = []
+    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
+    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
+    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
+        series = log.get(key, history.get(key))
+        if not isinstance(series, list):
+            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
+        if isinstance(series, list) and series and _is_number(series[-1]):
+            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
+    training_summary = ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
+    seconds = ""
+    if seconds_per_image:
+        seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in seconds_per_image.items())
     if is_mvtec:
         dataset_description = (f"Normal (`train/good`) images of the category `{category}` of MVTec AD "
                                f"(Bergmann et al., CVPR 2019), from `{data_dir}`; 20% held out (seeded) for "
@@ -396,19 +437,20 @@ def _dataset_facts(data_dir: str, category: str, dataset_type: Optional[str], da
         dataset_description = (f"Normal (`train/good`) images of `{category}` from `{data_dir or 'a local folder'}`, "
                                "in MVTec AD layout; a seeded fraction held out for validation and calibration.")
         data_license_note = ""
-    return {"is_mvtec": is_mvtec, "dataset_type": dataset_type, "dataset_name": dataset_name, "license": license,
-            "dataset_description": dataset_description, "data_license_note": data_license_note}
 
-
-def _training_summary(log: Mapping[str, Any]) -> str:
-    """One sentence on the training curve: the last training and validation losses of the log's epochs."""
-    summary_bits = []
-    epochs = log.get("epochs") or []
-    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
-        series = [e[key] for e in epochs if _is_number(e.get(key))]
-        if series:
-            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
-    return ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
+    default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
+    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
+    return ModelCard.from_template(
+        card_data, template_path=str(template_path()),
+        model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
+        diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
+        tile_size=tile_size,
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
+        num_train_images=num_train, data_license_note=data_license_note,
+        dataset_description=dataset_description, hyperparameters=hyperparameters,
+        segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
+        training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
+        default_map=default_map)
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
@@ -427,7 +469,8 @@ def register(subparsers) -> None:
     parser.add_argument("--category", default=None, help="the model's category (default: from the training log)")
     parser.add_argument("--repo-id", default=None, help="Hub id shown in the usage snippets (ORG/NAME)")
     parser.add_argument("--license", default=None,
-                        help="model license (default: cc-by-nc-sa-4.0 for MVTec AD data, else apache-2.0)")
+                        help="the model's licence, a Hub licence id (default: the training data's, from its licence "
+                             "file, e.g. cc-by-nc-sa-4.0 for MVTec AD; required when the data has none)")
     parser.set_defaults(func=run)
 
 

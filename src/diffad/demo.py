@@ -237,7 +237,8 @@ def run_demo(config: DemoConfig) -> Path:
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     for category in categories:
         card = make_model_card(models_dir / category, {"category": category,
-                                                       "metrics": metrics["categories"][category]},
+                                                       "metrics": metrics["categories"][category],
+                                                       "settings": metrics.get("settings")},  # which model made them
                                repo_id=f"your-username/diffad-demo-{category}", dataset_type="diffad-synthetic",
                                seconds_per_image=method_seconds(metrics["categories"][category]))
         write_model_card(card, models_dir / category)

@@ -76,8 +76,8 @@ from diffad.errors import report_error
 from diffad.files import atomic_write_text
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, image_generator,
                                                 threshold_key)
-from diffad.precision import add_precision_assertion, check_precision
-from diffad.results import csv_text
+from diffad.precision import add_precision_assertion, check_network_precision, check_precision
+from diffad.results import calibration_hash, csv_text
 
 __all__ = [
     "CategoryEvaluation",
@@ -614,11 +614,13 @@ def evaluate_folder(
         device = accelerator.device
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
+    results, calibrations = [], {}
     for c in categories:
         pipe = from_pretrained_quietly(model_dirs[c]).to(device)
+        calibrations[c] = calibration_hash(pipe) if pipe.is_calibrated else None  # who made the results (diffad card)
         check_config(pipe, config, where=str(model_dirs[c]))
         check_precision(pipe, precision, str(model_dirs[c]))
+        check_network_precision(pipe, str(model_dirs[c]))  # another export's networks swapped in (case 13)
         split = load_mvtec(data, c, resolution=int(pipe.resolution))["test"]
         logger.info("evaluating %s on %d test images of %r", model_dirs[c], len(split), c)
         results.append(evaluate_pipeline(pipe, split, methods=methods, anomaly_maps=anomaly_maps, config=config,
@@ -631,7 +633,7 @@ def evaluate_folder(
                     "sampling": {r.category: r.sampling for r in results},
                     "num_processes": 1 if accelerator is None else accelerator.num_processes,
                     "figure_method": "self_aware" if "self_aware" in methods else list(methods)[0],
-                    "model_dirs": {c: str(p) for c, p in model_dirs.items()}}
+                    "model_dirs": {c: str(p) for c, p in model_dirs.items()}, "calibrations": calibrations}
         write_outputs(results, out_dir, settings)
     if accelerator is not None:
         accelerator.wait_for_everyone()

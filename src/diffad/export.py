@@ -98,7 +98,18 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
 
     The exported networks run at the precision the model was calibrated with (what is calibrated is what runs):
     ``precision`` (``"bf16"``/``"fp32"``, default: the calibration's) must be that one; to export at another,
-    recalibrate first (``diffad calibrate --precision ...``)."""
+    recalibrate first (``diffad calibrate --precision ...``).
+
+    ``out`` is checked before anything is converted (:func:`_destination`); the folder is written under a temporary
+    name beside it and renamed into place, and a failed export (or Ctrl-C) leaves nothing behind.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: a bad format or precision, an ``out`` that is not a new or empty folder diffad can write, a model
+            already exported or calibrated at another precision.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if precision not in (None, *EXPORT_PRECISIONS):
@@ -107,11 +118,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
         raise ValueError("--format onnx runs in fp32 (onnxruntime has no bf16 convolutions on CPU): pass "
                          "--precision fp32, or --format openvino for bf16")
     runtime = backend("openvino" if fmt == "openvino" else "onnxruntime")
-    model, out = Path(model), Path(out)
-    if out.resolve() == model.resolve():
-        raise ValueError("--out must be a new folder, not the model folder")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty: choose a new folder")
+    model = Path(model)
+    target = _destination(model, Path(out))  # checked before the (long) export, not after it
     pipe = load_pipeline(model)  # calibrated, finite weights
     if any(isinstance(getattr(pipe, name, None), ExportedNetwork) for name in NETWORKS):
         raise ValueError(f"--model {model} is already exported: export the torch model folder it came from")
@@ -120,8 +128,49 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     if fmt == "onnx" and precision != "fp32":
         raise ValueError(f"--model {model} was calibrated in {precision} and ONNX runs fp32: calibrate a copy with "
                          f"`diffad calibrate --precision fp32 ...` and export that, or use --format openvino")
-    tmp = out.with_name(f".{out.name}.incomplete")
+    tmp = target.with_name(f".{target.name}.incomplete")  # beside the real folder: one rename puts it in place
     shutil.rmtree(tmp, ignore_errors=True)
+    created = [p for p in target.parents if not p.exists()]  # made by the export: removed again if it fails
+    try:
+        _write_export(pipe, model, tmp, fmt, precision, runtime)
+        if target.exists():
+            target.rmdir()  # empty (checked above)
+        os.replace(tmp, target)
+    except BaseException:  # an error or Ctrl-C: nothing of this export is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return Path(out)
+
+
+def _destination(model: Path, out: Path) -> Path:
+    """The folder ``--out`` names, checked before anything is exported (``ValueError``, one line): a new or empty
+    folder, not the model's, in a writable parent. A symbolic link to an empty folder exports into that folder (the
+    link stays); a link to nothing, a file, or a folder with files is refused.
+
+    Returns:
+        The real path the export is written to (``out`` with a final symbolic link resolved).
+    """
+    target = out.resolve() if out.is_symlink() else out.absolute()
+    if out.is_symlink() and not target.exists():
+        raise ValueError(f"--out {out} is a symbolic link to {target}, which does not exist: create that folder, or "
+                         "pass a new folder")
+    if target.resolve() == model.resolve():
+        raise ValueError("--out must be a new folder, not the model folder")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {out} is a file: choose a new folder")
+    if target.is_dir() and any(target.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty: choose a new folder")
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not a folder diffad can write in; choose another --out")
+    return target
+
+
+def _write_export(pipe, model: Path, tmp: Path, fmt: str, precision: str, runtime) -> None:
+    """Write the exported model folder into ``tmp``: the carried files, the converted networks, ``export.json``."""
     for rel in CARRIED:
         if (model / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +192,6 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
                 "calibration": {"sampling_config": pipe.calibration.sampling.to_dict(),
                                 "note": "the torch model's calibration, carried over"}}
     (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
 
 
 def register(subparsers) -> None:

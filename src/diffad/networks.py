@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,23 @@ class ExportedNetwork(ModelMixin, ConfigMixin):
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         self.folder = Path(folder)
         self.precision = precision
-        weights = self.folder / self.weights_name
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing (model_index.json lists it): export the model again "
-                                    "(diffad export)")
-        self._compile(weights)
+        #: How the network was exported (``config.json``'s ``_diffad_export``: format, precision, source model).
+        self.export_info: dict[str, Any] = dict(config.get(EXPORT_KEY) or {})
+        for name in self.files or (self.weights_name,):
+            if not (self.folder / name).is_file():
+                raise FileNotFoundError(f"{self.folder / name} is missing (model_index.json lists it): export the "
+                                        "model again (diffad export)")
+        self._compile(self.folder / self.weights_name)
+
+    def _broken(self, error: BaseException) -> ValueError:
+        """The one-line error for backend files that exist but cannot be read (truncated, overwritten, mixed)."""
+        reason = re.split(r"\.[ch]pp:\d+:\s*", " ".join(str(error).split()))[-1]
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        source = self.export_info.get("source")
+        files = " + ".join(self.files or (self.weights_name,))
+        return ValueError(f"{self.folder / self.files[-1]}: the exported {self.format} network ({files}) is broken "
+                          f"or truncated ({type(error).__name__}: {reason}); re-run `diffad export` on the torch model "
+                          f"folder it came from{f' ({source})' if source else ''} into a new --out")
 
     def _compile(self, weights: Path) -> None:
         raise NotImplementedError
@@ -116,7 +129,10 @@ class OpenVINONetwork(ExportedNetwork):
     def _compile(self, weights: Path) -> None:
         ov = backend("openvino")
         self._core = ov.Core()
-        self._ir = self._core.read_model(str(weights))
+        try:
+            self._ir = self._core.read_model(str(weights))
+        except RuntimeError as exc:  # OpenVINO's checks of the .xml and .bin: "Incorrect weights in bin file!"
+            raise self._broken(exc) from None
         self._options = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
                          "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         self._by_shape: dict[tuple[int, ...], Any] = {}
@@ -128,8 +144,11 @@ class OpenVINONetwork(ExportedNetwork):
             if len(self._by_shape) >= self.max_shapes:
                 self._by_shape.pop(next(iter(self._by_shape)))  # the least recently used
             model = self._ir.clone()
-            model.reshape({0: list(shape), 1: [shape[0]]})
-            compiled = self._core.compile_model(model, "CPU", self._options)
+            try:
+                model.reshape({0: list(shape), 1: [shape[0]]})
+                compiled = self._core.compile_model(model, "CPU", self._options)
+            except RuntimeError as exc:  # weights that read but do not make a network (e.g. overwritten constants)
+                raise self._broken(exc) from None
         self._by_shape[shape] = compiled  # most recent last
         return compiled([sample, timestep])[0]
 
@@ -146,7 +165,10 @@ class ONNXNetwork(ExportedNetwork):
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(weights), options, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(weights), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) per version
+            raise self._broken(exc) from None
 
     def _run(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         return self._session.run(None, {"sample": sample, "timestep": timestep})[0]

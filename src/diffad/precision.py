@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_PRECISION", "PRECISION_CHOICES", "add_precision_assertion", "check_precision",
+__all__ = ["DEFAULT_PRECISION", "PRECISION_CHOICES", "add_precision_assertion", "check_network_precision",
+           "check_precision",
            "cpu_has_bf16", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,23 @@ def check_precision(pipe, requested: str | None, where: str, *, here: bool = Tru
         resolved = f" ({wanted} here)" if here else ""
         raise ValueError(f"--precision {requested}{resolved}: {where} was calibrated in {fitted}; recalibrate with "
                          f"`diffad calibrate --model {where} --precision {requested} ...` (or drop --precision)")
+
+
+def check_network_precision(pipe, where: str) -> None:
+    """Refuse (``ValueError``, one line) a pipeline whose loaded networks run another precision than its calibration:
+    an exported network (:class:`diffad.networks.ExportedNetwork`) runs the precision it was built at, so another
+    export's ``unet/`` swapped in, or an edited config, would otherwise decide with thresholds fitted to other
+    outputs. Torch networks run whatever the calibration says, and an uncalibrated pipeline asserts nothing."""
+    from diffad.networks import ExportedNetwork
+
+    if not pipe.is_calibrated:
+        return
+    fitted = pipe.calibration.sampling.precision
+    for name in ("unet", "segmenter"):
+        network = getattr(pipe, name, None)
+        if isinstance(network, ExportedNetwork) and network.precision != fitted:
+            raise ValueError(f"--model {where}: its {name}/ runs {network.precision} but it was calibrated in "
+                             f"{fitted}: the folder changed after `diffad export`; export the model again")
 
 
 def add_precision_assertion(parser: argparse.ArgumentParser, command: str) -> None:

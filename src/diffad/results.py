@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["FORMULA_PREFIXES", "ResultsFile", "calibration_hash", "check_identity", "csv_text", "safe_cell"]
+__all__ = ["FORMULA_PREFIXES", "ResultsFile", "calibration_hash", "check_identity", "csv_text", "folder_calibration_hash",
+           "safe_cell"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +157,30 @@ class ResultsFile:
 
 def calibration_hash(pipe) -> str:
     """A short hash of ``pipe``'s calibration: its config (sampler, names, rates) and its tensors (``Q_p`` and the
-    image thresholds). Two calibrations that could decide differently hash differently."""
+    image thresholds). Two calibrations that could decide differently hash differently; the same calibration hashes
+    the same wherever its folder lies."""
+    return _hash_calibration(pipe.calibration)
+
+
+def folder_calibration_hash(model_dir: str | os.PathLike) -> Optional[str]:
+    """:func:`calibration_hash` of the model folder ``model_dir``, reading only its calibration component (not the
+    networks); None when it is not calibrated. What ``diffad evaluate`` records per category, so ``diffad card`` can
+    tell that results were made by this model."""
+    from diffad.model_folder import CALIBRATION_COMPONENT, calibration_config
+    from diffad.pipelines.self_aware_inpaint.pipeline import AnomalyCalibration
+
+    if calibration_config(model_dir) is None:
+        return None
+    return _hash_calibration(AnomalyCalibration.from_pretrained(str(model_dir), subfolder=CALIBRATION_COMPONENT))
+
+
+def _hash_calibration(calibration) -> str:
     import numpy as np
 
-    calibration = pipe.calibration
-    digest = hashlib.sha256(json.dumps(dict(calibration.config), sort_keys=True, default=str).encode())
+    # diffusers' own keys (_name_or_path: where it was loaded from, _diffusers_version, ...) say nothing of what it
+    # decides: a moved or copied model folder is the same calibration
+    config = {key: value for key, value in dict(calibration.config).items() if not key.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(calibration.state_dict().items()):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())

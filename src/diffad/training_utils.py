@@ -40,7 +40,10 @@ __all__ = [
     "holds_output_folder",
     "output_folder_lock",
     "delete_checkpoint",
+    "estimate_training_memory",
     "augment_batch",
+    "available_memory",
+    "check_training_memory",
     "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
@@ -444,3 +447,146 @@ def time_budget_spent(accelerator: "Accelerator", train_seconds: float, time_bud
         return False
     over = torch.tensor([float(train_seconds >= time_budget)], device=accelerator.device)
     return float(accelerator.reduce(over, reduction="sum")) > 0
+
+
+# --------------------------------------------------------------------------------------
+# Memory: refuse a run that cannot fit before it starts (the kernel's OOM killer gives no message)
+# --------------------------------------------------------------------------------------
+#: The smallest side (px) of the probe forwards that :func:`estimate_training_memory` scales up.
+_PROBE_SIDE = 32
+
+
+def available_memory(device: Union[str, torch.device, None] = None) -> int:
+    """Bytes a new training run can still allocate on ``device``: a CUDA device's free memory
+    (``torch.cuda.mem_get_info``), else the host's available memory (psutil's ``available``, or
+    ``MemAvailable`` in ``/proc/meminfo``), capped by a cgroup v2 limit (``memory.max`` less ``memory.current``,
+    plus the inactive page cache) when the process runs in a container with one.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with accelerate; /proc/meminfo is the fallback on Linux
+        text = Path("/proc/meminfo").read_text()
+        free = int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M).group(1)) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            stat = Path("/sys/fs/cgroup/memory.stat").read_text()
+            cache = re.search(r"^inactive_file (\d+)", stat, re.M)  # page cache the kernel gives back first
+            free = min(free, int(limit) - used + (int(cache.group(1)) if cache else 0))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _saved_for_backward(unet: torch.nn.Module, side: int) -> tuple:
+    """``(total, largest)`` bytes autograd saves in a forward of ``unet`` (on the meta device: no memory, no
+    arithmetic) on one ``side x side`` sample. Attention is counted as memory-efficient kernels (PyTorch's SDPA on
+    CPU and GPU) hold it, a few tensors of its input's size, not the ``tokens x tokens`` matrix the meta device's
+    reference implementation would save (the probe swaps ``F.scaled_dot_product_attention`` for one that saves
+    that much, and puts it back)."""
+    import torch.nn.functional as F
+
+    def efficient_attention(query, key, value, *args, **kwargs):  # saves query, key, value and one product
+        return (query * key + value) * value
+
+    with torch.device("meta"):
+        sample = torch.zeros(1, unet.config.in_channels, side, side)
+        timestep = torch.zeros(1, dtype=torch.long)
+    sizes: List[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    reference, F.scaled_dot_product_attention = F.scaled_dot_product_attention, efficient_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            unet(sample, timestep)
+    finally:
+        F.scaled_dot_product_attention = reference
+    return sum(sizes), max(sizes)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_unet(config_json: str) -> tuple:
+    """``(probe side, saved bytes at it, saved bytes at twice it, the largest saved tensor there, parameters)`` of
+    the ``UNet2DModel`` of ``config_json`` (cached: a run's flags are parsed more than once)."""
+    from diffusers import UNet2DModel
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        unet = UNet2DModel(**config)
+    probe = max(_PROBE_SIDE, 2 ** (len(config["block_out_channels"]) - 1))
+    small, _ = _saved_for_backward(unet, probe)
+    big, largest = _saved_for_backward(unet, 2 * probe)
+    return probe, small, big, largest, sum(p.numel() for p in unet.parameters())
+
+
+def estimate_training_memory(unet_config: Dict[str, Any], *, crop_size: int, resolution: int, batch_size: int,
+                             eval_batch_size: int, use_ema: bool, mixed_precision: Optional[str] = None) -> int:
+    """A conservative estimate, in bytes, of the peak memory of one DDPM training process.
+
+    The UNet's activations are measured, not guessed: forward passes of ``UNet2DModel(**unet_config)`` on the meta
+    device (no memory, no arithmetic) at two small probe sizes count the bytes autograd saves for the backward pass;
+    their difference is the part that grows with the pixels (the rest is the saved weights), scaled to
+    ``crop_size``. The peak is then
+
+    * ``batch_size`` crops' saved activations times 1.5 plus two of the largest maps per crop (the backward pass's
+      gradients and workspaces: a real step of the tiny UNet on 4 x 256 px crops peaked at 1.4 times the saved
+      activations on CPU), or the validation pass's ``eval_batch_size`` crops with three of the largest maps each (no graph), whichever is
+      larger; activations count half with ``mixed_precision`` fp16/bf16;
+    * the parameters 4 times (weights, gradients, Adam's two moments), once more for the EMA and once for the best
+      weights kept on the host;
+    * the batch of ``resolution x resolution`` images and four crop-sized tensors per image (crop, noise, noisy
+      image, self-conditioning estimate).
+
+    Args:
+        unet_config: ``UNet2DModel`` constructor arguments (:func:`diffad.presets.unet_kwargs`).
+        crop_size: the UNet's input side ``R`` (px).
+        resolution: the working resolution ``S`` the images are resized to (px).
+        batch_size: training crops per process per step.
+        eval_batch_size: validation crops per forward pass.
+        use_ema: an exponential moving average of the weights is kept.
+        mixed_precision: ``"fp16"``/``"bf16"`` halve the activations; anything else counts fp32.
+    """
+    probe, small, big, largest, num_params = _probe_unet(json.dumps(to_jsonable(unet_config), sort_keys=True))
+    per_pixel = max(big - small, 0) / (3 * probe ** 2)
+    shrink = 0.5 if mixed_precision in ("fp16", "bf16") else 1.0
+    per_crop = per_pixel * crop_size ** 2 * shrink
+    largest = largest * (crop_size / (2 * probe)) ** 2 * shrink
+    activations = max(batch_size * (1.5 * per_crop + 2 * largest), eval_batch_size * 3 * largest)
+    params = num_params * 4 * (4 + int(use_ema) + 1)
+    images = batch_size * 3 * 4 * (resolution ** 2 + 4 * crop_size ** 2)
+    return int(activations + params + images)
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def check_training_memory(needed: int, *, what: str, fix: str, device: Union[str, torch.device, None] = None,
+                          processes: int = 1) -> None:
+    """Refuse, in one line (``ValueError``), a run whose estimated peak (``needed`` bytes per process, ``processes``
+    of them sharing the host's memory on CPU) exceeds :func:`available_memory`, instead of letting the kernel kill
+    it with no message.
+
+    Args:
+        needed: the estimate of one process (:func:`estimate_training_memory`).
+        what: the run in words, e.g. ``"8 x 4096 px crops of 4096 px images (tiny preset)"``.
+        fix: the flags to change, e.g. ``"lower --resolution, --crop_size or --train_batch_size"``.
+        device: where the run allocates (default: CUDA when available, else the host).
+        processes: training processes on this machine (CUDA: one device each, so not multiplied).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total = needed * (processes if device.type == "cpu" else 1)
+    free = available_memory(device)
+    if total > free:
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        raise ValueError(f"training on {what} needs about {_gib(total)} of {where} and {_gib(free)} is available: "
+                         f"{fix}")
