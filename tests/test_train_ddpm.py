@@ -110,11 +110,14 @@ def test_scheduler_and_segmenter():
     sched = make_scheduler()
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "sigmoid"
     assert float(sched.alphas_cumprod[300]) == pytest.approx(0.844, abs=2e-3)  # diffusers' sigmoid schedule
-    seg = make_segmenter(32)
-    assert seg.config.in_channels == 6 and seg.config.out_channels == 1
-    assert seg(torch.randn(1, 6, 32, 32), 0).sample.shape == (1, 1, 32, 32)
+    seg = make_segmenter(32)  # the head: image, reconstruction and log(Q / Q_p)
+    assert seg.config.in_channels == 7 and seg.config.out_channels == 1
+    assert seg(torch.randn(1, 7, 32, 32), 0).sample.shape == (1, 1, 32, 32)
+    assert make_segmenter(32, in_channels=6).config.in_channels == 6  # the thesis's (image, reconstruction)
     with pytest.raises(ValueError, match="multiple of 4"):
         make_segmenter(30)
+    with pytest.raises(ValueError, match="in_channels must be 6"):
+        make_segmenter(32, in_channels=5)
 
 
 # --------------------------------------------------------------------------- diffusion maths
