@@ -134,6 +134,23 @@ def test_space_folder_loads_offline_against_a_hub_form_model_folder(model, tmp_p
     assert isinstance(module["demo"], gradio.Blocks) and module["MODEL"] == str(hub_form)
 
 
+@pytest.mark.parametrize("category", ["weave", "weave: x\nsdk: docker\n---\ninjected: true", "a: b", "line\nbreak"])
+def test_space_front_matter_cannot_be_broken_or_injected_by_the_category(category):
+    """Issue 23 case 19: every YAML front matter is built from data, the Space's too."""
+    import yaml
+
+    from diffad.app import space_readme
+
+    readme = space_readme(category, "acme/diffad-part", "5.0.0")
+    assert readme.startswith("---\n")
+    front, body = readme[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert set(meta) == {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "pinned", "models"}
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == ["acme/diffad-part"]
+    assert meta["title"] == " ".join(f"diffad {category}".split()) and "\n" not in meta["title"]
+    assert body.lstrip().startswith("# diffad")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["space", "--repo-id", "not a repo id", "--out", "SPACE"], "--repo-id 'not a repo id' is not a valid Hub repo id"),
     (["space", "--repo-id", "acme/part", "--out", "SPACE", "--model", "NOWHERE"], "is not a diffad model folder"),

@@ -548,19 +548,9 @@ if __name__ == "__main__":
     demo.queue().launch()
 '''
 
-SPACE_README = '''---
-title: {title}
-emoji: 🔍
-colorFrom: blue
-colorTo: green
-sdk: gradio
-sdk_version: {gradio_version}
-app_file: app.py
-pinned: false
-models:
-- {repo_id}
----
-
+#: The Space README's body; its front matter is built by huggingface_hub's ``SpaceCardData`` from data (a category
+#: name holding a colon or a newline cannot add keys).
+SPACE_README = '''
 # {title}
 
 Visual inspection with [diffad](https://github.com/diffad/diffad): drop photos of `{category}` parts and get,
@@ -568,6 +558,17 @@ for each, the anomaly heat map over the photo, the score and PASS/FAIL from the 
 [{repo_id}](https://huggingface.co/{repo_id}). Move the threshold to re-decide without running the model again.
 Runs on the Space's CPU; the model card gives the measured accuracy and the speed per image.
 '''
+
+
+def space_readme(category: str, repo_id: str, gradio_version: str) -> str:
+    """The Space's README.md: YAML front matter from ``SpaceCardData`` (safe for any category name), then the body."""
+    from huggingface_hub import SpaceCardData
+
+    title = " ".join(f"diffad {category or repo_id.split('/')[-1]}".split())  # one line, whatever the name holds
+    data = SpaceCardData(title=title, emoji="🔍", colorFrom="blue", colorTo="green", sdk="gradio",
+                         sdk_version=gradio_version, app_file="app.py", pinned=False, models=[repo_id])
+    body = SPACE_README.format(title=title, repo_id=repo_id, category=" ".join((category or "your").split()))
+    return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
 def write_space(model: str | Path, repo_id: str, out: str | Path, force: bool = False) -> list[Path]:
@@ -604,8 +605,7 @@ def write_space(model: str | Path, repo_id: str, out: str | Path, force: bool = 
         # an exported model (`diffad export`) runs its networks with OpenVINO or onnxruntime
         "requirements.txt": f"diffad[{'app,openvino' if is_exported(model) else 'app'}]>={__version__}"
                             "\ntorch\n",
-        "README.md": SPACE_README.format(title=f"diffad {category or repo_id.split('/')[-1]}", repo_id=repo_id,
-                                         gradio_version=gradio_version, category=category or "your"),
+        "README.md": space_readme(category, repo_id, gradio_version),
     }
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
