@@ -65,11 +65,11 @@ from diffad.figures import overlay
 from diffad.files import file_lock
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.model_folder import require_model_folder
-from diffad.networks import INSTALL_HINT, ExportedNetwork
+from diffad.networks import INSTALL_HINT
 # NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_ERROR, SAMPLING_PRESETS,
                                                  SelfAwareInpaintPipeline, inspect_photos, threshold_key)
-from diffad.precision import add_precision_assertion, check_precision
+from diffad.precision import add_precision_assertion, check_network_precision, check_precision
 from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
 
 __all__ = [
@@ -157,21 +157,9 @@ def load_pipeline(model: str | os.PathLike):
                                 f"({type(exc).__name__}; offline mode is {os.environ.get('HF_HUB_OFFLINE', '0')})"
                                 ) from exc
     _require_calibration(pipe, model)
-    _check_network_precision(pipe, model)
+    check_network_precision(pipe, str(model))  # another export's networks swapped in, or an edited config
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _check_network_precision(pipe, model) -> None:
-    """Refuse a folder whose loaded networks run another precision than its calibration's: an exported network
-    runs the precision it was built at, so another export's ``unet/`` swapped in, or an edited config, would run
-    unnoticed."""
-    fitted = pipe.calibration.sampling.precision
-    for name in ("unet", "segmenter"):
-        network = getattr(pipe, name, None)
-        if isinstance(network, ExportedNetwork) and network.precision != fitted:
-            raise ValueError(f"--model {model}: its {name}/ runs {network.precision} but it was calibrated in "
-                             f"{fitted}: the folder changed after `diffad export`; export the model again")
 
 
 def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
