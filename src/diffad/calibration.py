@@ -84,13 +84,7 @@ def calibrate_model(
     """
     model_dir = require_model_folder(model_dir, fix="; train one with `diffad train` first")
     validation_fraction, seed = training_split(model_dir, category, validation_fraction, seed)
-    sampling = SamplingConfig.from_preset(config)
-    if percentile is not None:
-        if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
-            raise ValueError(f"--percentile must be in (0, 1), got {percentile}")
-        sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
-    if not 0.0 < target_false_positive_rate < 1.0:
-        raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
+    sampling = _sampling_config(config, percentile, target_false_positive_rate)
     pipe = from_pretrained_quietly(model_dir)
     resolved = resolve_precision(precision, pipe.device)
     # `diffad export`'s networks run the precision they were built at
@@ -102,7 +96,36 @@ def calibrate_model(
         resolved = exported
     sampling = dataclasses.replace(sampling, precision=resolved)
     pipe.set_progress_bar_config(disable=True)
-    splits = load_mvtec(data, category, resolution=pipe.resolution,
+    images = _validation_images(model_dir, data, category, pipe.resolution, validation_fraction, seed,
+                                allow_other_data)
+    logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
+                category, sampling.preset_name or sampling, sampling.precision)
+    pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
+                   generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
+    save_pipeline(pipe, model_dir)
+    return model_dir
+
+
+def _sampling_config(config: str | SamplingConfig, percentile: Optional[float],
+                     target_false_positive_rate: float) -> SamplingConfig:
+    """The sampling config ``config`` names, with ``percentile`` as its ``mask_percentile`` when given; refuses a
+    percentile or a target false-positive rate outside (0, 1)."""
+    sampling = SamplingConfig.from_preset(config)
+    if percentile is not None:
+        if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0.0 < percentile < 1.0):
+            raise ValueError(f"--percentile must be in (0, 1), got {percentile}")
+        sampling = dataclasses.replace(sampling, mask_percentile=float(percentile))
+    if not 0.0 < target_false_positive_rate < 1.0:
+        raise ValueError(f"--target-fpr must be in (0, 1), got {target_false_positive_rate}")
+    return sampling
+
+
+def _validation_images(model_dir: Path, data: str | os.PathLike, category: str, resolution: int,
+                       validation_fraction: float, seed: int, allow_other_data: bool) -> list:
+    """The normal validation images of ``category`` in ``data`` (the seeded split :func:`diffad.load_mvtec` makes).
+    Refuses fewer than 4, and images other than those ``model_dir`` was trained beside (by content, as
+    ``training_log.json`` records them) unless ``allow_other_data``, which only warns."""
+    splits = load_mvtec(data, category, resolution=resolution,
                         validation_fraction=validation_fraction, seed=seed)
     validation = splits["validation"]
     if len(validation) < 4:
@@ -118,13 +141,7 @@ def calibrate_model(
         logger.warning("WARNING: the validation images of %r in %s are not the ones %s was trained beside (their "
                        "content differs): calibrating on other data than the model's (--allow-other-data) gives "
                        "thresholds that may not hold for it", category, data, model_dir)
-    images = [row["image"] for row in validation]
-    logger.info("calibrating %s on %d validation images of %r (sampling config %s, %s)", model_dir, len(images),
-                category, sampling.preset_name or sampling, sampling.precision)
-    pipe.calibrate(images, config=sampling, target_false_positive_rate=target_false_positive_rate,
-                   generator=[image_generator(seed, image) for image in images], batch_size=batch_size)
-    save_pipeline(pipe, model_dir)
-    return model_dir
+    return [row["image"] for row in validation]
 
 
 def _training_config(model_dir: Path) -> dict:

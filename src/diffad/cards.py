@@ -346,21 +346,69 @@ def make_model_card(
             (:func:`check_results_model`); no ``license`` given and none known for the training data.
     """
     model_dir = require_model_folder(model_dir)
-    where = "the results"
-    if isinstance(results, (str, os.PathLike)):
-        results_path = Path(results)
-        where = f"--results {results_path}"
-        if not results_path.is_file():
-            raise FileNotFoundError(f"results file {results_path} does not exist: run `diffad evaluate` first")
-        try:
-            results = json.loads(results_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"results file {results_path} is not valid JSON ({exc})") from exc
-    rows = normalize_results(results)
-
+    results, where = _read_results(results)
     log = read_training_log(model_dir)
     config = _config(log)
-    category = category or config.get("category") or log.get("category")
+    category, rows = _category_rows(normalize_results(results), category or config.get("category"))
+    check_results_model(results, model_dir, str(category), where)
+    data = _dataset_facts(config, str(category), dataset_type, dataset_name, license)
+    card_data = _card_data(category, rows, data, extra_tags)
+    present = components(_read_json(model_dir / MODEL_INDEX))
+    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
+    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
+    seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in (seconds_per_image or {}).items())
+    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
+    return ModelCard.from_template(
+        card_data, template_path=str(template_path()),
+        model_name=f"diffad-{category}", category=category, repo_id=repo_id or f"your-username/diffad-{category}",
+        dataset_name=data["dataset_name"], diffad_version=__version__, num_parameters=_num_parameters(model_dir),
+        resolution=config.get("resolution") or unet_config.get("sample_size", "?"),
+        tile_size=config.get("crop_size") or unet_config.get("sample_size"),
+        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
+        num_train_images=config.get("num_train_images"),
+        data_license_note=data["data_license_note"], dataset_description=data["dataset_description"],
+        hyperparameters=_hyperparameters(config, log), segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
+        training_summary=_training_summary(log), eval_table=_eval_table(rows), seconds_per_image=seconds,
+        default_map="combined")  # the self_aware default (SelfAwareInpaintPipeline.default_map)
+
+
+def _card_data(category: str, rows: list[ResultRow], data: Mapping[str, Any], extra_tags: Iterable[str]):
+    """The card's metadata (``ModelCardData``): licence, tags and one ``EvalResult`` per (method, metric) of
+    ``rows``, on the dataset :func:`_dataset_facts` describes in ``data``."""
+    eval_results = [
+        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=data["dataset_type"],
+                   dataset_name=data["dataset_name"], dataset_config=str(category), dataset_split="test",
+                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
+                   metric_config=row.method)
+        for row in rows for key, value in row.metrics.items()
+    ]
+    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
+            "diffad", "diffusers", *extra_tags]
+    if data["is_mvtec"]:
+        tags.append("mvtec-ad")
+    return ModelCardData(
+        model_name=f"diffad-{category}", library_name="diffusers", license=data["license"],
+        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
+        eval_results=eval_results)
+
+
+def _read_results(results: Any) -> tuple[Any, str]:
+    """``results`` as given, or read from the JSON file when it is a path; and how errors name them (``"the
+    results"``, or ``"--results <path>"``)."""
+    if not isinstance(results, (str, os.PathLike)):
+        return results, "the results"
+    results_path = Path(results)
+    if not results_path.is_file():
+        raise FileNotFoundError(f"results file {results_path} does not exist: run `diffad evaluate` first")
+    try:
+        return json.loads(results_path.read_text(encoding="utf-8")), f"--results {results_path}"
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"results file {results_path} is not valid JSON ({exc})") from exc
+
+
+def _category_rows(rows: list[ResultRow], category: Optional[str]) -> tuple[str, list[ResultRow]]:
+    """The card's category (None: the results' only one) and its rows, self_aware before denoise and multiscale
+    before learned."""
     categories = sorted({r.category for r in rows})
     if category is None:
         if len(categories) != 1:
@@ -371,10 +419,16 @@ def make_model_card(
                   key=lambda r: tuple(order.get(part, 9) for part in r.method.split("/")) + (r.method,))
     if not rows:
         raise ValueError(f"no results for category {category!r} (the results hold {categories})")
-    check_results_model(results, model_dir, str(category), where)
+    return category, rows
 
-    data_dir = str(config.get("data_dir") or log.get("data_dir") or "")
-    source = _data_source(config, str(category))
+
+def _dataset_facts(config: Mapping[str, Any], category: str, dataset_type: Optional[str],
+                   dataset_name: Optional[str], license: Optional[str]) -> dict[str, Any]:
+    """What the card says of the training data (``is_mvtec``, ``dataset_type``, ``dataset_name``, ``license``,
+    ``dataset_description``, ``data_license_note``): the given values, else what the data says of itself
+    (:func:`_data_source`); no licence given or known is an error (:func:`_unknown_license`)."""
+    data_dir = str(config.get("data_dir") or "")
+    source = _data_source(config, category)
     if dataset_type is None:
         dataset_type = source["dataset"] or "custom"
     is_mvtec, is_synthetic = dataset_type == "mvtec_ad", dataset_type == "diffad-synthetic"
@@ -382,45 +436,6 @@ def make_model_card(
         dataset_name = ("MVTec AD" if is_mvtec else "diffad synthetic default" if is_synthetic
                         else (Path(data_dir).name or "custom dataset"))
     license = license or source["license"] or _unknown_license(source, data_dir)
-    repo_id = repo_id or f"your-username/diffad-{category}"
-
-    eval_results = [
-        EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_type,
-                   dataset_name=dataset_name, dataset_config=str(category), dataset_split="test",
-                   metric_type=key, metric_name=f"{METRICS[key]} ({row.method})", metric_value=round(value, 4),
-                   metric_config=row.method)
-        for row in rows for key, value in row.metrics.items()
-    ]
-    tags = ["anomaly-detection", "visual-inspection", "diffusion", "ddpm", "self-aware-inpainting",
-            "diffad", "diffusers", *extra_tags]
-    if is_mvtec:
-        tags.append("mvtec-ad")
-    card_data = ModelCardData(
-        model_name=f"diffad-{category}", library_name="diffusers", license=license,
-        tags=list(dict.fromkeys(tags)), metrics=[k for k in METRICS if any(k in r.metrics for r in rows)],
-        eval_results=eval_results)
-
-    present = components(_read_json(model_dir / MODEL_INDEX))
-    has_segmenter, is_calibrated = "segmenter" in present, CALIBRATION_COMPONENT in present
-    unet_config = _read_json(model_dir / "unet" / CONFIG_FILE)
-    resolution = config.get("resolution") or unet_config.get("sample_size", "?")
-    tile_size = config.get("crop_size") or unet_config.get("sample_size")
-    num_train = log.get("num_train_images") or config.get("num_train_images")
-
-    hyperparameters = _hyperparameters(config, log)
-    summary_bits = []
-    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
-    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
-    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
-        series = log.get(key, history.get(key))
-        if not isinstance(series, list):
-            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
-        if isinstance(series, list) and series and _is_number(series[-1]):
-            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
-    training_summary = ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
-    seconds = ""
-    if seconds_per_image:
-        seconds = ", ".join(f"{m} {s:.2f} s/image" for m, s in seconds_per_image.items())
     if is_mvtec:
         dataset_description = (f"Normal (`train/good`) images of the category `{category}` of MVTec AD "
                                f"(Bergmann et al., CVPR 2019), from `{data_dir}`; 20% held out (seeded) for "
@@ -437,20 +452,23 @@ def make_model_card(
         dataset_description = (f"Normal (`train/good`) images of `{category}` from `{data_dir or 'a local folder'}`, "
                                "in MVTec AD layout; a seeded fraction held out for validation and calibration.")
         data_license_note = ""
+    return {"is_mvtec": is_mvtec, "dataset_type": dataset_type, "dataset_name": dataset_name, "license": license,
+            "dataset_description": dataset_description, "data_license_note": data_license_note}
 
-    default_map = "combined"  # the self_aware default (SelfAwareInpaintPipeline.default_map)
-    calibration = _calibration_facts(model_dir) if is_calibrated else dict.fromkeys(_CALIBRATION_FACTS)
-    return ModelCard.from_template(
-        card_data, template_path=str(template_path()),
-        model_name=f"diffad-{category}", category=category, repo_id=repo_id, dataset_name=dataset_name,
-        diffad_version=__version__, num_parameters=_num_parameters(model_dir), resolution=resolution,
-        tile_size=tile_size,
-        has_segmenter=has_segmenter, is_calibrated=is_calibrated, **calibration,
-        num_train_images=num_train, data_license_note=data_license_note,
-        dataset_description=dataset_description, hyperparameters=hyperparameters,
-        segmenter_hyperparameters=_segmenter_hyperparameters(model_dir),
-        training_summary=training_summary, eval_table=_eval_table(rows), seconds_per_image=seconds,
-        default_map=default_map)
+
+def _training_summary(log: Mapping[str, Any]) -> str:
+    """One sentence on the training curve: the last training and validation losses (from the log's ``history``
+    series, else its epoch records)."""
+    summary_bits = []
+    history = log.get("history") if isinstance(log.get("history"), Mapping) else {}
+    epochs = log.get("epochs") if isinstance(log.get("epochs"), list) else []
+    for key, text in (("train_loss", "final training loss"), ("val_loss", "final validation loss")):
+        series = log.get(key, history.get(key))
+        if not isinstance(series, list):
+            series = [e.get(key) for e in epochs if isinstance(e, Mapping) and _is_number(e.get(key))]
+        if isinstance(series, list) and series and _is_number(series[-1]):
+            summary_bits.append(f"{text} {float(series[-1]):.4g} after {len(series)} epochs")
+    return ("Training curve: " + "; ".join(summary_bits) + ".") if summary_bits else ""
 
 
 def write_model_card(card, model_dir: str | os.PathLike) -> Path:
