@@ -276,7 +276,7 @@ def segmenter_logits(segmenter: UNet2DModel, images: torch.Tensor, reconstructio
     the image and its reconstruction and, for a 7-channel one (:data:`SEGMENTER_INPUTS`), ``log(Q / Q_p)`` clipped
     to [-3, 3] from ``noise_ratios`` ``(B, R, R)`` = ``Q / Q_p``; ``sigmoid`` of them is the learned map."""
     inputs = [images, reconstructions]
-    if segmenter.config.in_channels == 7:
+    if "noise_error" in SEGMENTER_INPUTS[segmenter.config.in_channels]:
         if noise_ratios is None:
             raise ValueError("this segmenter reads the noise error Q / Q_p: only method='self_aware' has it")
         inputs.append(torch.log(noise_ratios.float().clamp_min(1e-6)).clamp(-3.0, 3.0).unsqueeze(1).to(images.dtype))
@@ -690,7 +690,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     def _has_learned_map(self, method: str) -> bool:
         """A segmenter is loaded and ``method`` gives it its inputs (a 7-channel one reads ``Q / Q_p``)."""
-        return self.segmenter is not None and (method == "self_aware" or self.segmenter.config.in_channels == 6)
+        return self.segmenter is not None and (
+            method == "self_aware" or "noise_error" not in SEGMENTER_INPUTS[self.segmenter.config.in_channels])
 
     @staticmethod
     def default_map(method: str = "self_aware") -> str:

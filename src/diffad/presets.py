@@ -33,6 +33,8 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from diffad.pipelines.self_aware_inpaint.pipeline import SEGMENTER_INPUTS
+
 __all__ = [
     "UNET_PRESETS",
     "PRESET_NAMES",
@@ -241,7 +243,7 @@ def make_segmenter(
     factor = 2 ** (len(widths) - 1)
     if resolution < factor or resolution % factor:
         raise ValueError(f"segmenter resolution {resolution} must be a positive multiple of {factor}")
-    if in_channels not in (6, 7):
+    if in_channels not in SEGMENTER_INPUTS:
         raise ValueError(f"segmenter in_channels must be 6 (image, reconstruction) or 7 (+ noise error); got {in_channels}")
     if any(c % norm_num_groups for c in widths):
         raise ValueError(f"segmenter block_out_channels {widths} must be divisible by norm_num_groups={norm_num_groups}")
