@@ -103,6 +103,11 @@ def test_bad_flags_exit_2_with_one_line(capsys, tmp_path):
     rc = ts.run_with_clear_errors(lambda: ts.parse_args(["--model_dir", str(tmp_path), "--learning_rate", "0"]),
                                   ts.PROG)
     assert rc == 2 and "--learning_rate must be positive" in capsys.readouterr().err
+    for flags, message in ((["--validation_share", "0.6"], "--validation_share must be in (0, 0.5)"),
+                           (["--validation_steps", "0"], "--validation_steps must be positive")):
+        rc = ts.run_with_clear_errors(lambda: ts.parse_args(["--model_dir", str(tmp_path), *flags]), ts.PROG)
+        err_text = capsys.readouterr().err.strip()
+        assert rc == 2 and message in err_text and len(err_text.splitlines()) == 1
     rc = ts.run_with_clear_errors(lambda: ts.main(ts.parse_args(["--model_dir", str(tmp_path / "nope")])), ts.PROG)
     err_text = capsys.readouterr().err.strip()
     assert rc == 2 and "not a pipeline folder" in err_text and len(err_text.splitlines()) == 1
