@@ -47,7 +47,8 @@ import numpy as np
 logger = logging.getLogger("bench_quality")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared" / "data"
+#: the shared real data (``DIFFAD_BENCH_DATA``: another copy of it, e.g. on a GPU machine)
+SHARED = Path(os.environ.get("DIFFAD_BENCH_DATA", REPO_ROOT.parent / "shared" / "data"))
 #: category -> the MVTec AD-layout root that holds it
 CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
               "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
@@ -186,7 +187,9 @@ def run_validation(model: Path, out_file: Path, category: str, seed: int, config
 
     if out_file.is_file():
         return
-    pipe = SelfAwareInpaintPipeline.from_pretrained(model)
+    from diffad.precision import inference_device
+
+    pipe = SelfAwareInpaintPipeline.from_pretrained(model).to(inference_device())
     pipe.set_progress_bar_config(disable=True)
     calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution)
     from diffad.precision import resolve_precision

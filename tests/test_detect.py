@@ -321,3 +321,20 @@ def test_two_ranks_respect_the_lock_and_resume_as_one_process(calibrated_model, 
     assert "3 already done" in proc.stdout, proc.stdout
     assert (two / "results.csv").read_bytes() == (one / "results.csv").read_bytes()
     assert len(_rows(two / "results.csv")) == 8
+
+
+def test_commands_load_the_model_onto_the_gpu_when_there_is_one(calibrated_model, monkeypatch):
+    """detect, calibrate and evaluate load through one loader: on a machine with a GPU the networks go there (they
+    stayed on the CPU before). No GPU here: the device is faked and the pipeline's move recorded."""
+    import torch
+
+    import diffad.detect as detect_module
+
+    moved = []
+    monkeypatch.setattr(detect_module, "inference_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(SelfAwareInpaintPipeline, "to", lambda self, device: moved.append(str(device)) or self)
+    load_pipeline(calibrated_model)
+    assert moved == ["cuda"]
+    monkeypatch.setattr(detect_module, "inference_device", lambda: torch.device("cpu"))
+    load_pipeline(calibrated_model)
+    assert moved == ["cuda"]  # on the CPU nothing moves

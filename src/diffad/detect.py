@@ -65,11 +65,11 @@ from diffad.figures import overlay
 from diffad.files import file_lock
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
 from diffad.model_folder import require_model_folder
-from diffad.networks import INSTALL_HINT
+from diffad.networks import INSTALL_HINT, ExportedNetwork
 # NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, NONFINITE_ERROR, SAMPLING_PRESETS,
                                                  SelfAwareInpaintPipeline, inspect_photos, threshold_key)
-from diffad.precision import add_precision_assertion, check_network_precision, check_precision
+from diffad.precision import add_precision_assertion, check_network_precision, check_precision, inference_device
 from diffad.results import ResultsFile, calibration_hash, check_identity, safe_cell
 
 __all__ = [
@@ -164,11 +164,16 @@ def load_pipeline(model: str | os.PathLike):
 
 def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
     """``SelfAwareInpaintPipeline.from_pretrained`` without diffusers' "Loading pipeline components" bar (noise
-    around a command's own lines, and never part of a one-line error)."""
+    around a command's own lines, and never part of a one-line error), on :func:`inference_device` (a GPU when
+    there is one; a `diffad export` folder's networks stay where their runtime runs them)."""
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     try:
-        return SelfAwareInpaintPipeline.from_pretrained(str(source), **kwargs)
+        pipe = SelfAwareInpaintPipeline.from_pretrained(str(source), **kwargs)
+        device = inference_device()
+        if device.type != "cpu" and not isinstance(pipe.unet, ExportedNetwork):
+            pipe = pipe.to(device)
+        return pipe
     finally:
         if bars:
             diffusers_logging.enable_progress_bar()

@@ -76,7 +76,7 @@ from diffad.errors import report_error
 from diffad.files import atomic_write_text
 from diffad.pipelines.self_aware_inpaint import (MAP_NAMES, METHODS, SAMPLING_PRESETS, SamplingConfig, image_generator,
                                                 threshold_key)
-from diffad.precision import add_precision_assertion, check_network_precision, check_precision
+from diffad.precision import add_precision_assertion, check_network_precision, check_precision, inference_device
 from diffad.results import calibration_hash, csv_text
 
 __all__ = [
@@ -613,7 +613,7 @@ def evaluate_folder(
     if accelerator is not None:
         device = accelerator.device
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = inference_device()
     results, calibrations = [], {}
     for c in categories:
         pipe = from_pretrained_quietly(model_dirs[c]).to(device)

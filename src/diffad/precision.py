@@ -38,6 +38,12 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in _CPU_BF16_FLAGS)
 
 
+def inference_device() -> torch.device:
+    """Where a command runs the networks: the first CUDA GPU when torch sees one, else the CPU (``CUDA_VISIBLE_DEVICES=``
+    keeps a command on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str:
     """``"fp32"`` or ``"bf16"`` for ``requested`` (one of :data:`PRECISION_CHOICES`) on ``device``.
 
