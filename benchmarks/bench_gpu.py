@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--images", required=True, help="a folder of photos")
     p.add_argument("--out", default="bench_gpu.json")
     p.add_argument("--budget_seconds", type=float, default=420, help="sections starting after this are skipped")
+    p.add_argument("--sections", default="default,thesis,training", help="which timings to run, in this order")
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="a CPU check of this script: small batches, the tiny preset")
     a = p.parse_args()
@@ -121,11 +122,14 @@ def main() -> None:
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
                               "images": len(photos)}
 
+    sections = a.sections.split(",")
     base = SelfAwareInpaintPipeline.from_pretrained(a.model)
     result["default"] = {"tiles": base.num_tiles, "tile": base.tile_size, "resolution": base.resolution,
                          "unet_passes_per_tile": SamplingConfig.fast().unet_passes("self_aware")}
+    save = lambda: Path(a.out).write_text(json.dumps(result, indent=2))  # noqa: E731  (after every section: a
+    # run stopped by its time limit keeps what it measured)
     scores: dict[str, list[float]] = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if "default" in sections else ():
         print(f"default {precision}", flush=True)
         pipe = SelfAwareInpaintPipeline(unet=base.unet, scheduler=base.scheduler, segmenter=base.segmenter,
                                         working_resolution=base.config.working_resolution).to(DEVICE)
@@ -138,11 +142,13 @@ def main() -> None:
         out = pipe(probe, generator=[image_generator(0, im) for im in probe], batch_size=16)
         scores[precision] = [float(s) for s in out.scores["combined"]]
         result["default"][f"{precision}_decisions"] = [bool(v) for v in out.is_anomalous["combined"]]
-    result["default"]["scores"] = scores
-    result["default"]["bf16_vs_fp32_max_score_difference"] = float(
-        np.max(np.abs(np.array(scores["bf16"]) - np.array(scores["fp32"]))))
+        save()
+    if scores:
+        result["default"]["scores"] = scores
+        result["default"]["bf16_vs_fp32_max_score_difference"] = float(
+            np.max(np.abs(np.array(scores["bf16"]) - np.array(scores["fp32"]))))
 
-    if time.time() < deadline:
+    if "thesis" in sections and time.time() < deadline:
         print("thesis bf16", flush=True)
         unet = make_unet(thesis_preset)
         thesis = SelfAwareInpaintPipeline(unet=unet, scheduler=make_scheduler(), working_resolution=256).to(DEVICE)
@@ -153,20 +159,23 @@ def main() -> None:
                          generator=[image_generator(0, im) for im in calib], batch_size=8)
         result["thesis"] = {"parameters": count_parameters(unet), "preset": thesis_preset, "tiles": thesis.num_tiles,
                             "unet_passes": config.unet_passes("self_aware"),
-                            "bf16_calibration_seconds_8_images": time.perf_counter() - t,
-                            "bf16": throughput(thesis, probe, batches[:2], 2, deadline)}
+                            "bf16_calibration_seconds_8_images": time.perf_counter() - t}
+        save()
+        result["thesis"]["bf16"] = throughput(thesis, probe, batches[:2], 1, deadline)
+        save()
         del thesis, unet
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
     result["training"] = []
-    for preset, crop in (("cpu", 64), (thesis_preset, crop)):
+    for preset, crop in (("cpu", 64), (thesis_preset, crop)) if "training" in sections else ():
         for precision in ("fp32", "bf16"):
             if time.time() < deadline:
                 result["training"].append(training_step_seconds(preset, crop, precision))
+                save()
                 print(result["training"][-1], flush=True)
     result["wall_seconds"] = time.time() - start
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    save()
     print(json.dumps(result, indent=2))
 
 
