@@ -35,9 +35,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 EXPECTED_FILES = [
-    "README.md", "calibration/config.json", "calibration/diffusion_pytorch_model.safetensors",
-    "calibration/pipeline.py", "handler.py", "model_index.json", "pipeline.py", "scheduler/scheduler_config.json",
-    "training_log.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "README.md", "anomaly_calibration.py", "calibration/anomaly_calibration.py", "calibration/config.json",
+    "calibration/diffusion_pytorch_model.safetensors", "folder.py", "handler.py", "images.py", "maps.py",
+    "model_index.json", "pipeline.py", "scheduler/scheduler_config.json", "tiles.py", "training_log.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
 ]
 
 
@@ -58,7 +59,7 @@ def test_push_dry_run_checks_loading_and_uploads_nothing(folders, capsys, monkey
     code = main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/diffad-weave", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and calls == []
-    assert "dry run: would upload 11 files to acme/diffad-weave" in out
+    assert "dry run: would upload 16 files to acme/diffad-weave" in out
     assert "SelfAwareInpaintPipeline" in out and "calibration, scheduler, unet" in out
     assert "sampling config: custom" in out  # the tiny model is calibrated with a cheap custom config
     for name in EXPECTED_FILES:
