@@ -178,3 +178,29 @@ def test_load_check_fails_on_a_broken_folder(folders, tmp_path):
     (tmp_path / "repo" / "pipeline.py").write_text("raise ImportError('broken pipeline file')\n")
     with pytest.raises(RuntimeError, match="does not load with diffusers alone"):
         check_loads_offline(tmp_path / "repo")
+
+
+def test_push_installs_diffads_own_code_in_a_folder_saved_with_one_pipeline_file(folders, tmp_path):
+    """A folder saved before the code was split (``calibration: ["pipeline", ...]``, ``calibration/pipeline.py``, no
+    siblings) or carrying code of its own: the Hub folder gets diffad's files, model_index.json pointed at them, and
+    loads with diffusers alone."""
+    from diffad.hub import assemble_hub_folder, check_loads_offline
+    from diffad.pipelines.self_aware_inpaint import folder as pipeline_folder
+
+    old = tmp_path / "old"
+    shutil.copytree(folders["ready"], old)
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps(dict(index, calibration=["pipeline", "AnomalyCalibration"])))
+    (old / "calibration" / "anomaly_calibration.py").rename(old / "calibration" / "pipeline.py")
+    for name in ("anomaly_calibration.py", "folder.py", "images.py", "tiles.py"):
+        (old / name).unlink()
+    marker = tmp_path / "ran.txt"
+    (old / "maps.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")  # must never run
+    assert assemble_hub_folder(old, tmp_path / "repo") == EXPECTED_FILES
+    package = Path(pipeline_folder.__file__).parent
+    for rel in EXPECTED_FILES:
+        if rel.endswith(".py") and rel != "handler.py":
+            assert (tmp_path / "repo" / rel).read_bytes() == (package / Path(rel).name).read_bytes(), rel
+    assert json.loads((tmp_path / "repo" / "model_index.json").read_text())["calibration"] == [
+        "anomaly_calibration", "AnomalyCalibration"]
+    assert check_loads_offline(tmp_path / "repo")["calibrated"] and not marker.exists()
