@@ -281,7 +281,7 @@ def register(subparsers) -> None:
     """Add ``diffad push`` to the ``diffad`` command."""
     parser = subparsers.add_parser(
         "push", help="publish a calibrated model with its card to the Hugging Face Hub",
-        description="Assemble the Hub folder (weights, calibration, model_index.json, pipeline.py, README.md), "
+        description="Assemble the Hub folder (weights, calibration, model_index.json, the pipeline code, README.md), "
                     "check it loads with diffusers alone in a fresh offline process, then upload it. Refuses an "
                     "uncalibrated model or one without a model card (exit 2).")
     parser.add_argument("--model", required=True, help="the model folder")
