@@ -1,8 +1,9 @@
 """Regression check of a pipeline redesign: the same trained DDPM, scored by an earlier revision's
 ``pipeline.py`` and by today's, over several noise seeds.
 
-The pipeline file imports only torch, diffusers and numpy, so an earlier revision's copy
-(``git show REV:pipelines/self_aware_inpaint/pipeline.py``) loads beside today's. Both calibrate on
+The pipeline's files import only torch, diffusers, numpy and each other, so an earlier revision's
+(``git show REV:pipelines/self_aware_inpaint/...``, one ``pipeline.py`` before issue 21) loads beside today's as a
+package of its own. Both calibrate on
 the category's validation split and score its test split with their default (fast) sampler, for
 ``self_aware`` and ``denoise``; the table gives mean +- std over seeds of image AUROC, pixel AUROC,
 AUPRO, UNet passes and the inpainting masks' statistics on the test split.
@@ -16,26 +17,34 @@ Example (the model of ``make bench-real``)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_PATH = "pipelines/self_aware_inpaint/pipeline.py"
+PACKAGE_PATH = "pipelines/self_aware_inpaint"
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_revision(rev: str, name: str, folder: Path):
+    """The pipeline module of git revision ``rev``: its package's files written into ``folder`` and imported as the
+    package ``name`` (not its ``__init__``, which imports diffad's own modules)."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=REPO_ROOT, check=True, capture_output=True,  # noqa: E731
+                                       text=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in git("ls-tree", "--name-only", f"{rev}:{PACKAGE_PATH}").split():
+        if file.endswith(".py") and file != "__init__.py":
+            (folder / file).write_text(git("show", f"{rev}:{PACKAGE_PATH}/{file}"))
+    package = types.ModuleType(name)
+    package.__path__ = [str(folder)]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.pipeline")
 
 
 def main(argv=None) -> int:
@@ -43,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a trained pipeline folder (unet/, scheduler/)")
     p.add_argument("--data", required=True)
     p.add_argument("--category", required=True)
-    p.add_argument("--old_rev", default="be89412", help="git revision of the earlier pipeline.py")
+    p.add_argument("--old_rev", default="be89412", help="git revision of the earlier pipeline")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="bench_output/compare_pipeline_versions.json")
     a = p.parse_args(argv)
@@ -54,12 +63,8 @@ def main(argv=None) -> int:
     from diffad.metrics import compute_anomaly_metrics
 
     torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp())
-    old_file = tmp / "old_pipeline.py"
-    old_file.write_text(subprocess.run(["git", "show", f"{a.old_rev}:{PIPELINE_PATH}"], cwd=REPO_ROOT, check=True,
-                                       capture_output=True, text=True).stdout)
-    versions = {f"old ({a.old_rev})": load_module(old_file, "old_pipeline"),
-                "new": load_module(REPO_ROOT / PIPELINE_PATH, "new_pipeline")}
+    versions = {f"old ({a.old_rev})": load_revision(a.old_rev, "old_pipeline", Path(tempfile.mkdtemp()) / "old"),
+                "new": importlib.import_module("diffad.pipelines.self_aware_inpaint.pipeline")}
     unet = UNet2DModel.from_pretrained(Path(a.model) / "unet").eval()
     scheduler = DDPMScheduler.from_pretrained(Path(a.model) / "scheduler")
     resolution = int(unet.config.sample_size)

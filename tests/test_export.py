@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffad.cli import main
 from diffad.detect import load_pipeline
+from diffad.pipelines.self_aware_inpaint.folder import CODE_FILES
 from tiny_components import saved_tiny_pipeline
 
 pytest.importorskip("openvino")
@@ -66,7 +67,8 @@ def test_exported_folder_is_complete_and_self_describing(model, model_bf16, expo
     assert manifest["calibration"]["sampling_config"]["precision"] == precision
     assert all((folder / "unet" / f).is_file() for f in files)
     assert not list(folder.rglob("*.pkl")) and not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    for rel in ("calibration/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "pipeline.py"):
+    for rel in ("calibration/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", *CODE_FILES,
+                "calibration/anomaly_calibration.py"):
         assert (folder / rel).read_bytes() == (model / rel).read_bytes(), rel
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffad.networks", {"openvino": "OpenVINONetwork", "onnx": "ONNXNetwork"}[fmt]]

@@ -35,9 +35,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 EXPECTED_FILES = [
-    "README.md", "calibration/config.json", "calibration/diffusion_pytorch_model.safetensors",
-    "calibration/pipeline.py", "handler.py", "model_index.json", "pipeline.py", "scheduler/scheduler_config.json",
-    "training_log.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "README.md", "anomaly_calibration.py", "calibration/anomaly_calibration.py", "calibration/config.json",
+    "calibration/diffusion_pytorch_model.safetensors", "folder.py", "handler.py", "images.py", "maps.py",
+    "model_index.json", "pipeline.py", "scheduler/scheduler_config.json", "tiles.py", "training_log.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
 ]
 
 
@@ -58,7 +59,7 @@ def test_push_dry_run_checks_loading_and_uploads_nothing(folders, capsys, monkey
     code = main(["push", "--model", str(folders["ready"]), "--repo-id", "acme/diffad-weave", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and calls == []
-    assert "dry run: would upload 11 files to acme/diffad-weave" in out
+    assert "dry run: would upload 16 files to acme/diffad-weave" in out
     assert "SelfAwareInpaintPipeline" in out and "calibration, scheduler, unet" in out
     assert "sampling config: custom" in out  # the tiny model is calibrated with a cheap custom config
     for name in EXPECTED_FILES:
@@ -177,3 +178,29 @@ def test_load_check_fails_on_a_broken_folder(folders, tmp_path):
     (tmp_path / "repo" / "pipeline.py").write_text("raise ImportError('broken pipeline file')\n")
     with pytest.raises(RuntimeError, match="does not load with diffusers alone"):
         check_loads_offline(tmp_path / "repo")
+
+
+def test_push_installs_diffads_own_code_in_a_folder_saved_with_one_pipeline_file(folders, tmp_path):
+    """A folder saved before the code was split (``calibration: ["pipeline", ...]``, ``calibration/pipeline.py``, no
+    siblings) or carrying code of its own: the Hub folder gets diffad's files, model_index.json pointed at them, and
+    loads with diffusers alone."""
+    from diffad.hub import assemble_hub_folder, check_loads_offline
+    from diffad.pipelines.self_aware_inpaint import folder as pipeline_folder
+
+    old = tmp_path / "old"
+    shutil.copytree(folders["ready"], old)
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps(dict(index, calibration=["pipeline", "AnomalyCalibration"])))
+    (old / "calibration" / "anomaly_calibration.py").rename(old / "calibration" / "pipeline.py")
+    for name in ("anomaly_calibration.py", "folder.py", "images.py", "tiles.py"):
+        (old / name).unlink()
+    marker = tmp_path / "ran.txt"
+    (old / "maps.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")  # must never run
+    assert assemble_hub_folder(old, tmp_path / "repo") == EXPECTED_FILES
+    package = Path(pipeline_folder.__file__).parent
+    for rel in EXPECTED_FILES:
+        if rel.endswith(".py") and rel != "handler.py":
+            assert (tmp_path / "repo" / rel).read_bytes() == (package / Path(rel).name).read_bytes(), rel
+    assert json.loads((tmp_path / "repo" / "model_index.json").read_text())["calibration"] == [
+        "anomaly_calibration", "AnomalyCalibration"]
+    assert check_loads_offline(tmp_path / "repo")["calibrated"] and not marker.exists()

@@ -3,7 +3,9 @@
 Bottom to top: the Hub pipeline package (and the runtime networks it must load) -> core -> training scripts ->
 commands -> benchmarks. No module imports a module of a layer above its own (imports inside functions count too),
 the diffad modules import each other without a cycle, and the pipeline package imports only torch, diffusers,
-numpy, the standard library and the runtime networks (its ``pipeline.py`` ships alone in every Hub repo).
+numpy, the standard library and the runtime networks (``inspection.py`` also Pillow). Its ``pipeline.py`` and the
+siblings it imports ship in every Hub repo as diffusers remote code (``tests/test_pipeline.py`` holds them to torch,
+diffusers and numpy), and ``inspection.py`` as the repo's ``handler.py``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from diffad.pipelines.self_aware_inpaint import (
     predict_noise,
     segmenter_logits,
 )
+from diffad.pipelines.self_aware_inpaint.folder import CODE_FILES, COMPONENT_MODULES
 from tiny_components import tiny_pipeline, tiny_unet
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
@@ -58,28 +60,42 @@ def schedule() -> NoiseSchedule:
     return NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="sigmoid").alphas_cumprod)
 
 
-def test_pipeline_file_imports_only_torch_diffusers_numpy():
-    tree = ast.parse(PIPELINE_FILE.read_text())
-    roots = set()
-    for node in ast.walk(tree):
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """The top-level packages ``path`` imports, and the siblings it imports relatively."""
+    roots, siblings = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1 and node.module, f"{path.name}: only `from .module import name` (diffusers' form)"
+            siblings.add(node.module)
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "pipeline.py must not use relative imports (it ships alone)"
             roots.add(node.module.split(".")[0])
-    stdlib = {"__future__", "dataclasses", "typing", "json", "os", "shutil"}
-    assert roots - stdlib <= {"torch", "diffusers", "numpy"}, roots
+    return roots, siblings
 
 
-def test_pipeline_file_reads_stages_config_calibration_pipeline():
-    """The file's top-level order is the thesis's: stage functions, then the config, calibration and pipeline."""
+def test_the_shipped_files_import_torch_diffusers_numpy_and_each_other_as_remote_code_needs():
+    """Every file a saved folder carries imports only torch, diffusers, numpy and the standard library; pipeline.py
+    imports each of its siblings itself (diffusers copies a local folder's remote code by pipeline.py's relative
+    imports alone) and the calibration's module none (the Hub serves a component folder nothing else)."""
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for name in CODE_FILES:
+        roots, siblings = _imports(PIPELINE_FILE.parent / name)
+        assert roots - stdlib <= {"torch", "diffusers", "numpy"}, (name, roots)
+        assert {f"{s}.py" for s in siblings} <= set(CODE_FILES), (name, siblings)
+    assert {f"{s}.py" for s in _imports(PIPELINE_FILE)[1]} == set(CODE_FILES) - {"pipeline.py"}
+    for module in COMPONENT_MODULES.values():
+        assert not _imports(PIPELINE_FILE.parent / f"{module}.py")[1], module
+
+
+def test_pipeline_file_reads_stages_then_pipeline():
+    """The file's top-level order is the thesis's: the stage functions, then the pipeline that runs them."""
     tree = ast.parse(PIPELINE_FILE.read_text())
     order = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    stages = ["NoiseSchedule", "noise_error", "inpaint", "denoise", "multiscale_anomaly_map"]
-    classes = ["SamplingConfig", "AnomalyCalibration", "SelfAwareInpaintPipeline"]
-    assert max(order.index(s) for s in stages) < order.index("SamplingConfig")
-    assert [order.index(c) for c in classes] == sorted(order.index(c) for c in classes)
-    assert len(PIPELINE_FILE.read_text().splitlines()) <= 1040  # issue 21: <= 600 (the head and held-out scores added 32)
+    stages = ["NoiseSchedule", "noise_error", "inpaint", "denoise"]
+    assert [order.index(s) for s in stages] == sorted(order.index(s) for s in stages)
+    assert max(order.index(s) for s in stages) < order.index("SelfAwareInpaintPipeline")
+    assert len(PIPELINE_FILE.read_text().splitlines()) <= 600  # issue 21 (the plumbing is in its siblings)
 
 
 # ------------------------------------------------------------------ the stages against diffusers

@@ -1,4 +1,5 @@
-"""Saving and loading SelfAwareInpaintPipeline: natively with diffad, and as remote code where diffad is absent."""
+"""Saving and loading SelfAwareInpaintPipeline: natively with diffad, and as remote code where diffad is absent
+(from the saved folder, and from the files of it the Hub serves)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,24 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 
 from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+from diffad.pipelines.self_aware_inpaint.folder import CODE_FILES
 
 from test_pipeline import QUICK, images
 from tiny_components import tiny_pipeline as make_pipe
 
-PIPELINE_SOURCE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
+PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint"
+CALIBRATION_CODE = "calibration/anomaly_calibration.py"
 
-# Run in a fresh interpreter where `import diffad` fails: only diffusers and the folder's pipeline.py are available.
+
+def assert_carries_diffads_code(folder: Path) -> None:
+    """``folder`` holds this checkout's pipeline code, byte for byte, where diffusers' remote code looks for it."""
+    for name in CODE_FILES:
+        assert (folder / name).read_bytes() == (PACKAGE / name).read_bytes(), name
+    assert (folder / CALIBRATION_CODE).read_bytes() == (PACKAGE / "anomaly_calibration.py").read_bytes()
+    assert not (folder / "calibration" / "pipeline.py").exists()
+
+
+# Run in a fresh interpreter where `import diffad` fails: only diffusers and the folder's code are available.
 REMOTE_SCRIPT = textwrap.dedent("""
     import sys
     sys.modules["diffad"] = None  # the editable install stays on sys.path: block the package itself
@@ -41,6 +53,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
     pipe.set_progress_bar_config(disable=True)
     x = torch.from_numpy(np.load(x_path))
     out = pipe(x, generator=torch.Generator().manual_seed(5))
+    assert pipe(x[:1], config=pipe.calibration.sampling).scores["learned"].shape == (1,)  # the calibration's config
     pipe.save_pretrained(resaved)
     again = DiffusionPipeline.from_pretrained(resaved, trust_remote_code=True)
     again.set_progress_bar_config(disable=True)
@@ -70,11 +83,10 @@ def expected_outputs(folder: Path):
 def test_saved_folder_is_hub_ready(saved):
     index = json.loads((saved / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "SelfAwareInpaintPipeline"]
-    assert index["calibration"] == ["pipeline", "AnomalyCalibration"]
+    assert index["calibration"] == ["anomaly_calibration", "AnomalyCalibration"]
     assert index["unet"] == ["diffusers", "UNet2DModel"] and index["segmenter"] == ["diffusers", "UNet2DModel"]
     assert "_name_or_path" not in index
-    assert (saved / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
-    assert (saved / "calibration" / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
+    assert_carries_diffads_code(saved)
     assert (saved / "calibration" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(saved.rglob("*.bin")) and not list(saved.rglob("*.pkl"))
 
@@ -122,12 +134,84 @@ def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
     resaved = tmp_path / "resaved"
     index = json.loads((resaved / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "SelfAwareInpaintPipeline"]
-    assert index["calibration"] == ["pipeline", "AnomalyCalibration"]
-    assert (resaved / "pipeline.py").read_text() == PIPELINE_SOURCE.read_text()
+    assert index["calibration"] == ["anomaly_calibration", "AnomalyCalibration"]
+    assert_carries_diffads_code(resaved)
     native = SelfAwareInpaintPipeline.from_pretrained(resaved)
     native.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(native(images(2, seed=8), generator=torch.Generator().manual_seed(5)
                                       ).anomaly_maps["learned"], expected.anomaly_maps["learned"], atol=1e-6)
+
+
+def hub_served_copy(saved: Path, dest: Path) -> Path:
+    """What ``DiffusionPipeline.from_pretrained(repo_id)`` downloads of a Hub repo holding ``saved``: the top level's
+    files (``pipeline.py`` and, on request, the siblings it imports) and, of a component folder with weights, only its
+    config, its weights and the module model_index.json names (diffusers' allow-patterns)."""
+    index = json.loads((saved / "model_index.json").read_text())
+    served = ("config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors")
+    for path in saved.rglob("*"):
+        rel = path.relative_to(saved)
+        if path.is_dir() or (len(rel.parts) == 2 and rel.name not in (*served, f"{index[rel.parts[0]][0]}.py")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(path.read_bytes())
+    return dest
+
+
+def test_the_files_the_hub_serves_load_alone_as_remote_code_and_score_the_same(saved, tmp_path):
+    """The split pipeline code as the Hub serves it, copied alone to a fresh folder: a fresh process without diffad
+    (so every module comes from the folder, through diffusers' remote-code loader) gives the same maps and decisions."""
+    expected = expected_outputs(saved)
+    served = hub_served_copy(saved, tmp_path / "served")
+    assert sorted(p.name for p in (served / "calibration").iterdir()) == [
+        "anomaly_calibration.py", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in served.glob("*.py")) == sorted(CODE_FILES)
+    x_path, out_path = tmp_path / "x.npy", tmp_path / "out.npz"
+    np.save(x_path, images(2, seed=8).numpy())
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, str(served), str(tmp_path / "resaved"),
+                             str(x_path), str(out_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = np.load(out_path)
+    np.testing.assert_allclose(got["maps"], expected.anomaly_maps["learned"], atol=1e-6)
+    np.testing.assert_array_equal(got["decisions"], expected.is_anomalous["learned"])
+    np.testing.assert_array_equal(got["masks"], expected.inpaint_masks)
+    modules = sorted(p.name for p in (tmp_path / "hf_home" / "modules" / "diffusers_modules" / "local").glob("*.py"))
+    assert set(CODE_FILES) <= set(modules), modules  # the remote code ran from the folder's files
+
+
+def test_a_folder_saved_with_one_pipeline_file_loads_natively(saved, tmp_path):
+    """Folders saved before the code was split name ``["pipeline", "AnomalyCalibration"]`` (and carry
+    ``calibration/pipeline.py``): diffad loads them with its own modules."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps(dict(index, calibration=["pipeline", "AnomalyCalibration"])))
+    for name in CODE_FILES[1:]:
+        (old / name).unlink()
+    (old / CALIBRATION_CODE).rename(old / "calibration" / "pipeline.py")
+    loaded = SelfAwareInpaintPipeline.from_pretrained(old)
+    assert type(loaded.calibration).__module__ == "diffad.pipelines.self_aware_inpaint.anomaly_calibration"
+    loaded.set_progress_bar_config(disable=True)
+    scores = loaded(images(2, seed=8), generator=torch.Generator().manual_seed(5)).scores["learned"]
+    np.testing.assert_array_equal(scores, expected_outputs(saved).scores["learned"])
+
+
+def test_a_calibration_of_diffad_0_1_says_recalibrate(saved, tmp_path):
+    """diffad 0.1 stored no sampling config: a one-line error that says to recalibrate, no fallback."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    config_path = old / "calibration" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), sampling_config=None)))
+    pipe = SelfAwareInpaintPipeline.from_pretrained(old)
+    with pytest.raises(ValueError, match=r"^this calibration was made by diffad 0\.1: recalibrate \(`diffad "
+                                         r"calibrate`\)$"):
+        pipe(images(1, seed=8))
 
 
 def test_remote_code_in_process(saved):

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from tiny_components import CHEAP_CONFIG, tiny_unet
 
 from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-from diffad.pipelines.self_aware_inpaint.pipeline import merge_tiles, split_tiles, tile_origins, tile_window
+from diffad.pipelines.self_aware_inpaint.tiles import merge_tiles, split_tiles, tile_origins, tile_window
 from diffad.training.train_ddpm import random_crops
 
 

@@ -1,5 +1,6 @@
 # One photo as diffad judges it, and the Hugging Face Inference Endpoints handler. `diffad push` writes this file into
-# every Hub repo as `handler.py`, beside the repo's `pipeline.py`; it imports only torch, diffusers, numpy and Pillow.
+# every Hub repo as `handler.py`, beside the repo's `pipeline.py` and its siblings; it imports only torch, diffusers,
+# numpy and Pillow.
 """One photo as diffad judges it, for every command and for a Hub repo's ``handler.py``.
 
 What ``diffad detect``, ``diffad serve``, ``diffad watch`` and Inference Endpoints run for each photo lives here, in
@@ -22,10 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import importlib.util
+import importlib
 import io
 import os
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -33,12 +35,11 @@ import numpy as np
 import torch
 
 try:  # installed: diffad.pipelines.self_aware_inpaint
-    from . import pipeline as _pipeline
-except ImportError:  # `handler.py` at the top of a Hub repo, beside the repo's pipeline.py
-    _spec = importlib.util.spec_from_file_location(
-        "diffad_hub_pipeline", os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py"))
-    _pipeline = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_pipeline)
+    from . import images as _images, pipeline as _pipeline
+except ImportError:  # `handler.py` at the top of a Hub repo: the repo's pipeline files, imported as one package
+    _package = sys.modules.setdefault("diffad_hub_pipeline", types.ModuleType("diffad_hub_pipeline"))
+    _package.__path__ = [os.path.dirname(os.path.abspath(__file__))]  # pipeline.py imports its siblings relatively
+    _images, _pipeline = (importlib.import_module(f"{_package.__name__}.{name}") for name in ("images", "pipeline"))
 
 #: The error of a photo the model could not judge (a NaN/inf map): an error, never a decision.
 NONFINITE_ERROR = "the model produced a non-finite anomaly map: check the weights, or retrain"
@@ -49,9 +50,10 @@ def rgb_image(image: Any) -> Any:
     upright RGB image of a valid size is returned as is. ``ValueError`` for an image that is too small."""
     from PIL import Image
 
-    if image.mode == "RGB" and _pipeline.exif_orientation(image) in (None, 1) and min(image.size) >= _pipeline.MIN_IMAGE_SIDE:
+    upright = _images.exif_orientation(image) in (None, 1)
+    if image.mode == "RGB" and upright and min(image.size) >= _images.MIN_IMAGE_SIDE:
         return image
-    return Image.fromarray((_pipeline.rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
+    return Image.fromarray((_images.rgb_array(image) * 255.0).round().astype(np.uint8), mode="RGB")
 
 
 def seeded_generator(seed: int, *stream: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:

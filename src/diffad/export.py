@@ -1,15 +1,15 @@
 """``diffad export``: the networks of a trained, calibrated model in OpenVINO's or ONNX's format, for CPU stations.
 
 ``diffad export --model DIR --format openvino --precision bf16 --out DIR2`` writes a complete model folder: the
-scheduler, the calibration, the card and the logs carried over, ``pipeline.py``, the UNet (and segmenter) converted
-from the torch module by the backend's own converter (OpenVINO's ``convert_model``: ``<component>/openvino_model.xml``
-+ ``.bin``; ``torch.onnx.export``: ``<component>/model.onnx``, run by onnxruntime), and ``export.json`` saying which
-model, format, precision and calibration it holds.
+scheduler, the calibration, the card, the logs and the pipeline's code (``pipeline.py`` and its siblings) carried
+over, the UNet (and segmenter) converted from the torch module by the backend's own converter (OpenVINO's
+``convert_model``: ``<component>/openvino_model.xml`` + ``.bin``; ``torch.onnx.export``: ``<component>/model.onnx``,
+run by onnxruntime), and ``export.json`` saying which model, format, precision and calibration it holds.
 
 The folder is a diffusers folder: ``model_index.json`` names each exported network ``["diffad.networks",
 "OpenVINONetwork"]`` (or ``"ONNXNetwork"``), a :class:`~diffusers.ModelMixin` whose ``from_pretrained`` compiles
 it, so ``SelfAwareInpaintPipeline.from_pretrained(DIR2)`` -- and through it ``diffad detect``, ``evaluate`` and
-``app`` -- runs the same sampler (the same ``pipeline.py``) with the exported networks.
+``app`` -- runs the same sampler (the same pipeline code) with the exported networks.
 
 The backends are an optional extra: ``pip install 'diffad[openvino]'``. The calibration is the torch model's: the
 exported networks reproduce its outputs within float rounding in ``fp32`` and within bf16 rounding in ``bf16``

@@ -6,13 +6,14 @@ Steps (each a function, so scripts and tests can run them separately):
    model card (``README.md``, written by ``diffad card``): exit code 2 with one line saying what to run.
 2. :func:`assemble_hub_folder` copies an allow-list into a temporary folder: ``model_index.json``, the
    component folders' configs and safetensors (``unet/``, ``scheduler/``, ``segmenter/``, ``calibration/``),
-   ``README.md`` and the training logs with local paths replaced by their last part; ``pipeline.py`` (top
-   level and in ``calibration/``) is installed diffad's own file, never the folder's. Nothing is read through
-   a symbolic link (a link is an error naming it); checkpoints, stray files, caches and pickles stay behind.
+   ``README.md`` and the training logs with local paths replaced by their last part; the pipeline's code
+   (``pipeline.py`` and its siblings, ``calibration/anomaly_calibration.py``) is installed diffad's own files,
+   never the folder's, with ``model_index.json`` pointed at them. Nothing is read through a symbolic link (a link is
+   an error naming it); checkpoints, stray files, caches and pickles stay behind.
 3. :func:`check_loads_offline` loads that folder with ``DiffusionPipeline.from_pretrained(folder,
    trust_remote_code=True)`` in a FRESH Python process with ``HF_HUB_OFFLINE=1``, a private
    ``HF_HOME`` and ``diffad`` made unimportable: exactly what a Hub user with diffusers alone gets. The only
-   code it runs is diffad's own ``pipeline.py`` (step 2), never code that came with the model folder.
+   code it runs is diffad's own pipeline code (step 2), never code that came with the model folder.
 4. :func:`push_model` then calls ``HfApi().create_repo`` and ``HfApi().upload_folder``;
    ``--dry-run`` stops right before and lists what would be uploaded.
 """
@@ -36,10 +37,10 @@ import huggingface_hub
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from diffad.app import write_space
-from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, COMPONENT_FILES, EXPORT_FILE, HANDLER_FILE,
-                                 HUB_TOP_LEVEL_FILES, LOG_FILES, PIPELINE_FILE, calibration_config, components,
-                                 is_exported, read_json, read_model_index)
-from diffad.pipelines.self_aware_inpaint import inspection as handler_module, pipeline as pipeline_module
+from diffad.model_folder import (CALIBRATION_COMPONENT, CARD_FILE, CODE_FILES, COMPONENT_CODE, COMPONENT_FILES,
+                                 EXPORT_FILE, HANDLER_FILE, HUB_TOP_LEVEL_FILES, LOG_FILES, PIPELINE_FILE,
+                                 calibration_config, components, is_exported, read_json, read_model_index)
+from diffad.pipelines.self_aware_inpaint import folder as pipeline_folder, inspection as handler_module
 
 __all__ = [
     "PushResult",
@@ -151,32 +152,38 @@ def assemble_hub_folder(model_dir: str | os.PathLike, dest: str | os.PathLike) -
     """Copy the files a Hub repo needs from ``model_dir`` into ``dest`` (created); return their relative paths.
 
     Only an allow-list is copied (:data:`HUB_TOP_LEVEL_FILES`, :data:`COMPONENT_FILES`), never through a symbolic
-    link; the logs lose their local paths; and ``pipeline.py`` (top level and in ``calibration/``) is installed
-    diffad's own pipeline file, never the folder's, so checking and publishing run no code from the folder; so is
-    ``handler.py`` (Inference Endpoints' ``EndpointHandler``, :mod:`diffad.pipelines.self_aware_inpaint.inspection`),
+    link; the logs lose their local paths; and the pipeline's code (:data:`CODE_FILES`, and ``calibration/``'s
+    module) is installed diffad's own files, never the folder's, with ``model_index.json`` pointed at them
+    (``folder.write_code``, as ``save_pretrained`` does), so checking and publishing run no code from the folder; so
+    is ``handler.py`` (Inference Endpoints' ``EndpointHandler``, :mod:`diffad.pipelines.self_aware_inpaint.inspection`),
     written into every repo."""
     model_dir, dest = Path(model_dir), Path(dest)
     index = check_publishable(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    own_code = {PIPELINE_FILE: Path(pipeline_module.__file__), HANDLER_FILE: Path(handler_module.__file__)}
+    package = Path(pipeline_folder.__file__).parent
+    own_code = {rel: package / Path(rel).name
+                for rel in (*CODE_FILES, *(f"{c}/{f}" for c, names in COMPONENT_CODE.items() for f in names))}
+    own_code[HANDLER_FILE] = Path(handler_module.__file__)
     wanted = list(HUB_TOP_LEVEL_FILES)
     wanted += [f"{c}/{f}" for c in components(index) for f in COMPONENT_FILES.get(c, ())]
     files: list[str] = []
     for rel in wanted:
         source = _source_file(model_dir, rel)
-        if source is None and rel != HANDLER_FILE:  # the handler is always written
+        if rel in own_code:  # always written, diffad's own (below)
+            if source is not None and source.read_bytes() != own_code[rel].read_bytes():
+                logger.warning("%s differs from diffad's %s: publishing diffad's own", source, own_code[rel].name)
+            files.append(rel)
+            continue
+        if source is None:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        if Path(rel).name in own_code:
-            own = own_code[Path(rel).name]
-            if source is not None and source.read_bytes() != own.read_bytes():
-                logger.warning("%s differs from diffad's %s: publishing diffad's own", source, own.name)
-            shutil.copyfile(own, dest / rel)
-        elif rel in LOG_FILES:
+        if rel in LOG_FILES:
             (dest / rel).write_text(json.dumps(_strip_local_paths(read_json(source)), indent=2), encoding="utf-8")
         else:
             shutil.copyfile(source, dest / rel)
         files.append(rel)
+    pipeline_folder.write_code(dest)  # the pipeline's code, and model_index.json pointed at it
+    shutil.copyfile(own_code[HANDLER_FILE], dest / HANDLER_FILE)
     unknown = [c for c in components(index) if c not in COMPONENT_FILES]
     if unknown:
         raise ValueError(f"{model_dir}/model_index.json names components diffad does not publish: {unknown}")
@@ -274,7 +281,7 @@ def register(subparsers) -> None:
     """Add ``diffad push`` to the ``diffad`` command."""
     parser = subparsers.add_parser(
         "push", help="publish a calibrated model with its card to the Hugging Face Hub",
-        description="Assemble the Hub folder (weights, calibration, model_index.json, pipeline.py, README.md), "
+        description="Assemble the Hub folder (weights, calibration, model_index.json, the pipeline code, README.md), "
                     "check it loads with diffusers alone in a fresh offline process, then upload it. Refuses an "
                     "uncalibrated model or one without a model card (exit 2).")
     parser.add_argument("--model", required=True, help="the model folder")

@@ -2,7 +2,8 @@
 
 A model folder is a diffusers pipeline folder (``SelfAwareInpaintPipeline.save_pretrained``): ``model_index.json``
 naming the components, one folder per component (``unet/``, ``scheduler/``, ``segmenter/``, ``calibration/``), the
-pipeline's own ``pipeline.py``; beside them the training logs, the model card (``README.md``) and, in a folder
+pipeline package's own code (``pipeline.py`` and its siblings, :data:`CODE_FILES`; ``calibration/`` carries its
+module, :data:`COMPONENT_CODE`); beside them the training logs, the model card (``README.md``) and, in a folder
 written by ``diffad export``, ``export.json`` with OpenVINO or ONNX networks (:mod:`diffad.networks`) in place of
 the torch weights. This module is the one place that knows those names: ``diffad push``'s allow-list, what an
 export carries over, whether a folder is a model, is exported, and what its calibration holds.
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffad.networks import NETWORK_CLASSES
-from diffad.pipelines.self_aware_inpaint.pipeline import CALIBRATION_COMPONENT, PIPELINE_FILE
+from diffad.pipelines.self_aware_inpaint.folder import CALIBRATION_COMPONENT, CODE_FILES, COMPONENT_CODE, PIPELINE_FILE
 
 __all__ = [
     "CALIBRATION_COMPONENT",
     "CARD_FILE",
+    "CODE_FILES",
+    "COMPONENT_CODE",
     "COMPONENT_FILES",
     "CONFIG_FILE",
     "EXPORT_FILE",
@@ -59,8 +62,8 @@ NETWORKS = ("unet", "segmenter")
 
 #: Inference Endpoints' entry point (``EndpointHandler``): diffad's own file, written by ``diffad push`` into every repo.
 HANDLER_FILE = "handler.py"
-#: The top-level files a Hub repo carries.
-HUB_TOP_LEVEL_FILES = (MODEL_INDEX, PIPELINE_FILE, CARD_FILE, *LOG_FILES, EXPORT_FILE, HANDLER_FILE)
+#: The top-level files a Hub repo carries (the code: diffad's own, never the folder's; see :mod:`diffad.hub`).
+HUB_TOP_LEVEL_FILES = (MODEL_INDEX, *CODE_FILES, CARD_FILE, *LOG_FILES, EXPORT_FILE, HANDLER_FILE)
 _NETWORK_FILES = (CONFIG_FILE, WEIGHTS_FILE,
                   *dict.fromkeys(f for cls in NETWORK_CLASSES.values() for f in cls.files))  # torch, or exported
 #: The only files shipped from each component folder (an allow-list: stray notes, notebooks' checkpoints, pickles
@@ -68,7 +71,7 @@ _NETWORK_FILES = (CONFIG_FILE, WEIGHTS_FILE,
 COMPONENT_FILES: dict[str, tuple[str, ...]] = {
     **{name: _NETWORK_FILES for name in NETWORKS},
     "scheduler": ("scheduler_config.json",),
-    CALIBRATION_COMPONENT: (CONFIG_FILE, WEIGHTS_FILE, PIPELINE_FILE),
+    CALIBRATION_COMPONENT: (CONFIG_FILE, WEIGHTS_FILE, *COMPONENT_CODE[CALIBRATION_COMPONENT]),
 }
 
 

@@ -167,7 +167,7 @@ def folder_calibration_hash(model_dir: str | os.PathLike) -> Optional[str]:
     networks); None when it is not calibrated. What ``diffad evaluate`` records per category, so ``diffad card`` can
     tell that results were made by this model."""
     from diffad.model_folder import CALIBRATION_COMPONENT, calibration_config
-    from diffad.pipelines.self_aware_inpaint.pipeline import AnomalyCalibration
+    from diffad.pipelines.self_aware_inpaint.anomaly_calibration import AnomalyCalibration
 
     if calibration_config(model_dir) is None:
         return None
