@@ -11,6 +11,9 @@ chosen kind; sizes are given for a 256 px image and scale with the image side.
 * ``pit``: 1-3 small dark (or bright) discs of radius 1.5-5 px with a soft profile.
 * ``stain``: one smooth blob (a component of a Perlin mask) of a random colour at opacity 0.1-0.35: low contrast.
 * ``blob``: DRAEM's texture blob (DTD textures when a folder is given), opacity 0.1-1.
+* ``displace`` (not in the default set): a rectangle of the part itself, 12-35% of the side each way, cut and pasted
+  elsewhere, sometimes flipped (CutPaste, Li et al. 2021): every pixel looks normal and only the place is wrong,
+  as with a misplaced or missing component. The mask is where the pasted pixels differ visibly (> 0.1).
 
 Every sample is ``(anomalous (3, H, W) in [-1, 1], mask (1, H, W) in {0, 1})``; pixels outside the mask are
 unchanged bit for bit, and a mask is never empty.
@@ -27,8 +30,10 @@ from scipy import ndimage
 
 from diffad.anomalies import AnomalySynthesizer, numpy_rng, perlin_mask
 
-#: Every defect kind, in the order :class:`DefectSynthesizer` cycles through them by default.
+#: The default kinds, in the order :class:`DefectSynthesizer` cycles through them (the head is trained on these).
 DEFECT_KINDS = ("scratch", "crack", "pit", "stain", "blob")
+#: Every kind the synthesizer draws: the default ones and ``displace`` (a global anomaly, for validation).
+ALL_DEFECT_KINDS = DEFECT_KINDS + ("displace",)
 
 
 def _curve_points(rng: np.random.Generator, size: int, length: float) -> np.ndarray:
@@ -64,9 +69,9 @@ class DefectSynthesizer:
     """
 
     def __init__(self, kinds: Sequence[str] = DEFECT_KINDS, textures: Union[None, str, Path] = None):
-        unknown = [k for k in kinds if k not in DEFECT_KINDS]
+        unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
         if unknown or not kinds:
-            raise ValueError(f"kinds must be a non-empty selection of {DEFECT_KINDS}; got {list(kinds)}")
+            raise ValueError(f"kinds must be a non-empty selection of {ALL_DEFECT_KINDS}; got {list(kinds)}")
         self.kinds = tuple(kinds)
         self.blobs = AnomalySynthesizer(textures, normal_probability=0.0) if "blob" in kinds else None
 
@@ -134,3 +139,19 @@ class DefectSynthesizer:
         alpha = ndimage.gaussian_filter(mask, 1.5 * scale).astype(np.float32) * rng.uniform(0.1, 0.35)
         colour = torch.from_numpy(rng.uniform(-1, 1, size=3).astype(np.float32)).view(3, 1, 1).expand_as(image)
         return np.where(mask > 0, alpha, 0).astype(np.float32), colour
+
+    def _displace(self, rng, size, scale, image):
+        h, w = (max(2, int(rng.uniform(0.12, 0.35) * size)) for _ in range(2))
+        y0, x0 = (int(rng.integers(0, size - n + 1)) for n in (h, w))
+        for _ in range(20):  # a destination at least half a patch away from the source
+            y1, x1 = (int(rng.integers(0, size - n + 1)) for n in (h, w))
+            if max(abs(y1 - y0) / h, abs(x1 - x0) / w) >= 0.5:
+                break
+        patch = image[:, y0:y0 + h, x0:x0 + w]
+        if rng.random() < 0.5:
+            patch = torch.flip(patch, dims=[int(rng.integers(1, 3))])
+        colour = image.clone()
+        colour[:, y1:y1 + h, x1:x1 + w] = patch
+        changed = ((colour - image).abs().mean(dim=0) > 0.1).numpy()
+        changed = ndimage.binary_opening(changed, iterations=1)
+        return changed.astype(np.float32), colour
