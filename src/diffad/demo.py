@@ -274,6 +274,46 @@ def _target_line(metrics: dict[str, Any], target: float = 0.90) -> str:
     return "\n".join(lines)
 
 
+def _timing_rows(step_times: dict[str, Any]) -> str:
+    """The rows of the report's "where the time went" table: one per step of ``step_times`` (:class:`StepLog`)."""
+    return "\n".join(
+        f"| {name} | {('%.0f s' % t['seconds']) if t.get('seconds') is not None else '-'}"
+        f"{' (skipped this run)' if t.get('skipped_last_run') else ''} |"
+        for name, t in step_times.items())
+
+
+def _next_steps_section(one: str) -> str:
+    """The report's last section: the commands that take a user's own photos of category ``one`` from training to
+    the Hub."""
+    return f"""## What to do next with your own images
+
+Put your photos in the MVTec AD layout: `my_parts/<category>/train/good/*.png` (defect-free photos only),
+and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<defect>/` with masks in
+`my_parts/<category>/ground_truth/<defect>/<name>_mask.png`. Then:
+
+```bash
+# 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
+diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
+    --max_train_minutes 30
+# 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
+#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
+diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
+# 3. (optional) the learned anomaly map
+python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
+# 4. inspect new photos: results.csv (file, score, decision) and an overlay per image
+diffad detect --model models/{one} new_photos/ --out inspection/
+# 5. measure on your labelled test split: Table 4.1, figures, seconds per image
+diffad evaluate --model models/{one} --data my_parts --category {one} --out evaluation/
+# 6. write the model card, then publish (check with --dry-run first)
+diffad card --model models/{one} --results evaluation/metrics.json
+diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
+```
+
+Anyone can then load it with diffusers alone:
+`DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
+"""
+
+
 def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_times: dict[str, Any]) -> Path:
     """Write ``<out>/report.md``: results, figures (relative links), timings, and what to do next."""
     import torch
@@ -284,10 +324,7 @@ def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_ti
     table = (eval_dir / "table.md").read_text(encoding="utf-8") if (eval_dir / "table.md").is_file() else ""
     figures = sorted((eval_dir / "figures").glob("*.png")) if (eval_dir / "figures").is_dir() else []
     total = sum(t["seconds"] for t in step_times.values() if isinstance(t, dict) and t.get("seconds"))
-    timing_rows = "\n".join(
-        f"| {name} | {('%.0f s' % t['seconds']) if t.get('seconds') is not None else '-'}"
-        f"{' (skipped this run)' if t.get('skipped_last_run') else ''} |"
-        for name, t in step_times.items())
+    timing_rows = _timing_rows(step_times)
     figure_md = "\n\n".join(f"### {f.stem}\n\n![{f.stem}: original, reconstruction, inpainting mask, maps, ground "
                             f"truth]({f.relative_to(out).as_posix()})" for f in figures)
     cards = "\n".join(f"- [`models/{c}/README.md`](models/{c}/README.md)" for c in config.resolved_categories())
@@ -338,33 +375,7 @@ Per-image scores: [`evaluation/per_image.csv`](evaluation/per_image.csv); all me
 
 Re-running `make demo` skips every step whose output exists; delete `{out.as_posix()}/` to start over.
 
-## What to do next with your own images
-
-Put your photos in the MVTec AD layout: `my_parts/<category>/train/good/*.png` (defect-free photos only),
-and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<defect>/` with masks in
-`my_parts/<category>/ground_truth/<defect>/<name>_mask.png`. Then:
-
-```bash
-# 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
-diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
-    --max_train_minutes 30
-# 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
-#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
-diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
-# 3. (optional) the learned anomaly map
-python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
-# 4. inspect new photos: results.csv (file, score, decision) and an overlay per image
-diffad detect --model models/{one} new_photos/ --out inspection/
-# 5. measure on your labelled test split: Table 4.1, figures, seconds per image
-diffad evaluate --model models/{one} --data my_parts --category {one} --out evaluation/
-# 6. write the model card, then publish (check with --dry-run first)
-diffad card --model models/{one} --results evaluation/metrics.json
-diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
-```
-
-Anyone can then load it with diffusers alone:
-`DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
-"""
+{_next_steps_section(one)}"""
     from diffad.files import atomic_write_text
 
     return atomic_write_text(out / "report.md", text)
