@@ -31,12 +31,14 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-__all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "method_seconds", "run_demo",
-           "write_report", "register", "run"]
+from diffad.workflow import (StepLog, evaluation_is_current, has_component, is_trained, train_ddpm_to_budget,
+                             train_segmenter_to_budget)
+
+__all__ = ["DemoConfig", "method_seconds", "run_demo", "write_report", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,47 +98,6 @@ TINY_BUDGET = dict(ddpm_steps=20, segmenter_steps=5, num_train=20, num_test_good
                    num_synthetic=16, resolution=32)
 
 
-class StepLog:
-    """Runs resumable steps (skipping those whose output exists), times each and records it in a JSON log
-    (``demo_log.json``, so the report can show where time went). Shared with ``benchmarks/bench_real.py``."""
-
-    def __init__(self, config: Any, log_path: Path, label: str = "demo"):
-        self.config, self.log_path, self.label = config, log_path, label
-        previous = json.loads(log_path.read_text()) if log_path.is_file() else {}
-        self.times: dict[str, Any] = previous.get("steps", {})
-
-    def run(self, name: str, done: bool, fn) -> None:
-        if done:
-            logger.info("%s: %s already done, skipped", self.label, name)
-            self.times.setdefault(name, {"seconds": None})
-            self.times[name]["skipped_last_run"] = True
-            return
-        logger.info("%s: %s ...", self.label, name)
-        start = time.time()
-        fn()
-        self.times[name] = {"seconds": round(time.time() - start, 1), "skipped_last_run": False}
-        self.save()
-
-    def save(self) -> None:
-        from diffad.files import atomic_write_json
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.log_path, {"config": asdict(self.config),
-                                          "steps": self.times, "python": platform.python_version(),
-                                          "cpu_count": os.cpu_count()})
-
-
-def _model_index(model_dir: Path) -> dict:
-    path = model_dir / "model_index.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def has_component(model_dir: Path, name: str) -> bool:
-    """Whether the pipeline folder's model_index.json lists component ``name`` (e.g. ``"segmenter"``)."""
-    entry = _model_index(model_dir).get(name)
-    return isinstance(entry, list) and entry[0] is not None
-
-
 def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tuple[bool, Any]:
     from diffad.synthetic import make_synthetic_dataset
 
@@ -156,35 +117,18 @@ def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tup
 
 
 def _train_ddpm(config: DemoConfig, data_dir: Path, category: str, model_dir: Path) -> None:
-    from diffad.training import train_ddpm
-
-    argv = ["--data_dir", str(data_dir), "--category", category, "--output_dir", str(model_dir),
-            "--preset", "tiny", "--resolution", str(config.resolution), "--train_batch_size", "16",
-            "--num_epochs", "100000", "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
-            "--report_to", "none", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest", "--use_ema"]
-    train_ddpm.main(train_ddpm.parse_args(argv))
+    """The demo's DDPM: the tiny preset, ``config.ddpm_steps`` optimiser steps, EMA weights."""
+    train_ddpm_to_budget(model_dir, steps=config.ddpm_steps, seed=config.seed, data_dir=data_dir, category=category,
+                         preset="tiny", resolution=config.resolution, train_batch_size=16, use_ema=True)
 
 
 def _train_segmenter(config: DemoConfig, model_dir: Path) -> None:
-    from diffad.training import train_segmenter
-
-    argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
-            "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps), "--train_batch_size", "16",
-            "--seed", str(config.seed), "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest",
-            # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
-            "--calibration_batch_size", str(config.eval_batch_size)]
-    train_segmenter.main(train_segmenter.parse_args(argv))
-
-
-def evaluation_is_current(eval_dir: Path, model_dirs: Sequence[Path]) -> bool:
-    """Whether ``eval_dir/metrics.json`` exists and is newer than every model folder's ``model_index.json``."""
-    metrics = eval_dir / "metrics.json"
-    if not metrics.is_file():
-        return False
-    newest_model = max((d / "model_index.json").stat().st_mtime for d in model_dirs)
-    return metrics.stat().st_mtime > newest_model
+    """The demo's segmenter: ``config.segmenter_steps`` optimiser steps on ``config.num_synthetic`` samples."""
+    train_segmenter_to_budget(model_dir, steps=config.segmenter_steps, seed=config.seed,
+                              num_synthetic=config.num_synthetic, train_batch_size=16,
+                              # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit
+                              # the same
+                              calibration_batch_size=config.eval_batch_size)
 
 
 def _evaluation_category(data_dir: Path, categories: list[str]) -> str:
@@ -221,7 +165,7 @@ def run_demo(config: DemoConfig) -> Path:
     steps.run("synthetic data", done, make)
     for category in categories:
         model_dir = models_dir / category
-        steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
+        steps.run(f"{category}: train DDPM", is_trained(model_dir),
                   lambda: _train_ddpm(config, data_dir, category, model_dir))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir=model_dir, data=data_dir, category=category, config="fast",

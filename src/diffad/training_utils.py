@@ -285,7 +285,8 @@ def namespace_from_config(parser: argparse.ArgumentParser, config: Union[Mapping
     """A training script's flags from a config object instead of a command line: ``config`` (a dataclass instance
     or a mapping) names flags by their destination (``{"preset": "tiny", "max_train_steps": 100}`` for
     ``--preset tiny --max_train_steps 100``); every other flag keeps its default. A string value goes through the
-    flag's ``type`` as on the command line (``"16,32"`` for an integer list).
+    flag's ``type`` as on the command line (``"16,32"`` for an integer list; a string default too, as argparse
+    does).
 
     Raises:
         ValueError: a name that is no flag of ``parser``, a value outside a flag's choices, or a required flag
@@ -305,12 +306,9 @@ def namespace_from_config(parser: argparse.ArgumentParser, config: Union[Mapping
                          f"(see --help)")
     args = argparse.Namespace()
     for dest, action in actions.items():
-        if dest not in values:
-            if action.required:
-                raise ValueError(f"{parser.prog}: the setting {dest!r} (--{dest}) is required")
-            setattr(args, dest, action.default)
-            continue
-        value = values[dest]
+        if dest not in values and action.required:
+            raise ValueError(f"{parser.prog}: the setting {dest!r} (--{dest}) is required")
+        value = values.get(dest, action.default)
         if isinstance(value, str) and callable(action.type):
             value = action.type(value)
         if action.choices is not None and value is not None and value not in action.choices:
