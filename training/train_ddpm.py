@@ -69,9 +69,9 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume: shared w
     estimate_training_memory,
     holds_output_folder,
     load_ema_state,
-    namespace_from_config,
     parse_int_list,
     resolve_resume,
+    resolve_training_args,
     save_checkpoint,
     time_budget_spent,
 )
@@ -410,12 +410,8 @@ def resolve_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, A
     """The parsed flags of ``config``: a ``Namespace`` as it is (what :func:`parse_args` returned), a command line
     through :func:`parse_args`, a dataclass instance or mapping of flag names to values through
     :func:`diffad.training_utils.namespace_from_config` and then the preset defaults and checks of
-    :func:`finish_args`."""
-    if isinstance(config, argparse.Namespace):
-        return config
-    if config is None or (isinstance(config, Sequence) and not isinstance(config, str)):
-        return parse_args(config)
-    return finish_args(namespace_from_config(build_parser(), config))
+    :func:`finish_args` (:func:`diffad.training_utils.resolve_training_args`)."""
+    return resolve_training_args(config, parse_args=parse_args, parser=build_parser, finish=finish_args)
 
 
 @dataclass

@@ -90,9 +90,9 @@ from diffad.training_utils import (
     TrainingLog,
     TrainingProgress,
     holds_output_folder,
-    namespace_from_config,
     parse_int_list,
     resolve_resume,
+    resolve_training_args,
     save_checkpoint,
     time_budget_spent,
 )
@@ -745,12 +745,12 @@ def main(args: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, 
 def resolve_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None]) -> argparse.Namespace:
     """The parsed flags of ``config``: a ``Namespace`` as it is, a command line through :func:`parse_args`, a
     dataclass instance or mapping of flag names through :func:`diffad.training_utils.namespace_from_config` and
-    :func:`check_args`."""
-    if isinstance(config, argparse.Namespace):
-        return config
-    if config is None or (isinstance(config, Sequence) and not isinstance(config, str)):
-        return parse_args(config)
-    args = namespace_from_config(build_parser(), config)
+    :func:`check_args` (:func:`diffad.training_utils.resolve_training_args`)."""
+    return resolve_training_args(config, parse_args=parse_args, parser=build_parser, finish=_checked)
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` once :func:`check_args` accepts them."""
     check_args(args)
     return args
 

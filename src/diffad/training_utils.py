@@ -49,6 +49,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "namespace_from_config",
+    "resolve_training_args",
     "parse_int_list",
     "resolve_resume",
     "rotate_checkpoints",
@@ -315,6 +316,21 @@ def namespace_from_config(parser: argparse.ArgumentParser, config: Union[Mapping
             raise ValueError(f"{parser.prog}: {dest}={value!r} is not one of {list(action.choices)}")
         setattr(args, dest, value)
     return args
+
+
+def resolve_training_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None], *,
+                          parse_args: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+                          parser: Callable[[], argparse.ArgumentParser],
+                          finish: Callable[[argparse.Namespace], argparse.Namespace]) -> argparse.Namespace:
+    """A training script's parsed flags from what its ``main`` was given: a ``Namespace`` as it is (what
+    ``parse_args`` returned), a command line (None: ``sys.argv[1:]``) through ``parse_args``, a dataclass instance
+    or mapping of flag names through :func:`namespace_from_config` of ``parser()`` and then ``finish`` (the
+    script's defaults and checks, as ``parse_args`` applies them)."""
+    if isinstance(config, argparse.Namespace):
+        return config
+    if config is None or (isinstance(config, Sequence) and not isinstance(config, str)):
+        return parse_args(config)
+    return finish(namespace_from_config(parser(), config))
 
 
 # --------------------------------------------------------------------------------------
