@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from harness import peak_rss_mib
 
 logger = logging.getLogger("bench_peer")
 
@@ -262,7 +263,7 @@ def run_cell(args, category: str, seed: int) -> dict:
     result = {"category": category, "seed": seed, "resolution": args.resolution, "threads": args.threads,
               "test_images": len(rows), "test_images_total": len(split["test"]),
               **{k: v for k, v in log.items() if k != "losses"}, **timing,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "peak_rss_gib": peak_rss_mib() / 1024,
               "metrics": json.loads((cell / "scores.json").read_text())["rules"]}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -337,7 +338,7 @@ def measure(args) -> None:
               "cpu_seconds_per_step_mean": float(np.mean(cpu)), "cpu_seconds_per_step_median": float(np.median(cpu)),
               "wall_seconds_per_step_mean": float(np.mean(wall)), "wall_seconds_per_step_median": float(np.median(wall)),
               "steps_in_15_cpu_minutes": int(900 / np.median(cpu)), **timing,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "peak_rss_gib": peak_rss_mib() / 1024,
               "load_average": os.getloadavg()}
     print(json.dumps(result, indent=1))
     if args.measure_output:

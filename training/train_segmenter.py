@@ -770,17 +770,21 @@ def _train(args: argparse.Namespace) -> Path:
     )
     world = accelerator.num_processes
 
+    # 1. the frozen, calibrated pipeline and the normal images, 2. the segmenter
     inputs = _load_model_and_data(args, model_dir, accelerator, world)
     crop = inputs.crop
+    # 3. the reconstructed synthetic set, 4. the optimiser and data
     synthetic = _reconstructed_set(args, model_dir, accelerator, inputs)
     training = _prepare_training(args, accelerator, world, inputs.segmenter, synthetic.train_set)
     log = _training_log(args, accelerator, world, inputs, synthetic, training)
+    # 5. resume, 6. train (validating every --validation_steps and at the end)
     state, best_path = _resume(args, accelerator, model_dir, checkpoint_dir, log, synthetic.key, training.num_batches)
     validate = _make_validate(args, accelerator, training.segmenter, synthetic.heldout, crop, state, best_path)
     stop_reason, time_budget, progress = _progress(args, accelerator, state, training.max_train_steps)
     stop_reason = _train_loop(args, accelerator, training, state, log, validate, progress, stop_reason, time_budget,
                               crop, synthetic.key, checkpoint_dir, model_dir)
     accelerator.wait_for_everyone()
+    # 7. add the segmenter to the pipeline, recalibrate, save into model_dir
     _save_into_pipeline(args, accelerator, inputs, synthetic, training, state, log, stop_reason, best_path,
                         start_time, model_dir)
 
