@@ -36,6 +36,10 @@ from pathlib import Path
 
 import torch
 
+from harness import peak_rss_mib, reset_peak_rss, rss_mib
+
+from diffad.workflow import train_ddpm_to_budget
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared/data/mvtec_subset"
 CATEGORY = "bottle"
@@ -56,16 +60,11 @@ def slug(text: str) -> str:
 
 def train(folder: Path, preset: str, resolution: int, steps: int, seed: int) -> None:
     """The DDPM of ``training/train_ddpm.py`` with a step budget (bf16 autocast, resumes from ``latest``)."""
-    from diffad.training import train_ddpm
-
     if (folder / "model_index.json").is_file():
         return
-    argv = ["--data_dir", str(DATA), "--category", CATEGORY, "--output_dir", str(folder), "--preset", preset,
-            "--resolution", str(resolution), "--train_batch_size", "16", "--num_epochs", "100000",
-            "--max_train_steps", str(steps), "--seed", str(seed), "--random_flip", "--use_ema", "--report_to", "none",
-            "--learning_rate", "1e-3", "--lr_warmup_steps", "20", "--mixed_precision", "bf16",
-            "--checkpointing_steps", "40", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
-    train_ddpm.main(train_ddpm.parse_args(argv))
+    train_ddpm_to_budget(folder, steps=steps, seed=seed, checkpointing_steps=40, data_dir=DATA, category=CATEGORY,
+                         preset=preset, resolution=resolution, train_batch_size=16, random_flip=True, use_ema=True,
+                         learning_rate=1e-3, lr_warmup_steps=20, mixed_precision="bf16")
 
 
 def backend_folders(model: Path, work: Path, seed: int) -> dict[str, Path]:
@@ -129,13 +128,6 @@ def _test_images(resolution: int, seed: int) -> list:
     return [rows[i]["image"].convert("RGB") for i in range(0, len(rows), max(1, len(rows) // 16))][:16]
 
 
-def _proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_worker(folder: str, out: str, seed: int) -> None:
     """In a fresh process: the peak resident memory of loading ``folder`` and one default call on 16 test images.
     The peak is reset (``/proc/self/clear_refs``) after the images are read, so it measures the backend."""
@@ -148,11 +140,11 @@ def memory_worker(folder: str, out: str, seed: int) -> None:
     resolution = json.loads((Path(folder) / "unet" / "config.json").read_text())["sample_size"]
     images = _test_images(int(resolution), seed)
     gc.collect()
-    baseline = _proc_status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
+    baseline = rss_mib()
+    reset_peak_rss()  # the high-water mark restarts from the current RSS
     pipe = load_pipeline(folder)
     pipe(images, generator=[image_generator(seed, im) for im in images], batch_size=16, output_type="np")
-    Path(out).write_text(json.dumps({"peak_rss_mib": _proc_status_mib("VmHWM"), "baseline_rss_mib": baseline}))
+    Path(out).write_text(json.dumps({"peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline}))
 
 
 def speed(folders: dict[str, Path], rounds: int, seed: int) -> dict:

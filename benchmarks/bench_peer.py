@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from harness import peak_rss_mib
 
 logger = logging.getLogger("bench_peer")
 
@@ -262,7 +263,7 @@ def run_cell(args, category: str, seed: int) -> dict:
     result = {"category": category, "seed": seed, "resolution": args.resolution, "threads": args.threads,
               "test_images": len(rows), "test_images_total": len(split["test"]),
               **{k: v for k, v in log.items() if k != "losses"}, **timing,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "peak_rss_gib": peak_rss_mib() / 1024,
               "metrics": json.loads((cell / "scores.json").read_text())["rules"]}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -337,7 +338,7 @@ def measure(args) -> None:
               "cpu_seconds_per_step_mean": float(np.mean(cpu)), "cpu_seconds_per_step_median": float(np.median(cpu)),
               "wall_seconds_per_step_mean": float(np.mean(wall)), "wall_seconds_per_step_median": float(np.median(wall)),
               "steps_in_15_cpu_minutes": int(900 / np.median(cpu)), **timing,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "peak_rss_gib": peak_rss_mib() / 1024,
               "load_average": os.getloadavg()}
     print(json.dumps(result, indent=1))
     if args.measure_output:
@@ -345,7 +346,8 @@ def measure(args) -> None:
         args.measure_output.write_text(json.dumps(result, indent=1))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "peer")
     p.add_argument("--categories", default=",".join(CATEGORIES))
@@ -366,54 +368,26 @@ def main() -> None:
     p.add_argument("--measure_steps", type=int, default=0, help="only time this many training steps and exit")
     p.add_argument("--measure_output", type=Path, default=None)
     p.add_argument("--run-cell", dest="run_cell", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    args.out = args.out.resolve()
-    if args.measure_steps:
-        return measure(args)
-    if args.quick:
-        args.seeds = "0"
-    if args.steps is None:
-        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
-    if args.run_cell:
-        category, seed = args.run_cell.split(":")
-        run_cell(args, category, int(seed))
-        return
+    return p
 
-    categories = [c for c in args.categories.split(",") if c]
-    unknown = [c for c in categories if c not in CATEGORIES]
-    if unknown:
-        p.error(f"--categories: unknown {unknown}; choose from {', '.join(CATEGORIES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.diffad_python.exists():
-        p.error(f"--diffad_python {args.diffad_python} not found: run `make venv` first (diffad's venv)")
-    config = {"model": "anomalib DRAEM (DraemModel, DraemLoss, PerlinAnomalyGenerator), no pretrained weights",
-              "anomalib": _version("anomalib"), "torch": torch.__version__, "steps": args.steps,
-              "batch_size": args.batch_size, "resolution": args.resolution, "threads_per_cell": args.threads,
-              "optimizer": "Adam lr 1e-4, x0.1 at epochs 400 and 600 (anomalib's Draem)",
-              "anomaly_source": str(args.anomaly_source), "max_test_images": args.max_test_images,
-              "split": "diffad.data.load_mvtec(root, category, validation_fraction=0.2, seed=seed): train on train, "
-                       "test on the whole test split",
-              "rules": {"anomalib": "the model's pred_score (max of the softmax anomaly map)",
-                        "mean11": "11x11 mean filter (avg_pool2d stride 1, padding 5) on the map, then max",
-                        "mean21": "21x21 mean filter (the authors' test_DRAEM.py), then max"},
-              "metrics": "diffad.metrics.compute_anomaly_metrics (raw scores), pixel metrics on the softmax map"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    cfg_path = args.out / "config.json"
-    keys = ("steps", "batch_size", "resolution", "max_test_images", "anomaly_source")
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        clash = {k: (old.get(k), config[k]) for k in keys if old.get(k) != config[k]}
-        if clash:
-            p.error(f"{args.out} holds cells run with other settings {clash}: pick another --out or delete it")
-    cfg_path.write_text(json.dumps(config, indent=1))
 
-    for category in categories:  # diffad's split, under diffad's venv
-        subprocess.run([str(args.diffad_python), str(REPO_ROOT / "benchmarks" / "peer_diffad.py"), "split",
-                        "--root", str(CATEGORIES[category]), "--category", category,
-                        "--seeds", ",".join(map(str, seeds)), "--out", str(args.out)], check=True)
+def _settings(args: argparse.Namespace) -> dict:
+    """What a cell's figures depend on, recorded in ``<out>/config.json`` (and checked against an earlier run's)."""
+    return {"model": "anomalib DRAEM (DraemModel, DraemLoss, PerlinAnomalyGenerator), no pretrained weights",
+            "anomalib": _version("anomalib"), "torch": torch.__version__, "steps": args.steps,
+            "batch_size": args.batch_size, "resolution": args.resolution, "threads_per_cell": args.threads,
+            "optimizer": "Adam lr 1e-4, x0.1 at epochs 400 and 600 (anomalib's Draem)",
+            "anomaly_source": str(args.anomaly_source), "max_test_images": args.max_test_images,
+            "split": "diffad.data.load_mvtec(root, category, validation_fraction=0.2, seed=seed): train on train, "
+                     "test on the whole test split",
+            "rules": {"anomalib": "the model's pred_score (max of the softmax anomaly map)",
+                      "mean11": "11x11 mean filter (avg_pool2d stride 1, padding 5) on the map, then max",
+                      "mean21": "21x21 mean filter (the authors' test_DRAEM.py), then max"},
+            "metrics": "diffad.metrics.compute_anomaly_metrics (raw scores), pixel metrics on the softmax map"}
 
-    cells = [(c, s) for c in categories for s in seeds]
+
+def _run_cells(args: argparse.Namespace, cells: list[tuple[str, int]]) -> None:
+    """Run every cell not done yet, each in its own process (``--run-cell``), ``--jobs`` at once."""
     t0 = time.perf_counter()
 
     def launch(cell):
@@ -435,6 +409,49 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(launch, cells))
+
+
+def main() -> None:
+    p = _parser()
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    args.out = args.out.resolve()
+    if args.measure_steps:
+        return measure(args)
+    if args.quick:
+        args.seeds = "0"
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.run_cell:
+        category, seed = args.run_cell.split(":")
+        run_cell(args, category, int(seed))
+        return
+
+    categories = [c for c in args.categories.split(",") if c]
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        p.error(f"--categories: unknown {unknown}; choose from {', '.join(CATEGORIES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.diffad_python.exists():
+        p.error(f"--diffad_python {args.diffad_python} not found: run `make venv` first (diffad's venv)")
+    config = _settings(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg_path = args.out / "config.json"
+    keys = ("steps", "batch_size", "resolution", "max_test_images", "anomaly_source")
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        clash = {k: (old.get(k), config[k]) for k in keys if old.get(k) != config[k]}
+        if clash:
+            p.error(f"{args.out} holds cells run with other settings {clash}: pick another --out or delete it")
+    cfg_path.write_text(json.dumps(config, indent=1))
+
+    for category in categories:  # diffad's split, under diffad's venv
+        subprocess.run([str(args.diffad_python), str(REPO_ROOT / "benchmarks" / "peer_diffad.py"), "split",
+                        "--root", str(CATEGORIES[category]), "--category", category,
+                        "--seeds", ",".join(map(str, seeds)), "--out", str(args.out)], check=True)
+
+    cells = [(c, s) for c in categories for s in seeds]
+    _run_cells(args, cells)
 
     results = [json.loads((args.out / c / f"seed{s}" / "metrics.json").read_text()) for c, s in cells]
     summary = summarise(results, config)

@@ -39,6 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from diffad.workflow import (StepLog, evaluation_is_current, has_component, is_trained, train_ddpm_to_budget,
+                             train_segmenter_to_budget)
+
 logger = logging.getLogger("bench_real")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,31 +106,20 @@ class BenchConfig:
 
 
 def _train_ddpm(config: BenchConfig, category: str, model_dir: Path) -> None:
-    """``training/train_ddpm.py`` with the bench's preset, resolution and minute budget (resumes from ``latest``)."""
-    from diffad.training import train_ddpm
-
-    argv = ["--data_dir", config.data_dir, "--category", category, "--output_dir", str(model_dir),
-            "--preset", config.preset, "--resolution", str(config.resolution),
-            "--train_batch_size", str(config.train_batch_size), "--num_epochs", "100000",
-            "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
-            "--random_flip", "--use_ema", "--report_to", "none",
-            "--checkpointing_steps", "200", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
-    train_ddpm.main(train_ddpm.parse_args(argv))
+    """``training/train_ddpm.py`` with the bench's preset, resolution and step budget (resumes from ``latest``)."""
+    train_ddpm_to_budget(model_dir, steps=config.ddpm_steps, seed=config.seed, data_dir=config.data_dir,
+                         category=category, preset=config.preset, resolution=config.resolution,
+                         train_batch_size=config.train_batch_size, random_flip=True, use_ema=True)
 
 
 def _train_segmenter(config: BenchConfig, model_dir: Path) -> None:
     """``training/train_segmenter.py`` on the DDPM's own data and split (read from its training log)."""
-    from diffad.training import train_segmenter
-
-    argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
-            "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps),
-            "--train_batch_size", "16", "--seed", str(config.seed), "--checkpointing_steps", "200",
-            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-            # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
-            "--calibration_batch_size", str(config.eval_batch_size)]
-    if config.textures_dir:
-        argv += ["--textures_dir", config.textures_dir]
-    train_segmenter.main(train_segmenter.parse_args(argv))
+    train_segmenter_to_budget(model_dir, steps=config.segmenter_steps, seed=config.seed,
+                              num_synthetic=config.num_synthetic, train_batch_size=16,
+                              textures_dir=config.textures_dir or None,
+                              # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit
+                              # the same
+                              calibration_batch_size=config.eval_batch_size)
 
 
 def _training_summary(path: Path) -> dict[str, Any]:
@@ -149,7 +141,6 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     import torch
 
     from diffad.calibration import calibrate_model
-    from diffad.demo import StepLog, evaluation_is_current, has_component
     from diffad.evaluation import evaluate_folder, markdown_table, mean_metrics
 
     if config.preset not in ("tiny", "small"):
@@ -171,8 +162,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     per_category: dict[str, dict[str, dict[str, float]]] = {}
     for category in categories:
         model_dir, cat_eval = models_dir / category, eval_dir / category
-        steps.run(f"{category}: train DDPM",
-                  (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
+        steps.run(f"{category}: train DDPM", is_trained(model_dir),
                   lambda: _train_ddpm(config, category, model_dir))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir=model_dir, data=config.data_dir, category=category,

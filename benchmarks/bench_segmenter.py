@@ -114,17 +114,16 @@ def run_category(job: Dict[str, str], args: argparse.Namespace, work: Path) -> D
     from diffad.data import load_mvtec
     from diffad.evaluation import evaluate_pipeline
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
-    from diffad.training import train_ddpm, train_segmenter
+    from diffad.training import train_segmenter
+    from diffad.workflow import train_ddpm_to_budget, train_segmenter_to_budget
 
     model_dir = work / "models" / f"{job['dataset']}-{job['category']}"
     seconds: Dict[str, float] = {}
     tick = time.time()
     if not (model_dir / "model_index.json").is_file():
-        train_ddpm.main(train_ddpm.parse_args([
-            "--data_dir", job["data_dir"], "--category", job["category"], "--preset", args.preset,
-            "--resolution", str(args.resolution), "--max_train_steps", "1000000",
-            "--max_train_minutes", str(args.ddpm_minutes), "--checkpointing_steps", "1000000",
-            "--seed", str(args.seed), "--report_to", "none", "--output_dir", str(model_dir)]))
+        train_ddpm_to_budget(model_dir, steps=1_000_000, minutes=args.ddpm_minutes, seed=args.seed, resume=False,
+                             checkpointing_steps=1_000_000, data_dir=job["data_dir"], category=job["category"],
+                             preset=args.preset, resolution=args.resolution)
     seconds["ddpm_training"] = time.time() - tick
 
     tick = time.time()
@@ -134,13 +133,10 @@ def run_category(job: Dict[str, str], args: argparse.Namespace, work: Path) -> D
 
     n_train = len(load_mvtec(job["data_dir"], job["category"], seed=args.seed)["train"])
     tick = time.time()
-    seg_argv = ["--model_dir", str(model_dir), "--data_dir", job["data_dir"], "--category", job["category"],
-                "--num_synthetic", str(max(1, round(args.num_synthetic_factor * n_train))),
-                "--max_train_minutes", str(args.segmenter_minutes), "--checkpointing_steps", "1000000",
-                "--seed", str(args.seed), "--cache_dir", str(work / "cache")]
-    if args.textures_dir:
-        seg_argv += ["--textures_dir", args.textures_dir]
-    train_segmenter.main(train_segmenter.parse_args(seg_argv))
+    train_segmenter_to_budget(model_dir, minutes=args.segmenter_minutes, seed=args.seed, resume=False,
+                              checkpointing_steps=1_000_000, data_dir=job["data_dir"], category=job["category"],
+                              num_synthetic=max(1, round(args.num_synthetic_factor * n_train)),
+                              cache_dir=work / "cache", textures_dir=args.textures_dir or None)
     seconds["segmenter_total"] = time.time() - tick
     seg_log = json.loads((model_dir / train_segmenter.LOG_NAME).read_text())["summary"]
     ddpm_log = json.loads((model_dir / "training_log.json").read_text())["summary"]

@@ -14,7 +14,7 @@ Example (CPU, one thread, tiny 64 px model trained for 8 minutes)::
 
 The configs run interleaved image by image (each image through every config before the next image), so that a
 shared machine's load hits them alike. Memory: ``tracemalloc_peak_mib`` per path covers Python/numpy allocations only (not
-torch's CPU allocator); ``peak_rss_mib`` is the whole process's peak resident size (``resource``).
+torch's CPU allocator); ``peak_rss_mib`` is the whole process's peak resident size (``harness.peak_rss_mib``).
 """
 
 from __future__ import annotations
@@ -22,20 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+
+from harness import auroc, peak_rss_mib, run_path, split_tensors
 
 from diffad.data import load_mvtec
 from diffad.pipelines.self_aware_inpaint import METHODS, SAMPLING_PRESETS, SamplingConfig, SelfAwareInpaintPipeline
+from diffad.workflow import train_ddpm_to_budget
 
 logger = logging.getLogger("bench_speed")
 
@@ -64,73 +65,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def split_tensors(split, resolution: int, limit: Optional[int], seed: int):
-    """``(images (N, 3, R, R) in [-1, 1], masks (N, R, R) bool, labels (N,) int)`` of a DatasetDict split."""
-    n = len(split)
-    idx = np.arange(n)
-    if limit is not None and limit < n:
-        labels_all = np.array(split["label"])
-        rng = np.random.default_rng(seed)
-        picked = []
-        for lab in np.unique(labels_all):
-            members = idx[labels_all == lab]
-            k = max(1, int(round(limit * len(members) / n)))
-            picked.extend(rng.choice(members, size=min(k, len(members)), replace=False).tolist())
-        idx = np.sort(np.array(picked))
-    imgs, masks, labels = [], [], []
-    for i in idx:
-        row = split[int(i)]
-        img = row["image"].convert("RGB").resize((resolution, resolution), resample=3)
-        imgs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-        m = row["mask"].convert("L").resize((resolution, resolution), resample=0)
-        masks.append(np.asarray(m) > 127)
-        labels.append(int(row["label"]))
-    return torch.stack(imgs), np.stack(masks), np.array(labels)
-
-
 def train_model(args: argparse.Namespace) -> Path:
-    from diffad.training.train_ddpm import main, parse_args as train_parse_args
-
+    """The DDPM the benchmark measures: ``args.train_output_dir``'s when trained already, else one trained here for
+    ``--train_minutes`` (:func:`diffad.workflow.train_ddpm_to_budget`)."""
     out = args.train_output_dir or f"bench_model_{args.category or 'data'}_{args.resolution}"
     if (Path(out) / "model_index.json").is_file():
         logger.info("reusing the model already trained in %s", out)
         return Path(out)
-    argv = ["--data_dir", args.data_dir, "--output_dir", out, "--preset", args.train_preset,
-            "--resolution", str(args.resolution), "--max_train_minutes", str(args.train_minutes),
-            "--report_to", "none", "--seed", str(args.seed)]
-    if args.category:
-        argv += ["--category", args.category]
-    return Path(main(train_parse_args(argv)))
-
-
-def run_path(pipe: SelfAwareInpaintPipeline, images: torch.Tensor, *, seed: int, **call_kwargs: Any) -> Dict[str, Any]:
-    """Every image alone (batch 1), timed; seeds ``seed + i`` per image so that every config sees the same noise
-    seeds. One call per image returns every map.
-
-    Returns:
-        ``seconds`` and ``passes`` (lists, one per image), ``scores`` ``{map: (N,)}``, ``maps`` ``{map: (N, R, R)}``,
-        ``reconstructions`` ``(N, 3, R, R)`` in [-1, 1] and the inpainting ``masks`` ``(N, R, R)`` bool.
-    """
-    seconds, passes, recs, masks = [], [], [], []
-    scores: Dict[str, List[float]] = {}
-    maps: Dict[str, List[np.ndarray]] = {}
-    for i in range(images.shape[0]):
-        start = time.perf_counter()
-        out = pipe(images[i:i + 1], generator=torch.Generator().manual_seed(seed + i), output_type="pt", **call_kwargs)
-        seconds.append(time.perf_counter() - start)
-        for name, values in out.scores.items():
-            scores.setdefault(name, []).append(float(values[0]))
-            maps.setdefault(name, []).append(out.anomaly_maps[name][0].numpy())
-        passes.append(int(out.unet_passes[0]))
-        recs.append(out.reconstructions[0])
-        masks.append(out.inpaint_masks[0].numpy())
-    return {"seconds": seconds, "scores": {k: np.array(v) for k, v in scores.items()},
-            "maps": {k: np.stack(v) for k, v in maps.items()}, "passes": passes,
-            "reconstructions": torch.stack(recs), "masks": np.stack(masks)}
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
-    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
+    return train_ddpm_to_budget(out, minutes=args.train_minutes, seed=args.seed, resume=False, checkpointing_steps=500,
+                                data_dir=args.data_dir, category=args.category, preset=args.train_preset,
+                                resolution=args.resolution)
 
 
 def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
@@ -203,7 +147,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             "tracemalloc_peak_mib": r["py_peak"] / 2**20,
         }
         logger.info("%s: %s", name, result["paths"][name])
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
     paths = result["paths"]
     if "fast" in paths and "thesis" in paths:
         f, ref = paths["fast"], paths["thesis"]

@@ -41,8 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     import torch
 
-    from diffad.training.train_ddpm import main as train_main
-    from diffad.training.train_ddpm import parse_args as train_parse_args
+    from diffad.workflow import train_ddpm_to_budget
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -55,14 +54,11 @@ def main(args: argparse.Namespace) -> dict:
             category = None
     with tempfile.TemporaryDirectory() as tmp:
         out = args.output_dir or os.path.join(tmp, "run")
-        argv = ["--preset", args.preset, "--resolution", str(args.resolution),
-                "--train_batch_size", str(args.train_batch_size), "--max_train_minutes", str(args.minutes),
-                "--num_epochs", "100000", "--checkpointing_steps", "1000000", "--report_to", "none",
-                "--output_dir", out, "--overwrite_output_dir"]
-        if data_dir is not None:
-            argv += ["--data_dir", data_dir, "--category", category]
+        data = {"data_dir": data_dir, "category": category} if data_dir is not None else {}
         start, cpu_start = time.time(), time.process_time()
-        train_main(train_parse_args(argv))
+        train_ddpm_to_budget(out, minutes=args.minutes, resume=False, checkpointing_steps=1_000_000,
+                             preset=args.preset, resolution=args.resolution, train_batch_size=args.train_batch_size,
+                             num_epochs=100_000, overwrite_output_dir=True, **data)
         wall, cpu = time.time() - start, time.process_time() - cpu_start
         log = json.loads((Path(out) / "training_log.json").read_text())
     s, c = log["summary"], log["config"]

@@ -34,14 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import split_tensors  # noqa: E402
+from harness import validation_set
 
-from diffad.anomalies import AnomalySynthesizer  # noqa: E402
-from diffad.data import load_mvtec  # noqa: E402
-from diffad.metrics import compute_anomaly_metrics  # noqa: E402
-from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline  # noqa: E402
-from diffad.pipelines.self_aware_inpaint.pipeline import (  # noqa: E402
+from diffad.anomalies import AnomalySynthesizer
+from diffad.data import load_mvtec
+from diffad.metrics import compute_anomaly_metrics
+from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+from diffad.pipelines.self_aware_inpaint.pipeline import (
     NoiseSchedule, denoise, mean_filter, multiscale_anomaly_map, noise_error, per_pixel_quantile, predict_noise,
     randn_tensor,
 )
@@ -49,17 +48,11 @@ from diffad.pipelines.self_aware_inpaint.pipeline import (  # noqa: E402
 DEFECTS = {"draem": {}, "subtle": {"beta_range": (0.1, 0.4), "min_scale_exponent": 3}}
 
 
-def validation_set(data, resolution, textures, seed, defects):
-    val, _, _ = split_tensors(data["validation"], resolution, None, seed)
-    half = val.shape[0] // 2
-    calib, held = val[:half], val[half:]
+def synthetic_defects(textures, defects):
+    """``make_defect`` of :func:`harness.validation_set`: an :class:`AnomalySynthesizer` that always draws a defect
+    (``DEFECTS[defects]``: DRAEM's, or subtle ones)."""
     synth = AnomalySynthesizer(textures, normal_probability=0.0, **DEFECTS[defects])
-    g = torch.Generator().manual_seed(seed)
-    pairs = [synth(img, generator=g) for img in held]
-    images = torch.cat([held, torch.stack([a for a, _ in pairs])])
-    gt = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool),
-                         np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
-    return calib, images, gt, np.array([0] * len(held) + [1] * len(held))
+    return lambda img, g: synth(img, generator=g)
 
 
 def gens(n, seed):
@@ -111,7 +104,7 @@ def main(argv=None) -> int:
     results: dict = {}
     with torch.no_grad():
         for seed in [int(s) for s in a.seeds.split(",")]:
-            calib, images, gt, labels = validation_set(data, pipe.resolution, a.textures, seed, a.defects)
+            calib, images, gt, labels = validation_set(data, pipe.resolution, seed, synthetic_defects(a.textures, a.defects))
             fold = np.arange(len(calib)) % 2
             cands: dict = {}
             # ---- noise error Q/Q_p at t = 150 (cross-fit Q_p for the calibration images' own maps)

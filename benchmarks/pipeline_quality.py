@@ -24,11 +24,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from harness import auroc, run_path, split_tensors, validation_set
+
+from diffad.anomalies import make_anomaly
 from diffad.data import load_mvtec
 from diffad.evaluation import mask_statistics
 from diffad.pipelines.self_aware_inpaint import (
@@ -38,8 +41,6 @@ from diffad.pipelines.self_aware_inpaint import (
     multiscale_anomaly_map,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import auroc, run_path, split_tensors  # noqa: E402
 
 logger = logging.getLogger("pipeline_quality")
 
@@ -107,27 +108,91 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def validation_set(data, resolution: int, textures: Optional[str], seed: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """Split validation in two: calibration images, and a scored set of normal + synthetic-defect images."""
-    from diffad.anomalies import make_anomaly
-
-    val, _, _ = split_tensors(data["validation"], resolution, None, seed)
-    half = val.shape[0] // 2
-    calib, held = val[:half], val[half:]
-    g = torch.Generator().manual_seed(seed)
-    defective, masks = [], []
-    for img in held:
+def defect_or_retry(textures: Optional[str]) -> Callable[[torch.Tensor, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]:
+    """``make_defect`` of :func:`harness.validation_set`: DRAEM's :func:`make_anomaly`, drawn again (up to 20 times)
+    while it leaves the image normal (half of its draws do)."""
+    def make_defect(img: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         for _ in range(20):  # half of the draws stay normal: draw until a defect appears
             anomalous, mask = make_anomaly(img, textures=textures, generator=g)
             if mask.sum() > 0:
                 break
-        defective.append(anomalous)
-        masks.append(mask[0].numpy() > 0.5)
-    images = torch.cat([held, torch.stack(defective)])
-    gt = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool), np.stack(masks)])
-    labels = np.array([0] * len(held) + [1] * len(held))
+        return anomalous, mask
+    return make_defect
+
+
+def scored_images(args: argparse.Namespace, data, seed: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """``(calibration images, scored images, their masks, labels)`` of ``--split`` (at most ``--max_images``
+    scored, half normal and half defective on the validation split)."""
+    if args.split == "validation":
+        calib, images, gt, labels = validation_set(data, args.resolution, seed, defect_or_retry(args.textures))
+    else:
+        calib, _, _ = split_tensors(data["validation"], args.resolution, None, seed)
+        images, gt, labels = split_tensors(data["test"], args.resolution, args.max_images, seed)
+    if args.max_images is not None and args.split == "validation" and len(images) > args.max_images:
+        keep = np.r_[0:args.max_images // 2, len(images) // 2:len(images) // 2 + args.max_images // 2]
+        images, gt, labels = images[keep], gt[keep], labels[keep]
     return calib, images, gt, labels
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def score_variant(pipe: SelfAwareInpaintPipeline, method: str, config: SamplingConfig, images: torch.Tensor,
+                  gt: np.ndarray, labels: np.ndarray, seeds: List[int], filters: List[int]) -> Dict[str, Any]:
+    """Score a calibrated variant over ``seeds``: seconds and passes per image, the mask statistics (self_aware),
+    every returned map's AUROCs and the multi-scale map's at each mean-filter size in ``filters``."""
+    per_filter: Dict[int, Dict[str, List[float]]] = {f: {"image_auroc": [], "pixel_auroc": []} for f in filters}
+    per_map: Dict[str, Dict[str, List[float]]] = {}
+    seconds, passes, mask_stats = [], [], []
+    for seed in seeds:
+        start = time.perf_counter()
+        r = run_path(pipe, images, seed=seed * 1000, method=method)
+        seconds.append((time.perf_counter() - start) / len(images))
+        passes.append(statistics.fmean(r["passes"]))
+        m = r["masks"]
+        mask_stats.append(mask_statistics(m.reshape(len(m), -1).sum(1), (m & gt).reshape(len(m), -1).sum(1),
+                                          gt.reshape(len(gt), -1).sum(1), labels, m[0].size))
+        for map_name, scores in r["scores"].items():  # every map the call returned, at the variant's filter
+            maps = r["maps"][map_name]
+            entry = per_map.setdefault(map_name, {"image_auroc": [], "pixel_auroc": []})
+            entry["image_auroc"].append(auroc(labels, scores))
+            entry["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
+        for f in filters:  # the same reconstructions, re-mapped with each filter size
+            maps = multiscale_anomaly_map(images, r["reconstructions"], mean_filter_size=f).numpy()
+            scores = maps.reshape(len(maps), -1).max(1)
+            per_filter[f]["image_auroc"].append(auroc(labels, scores))
+            per_filter[f]["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
+    entry = {"method": method, "config": config.to_dict(), "preset": config.preset_name,
+             "seconds_per_image": statistics.fmean(seconds),
+             "unet_passes_per_image": statistics.fmean(passes),
+             **({k: _mean([s[k] for s in mask_stats]) for k in mask_stats[0]} if method == "self_aware" else {}),
+             "maps": {k: {m: {"mean": _mean(v), "per_seed": v} for m, v in d.items()} for k, d in per_map.items()}}
+    for f in filters:
+        entry[f"filter{f}"] = {k: {"mean": _mean(v), "per_seed": v} for k, v in per_filter[f].items()}
+    return entry
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    """One row per variant: passes, seconds, mask coverage and the AUROCs at every filter size measured."""
+    def fmt(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    shown = sorted({f for e in results["variants"].values() for f in
+                    (int(k[len("filter"):]) for k in e if k.startswith("filter"))})
+    lines = ["| variant | passes | s/image | mask normal share, defect recall, precision | "
+             + " | ".join(f"img AUROC f{f} | px AUROC f{f}" for f in shown) + " |",
+             "|---|---|---|---|" + "---|---|" * len(shown)]
+    for name, e in results["variants"].items():
+        cells = " | ".join(
+            f"{fmt(e[f'filter{f}']['image_auroc']['mean'])} | {fmt(e[f'filter{f}']['pixel_auroc']['mean'])}"
+            if f"filter{f}" in e else "- | -" for f in shown)
+        cover = (f"{fmt(e['mask_normal_share'])}, {fmt(e['mask_defect_recall'])}, {fmt(e['mask_precision'])}"
+                 if "mask_normal_share" in e else "-")
+        lines.append(f"| {name} | {e['unet_passes_per_image']:.1f} | {e['seconds_per_image']:.2f} | {cover} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -138,14 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     data = load_mvtec(args.data_dir, args.category, resolution=args.resolution)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.split == "validation":
-        calib, images, gt, labels = validation_set(data, args.resolution, args.textures, seeds[0])
-    else:
-        calib, _, _ = split_tensors(data["validation"], args.resolution, None, seeds[0])
-        images, gt, labels = split_tensors(data["test"], args.resolution, args.max_images, seeds[0])
-    if args.max_images is not None and args.split == "validation" and len(images) > args.max_images:
-        keep = np.r_[0:args.max_images // 2, len(images) // 2:len(images) // 2 + args.max_images // 2]
-        images, gt, labels = images[keep], gt[keep], labels[keep]
+    calib, images, gt, labels = scored_images(args, data, seeds[0])
     logger.info("calibrating on %d images; scoring %d (%d defective)", len(calib), len(images), int(labels.sum()))
 
     calibrated: Dict[str, Any] = {"config": None, "methods": ()}
@@ -171,59 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         method, config = VARIANTS[name]
         calibrate(config, method)
         filters = filter_sizes or [config.map_filter_size or default_mean_filter_size(pipe.resolution)]
-        per_filter: Dict[int, Dict[str, List[float]]] = {f: {"image_auroc": [], "pixel_auroc": []} for f in filters}
-        per_map: Dict[str, Dict[str, List[float]]] = {}
-        seconds, passes, mask_stats = [], [], []
-        for seed in seeds:
-            start = time.perf_counter()
-            r = run_path(pipe, images, seed=seed * 1000, method=method)
-            seconds.append((time.perf_counter() - start) / len(images))
-            passes.append(statistics.fmean(r["passes"]))
-            m = r["masks"]
-            mask_stats.append(mask_statistics(m.reshape(len(m), -1).sum(1), (m & gt).reshape(len(m), -1).sum(1),
-                                              gt.reshape(len(gt), -1).sum(1), labels, m[0].size))
-            for map_name, scores in r["scores"].items():  # every map the call returned, at the variant's filter
-                maps = r["maps"][map_name]
-                entry = per_map.setdefault(map_name, {"image_auroc": [], "pixel_auroc": []})
-                entry["image_auroc"].append(auroc(labels, scores))
-                entry["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
-            for f in filters:  # the same reconstructions, re-mapped with each filter size
-                maps = multiscale_anomaly_map(images, r["reconstructions"], mean_filter_size=f).numpy()
-                scores = maps.reshape(len(maps), -1).max(1)
-                per_filter[f]["image_auroc"].append(auroc(labels, scores))
-                per_filter[f]["pixel_auroc"].append(auroc(gt.reshape(-1).astype(int), maps.reshape(-1)))
-
-        def mean(values: List[Optional[float]]) -> Optional[float]:
-            kept = [v for v in values if v is not None]
-            return statistics.fmean(kept) if kept else None
-
-        entry = {"method": method, "config": config.to_dict(), "preset": config.preset_name,
-                 "seconds_per_image": statistics.fmean(seconds),
-                 "unet_passes_per_image": statistics.fmean(passes),
-                 **({k: mean([s[k] for s in mask_stats]) for k in mask_stats[0]} if method == "self_aware" else {}),
-                 "maps": {k: {m: {"mean": mean(v), "per_seed": v} for m, v in d.items()} for k, d in per_map.items()}}
-        for f in filters:
-            entry[f"filter{f}"] = {k: {"mean": mean(v), "per_seed": v} for k, v in per_filter[f].items()}
+        entry = score_variant(pipe, method, config, images, gt, labels, seeds, filters)
         results["variants"][name] = entry
         logger.info("%s: %s", name, json.dumps(entry))
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-
-    def fmt(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    shown = sorted({f for e in results["variants"].values() for f in
-                    (int(k[len("filter"):]) for k in e if k.startswith("filter"))})
-    lines = ["| variant | passes | s/image | mask normal share, defect recall, precision | "
-             + " | ".join(f"img AUROC f{f} | px AUROC f{f}" for f in shown) + " |",
-             "|---|---|---|---|" + "---|---|" * len(shown)]
-    for name, e in results["variants"].items():
-        cells = " | ".join(
-            f"{fmt(e[f'filter{f}']['image_auroc']['mean'])} | {fmt(e[f'filter{f}']['pixel_auroc']['mean'])}"
-            if f"filter{f}" in e else "- | -" for f in shown)
-        cover = (f"{fmt(e['mask_normal_share'])}, {fmt(e['mask_defect_recall'])}, {fmt(e['mask_precision'])}"
-                 if "mask_normal_share" in e else "-")
-        lines.append(f"| {name} | {e['unet_passes_per_image']:.1f} | {e['seconds_per_image']:.2f} | {cover} | {cells} |")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(markdown(results))
     return 0
 
 

@@ -84,3 +84,39 @@ def test_demo_end_to_end_tiny_budget_and_fast_rerun(tmp_path, capsys):
     assert time.time() - start < 60  # every step skipped: only the cards and the report are rewritten
     log = json.loads((out / "demo_log.json").read_text())
     assert all(step["skipped_last_run"] for step in log["steps"].values())
+
+
+def test_the_demo_trains_with_the_settings_of_its_command_lines(monkeypatch, tmp_path):
+    """The demo trains through diffad.workflow's budgeted runs: the parsed settings are exactly those of the
+    command lines it ran before (so `make demo`'s models and figures do not change)."""
+    from diffad import workflow
+    from diffad.demo import DemoConfig, _train_ddpm, _train_segmenter
+    from diffad.training import train_ddpm, train_segmenter
+
+    seen = {}
+
+    def recorder(name, script):
+        def main(config):
+            seen[name] = script.resolve_args(config)
+            return tmp_path
+        return main
+
+    monkeypatch.setattr(train_ddpm, "main", recorder("ddpm", train_ddpm))
+    monkeypatch.setattr(train_segmenter, "main", recorder("segmenter", train_segmenter))
+    config, data, model = DemoConfig(), tmp_path / "data", tmp_path / "models" / "nut"
+    _train_ddpm(config, data, "nut", model)
+    _train_segmenter(config, model)
+    ddpm_argv = ["--data_dir", str(data), "--category", "nut", "--output_dir", str(model),
+                 "--preset", "tiny", "--resolution", str(config.resolution), "--train_batch_size", "16",
+                 "--num_epochs", "100000", "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
+                 "--report_to", "none", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
+                 "--resume_from_checkpoint", "latest", "--use_ema"]
+    segmenter_argv = ["--model_dir", str(model), "--num_synthetic", str(config.num_synthetic),
+                      "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps),
+                      "--train_batch_size", "16", "--seed", str(config.seed), "--checkpointing_steps", "200",
+                      "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+                      "--calibration_batch_size", str(config.eval_batch_size)]
+    assert vars(seen["ddpm"]) == vars(train_ddpm.parse_args(ddpm_argv))
+    assert vars(seen["segmenter"]) == vars(train_segmenter.parse_args(segmenter_argv))
+    with pytest.raises(ValueError, match="needs steps or minutes"):
+        workflow.train_ddpm_to_budget(model)

@@ -432,3 +432,38 @@ def test_training_on_crops_saves_a_model_that_inspects_at_the_working_resolution
     assert (pipe.resolution, pipe.tile_size, pipe.num_tiles) == (64, 32, 9)
     log = json.loads((out / "training_log.json").read_text())
     assert log["config"]["crop_size"] == 32 and log["summary"]["total_optimizer_steps"] == 3
+
+
+def test_main_takes_a_config_object_as_well_as_a_command_line(synthetic_root, tmp_path):
+    """``main`` accepts what ``parse_args`` returns, a command line, a mapping or a dataclass of flag names: the same
+    settings give the same parsed flags (preset defaults filled, checks run) and the same run."""
+    import dataclasses
+
+    from diffad.synthetic import SYNTHETIC_CATEGORIES
+    from diffad.training.train_ddpm import main, resolve_args
+
+    argv = ["--preset", "tiny", "--resolution", "64", "--crop_size", "32", "--block_out_channels", "8,16",
+            "--norm_num_groups", "4", "--max_train_steps", "2", "--report_to", "none"]
+    config = {"preset": "tiny", "resolution": 64, "crop_size": 32, "block_out_channels": "8,16",
+              "norm_num_groups": 4, "max_train_steps": 2, "report_to": "none"}
+    assert vars(resolve_args(config)) == vars(parse_args(argv)) == vars(resolve_args(argv))
+
+    @dataclasses.dataclass
+    class Budget:
+        preset: str = "tiny"
+        max_train_steps: int = 2
+        train_batch_size: int = 4
+
+    assert resolve_args(Budget()).learning_rate == preset_defaults("tiny")["learning_rate"]
+    with pytest.raises(ValueError, match=r"unknown settings \['max_steps'\]"):
+        resolve_args({"max_steps": 3})
+    with pytest.raises(ValueError, match="preset='huge' is not one of"):
+        resolve_args({"preset": "huge"})
+    with pytest.raises(ValueError, match="--self_condition_prob must be in"):  # the checks of parse_args run too
+        resolve_args({"preset": "tiny", "self_condition_prob": 2.0})
+
+    data = {"data_dir": str(synthetic_root), "category": SYNTHETIC_CATEGORIES[0], "resolution": 32,
+            "report_to": "none"}
+    out = main({**dataclasses.asdict(Budget()), **data, "output_dir": str(tmp_path / "m")})
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["summary"]["total_optimizer_steps"] == 2 and log["config"]["train_batch_size"] == 4

@@ -366,3 +366,16 @@ def test_interrupted_cache_build_resumes_from_complete_shards(trained, tmp_path,
     single = datasets.load_from_disk(str(trained["cache_dir"] / f"segmenter-reconstructions-{key}")).with_format("torch")
     for column in ("index", "source_index", "image", "reconstruction", "mask"):
         assert torch.equal(resumed[:][column], single[:][column]), column
+
+
+def test_main_takes_a_config_object_as_well_as_a_command_line():
+    """A mapping (or dataclass) of flag names parses as the same command line would, with the same checks."""
+    from diffad.training.train_segmenter import parse_args, resolve_args
+
+    argv = ["--model_dir", "m", "--num_synthetic", "40", "--segmenter_block_out_channels", "8,16"]
+    config = {"model_dir": "m", "num_synthetic": 40, "segmenter_block_out_channels": "8,16"}
+    assert vars(resolve_args(config)) == vars(parse_args(argv)) == vars(resolve_args(argv))
+    with pytest.raises(ValueError, match="'model_dir' .* is required"):
+        resolve_args({"num_synthetic": 40})
+    with pytest.raises(ValueError, match="--validation_share"):
+        resolve_args({"model_dir": "m", "validation_share": 1.5})

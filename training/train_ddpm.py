@@ -38,7 +38,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,7 @@ from diffad.training_utils import (  # save_checkpoint, resolve_resume: shared w
     load_ema_state,
     parse_int_list,
     resolve_resume,
+    resolve_training_args,
     save_checkpoint,
     time_budget_spent,
 )
@@ -101,15 +103,29 @@ RESUME_KEYS = ("preset", "resolution", "crop_size", "data_fingerprint", "categor
                "random_flip", "unet_config")
 
 
-def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
     """Parse the command line (``argv``, default ``sys.argv[1:]``) and fill preset defaults.
 
     Raises:
         SystemExit(2): a malformed flag (one line on stderr).
         ValueError: flags that are well-formed but inconsistent (see :func:`check_args`).
     """
+    return finish_args(build_parser(prog).parse_args(argv))
+
+
+def build_parser(prog: str = PROG) -> OneLineArgumentParser:
+    """The script's flags, in four groups (data, model, optimisation, output); preset-dependent ones default to
+    None, which :func:`finish_args` fills."""
     p = OneLineArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_flags(p)
+    _add_model_flags(p)
+    _add_optimisation_flags(p)
+    _add_output_flags(p)
+    return p
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", type=str, default=None,
                    help="MVTec-AD-layout root (<data_dir>/<category>/train/good/...) or a Hub dataset id. "
@@ -123,6 +139,8 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--random_rot90", action="store_true", help="Random 90-degree rotations (off by default).")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (preset values unless given)")
     g.add_argument("--preset", choices=PRESET_NAMES, default="cpu",
                    help="UNet size and training defaults: cpu (the default: 0.64M params on 64 px crops of 256 px "
@@ -143,6 +161,8 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--self_condition_prob", type=float, default=0.5,
                    help="Probability that a batch is self-conditioned (no-grad x0 estimate fed back).")
 
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation (preset values unless given)")
     g.add_argument("--train_batch_size", type=int, default=None, help="Images per process per step.")
     g.add_argument("--eval_batch_size", type=int, default=16, help="Images per validation forward pass.")
@@ -177,6 +197,8 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
                         "--train_batch_size, weights, optimiser, EMA) exceeds the memory available now; without it "
                         "such a run is refused before anything is written.")
 
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output, checkpoints, logging")
     g.add_argument("--output_dir", type=str, default="ddpm-model", help="Pipeline folder, checkpoints and logs.")
     g.add_argument("--overwrite_output_dir", action="store_true",
@@ -192,8 +214,10 @@ def parse_args(argv: Optional[list] = None, prog: str = PROG) -> argparse.Namesp
     g.add_argument("--expect_world_size", type=int,
                    default=int(os.environ["DIFFAD_EXPECT_WORLD_SIZE"]) if os.environ.get("DIFFAD_EXPECT_WORLD_SIZE") else None,
                    help="Fail unless the run has exactly this many processes (env DIFFAD_EXPECT_WORLD_SIZE).")
-    args = p.parse_args(argv)
 
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left None with ``args.preset``'s defaults, then :func:`check_args`; return ``args``."""
     defaults = preset_defaults(args.preset)
     for key in _PRESET_FLAGS:
         if getattr(args, key) is None:
@@ -365,15 +389,60 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, noise: torch.
 # --------------------------------------------------------------------------- checkpoints
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None] = None) -> Path:
     """Train, save the pipeline and ``training_log.json`` into ``args.output_dir``; return that folder.
+
+    Args:
+        args: the run's settings: what :func:`parse_args` returns, a command line (``["--preset", "tiny", ...]``;
+            None: ``sys.argv[1:]``), or a config object (a dataclass instance or a mapping) whose fields are flag
+            names (``{"preset": "tiny", "max_train_steps": 100}``); see :func:`resolve_args`.
 
     A run whose estimated peak memory exceeds what is available is refused first (:func:`check_memory`, unless
     ``--skip_memory_check``), before the output folder is created or locked.
     """
+    args = resolve_args(args)
     if not args.skip_memory_check:
         check_memory(args)
     return _train(args)
+
+
+def resolve_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None]) -> argparse.Namespace:
+    """The parsed flags of ``config``: a ``Namespace`` as it is (what :func:`parse_args` returned), a command line
+    through :func:`parse_args`, a dataclass instance or mapping of flag names to values through
+    :func:`diffad.training_utils.namespace_from_config` and then the preset defaults and checks of
+    :func:`finish_args` (:func:`diffad.training_utils.resolve_training_args`)."""
+    return resolve_training_args(config, parse_args=parse_args, parser=build_parser, finish=finish_args)
+
+
+@dataclass
+class _Run:
+    """What the stages of one training run share (built by :func:`_setup_run`)."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    output_dir: Path
+    start_time: float
+    unet: torch.nn.Module
+    ema: Optional[EMAModel]
+    num_params: int
+    noise_scheduler: Any  # DDPMScheduler
+    alphas_cumprod: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_dataloader: Any
+    num_batches: int  # per process and epoch
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    val_images: torch.Tensor  # (V, 3, crop, crop) in [-1, 1]: the fixed validation crops
+    val_noise: torch.Tensor
+    val_timesteps: torch.Tensor
+    log: TrainingLog
+    state: Dict[str, Any] = field(default_factory=lambda: {
+        "global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_batches": 0,
+        "epoch_samples": 0, "epoch_seconds": 0.0, "train_seconds": 0.0, "best_val_loss": None, "best_epoch": None,
+        "step_losses": [], "resumed_from": []})
+    best_weights: Optional[Dict[str, torch.Tensor]] = None
 
 
 @holds_output_folder("output_dir", "--output_dir")  # one run at a time writes the folder
@@ -383,6 +452,26 @@ def _train(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
+    accelerator = _make_accelerator(args, output_dir)
+    resume_path = _prepare_output_dir(args, output_dir, accelerator)
+    # 1. data, 2. model, scheduler, optimiser (same initial weights on every rank)
+    run = _setup_run(args, accelerator, output_dir, start_time)
+    # 3. resume
+    if resume_path is not None:
+        _resume(run, resume_path)
+    # 4. train, 5. validating once per epoch
+    stop_reason = _train_epochs(run)
+    accelerator.wait_for_everyone()
+    # 6. save the pipeline: the best-by-validation weights (EMA ones with --use_ema), else the last
+    if accelerator.is_main_process:
+        _save_pipeline_and_log(run, stop_reason)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+def _make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+    """The run's ``Accelerator`` (CPU when no GPU), checked against ``--expect_world_size``."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # a real multi-rank gloo run on CPU needs cpu=True
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -392,13 +481,18 @@ def _train(args: argparse.Namespace) -> Path:
                                             logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if args.expect_world_size is not None and world != args.expect_world_size:
         raise ValueError(
             f"expected world size {args.expect_world_size} but this run has {world} process(es); on CPU launch "
             f"`accelerate launch --multi_gpu --num_processes {args.expect_world_size} --num_cpu_threads_per_process 1 ...`")
     logger.info(f"world size {world} ({accelerator.distributed_type}), device {accelerator.device}")
+    return accelerator
 
+
+def _prepare_output_dir(args: argparse.Namespace, output_dir: Path, accelerator: Accelerator) -> Optional[Path]:
+    """Refuse to overwrite a trained pipeline unasked, create the folder, clear what a new run replaces; return the
+    checkpoint to resume from (None: a fresh start)."""
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
                          "pass only one of them")
@@ -413,34 +507,71 @@ def _train(args: argparse.Namespace) -> Path:
         if args.overwrite_output_dir:  # a new run: a later `--resume_from_checkpoint latest` must find only its own
             clear_checkpoints(output_dir)
     accelerator.wait_for_everyone()
+    return resume_path
 
-    # 1. data
-    train_dataset, val_images = load_data(args, accelerator)
 
-    # 2. model, scheduler, optimiser (same initial weights on every rank)
+def _new_unet(args: argparse.Namespace) -> Tuple[UNet2DModel, int]:
+    """The seeded initial UNet (the same weights on every rank) and its parameter count."""
     set_seed(args.seed)
     unet = make_unet(args.preset, **unet_args(args))
     num_params = count_parameters(unet)
     logger.info(f"UNet2DModel ({args.preset} preset): {num_params:,} parameters ({num_params / 1e6:.2f}M) "
                 f"on {args.crop_size} px crops of {args.resolution} px images")
-    noise_scheduler = make_scheduler(args.num_train_timesteps)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
-    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed))
+    return unet, num_params
 
-    # Steps: the prepared dataloader yields this process's share of the batches.
-    num_batches = math.ceil(len(train_dataset) / (args.train_batch_size * world))
+
+def _new_ema(args: argparse.Namespace, unet: UNet2DModel) -> Optional[EMAModel]:
+    """The moving average of ``unet``'s weights with ``--use_ema``, else None."""
+    if not args.use_ema:
+        return None
+    return EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                    power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+
+
+def _new_optimizer(args: argparse.Namespace, unet: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (the thesis) or AdamW over ``unet``'s parameters, with the flags' settings."""
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def step_plan(args: argparse.Namespace, num_images: int, world: int) -> Tuple[int, int, int, int]:
+    """``(num_batches, steps_per_epoch, max_train_steps, num_epochs)`` of a run over ``num_images`` training images
+    with ``world`` processes: the prepared dataloader yields this process's share of the batches."""
+    num_batches = math.ceil(num_images / (args.train_batch_size * world))
     steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    return num_batches, steps_per_epoch, max_train_steps, num_epochs
+
+
+def fixed_validation_draws(args: argparse.Namespace,
+                           val_images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed validation crops (2 per image, when training on crops), noise and timesteps: the same draw every epoch,
+    so the curve is comparable. Returns ``(images (V, 3, C, C), noise (V, 3, C, C), timesteps (V,))``."""
+    if args.crop_size < args.resolution and val_images.shape[0]:
+        gcrop = torch.Generator().manual_seed(args.seed + 20_011)
+        val_images = torch.cat([random_crops(val_images, args.crop_size, gcrop) for _ in range(2)])
+    gval = torch.Generator().manual_seed(args.seed + 10_007)
+    val_noise = torch.randn(val_images.shape, generator=gval)
+    val_timesteps = torch.randint(0, args.num_train_timesteps, (val_images.shape[0],), generator=gval)
+    return val_images, val_noise, val_timesteps
+
+
+def _setup_run(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path, start_time: float) -> _Run:
+    """Load the data, build the model, scheduler, optimiser and dataloader, prepare them with ``accelerator``, draw
+    the fixed validation set and start the training log (and the trackers)."""
+    world = accelerator.num_processes
+    train_dataset, val_images = load_data(args, accelerator)
+    unet, num_params = _new_unet(args)
+    noise_scheduler = make_scheduler(args.num_train_timesteps)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    ema = _new_ema(args, unet)
+    optimizer = _new_optimizer(args, unet)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed))
+    num_batches, steps_per_epoch, max_train_steps, num_epochs = step_plan(args, len(train_dataset), world)
     # The prepared lr scheduler steps once per process per optimiser step (accelerate's convention).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * world,
@@ -450,14 +581,7 @@ def _train(args: argparse.Namespace) -> Path:
         ema.to(accelerator.device)
     if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
         raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
-
-    # Fixed validation crops (2 per image), noise and timesteps: the same draw every epoch, so the curve is comparable.
-    if args.crop_size < args.resolution and val_images.shape[0]:
-        gcrop = torch.Generator().manual_seed(args.seed + 20_011)
-        val_images = torch.cat([random_crops(val_images, args.crop_size, gcrop) for _ in range(2)])
-    gval = torch.Generator().manual_seed(args.seed + 10_007)
-    val_noise = torch.randn(val_images.shape, generator=gval)
-    val_timesteps = torch.randint(0, args.num_train_timesteps, (val_images.shape[0],), generator=gval)
+    val_images, val_noise, val_timesteps = fixed_validation_draws(args, val_images)
 
     config = {k: v for k, v in vars(args).items()}
     config.update(num_parameters=num_params, world_size=world, unet_config=dict(unet_unwrapped_config(accelerator, unet)),
@@ -469,181 +593,219 @@ def _train(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_ddpm", config={k: v for k, v in config.items()
                                                         if isinstance(v, (int, float, str, bool))})
+    return _Run(args=args, accelerator=accelerator, output_dir=output_dir, start_time=start_time, unet=unet, ema=ema,
+                num_params=num_params, noise_scheduler=noise_scheduler, alphas_cumprod=alphas_cumprod,
+                optimizer=optimizer, lr_scheduler=lr_scheduler, train_dataloader=train_dataloader,
+                num_batches=num_batches, steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps,
+                num_epochs=num_epochs, val_images=val_images, val_noise=val_noise, val_timesteps=val_timesteps,
+                log=log)
 
-    # 3. resume
-    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
-                             "epoch_batches": 0, "epoch_samples": 0, "epoch_seconds": 0.0, "train_seconds": 0.0,
-                             "best_val_loss": None, "best_epoch": None, "step_losses": [], "resumed_from": []}
-    best_weights: Optional[Dict[str, torch.Tensor]] = None
-    if resume_path is not None:
-        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
-        # before loading any tensor: a checkpoint of another run is refused in one line (no size-mismatch dump)
-        check_resume_config(resume_path, saved, config, RESUME_KEYS)
-        logger.info(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        if ema is not None:
-            load_ema_state(ema, saved.get("ema") or {}, resume_path)
-        state.update(saved["state"])
-        log.load_state_dict(saved["log"])
-        state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
-                                                                "global_step": state["global_step"]}]
-        if (resume_path / BEST_WEIGHTS).is_file():
-            best_weights = load_file(str(resume_path / BEST_WEIGHTS))
-        if saved.get("steps_per_epoch") != steps_per_epoch:
-            raise ValueError(f"{resume_path} was written with {saved.get('steps_per_epoch')} steps per epoch, this run "
-                             f"has {steps_per_epoch}: resume with the same batch size, data and number of processes")
 
-    # 4. train
-    # With a time budget and no step limit the bar counts seconds of the budget (the step total is unknown).
+def _resume(run: _Run, resume_path: Path) -> None:
+    """Continue ``run`` from the checkpoint ``resume_path``: the model, optimiser, scheduler and EMA states, the
+    counters, the log and the best weights so far. A checkpoint of another run is refused in one line."""
+    accelerator, state = run.accelerator, run.state
+    saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
+    # before loading any tensor: a checkpoint of another run is refused in one line (no size-mismatch dump)
+    check_resume_config(resume_path, saved, run.log.config, RESUME_KEYS)
+    logger.info(f"resuming from {resume_path}")
+    accelerator.load_state(str(resume_path))
+    if run.ema is not None:
+        load_ema_state(run.ema, saved.get("ema") or {}, resume_path)
+    state.update(saved["state"])
+    run.log.load_state_dict(saved["log"])
+    state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
+                                                            "global_step": state["global_step"]}]
+    if (resume_path / BEST_WEIGHTS).is_file():
+        run.best_weights = load_file(str(resume_path / BEST_WEIGHTS))
+    if saved.get("steps_per_epoch") != run.steps_per_epoch:
+        raise ValueError(f"{resume_path} was written with {saved.get('steps_per_epoch')} steps per epoch, this run "
+                         f"has {run.steps_per_epoch}: resume with the same batch size, data and number of processes")
+
+
+def _train_epochs(run: _Run) -> str:
+    """Train until the step, epoch or time budget is spent, validating after every epoch (also a partial last
+    one); return what stopped the run (``"max_train_steps"``, ``"num_epochs"`` or ``"max_train_minutes"``)."""
+    args, state = run.args, run.state
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
+    # With a time budget and no step limit the bar counts seconds of the budget (the step total is unknown).
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
-    progress = TrainingProgress(max_steps=None if (time_budget and not args.max_train_steps) else max_train_steps,
+    progress = TrainingProgress(max_steps=None if (time_budget and not args.max_train_steps) else run.max_train_steps,
                                 time_budget=time_budget, initial_steps=state["global_step"],
                                 initial_seconds=state["train_seconds"], desc="steps",
-                                disable=not accelerator.is_local_main_process)
+                                disable=not run.accelerator.is_local_main_process)
     first_epoch = state["epoch"]
     stopped = False
-    for epoch in range(first_epoch, num_epochs):
-        if stopped or (epoch != first_epoch and state["global_step"] >= max_train_steps):
+    for epoch in range(first_epoch, run.num_epochs):
+        if stopped or (epoch != first_epoch and state["global_step"] >= run.max_train_steps):
             break
-        unet.train()
-        if epoch != state["epoch"]:  # a new epoch (not the one a resume continues)
-            state.update(epoch=epoch, batches_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0, epoch_samples=0,
-                         epoch_seconds=0.0)
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
-        if state["batches_in_epoch"]:
-            loader = accelerator.skip_first_batches(train_dataloader, state["batches_in_epoch"])
-            loader.set_epoch(epoch)
-        tick = time.time()
-        for batch_index, batch in enumerate(loader, start=state["batches_in_epoch"]):
-            if state["global_step"] >= max_train_steps:  # e.g. resumed from the very last checkpoint
-                stopped = True
-                break
-            g = seeded_generator(args.seed, epoch, batch_index, rank)  # the same draws after a resume
-            clean = random_crops(batch["pixel_values"].float(), args.crop_size, g)
-            if args.random_flip or args.random_rot90:
-                clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
-            noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
-            timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), generator=g).to(accelerator.device)
-            self_condition = bool(torch.rand((), generator=g) < args.self_condition_prob)
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-
-            with accelerator.accumulate(unet):
-                # 1. predict noise (self-conditioned on a no-grad x0 estimate half of the time)
-                eps = self_conditioned_eps(unet, noisy, timesteps, alphas_cumprod, self_condition)
-                # 2. epsilon loss (Ho et al. 2020, eq. 14)
-                loss = F.mse_loss(eps.float(), noise.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            state["batches_in_epoch"] = batch_index + 1
-            state["epoch_loss_sum"] += float(loss.detach())
-            state["epoch_batches"] += 1
-            state["epoch_samples"] += int(clean.shape[0])
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(unet.parameters())
-            state["global_step"] += 1
-            step_loss = float(loss.detach())
-            state["step_losses"].append(step_loss)
-            if args.report_to != "none":
-                accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
-
-            now = time.time()
-            state["epoch_seconds"] += now - tick
-            state["train_seconds"] += now - tick
-            tick = now
-            progress.step(state["global_step"], state["train_seconds"], loss=f"{step_loss:.4f}",
-                          lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            if state["global_step"] >= max_train_steps:
-                stopped = True
-            elif time_budget_spent(accelerator, state["train_seconds"], time_budget):
-                stopped, stop_reason = True, "max_train_minutes"
-            if state["global_step"] % args.checkpointing_steps == 0:
-                ema_scalars, ema_tensors = ema_state(ema) if ema is not None else (None, None)
-                save_checkpoint(accelerator, output_dir, state["global_step"],
-                                {"state": state, "log": log.state_dict(), "steps_per_epoch": steps_per_epoch,
-                                 "ema": ema_scalars},
-                                best_weights, args.checkpoints_total_limit, tensors=ema_tensors)
-                tick = time.time()  # checkpoint I/O is not training time
-            if stopped:
-                break
-
-        # 5. validate once per epoch (also after a partial last epoch) and keep the best weights
-        samples = accelerator.gather(torch.tensor([state["epoch_samples"]], device=accelerator.device)).tolist()
-        loss_stats = accelerator.reduce(torch.tensor([state["epoch_loss_sum"], state["epoch_batches"]],
-                                                     dtype=torch.float64, device=accelerator.device), reduction="sum")
-        train_loss = float(loss_stats[0] / max(float(loss_stats[1]), 1.0))
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        val_loss = val_loss_plain = None
-        if val_images.shape[0] > 0:
-            if ema is not None:
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
-            val_loss, val_loss_plain = validation_losses(model, val_images, val_noise, val_timesteps, alphas_cumprod,
-                                                         accelerator, args.eval_batch_size)
-            if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-                state["best_val_loss"], state["best_epoch"] = val_loss, epoch
-                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if ema is not None:
-                ema.restore(model.parameters())
-        model.train()
-        epoch_images = sum(samples)
-        record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": train_loss, "val_loss": val_loss,
-                  "val_loss_no_self_cond": val_loss_plain, "lr": lr_scheduler.get_last_lr()[0],
-                  "epoch_seconds": state["epoch_seconds"], "images": epoch_images,
-                  "images_per_second": epoch_images / max(state["epoch_seconds"], 1e-9),
-                  "samples_per_rank": samples, "partial": state["batches_in_epoch"] < num_batches}
-        log.add_epoch(record)
-        logger.info(f"epoch {epoch}: step {state['global_step']} train_loss {train_loss:.4f} "
-                    + (f"val_loss {val_loss:.4f}" if val_loss is not None else "(no validation images)"))
-        if args.report_to != "none":
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["global_step"])
-        if accelerator.is_main_process:
-            log.save(output_dir / "training_log.json")
-
+        stopped, out_of_time = _train_epoch(run, epoch, progress, time_budget)
+        if out_of_time:
+            stop_reason = "max_train_minutes"
+        _validate_epoch(run, epoch)
     progress.close()
-    accelerator.wait_for_everyone()
+    return stop_reason
 
-    # 6. save the pipeline: the best-by-validation weights (EMA ones with --use_ema), else the last
+
+def _train_epoch(run: _Run, epoch: int, progress: TrainingProgress,
+                 time_budget: Optional[float]) -> Tuple[bool, bool]:
+    """One epoch (or the rest of the one a resume continues), checkpointing every ``--checkpointing_steps``.
+    Returns ``(stopped, out_of_time)``: whether a budget ended the run, and whether it was the time budget."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    run.unet.train()
+    if epoch != state["epoch"]:  # a new epoch (not the one a resume continues)
+        state.update(epoch=epoch, batches_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0, epoch_samples=0,
+                     epoch_seconds=0.0)
+    run.train_dataloader.set_epoch(epoch)
+    loader = run.train_dataloader
+    if state["batches_in_epoch"]:
+        loader = accelerator.skip_first_batches(run.train_dataloader, state["batches_in_epoch"])
+        loader.set_epoch(epoch)
+    stopped = out_of_time = False
+    tick = time.time()
+    for batch_index, batch in enumerate(loader, start=state["batches_in_epoch"]):
+        if state["global_step"] >= run.max_train_steps:  # e.g. resumed from the very last checkpoint
+            return True, False
+        loss, num_images = _training_step(run, batch, epoch, batch_index)
+        state["batches_in_epoch"] = batch_index + 1
+        state["epoch_loss_sum"] += float(loss.detach())
+        state["epoch_batches"] += 1
+        state["epoch_samples"] += num_images
+        if not accelerator.sync_gradients:
+            continue
+        if run.ema is not None:
+            run.ema.step(run.unet.parameters())
+        state["global_step"] += 1
+        step_loss = float(loss.detach())
+        state["step_losses"].append(step_loss)
+        if args.report_to != "none":
+            accelerator.log({"train_loss": step_loss, "lr": run.lr_scheduler.get_last_lr()[0]}, step=state["global_step"])
+
+        now = time.time()
+        state["epoch_seconds"] += now - tick
+        state["train_seconds"] += now - tick
+        tick = now
+        progress.step(state["global_step"], state["train_seconds"], loss=f"{step_loss:.4f}",
+                      lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
+        if state["global_step"] >= run.max_train_steps:
+            stopped = True
+        elif time_budget_spent(accelerator, state["train_seconds"], time_budget):
+            stopped = out_of_time = True
+        if state["global_step"] % args.checkpointing_steps == 0:
+            _save_checkpoint(run)
+            tick = time.time()  # checkpoint I/O is not training time
+        if stopped:
+            break
+    return stopped, out_of_time
+
+
+def _training_step(run: _Run, batch: Dict[str, Any], epoch: int, batch_index: int) -> Tuple[torch.Tensor, int]:
+    """One batch's draws (crops, augmentations, noise, timesteps, the self-conditioning coin: from
+    :func:`seeded_generator` of the batch's position, so a resume draws the same), its forward and backward pass
+    and (once the gradients are accumulated) the optimiser step. Returns ``(loss, number of images)``."""
+    args, accelerator, unet = run.args, run.accelerator, run.unet
+    g = seeded_generator(args.seed, epoch, batch_index, accelerator.process_index)  # the same draws after a resume
+    clean = random_crops(batch["pixel_values"].float(), args.crop_size, g)
+    if args.random_flip or args.random_rot90:
+        clean = augment_batch(clean.cpu(), g, flip=args.random_flip, rot90=args.random_rot90).to(accelerator.device)
+    noise = torch.randn(clean.shape, generator=g).to(accelerator.device)
+    timesteps = torch.randint(0, args.num_train_timesteps, (clean.shape[0],), generator=g).to(accelerator.device)
+    self_condition = bool(torch.rand((), generator=g) < args.self_condition_prob)
+    noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
+
+    with accelerator.accumulate(unet):
+        # 1. predict noise (self-conditioned on a no-grad x0 estimate half of the time)
+        eps = self_conditioned_eps(unet, noisy, timesteps, run.alphas_cumprod, self_condition)
+        # 2. epsilon loss (Ho et al. 2020, eq. 14)
+        loss = F.mse_loss(eps.float(), noise.float())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, int(clean.shape[0])
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """A resumable checkpoint of ``run`` at its current step (with the EMA's state and the best weights so far)."""
+    state = run.state
+    ema_scalars, ema_tensors = ema_state(run.ema) if run.ema is not None else (None, None)
+    save_checkpoint(run.accelerator, run.output_dir, state["global_step"],
+                    {"state": state, "log": run.log.state_dict(), "steps_per_epoch": run.steps_per_epoch,
+                     "ema": ema_scalars},
+                    run.best_weights, run.args.checkpoints_total_limit, tensors=ema_tensors)
+
+
+def _validate_epoch(run: _Run, epoch: int) -> None:
+    """After an epoch: the validation loss (of the EMA weights with ``--use_ema``), the best weights so far, and
+    the epoch's record in the log (and the trackers); the main process saves the log."""
+    args, accelerator, state, ema = run.args, run.accelerator, run.state, run.ema
+    samples = accelerator.gather(torch.tensor([state["epoch_samples"]], device=accelerator.device)).tolist()
+    loss_stats = accelerator.reduce(torch.tensor([state["epoch_loss_sum"], state["epoch_batches"]],
+                                                 dtype=torch.float64, device=accelerator.device), reduction="sum")
+    train_loss = float(loss_stats[0] / max(float(loss_stats[1]), 1.0))
+    model = accelerator.unwrap_model(run.unet)
+    model.eval()
+    val_loss = val_loss_plain = None
+    if run.val_images.shape[0] > 0:
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        val_loss, val_loss_plain = validation_losses(model, run.val_images, run.val_noise, run.val_timesteps,
+                                                     run.alphas_cumprod, accelerator, args.eval_batch_size)
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state["best_val_loss"], state["best_epoch"] = val_loss, epoch
+            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if ema is not None:
+            ema.restore(model.parameters())
+    model.train()
+    epoch_images = sum(samples)
+    record = {"epoch": epoch, "global_step": state["global_step"], "train_loss": train_loss, "val_loss": val_loss,
+              "val_loss_no_self_cond": val_loss_plain, "lr": run.lr_scheduler.get_last_lr()[0],
+              "epoch_seconds": state["epoch_seconds"], "images": epoch_images,
+              "images_per_second": epoch_images / max(state["epoch_seconds"], 1e-9),
+              "samples_per_rank": samples, "partial": state["batches_in_epoch"] < run.num_batches}
+    run.log.add_epoch(record)
+    logger.info(f"epoch {epoch}: step {state['global_step']} train_loss {train_loss:.4f} "
+                + (f"val_loss {val_loss:.4f}" if val_loss is not None else "(no validation images)"))
+    if args.report_to != "none":
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["global_step"])
     if accelerator.is_main_process:
-        final = make_unet(args.preset, **unet_args(args))
-        if best_weights is not None:
-            final.load_state_dict(best_weights)
-            weights = "best validation" + (" (EMA)" if ema is not None else "")
-        else:
-            final.load_state_dict(accelerator.unwrap_model(unet).state_dict())
-            if ema is not None:
-                ema.copy_to(final.parameters())
-            weights = "last" + (" (EMA)" if ema is not None else "")
-        working = args.resolution if args.crop_size < args.resolution else None
-        pipeline = SelfAwareInpaintPipeline(unet=final, scheduler=make_scheduler(args.num_train_timesteps),
-                                            working_resolution=working)
-        save_pipeline(pipeline, output_dir)
+        run.log.save(run.output_dir / "training_log.json")
 
-        wall = time.time() - start_time
-        total_images = sum(e["images"] for e in log.epochs)
-        total_seconds = sum(e["epoch_seconds"] for e in log.epochs)
-        log.summary = {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
-                       "saved_weights": weights, "total_optimizer_steps": state["global_step"],
-                       "max_train_steps": max_train_steps, "stopped_by": stop_reason,
-                       "train_seconds": state["train_seconds"], "wall_seconds_this_run": wall,
-                       "images_per_second": total_images / max(total_seconds, 1e-9),
-                       "num_parameters": num_params, "world_size": world, "resumed_from": state["resumed_from"],
-                       "step_losses": state["step_losses"]}
-        log.save(output_dir / "training_log.json")
-        logger.info(f"saved {weights} weights to {output_dir} (best epoch {state['best_epoch']}, "
-                    f"{state['global_step']} optimiser steps, {log.summary['images_per_second']:.1f} images/s)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return output_dir
+
+def _save_pipeline_and_log(run: _Run, stop_reason: str) -> None:
+    """Save the pipeline (the best-by-validation weights, EMA ones with ``--use_ema``, else the last) and the
+    training log with its summary into the output folder (main process)."""
+    args, state, ema, log = run.args, run.state, run.ema, run.log
+    final = make_unet(args.preset, **unet_args(args))
+    if run.best_weights is not None:
+        final.load_state_dict(run.best_weights)
+        weights = "best validation" + (" (EMA)" if ema is not None else "")
+    else:
+        final.load_state_dict(run.accelerator.unwrap_model(run.unet).state_dict())
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        weights = "last" + (" (EMA)" if ema is not None else "")
+    working = args.resolution if args.crop_size < args.resolution else None
+    pipeline = SelfAwareInpaintPipeline(unet=final, scheduler=make_scheduler(args.num_train_timesteps),
+                                        working_resolution=working)
+    save_pipeline(pipeline, run.output_dir)
+
+    wall = time.time() - run.start_time
+    total_images = sum(e["images"] for e in log.epochs)
+    total_seconds = sum(e["epoch_seconds"] for e in log.epochs)
+    log.summary = {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+                   "saved_weights": weights, "total_optimizer_steps": state["global_step"],
+                   "max_train_steps": run.max_train_steps, "stopped_by": stop_reason,
+                   "train_seconds": state["train_seconds"], "wall_seconds_this_run": wall,
+                   "images_per_second": total_images / max(total_seconds, 1e-9),
+                   "num_parameters": run.num_params, "world_size": run.accelerator.num_processes,
+                   "resumed_from": state["resumed_from"], "step_losses": state["step_losses"]}
+    log.save(run.output_dir / "training_log.json")
+    logger.info(f"saved {weights} weights to {run.output_dir} (best epoch {state['best_epoch']}, "
+                f"{state['global_step']} optimiser steps, {log.summary['images_per_second']:.1f} images/s)")
 
 
 def unet_unwrapped_config(accelerator: Accelerator, unet: torch.nn.Module) -> Dict[str, Any]:

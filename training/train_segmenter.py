@@ -60,7 +60,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -92,6 +92,7 @@ from diffad.training_utils import (
     holds_output_folder,
     parse_int_list,
     resolve_resume,
+    resolve_training_args,
     save_checkpoint,
     time_budget_spent,
 )
@@ -122,8 +123,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         SystemExit(2): a malformed flag (one line on stderr).
         ValueError: flags that are well-formed but out of range (see :func:`check_args`).
     """
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def build_parser() -> OneLineArgumentParser:
+    """The script's flags, in groups: model and data, synthetic anomalies, the cache and the segmenter, optimisation,
+    checkpoints and calibration."""
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_flags(p)
+    _add_cache_and_segmenter_flags(p)
+    _add_optimisation_flags(p)
+    _add_checkpoint_flags(p)
+    return p
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The model folder, its data and the synthetic anomalies."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model_dir", type=str, required=True,
                    help="A trained AND calibrated SelfAwareInpaintPipeline folder (train_ddpm.py, then "
@@ -150,6 +168,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--validation_share", type=float, default=0.15,
                    help="Share of the synthetic samples held back: their validation loss picks the weights kept.")
 
+
+def _add_cache_and_segmenter_flags(p: argparse.ArgumentParser) -> None:
+    """The reconstruction cache and the segmenter's shape."""
     g = p.add_argument_group("reconstructions and their cache")
     g.add_argument("--cache_dir", type=str, default=None,
                    help=f"Where reconstructed training sets are cached (datasets.save_to_disk). Default: "
@@ -167,6 +188,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--segmenter_attention_resolutions", type=parse_int_list, default=None,
                    help="Feature-map sizes (px) whose level gets self-attention (default: none).")
 
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """Optimisation (thesis defaults)."""
     g = p.add_argument_group("optimisation (thesis defaults)")
     g.add_argument("--train_batch_size", type=int, default=16,
                    help="Crops per process per step (one crop of the segmenter's tile size per synthetic sample).")
@@ -192,6 +216,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0,
                    help="Seeds the synthesis, the reconstruction noise, initialisation and shuffling.")
 
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Checkpoints and the recalibration."""
     g = p.add_argument_group("checkpoints, calibration, logging")
     g.add_argument("--checkpoint_dir", type=str, default=None,
                    help=f"Resumable checkpoints (checkpoint-<step>/). Default: <model_dir>/{CHECKPOINT_SUBDIR}.")
@@ -206,9 +233,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Images per UNet batch when recalibrating (default: all at once, as `diffad calibrate`). Give "
                         "the `diffad calibrate --batch-size` the model was calibrated with: batched arithmetic "
                         "rounds differently, and only the same batches reproduce Q_p bit for bit.")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -657,6 +681,48 @@ def heldout_loss(segmenter: torch.nn.Module, heldout: Dict[str, torch.Tensor], s
 # --------------------------------------------------------------------------- main
 
 
+class _Inputs(NamedTuple):
+    """The frozen pipeline, the data and the new segmenter (:func:`_load_model_and_data`)."""
+
+    pipe: SelfAwareInpaintPipeline
+    sampling: SamplingConfig
+    fpr: float
+    data: Dict[str, Any]
+    train_images: torch.Tensor
+    val_images: List[Any]
+    file_names: List[str]
+    category: str
+    num_synthetic: int
+    num_heldout: int
+    crop: int
+    segmenter: torch.nn.Module
+    num_params: int
+
+
+class _SyntheticSet(NamedTuple):
+    """The reconstructed synthetic set, split into training and held-back samples (:func:`_reconstructed_set`)."""
+
+    key: str
+    cache_path: Path
+    cache_hit: bool
+    cache_seconds: float
+    mask_share: float
+    train_set: datasets.Dataset
+    heldout: Dict[str, torch.Tensor]
+
+
+class _Training(NamedTuple):
+    """The prepared segmenter, optimiser, dataloader and scheduler, and the step plan (:func:`_prepare_training`)."""
+
+    segmenter: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_dataloader: Any
+    lr_scheduler: Any
+    num_batches: int
+    max_train_steps: int
+    num_epochs: int
+
+
 def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     names = {"segmenter_block_out_channels": "block_out_channels", "segmenter_layers_per_block": "layers_per_block",
              "segmenter_norm_num_groups": "norm_num_groups",
@@ -664,10 +730,34 @@ def _segmenter_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return {v: getattr(args, k) for k, v in names.items() if getattr(args, k) is not None}
 
 
-@holds_output_folder("model_dir", "--model_dir", create=False)  # one run at a time writes the folder
-def main(args: argparse.Namespace) -> Path:
+def main(args: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None] = None) -> Path:
     """Build (or reuse) the reconstructed synthetic set, train the segmenter, calibrate its threshold and save it
-    into ``args.model_dir``; return that folder."""
+    into ``args.model_dir``; return that folder.
+
+    Args:
+        args: the run's settings: what :func:`parse_args` returns, a command line (None: ``sys.argv[1:]``), or a
+            config object (a dataclass instance or a mapping) whose fields are flag names (``{"model_dir": "m",
+            "max_train_steps": 100}``); see :func:`resolve_args`.
+    """
+    return _train(resolve_args(args))
+
+
+def resolve_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None]) -> argparse.Namespace:
+    """The parsed flags of ``config``: a ``Namespace`` as it is, a command line through :func:`parse_args`, a
+    dataclass instance or mapping of flag names through :func:`diffad.training_utils.namespace_from_config` and
+    :func:`check_args` (:func:`diffad.training_utils.resolve_training_args`)."""
+    return resolve_training_args(config, parse_args=parse_args, parser=build_parser, finish=_checked)
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` once :func:`check_args` accepts them."""
+    check_args(args)
+    return args
+
+
+@holds_output_folder("model_dir", "--model_dir", create=False)  # one run at a time writes the folder
+def _train(args: argparse.Namespace) -> Path:
+    """:func:`main` on parsed flags, with the model folder locked."""
     start_time = time.time()
     model_dir = Path(args.model_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -680,6 +770,33 @@ def main(args: argparse.Namespace) -> Path:
     )
     world = accelerator.num_processes
 
+    # 1. the frozen, calibrated pipeline and the normal images, 2. the segmenter
+    inputs = _load_model_and_data(args, model_dir, accelerator, world)
+    crop = inputs.crop
+    # 3. the reconstructed synthetic set, 4. the optimiser and data
+    synthetic = _reconstructed_set(args, model_dir, accelerator, inputs)
+    training = _prepare_training(args, accelerator, world, inputs.segmenter, synthetic.train_set)
+    log = _training_log(args, accelerator, world, inputs, synthetic, training)
+    # 5. resume, 6. train (validating every --validation_steps and at the end)
+    state, best_path = _resume(args, accelerator, model_dir, checkpoint_dir, log, synthetic.key, training.num_batches)
+    validate = _make_validate(args, accelerator, training.segmenter, synthetic.heldout, crop, state, best_path)
+    stop_reason, time_budget, progress = _progress(args, accelerator, state, training.max_train_steps)
+    stop_reason = _train_loop(args, accelerator, training, state, log, validate, progress, stop_reason, time_budget,
+                              crop, synthetic.key, checkpoint_dir, model_dir)
+    accelerator.wait_for_everyone()
+    # 7. add the segmenter to the pipeline, recalibrate, save into model_dir
+    _save_into_pipeline(args, accelerator, inputs, synthetic, training, state, log, stop_reason, best_path,
+                        start_time, model_dir)
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return model_dir
+
+
+def _load_model_and_data(args: argparse.Namespace, model_dir: Path, accelerator: Accelerator,
+                         world: int) -> _Inputs:
+    """The frozen, calibrated pipeline, the category's normal images, the synthetic-set sizes and the new
+    segmenter."""
     # 1. the frozen, calibrated pipeline and the category's normal images
     pipe = load_calibrated_pipeline(model_dir).to(accelerator.device)
     pipe.unet.requires_grad_(False)
@@ -707,7 +824,16 @@ def main(args: argparse.Namespace) -> Path:
     set_seed(args.seed)
     segmenter = make_segmenter(crop, **_segmenter_kwargs(args))
     num_params = count_parameters(segmenter)
+    return _Inputs(pipe, sampling, fpr, data, train_images, val_images, file_names, category, num_synthetic,
+                   num_heldout, crop, segmenter, num_params)
 
+
+def _reconstructed_set(args: argparse.Namespace, model_dir: Path, accelerator: Accelerator,
+                       inputs: _Inputs) -> _SyntheticSet:
+    """The reconstructed synthetic set, from the cache or built into it once, split into training and
+    held-back samples."""
+    pipe, train_images, file_names = inputs.pipe, inputs.train_images, inputs.file_names
+    sampling, num_synthetic, num_heldout = inputs.sampling, inputs.num_synthetic, inputs.num_heldout
     # 3. the reconstructed synthetic set: reuse the cache or build it once
     synthesizer = DefectSynthesizer(textures=args.textures_dir)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
@@ -751,7 +877,12 @@ def main(args: argparse.Namespace) -> Path:
     # the last samples are held back (every kind among them): their loss over all their tiles picks the weights
     train_set = full_set.select(range(num_synthetic - num_heldout))
     heldout = full_set[num_synthetic - num_heldout:]
+    return _SyntheticSet(key, cache_path, cache_hit, cache_seconds, mask_share, train_set, heldout)
 
+
+def _prepare_training(args: argparse.Namespace, accelerator: Accelerator, world: int, segmenter: torch.nn.Module,
+                      train_set: datasets.Dataset) -> _Training:
+    """The optimiser, dataloader and learning-rate schedule, prepared with the segmenter, and the step plan."""
     # 4. the optimiser and data
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
@@ -765,7 +896,17 @@ def main(args: argparse.Namespace) -> Path:
                                                                                lr_scheduler)
     if len(train_dataloader) != num_batches:  # internal invariant: our step arithmetic matches accelerate's
         raise RuntimeError(f"expected {num_batches} batches per process, accelerate gives {len(train_dataloader)}")
+    return _Training(segmenter, optimizer, train_dataloader, lr_scheduler, num_batches, max_train_steps,
+                     num_epochs)
 
+
+def _training_log(args: argparse.Namespace, accelerator: Accelerator, world: int, inputs: _Inputs,
+                  synthetic: _SyntheticSet, training: _Training) -> TrainingLog:
+    """The run's log, its config recording the flags, the data, the sampling config and the cache."""
+    data, category, train_images, val_images = inputs.data, inputs.category, inputs.train_images, inputs.val_images
+    sampling, num_synthetic, num_params = inputs.sampling, inputs.num_synthetic, inputs.num_params
+    key, cache_path, mask_share = synthetic.key, synthetic.cache_path, synthetic.mask_share
+    segmenter, num_batches, max_train_steps = training.segmenter, training.num_batches, training.max_train_steps
     config = {k: v for k, v in vars(args).items()}
     config.update(resolved_data=data, category=category, sampling_preset=sampling.preset_name,
                   sampling_config=sampling.to_dict(), cache_key=key, cache_path=str(cache_path),
@@ -776,7 +917,13 @@ def main(args: argparse.Namespace) -> Path:
                   segmenter_config={k: v for k, v in accelerator.unwrap_model(segmenter).config.items()
                                     if not k.startswith("_")})
     log = TrainingLog(config)
+    return log
 
+
+def _resume(args: argparse.Namespace, accelerator: Accelerator, model_dir: Path, checkpoint_dir: Path,
+            log: TrainingLog, key: str, num_batches: int) -> Tuple[Dict[str, Any], Path]:
+    """The training state, fresh or from ``--resume_from_checkpoint`` (refused for another training set or batch
+    size), and where the best weights are kept; the checkpoint folder is created."""
     # 5. resume
     state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "epoch_loss_sum": 0.0,
                              "epoch_focal_sum": 0.0, "epoch_bce_sum": 0.0, "epoch_batches": 0, "epoch_seconds": 0.0,
@@ -801,7 +948,13 @@ def main(args: argparse.Namespace) -> Path:
         log.load_state_dict(saved["log"])
         state["resumed_from"] = list(state["resumed_from"]) + [{"checkpoint": str(resume_path),
                                                                 "global_step": state["global_step"]}]
+    return state, best_path
 
+
+def _make_validate(args: argparse.Namespace, accelerator: Accelerator, segmenter: torch.nn.Module,
+                   heldout: Dict[str, torch.Tensor], crop: int, state: Dict[str, Any],
+                   best_path: Path) -> Callable[[], None]:
+    """The validation of the training loop: the held-back loss, the best weights kept at ``best_path``."""
     def validate() -> None:
         """Measure the held-back loss; keep the weights when it is the best so far (main process)."""
         loss = heldout_loss(accelerator.unwrap_model(segmenter), heldout, crop, args)
@@ -812,7 +965,13 @@ def main(args: argparse.Namespace) -> Path:
                 torch.save(accelerator.unwrap_model(segmenter).state_dict(), best_path)
         logger.info(f"step {state['global_step']}: held-back loss {loss:.4f} (best {state['best_validation_loss']:.4f} "
                     f"at step {state['best_step']})")
+    return validate
 
+
+def _progress(args: argparse.Namespace, accelerator: Accelerator, state: Dict[str, Any],
+              max_train_steps: int) -> Tuple[str, Optional[float], TrainingProgress]:
+    """``(stop_reason, time_budget, progress)``: what stops the run unless the time budget does, that budget in
+    seconds (None: none), and the progress bar."""
     # 6. train: focal + BCE on segmenter_logits(image, reconstruction, Q / Q_p) crops -> synthetic mask
     stop_reason = "max_train_steps" if args.max_train_steps else "num_epochs"
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else None
@@ -820,6 +979,15 @@ def main(args: argparse.Namespace) -> Path:
                                 time_budget=time_budget, initial_steps=state["global_step"],
                                 initial_seconds=state["train_seconds"], desc="segmenter steps",
                                 disable=not accelerator.is_local_main_process)
+    return stop_reason, time_budget, progress
+
+
+def _train_loop(args: argparse.Namespace, accelerator: Accelerator, training: _Training, state: Dict[str, Any],
+                log: TrainingLog, validate: Callable[[], None], progress: TrainingProgress, stop_reason: str,
+                time_budget: Optional[float], crop: int, key: str, checkpoint_dir: Path, model_dir: Path) -> str:
+    """Train on ``crop`` px crops to the budget, validating and checkpointing on the way; return what stopped the
+    run."""
+    segmenter, optimizer, train_dataloader, lr_scheduler, num_batches, max_train_steps, num_epochs = training
     first_epoch, stopped = state["epoch"], state["global_step"] >= max_train_steps
     for epoch in range(first_epoch, num_epochs):
         if stopped:
@@ -890,8 +1058,17 @@ def main(args: argparse.Namespace) -> Path:
     progress.close()
     if not state["validation_losses"] or state["validation_losses"][-1][0] != state["global_step"]:
         validate()
-    accelerator.wait_for_everyone()
+    return stop_reason
 
+
+def _save_into_pipeline(args: argparse.Namespace, accelerator: Accelerator, inputs: _Inputs,
+                        synthetic: _SyntheticSet, training: _Training, state: Dict[str, Any], log: TrainingLog,
+                        stop_reason: str, best_path: Path, start_time: float, model_dir: Path) -> None:
+    """Add the best segmenter to the pipeline, recalibrate it and save it and the log into ``model_dir``
+    (main process)."""
+    pipe, val_images, data, fpr, crop = inputs.pipe, inputs.val_images, inputs.data, inputs.fpr, inputs.crop
+    num_heldout, num_params, max_train_steps = inputs.num_heldout, inputs.num_params, training.max_train_steps
+    cache_hit, cache_seconds = synthetic.cache_hit, synthetic.cache_seconds
     # 7. add the segmenter to the pipeline, recalibrate (every threshold, the learned map's too), save into model_dir
     if accelerator.is_main_process:
         final = make_segmenter(crop, **_segmenter_kwargs(args))
@@ -924,9 +1101,6 @@ def main(args: argparse.Namespace) -> Path:
         log.save(model_dir / LOG_NAME)
         logger.info(f"saved the segmenter into {model_dir} ({state['global_step']} steps, learned-map threshold "
                     f"{threshold:.4f} at {fpr:.0%} target false positives)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return model_dir
 
 
 if __name__ == "__main__":

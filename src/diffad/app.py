@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import logging
 import os
@@ -371,6 +372,30 @@ def model_summary(model: str | Path, inspector: Inspector) -> str:
     return "\n".join(lines)
 
 
+def _session_views(inspector: Inspector, session: Optional[Session], name: str, threshold: float) -> tuple:
+    """Everything the threshold and map decide for ``session``'s inspections: ``(gallery, table, CSV path, status,
+    false-positive rate, histogram)``, the outputs of the page's ``views`` (the CSV is rewritten)."""
+    if session is None:
+        return ([], [], None, "Nothing inspected yet.", inspector.false_positive_text(name, threshold),
+                inspector.histogram(name, threshold))
+    items = session.items
+    rows = inspector.rows(items, name, threshold)
+    gallery = [(inspector.overlay(it, name), f"{it.file}: {it.scores[name]:.4g} "
+                f"{'PASS' if row['decision'] == 'ok' else 'FAIL'}")
+               for it, row in zip(items, rows) if not it.error]
+    table = [[r[k] for k in CSV_FIELDS] for r in rows]
+    csv_path = session.results_csv
+    atomic_write_text(csv_path, csv_text(rows, CSV_FIELDS))
+    scored = [it for it in items if not it.error]
+    seconds = np.mean([it.seconds for it in scored]) if scored else float("nan")
+    failed = sum(r["decision"] == "defect" for r in rows)
+    status = (f"{len(items)} files inspected since the page opened: {failed} FAIL, "
+              f"{sum(r['decision'] == 'ok' for r in rows)} PASS, {sum(r['decision'] == 'error' for r in rows)} "
+              f"errors. Model calls: {inspector.model_calls}; {seconds:.3f} s per image.")
+    return (gallery, table, str(csv_path), status, inspector.false_positive_text(name, threshold),
+            inspector.histogram(name, threshold, items))
+
+
 def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["SessionFolders"] = None):
     """The Gradio Blocks page over ``inspector`` (see the module docstring); ``folders`` holds the sessions'
     folders (default: new ones, made when the first session needs one)."""
@@ -388,27 +413,7 @@ def build_app(inspector: Inspector, model: str | Path = "", folders: Optional["S
         return gr.Slider(minimum=0.0, maximum=float(3 * t) if t > 0 else 1.0, value=float(t), step=float(t) / 200 or 1e-3,
                          label=f"threshold ({name}; calibrated {t:.4g})")
 
-    def views(session: Optional[Session], name: str, threshold: float):
-        """Everything the threshold and map decide: gallery, table, CSV, status, false-positive rate, histogram."""
-        if session is None:
-            return ([], [], None, "Nothing inspected yet.", inspector.false_positive_text(name, threshold),
-                    inspector.histogram(name, threshold))
-        items = session.items
-        rows = inspector.rows(items, name, threshold)
-        gallery = [(inspector.overlay(it, name), f"{it.file}: {it.scores[name]:.4g} "
-                    f"{'PASS' if row['decision'] == 'ok' else 'FAIL'}")
-                   for it, row in zip(items, rows) if not it.error]
-        table = [[r[k] for k in CSV_FIELDS] for r in rows]
-        csv_path = session.results_csv
-        atomic_write_text(csv_path, csv_text(rows, CSV_FIELDS))
-        scored = [it for it in items if not it.error]
-        seconds = np.mean([it.seconds for it in scored]) if scored else float("nan")
-        failed = sum(r["decision"] == "defect" for r in rows)
-        status = (f"{len(items)} files inspected since the page opened: {failed} FAIL, "
-                  f"{sum(r['decision'] == 'ok' for r in rows)} PASS, {sum(r['decision'] == 'error' for r in rows)} "
-                  f"errors. Model calls: {inspector.model_calls}; {seconds:.3f} s per image.")
-        return (gallery, table, str(csv_path), status, inspector.false_positive_text(name, threshold),
-                inspector.histogram(name, threshold, items))
+    views = functools.partial(_session_views, inspector)  # (session, map, threshold) -> the outputs
 
     def inspect(files, session, name, threshold, progress=gr.Progress()):
         session = session if isinstance(session, Session) else Session(folders.new_folder())

@@ -31,12 +31,14 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-__all__ = ["DemoConfig", "StepLog", "evaluation_is_current", "has_component", "method_seconds", "run_demo",
-           "write_report", "register", "run"]
+from diffad.workflow import (StepLog, evaluation_is_current, has_component, is_trained, train_ddpm_to_budget,
+                             train_segmenter_to_budget)
+
+__all__ = ["DemoConfig", "method_seconds", "run_demo", "write_report", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,47 +98,6 @@ TINY_BUDGET = dict(ddpm_steps=20, segmenter_steps=5, num_train=20, num_test_good
                    num_synthetic=16, resolution=32)
 
 
-class StepLog:
-    """Runs resumable steps (skipping those whose output exists), times each and records it in a JSON log
-    (``demo_log.json``, so the report can show where time went). Shared with ``benchmarks/bench_real.py``."""
-
-    def __init__(self, config: Any, log_path: Path, label: str = "demo"):
-        self.config, self.log_path, self.label = config, log_path, label
-        previous = json.loads(log_path.read_text()) if log_path.is_file() else {}
-        self.times: dict[str, Any] = previous.get("steps", {})
-
-    def run(self, name: str, done: bool, fn) -> None:
-        if done:
-            logger.info("%s: %s already done, skipped", self.label, name)
-            self.times.setdefault(name, {"seconds": None})
-            self.times[name]["skipped_last_run"] = True
-            return
-        logger.info("%s: %s ...", self.label, name)
-        start = time.time()
-        fn()
-        self.times[name] = {"seconds": round(time.time() - start, 1), "skipped_last_run": False}
-        self.save()
-
-    def save(self) -> None:
-        from diffad.files import atomic_write_json
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.log_path, {"config": asdict(self.config),
-                                          "steps": self.times, "python": platform.python_version(),
-                                          "cpu_count": os.cpu_count()})
-
-
-def _model_index(model_dir: Path) -> dict:
-    path = model_dir / "model_index.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def has_component(model_dir: Path, name: str) -> bool:
-    """Whether the pipeline folder's model_index.json lists component ``name`` (e.g. ``"segmenter"``)."""
-    entry = _model_index(model_dir).get(name)
-    return isinstance(entry, list) and entry[0] is not None
-
-
 def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tuple[bool, Any]:
     from diffad.synthetic import make_synthetic_dataset
 
@@ -156,35 +117,18 @@ def _data_step(config: DemoConfig, data_dir: Path, categories: list[str]) -> tup
 
 
 def _train_ddpm(config: DemoConfig, data_dir: Path, category: str, model_dir: Path) -> None:
-    from diffad.training import train_ddpm
-
-    argv = ["--data_dir", str(data_dir), "--category", category, "--output_dir", str(model_dir),
-            "--preset", "tiny", "--resolution", str(config.resolution), "--train_batch_size", "16",
-            "--num_epochs", "100000", "--max_train_steps", str(config.ddpm_steps), "--seed", str(config.seed),
-            "--report_to", "none", "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest", "--use_ema"]
-    train_ddpm.main(train_ddpm.parse_args(argv))
+    """The demo's DDPM: the tiny preset, ``config.ddpm_steps`` optimiser steps, EMA weights."""
+    train_ddpm_to_budget(model_dir, steps=config.ddpm_steps, seed=config.seed, data_dir=data_dir, category=category,
+                         preset="tiny", resolution=config.resolution, train_batch_size=16, use_ema=True)
 
 
 def _train_segmenter(config: DemoConfig, model_dir: Path) -> None:
-    from diffad.training import train_segmenter
-
-    argv = ["--model_dir", str(model_dir), "--num_synthetic", str(config.num_synthetic),
-            "--num_epochs", "100000", "--max_train_steps", str(config.segmenter_steps), "--train_batch_size", "16",
-            "--seed", str(config.seed), "--checkpointing_steps", "200", "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest",
-            # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit the same
-            "--calibration_batch_size", str(config.eval_batch_size)]
-    train_segmenter.main(train_segmenter.parse_args(argv))
-
-
-def evaluation_is_current(eval_dir: Path, model_dirs: Sequence[Path]) -> bool:
-    """Whether ``eval_dir/metrics.json`` exists and is newer than every model folder's ``model_index.json``."""
-    metrics = eval_dir / "metrics.json"
-    if not metrics.is_file():
-        return False
-    newest_model = max((d / "model_index.json").stat().st_mtime for d in model_dirs)
-    return metrics.stat().st_mtime > newest_model
+    """The demo's segmenter: ``config.segmenter_steps`` optimiser steps on ``config.num_synthetic`` samples."""
+    train_segmenter_to_budget(model_dir, steps=config.segmenter_steps, seed=config.seed,
+                              num_synthetic=config.num_synthetic, train_batch_size=16,
+                              # recalibrate in the batches calibrate_model used, so that Q_p comes out bit for bit
+                              # the same
+                              calibration_batch_size=config.eval_batch_size)
 
 
 def _evaluation_category(data_dir: Path, categories: list[str]) -> str:
@@ -221,7 +165,7 @@ def run_demo(config: DemoConfig) -> Path:
     steps.run("synthetic data", done, make)
     for category in categories:
         model_dir = models_dir / category
-        steps.run(f"{category}: train DDPM", (model_dir / "unet").is_dir() and (model_dir / "model_index.json").is_file(),
+        steps.run(f"{category}: train DDPM", is_trained(model_dir),
                   lambda: _train_ddpm(config, data_dir, category, model_dir))
         steps.run(f"{category}: calibrate", has_component(model_dir, "calibration"),
                   lambda: calibrate_model(model_dir=model_dir, data=data_dir, category=category, config="fast",
@@ -274,6 +218,46 @@ def _target_line(metrics: dict[str, Any], target: float = 0.90) -> str:
     return "\n".join(lines)
 
 
+def _timing_rows(step_times: dict[str, Any]) -> str:
+    """The rows of the report's "where the time went" table: one per step of ``step_times`` (:class:`StepLog`)."""
+    return "\n".join(
+        f"| {name} | {('%.0f s' % t['seconds']) if t.get('seconds') is not None else '-'}"
+        f"{' (skipped this run)' if t.get('skipped_last_run') else ''} |"
+        for name, t in step_times.items())
+
+
+def _next_steps_section(one: str) -> str:
+    """The report's last section: the commands that take a user's own photos of category ``one`` from training to
+    the Hub."""
+    return f"""## What to do next with your own images
+
+Put your photos in the MVTec AD layout: `my_parts/<category>/train/good/*.png` (defect-free photos only),
+and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<defect>/` with masks in
+`my_parts/<category>/ground_truth/<defect>/<name>_mask.png`. Then:
+
+```bash
+# 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
+diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
+    --max_train_minutes 30
+# 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
+#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
+diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
+# 3. (optional) the learned anomaly map
+python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
+# 4. inspect new photos: results.csv (file, score, decision) and an overlay per image
+diffad detect --model models/{one} new_photos/ --out inspection/
+# 5. measure on your labelled test split: Table 4.1, figures, seconds per image
+diffad evaluate --model models/{one} --data my_parts --category {one} --out evaluation/
+# 6. write the model card, then publish (check with --dry-run first)
+diffad card --model models/{one} --results evaluation/metrics.json
+diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
+```
+
+Anyone can then load it with diffusers alone:
+`DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
+"""
+
+
 def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_times: dict[str, Any]) -> Path:
     """Write ``<out>/report.md``: results, figures (relative links), timings, and what to do next."""
     import torch
@@ -284,10 +268,7 @@ def write_report(config: DemoConfig, out: Path, metrics: dict[str, Any], step_ti
     table = (eval_dir / "table.md").read_text(encoding="utf-8") if (eval_dir / "table.md").is_file() else ""
     figures = sorted((eval_dir / "figures").glob("*.png")) if (eval_dir / "figures").is_dir() else []
     total = sum(t["seconds"] for t in step_times.values() if isinstance(t, dict) and t.get("seconds"))
-    timing_rows = "\n".join(
-        f"| {name} | {('%.0f s' % t['seconds']) if t.get('seconds') is not None else '-'}"
-        f"{' (skipped this run)' if t.get('skipped_last_run') else ''} |"
-        for name, t in step_times.items())
+    timing_rows = _timing_rows(step_times)
     figure_md = "\n\n".join(f"### {f.stem}\n\n![{f.stem}: original, reconstruction, inpainting mask, maps, ground "
                             f"truth]({f.relative_to(out).as_posix()})" for f in figures)
     cards = "\n".join(f"- [`models/{c}/README.md`](models/{c}/README.md)" for c in config.resolved_categories())
@@ -338,33 +319,7 @@ Per-image scores: [`evaluation/per_image.csv`](evaluation/per_image.csv); all me
 
 Re-running `make demo` skips every step whose output exists; delete `{out.as_posix()}/` to start over.
 
-## What to do next with your own images
-
-Put your photos in the MVTec AD layout: `my_parts/<category>/train/good/*.png` (defect-free photos only),
-and, to measure, `my_parts/<category>/test/good/`, `my_parts/<category>/test/<defect>/` with masks in
-`my_parts/<category>/ground_truth/<defect>/<name>_mask.png`. Then:
-
-```bash
-# 1. train (tiny preset here; `--preset small` for a real model, `--num-processes N` for several GPUs)
-diffad train --data_dir my_parts --category {one} --output_dir models/{one} --preset tiny --resolution 64 \\
-    --max_train_minutes 30
-# 2. calibrate the inpainting mask and the pass/fail thresholds on held-out good photos
-#    (`--config fast`, the default: 10 UNet passes per image; `--config thesis`: the thesis's 301)
-diffad calibrate --model models/{one} --data my_parts --category {one} --config fast
-# 3. (optional) the learned anomaly map
-python -m diffad.training.train_segmenter --model_dir models/{one} --max_train_minutes 10
-# 4. inspect new photos: results.csv (file, score, decision) and an overlay per image
-diffad detect --model models/{one} new_photos/ --out inspection/
-# 5. measure on your labelled test split: Table 4.1, figures, seconds per image
-diffad evaluate --model models/{one} --data my_parts --category {one} --out evaluation/
-# 6. write the model card, then publish (check with --dry-run first)
-diffad card --model models/{one} --results evaluation/metrics.json
-diffad push --model models/{one} --repo-id your-username/diffad-{one} --dry-run
-```
-
-Anyone can then load it with diffusers alone:
-`DiffusionPipeline.from_pretrained("your-username/diffad-{one}", trust_remote_code=True)`.
-"""
+{_next_steps_section(one)}"""
     from diffad.files import atomic_write_text
 
     return atomic_write_text(out / "report.md", text)

@@ -368,30 +368,8 @@ def detect(
     Raises:
         FileNotFoundError / ValueError: bad model, inputs or options.
     """
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if anomaly_map is None:
-        anomaly_map = SelfAwareInpaintPipeline.default_map(method)
-    if anomaly_map not in MAP_NAMES:
-        raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if config is not None and config not in SAMPLING_PRESETS:
-        raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
-    out_root = Path(out_dir).resolve()
-    paths, own = [], 0
-    scan = find_images(inputs, exclude=out_root)
-    for p in scan.images:  # never score our own overlays when --out lies inside an input folder
-        if out_root == p.resolve().parent or out_root in p.resolve().parents:
-            own += 1
-        else:
-            paths.append(p)
-    if own:
-        logger.info("left out %d files inside the output folder %s", own, out_dir)
-    for path, reason in scan.skipped:
-        logger.info("skipped %s: %s", path, reason)
-    if not paths:
-        raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
+    anomaly_map = _checked_arguments(batch_size, anomaly_map, method, config)
+    paths, scan = _images_to_score(inputs, out_dir)
     if pipe is None:
         pipe = load_pipeline(model)
     ranks = accelerator is not None and accelerator.num_processes > 1
@@ -413,6 +391,46 @@ def detect(
             summary = _detect_into(pipe, paths, out_dir, batch_size, anomaly_map, method, seed)
     summary.scan = scan
     return summary
+
+
+def _checked_arguments(batch_size: int, anomaly_map: Optional[str], method: str, config: Optional[str]) -> str:
+    """Check :func:`detect`'s options (``ValueError`` naming the flag and its choices) before anything is loaded;
+    return the anomaly map to use (``anomaly_map``, or the method's default)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if anomaly_map is None:
+        anomaly_map = SelfAwareInpaintPipeline.default_map(method)
+    if anomaly_map not in MAP_NAMES:
+        raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if config is not None and config not in SAMPLING_PRESETS:
+        raise ValueError(f"--config must be one of {', '.join(SAMPLING_PRESETS)}, got {config!r}")
+    return anomaly_map
+
+
+def _images_to_score(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> tuple[list[Path], ImageScan]:
+    """The images under ``inputs`` (:func:`find_images`) outside ``out_dir`` (never our own overlays, when the
+    output folder lies inside an input folder), and the scan; the files left out are logged.
+
+    Raises:
+        ValueError: no image to score.
+    """
+    out_root = Path(out_dir).resolve()
+    paths, own = [], 0
+    scan = find_images(inputs, exclude=out_root)
+    for p in scan.images:  # never score our own overlays when --out lies inside an input folder
+        if out_root == p.resolve().parent or out_root in p.resolve().parents:
+            own += 1
+        else:
+            paths.append(p)
+    if own:
+        logger.info("left out %d files inside the output folder %s", own, out_dir)
+    for path, reason in scan.skipped:
+        logger.info("skipped %s: %s", path, reason)
+    if not paths:
+        raise ValueError(f"no images to score in {', '.join(map(str, inputs))} outside the output folder {out_dir}")
+    return paths, scan
 
 
 @contextlib.contextmanager

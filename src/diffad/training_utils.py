@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -47,6 +48,8 @@ __all__ = [
     "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
+    "namespace_from_config",
+    "resolve_training_args",
     "parse_int_list",
     "resolve_resume",
     "rotate_checkpoints",
@@ -277,6 +280,57 @@ def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
         return tuple(int(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def namespace_from_config(parser: argparse.ArgumentParser, config: Union[Mapping[str, Any], Any]) -> argparse.Namespace:
+    """A training script's flags from a config object instead of a command line: ``config`` (a dataclass instance
+    or a mapping) names flags by their destination (``{"preset": "tiny", "max_train_steps": 100}`` for
+    ``--preset tiny --max_train_steps 100``); every other flag keeps its default. A string value goes through the
+    flag's ``type`` as on the command line (``"16,32"`` for an integer list; a string default too, as argparse
+    does).
+
+    Raises:
+        ValueError: a name that is no flag of ``parser``, a value outside a flag's choices, or a required flag
+            missing, each in one line naming it.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    else:
+        raise ValueError(f"expected a dataclass instance, a mapping, a Namespace or a command line, got "
+                         f"{type(config).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS and a.dest != "help"}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"{parser.prog}: unknown settings {unknown}: each must be a flag name without the dashes "
+                         f"(see --help)")
+    args = argparse.Namespace()
+    for dest, action in actions.items():
+        if dest not in values and action.required:
+            raise ValueError(f"{parser.prog}: the setting {dest!r} (--{dest}) is required")
+        value = values.get(dest, action.default)
+        if isinstance(value, str) and callable(action.type):
+            value = action.type(value)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ValueError(f"{parser.prog}: {dest}={value!r} is not one of {list(action.choices)}")
+        setattr(args, dest, value)
+    return args
+
+
+def resolve_training_args(config: Union[argparse.Namespace, Sequence[str], Mapping[str, Any], Any, None], *,
+                          parse_args: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+                          parser: Callable[[], argparse.ArgumentParser],
+                          finish: Callable[[argparse.Namespace], argparse.Namespace]) -> argparse.Namespace:
+    """A training script's parsed flags from what its ``main`` was given: a ``Namespace`` as it is (what
+    ``parse_args`` returned), a command line (None: ``sys.argv[1:]``) through ``parse_args``, a dataclass instance
+    or mapping of flag names through :func:`namespace_from_config` of ``parser()`` and then ``finish`` (the
+    script's defaults and checks, as ``parse_args`` applies them)."""
+    if isinstance(config, argparse.Namespace):
+        return config
+    if config is None or (isinstance(config, Sequence) and not isinstance(config, str)):
+        return parse_args(config)
+    return finish(namespace_from_config(parser(), config))
 
 
 # --------------------------------------------------------------------------------------

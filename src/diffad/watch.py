@@ -138,6 +138,39 @@ def _observer(input_dir: Path, pending: _Pending, poll: Optional[float]):
     return observer
 
 
+def _checked_arguments(input_dir: Path, poll: Optional[float], settle: float, anomaly_map: Optional[str],
+                       method: str) -> str:
+    """Check :func:`watch`'s folder and options (one-line errors naming the flag); return the anomaly map to use
+    (``anomaly_map``, or the method's default)."""
+    from diffad.pipelines.self_aware_inpaint import MAP_NAMES, SelfAwareInpaintPipeline
+
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"INPUT_DIR {input_dir} is not a folder: pass the folder the camera writes into")
+    if poll is not None and not poll > 0:
+        raise ValueError(f"--poll must be > 0 seconds, got {poll}")
+    if not settle >= 0:
+        raise ValueError(f"--settle must be >= 0 seconds, got {settle}")
+    anomaly_map = anomaly_map or SelfAwareInpaintPipeline.default_map(method)
+    if anomaly_map not in MAP_NAMES:
+        raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
+    return anomaly_map
+
+
+def _start_watching(input_dir: Path, pending: _Pending, poll: Optional[float]):
+    """Start the observer of ``input_dir`` (:func:`_observer`), then hand ``pending`` every file already there: a
+    photo arriving meanwhile is seen by one or the other. Returns the started observer (the caller stops it)."""
+    observer = _observer(input_dir, pending, poll)
+    try:
+        observer.start()  # before listing the folder: a photo arriving meanwhile is seen by one or the other
+    except OSError as exc:  # e.g. the inotify watch limit
+        raise ValueError(f"cannot watch {input_dir} for events ({exc}): pass --poll 2 to list it every 2 s "
+                         "instead") from None
+    for path in sorted(input_dir.rglob("*")):
+        if path.is_file():
+            pending.seen(str(path))
+    return observer
+
+
 def watch(
     model: str | os.PathLike,
     input_dir: str | os.PathLike,
@@ -175,19 +208,10 @@ def watch(
         A :class:`diffad.detect.DetectSummary` of this run (``skipped_done``: photos skipped by content hash).
     """
     from diffad.detect import _check_options
-    from diffad.pipelines.self_aware_inpaint import MAP_NAMES, SelfAwareInpaintPipeline
     from diffad.files import file_lock
 
     input_dir, out_dir = Path(input_dir).resolve(), Path(out_dir).resolve()
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"INPUT_DIR {input_dir} is not a folder: pass the folder the camera writes into")
-    if poll is not None and not poll > 0:
-        raise ValueError(f"--poll must be > 0 seconds, got {poll}")
-    if not settle >= 0:
-        raise ValueError(f"--settle must be >= 0 seconds, got {settle}")
-    anomaly_map = anomaly_map or SelfAwareInpaintPipeline.default_map(method)
-    if anomaly_map not in MAP_NAMES:
-        raise ValueError(f"--anomaly-map must be one of {', '.join(MAP_NAMES)}, got {anomaly_map!r}")
+    anomaly_map = _checked_arguments(input_dir, poll, settle, anomaly_map, method)
     from diffad.webhook import Webhook, check_url
 
     if webhook is not None:
@@ -200,15 +224,7 @@ def watch(
     try:
         with file_lock(out_dir / LOCK_NAME, blocking=False):
             pending = _Pending(input_dir, out_dir)
-            observer = _observer(input_dir, pending, poll)
-            try:
-                observer.start()  # before listing the folder: a photo arriving meanwhile is seen by one or the other
-            except OSError as exc:  # e.g. the inotify watch limit
-                raise ValueError(f"cannot watch {input_dir} for events ({exc}): pass --poll 2 to list it every 2 s "
-                                 "instead") from None
-            for path in sorted(input_dir.rglob("*")):
-                if path.is_file():
-                    pending.seen(str(path))
+            observer = _start_watching(input_dir, pending, poll)
             poster = Webhook(webhook, **(webhook_options or {})) if webhook else None
             try:
                 return _score_until_stopped(pipe, pending, out_dir, stop, settle, poster, on_row,
