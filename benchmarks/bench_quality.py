@@ -157,17 +157,19 @@ def validation_set(category: str, seed: int, resolution: int):
     """The VALIDATION data a choice is made on (never the test split): the cell's validation split (held-out
     ``train/good``, the split training never saw), even positions to calibrate, odd positions scored as they are
     and each once more with one synthetic defect (:class:`diffad.defects.DefectSynthesizer`, the kinds in turn:
-    scratch, crack, pit, stain, DRAEM blob). Returns ``(calibration images, images, masks, labels, kinds)``."""
+    scratch, crack, pit, stain, DRAEM blob and ``displace``, a piece of the part pasted elsewhere: without a global
+    kind, validation ranked a global map (the whole image at the tile size) against the test split's order).
+    Returns ``(calibration images, images, masks, labels, kinds)``."""
     import torch
 
     from diffad.data import images_to_tensor, load_mvtec
-    from diffad.defects import DEFECT_KINDS, DefectSynthesizer
+    from diffad.defects import ALL_DEFECT_KINDS, DefectSynthesizer
 
     split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
     x = images_to_tensor([row["image"] for row in split], resolution)
     calib, held = x[0::2], x[1::2]
-    synth = DefectSynthesizer(textures=SHARED / "textures")
-    kinds = [DEFECT_KINDS[i % len(DEFECT_KINDS)] for i in range(len(held))]
+    synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures")
+    kinds = [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(len(held))]
     pairs = [synth(img, kind=k, generator=seed * 10_000 + i) for i, (img, k) in enumerate(zip(held, kinds))]
     images = torch.cat([held, torch.stack([a for a, _ in pairs])])
     masks = np.concatenate([np.zeros((len(held), resolution, resolution), bool),
