@@ -158,17 +158,18 @@ def validation_set(category: str, seed: int, resolution: int):
     ``train/good``, the split training never saw), even positions to calibrate, odd positions scored as they are
     and each once more with one synthetic defect (:class:`diffad.defects.DefectSynthesizer`, the kinds in turn:
     scratch, crack, pit, stain, DRAEM blob and ``displace``, a piece of the part pasted elsewhere: without a global
-    kind, validation ranked a global map (the whole image at the tile size) against the test split's order).
+    kind, validation ranked a global map (the whole image at the tile size) against the test split's order), of
+    every size (``VALIDATION_SCALE_RANGE``: small defects alone ranked the map filter sizes against it too).
     Returns ``(calibration images, images, masks, labels, kinds)``."""
     import torch
 
     from diffad.data import images_to_tensor, load_mvtec
-    from diffad.defects import ALL_DEFECT_KINDS, DefectSynthesizer
+    from diffad.defects import ALL_DEFECT_KINDS, VALIDATION_SCALE_RANGE, DefectSynthesizer
 
     split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
     x = images_to_tensor([row["image"] for row in split], resolution)
     calib, held = x[0::2], x[1::2]
-    synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures")
+    synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures", scale_range=VALIDATION_SCALE_RANGE)
     kinds = [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(len(held))]
     pairs = [synth(img, kind=k, generator=seed * 10_000 + i) for i, (img, k) in enumerate(zip(held, kinds))]
     images = torch.cat([held, torch.stack([a for a, _ in pairs])])

@@ -4,6 +4,7 @@ calibration, invariants of a call, and errors."""
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -208,7 +209,26 @@ def test_multiscale_map_values():
     local[:, :, 12:20, 12:20] = 1.0
     m = multiscale_anomaly_map(x, local, mean_filter_size=5)
     assert m[:, 16, 16].min() > 5 * m[:, 2, 2].max()
-    assert default_mean_filter_size(64) == 9 and default_mean_filter_size(32) == 5 and default_mean_filter_size(16) == 3
+    assert default_mean_filter_size(64) == 13 and default_mean_filter_size(32) == 7 and default_mean_filter_size(16) == 3
+
+
+def test_the_map_filter_is_the_calibrations_so_older_calibrations_keep_theirs(calibrated):
+    """The calibration records the mean filter its thresholds were fitted with, and every call smooths with it; a
+    calibration made before 0.4 records none and keeps the filter it was fitted with (the odd number nearest
+    tile / 8); recalibrating fits with the current default."""
+    cal = calibrated.calibration
+    assert cal.config.map_filter_size == default_mean_filter_size(32) == 7 and cal.filter_size(32) == 7
+    x = images(2, seed=5)
+    out = calibrated(x, generator=gens(1, 2), output_type="pt")
+    torch.testing.assert_close(out.anomaly_maps["noise_error"], mean_filter(out.noise_ratios, 7))
+    old = copy.deepcopy(calibrated)
+    old.calibration.register_to_config(map_filter_size=None)  # as saved by 0.3
+    assert old.calibration.filter_size(32) == 5 and old.calibration.filter_size(64) == 9
+    before = old(x, generator=gens(1, 2), output_type="pt")
+    torch.testing.assert_close(before.anomaly_maps["noise_error"], mean_filter(before.noise_ratios, 5))
+    old.calibrate(images(6, seed=1), config=QUICK, generator=torch.Generator().manual_seed(0))
+    assert old.calibration.config.map_filter_size == 7
+    assert torch.equal(old.calibration.thresholds, cal.thresholds)  # as if there had been no older calibration
 
 
 # ------------------------------------------------------------------ the sampler's config
@@ -499,7 +519,7 @@ def test_segmenter_adds_the_learned_map_with_its_threshold():
     out = pipe(x, output_type="pt", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         probs = torch.sigmoid(segmenter_logits(pipe.segmenter, x, out.reconstructions))[:, 0]
-    torch.testing.assert_close(out.anomaly_maps["learned"], mean_filter(probs, 5))
+    torch.testing.assert_close(out.anomaly_maps["learned"], mean_filter(probs, default_mean_filter_size(32)))
     assert out.is_anomalous["learned"] is not None
 
 

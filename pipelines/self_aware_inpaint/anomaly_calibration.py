@@ -164,6 +164,8 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
         heldout_false_positive_rates: per threshold, the false-positive rate on the fold its fit did not see.
         heldout_mask_share: mean share of pixels masked on normal images ``Q_p`` did not see (about ``1 - p``).
         num_images: normal images calibrated on; stores_heldout_scores: ``heldout_scores`` is saved (older: not).
+        map_filter_size: the maps' mean filter the thresholds were fitted with (None: recorded by none before 0.4;
+            they were fitted with the sampler's or the odd number nearest ``tile / 8``).
     """
 
     @register_to_config
@@ -171,7 +173,7 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
                  sampling_config: Optional[Dict[str, Any]] = None,
                  threshold_names: List[str] = (), target_false_positive_rate: float = 0.05,
                  heldout_false_positive_rates: List[float] = (), heldout_mask_share: Optional[float] = None,
-                 num_images: int = 0, stores_heldout_scores: bool = False):
+                 num_images: int = 0, stores_heldout_scores: bool = False, map_filter_size: Optional[int] = None):
         super().__init__()
         self.register_to_config(threshold_names=[str(n) for n in threshold_names],
                                 heldout_false_positive_rates=[float(v) for v in heldout_false_positive_rates])
@@ -206,6 +208,14 @@ class AnomalyCalibration(ModelMixin, ConfigMixin):
             raise ValueError("this pipeline was calibrated for method='denoise' only: recalibrate with "
                              "pipe.calibrate(normal_images) to run method='self_aware'")
         return fitted
+
+    def filter_size(self, tile_size: int) -> int:
+        """The mean filter every map is smoothed by, as when the thresholds were fitted (see ``map_filter_size``)."""
+        size = self.sampling.map_filter_size or self.config.get("map_filter_size")
+        if size:
+            return int(size)
+        legacy = max(3, int(round(tile_size / 8)))  # the default before 0.4
+        return legacy if legacy % 2 == 1 else legacy + 1
 
     def threshold(self, name: str) -> Optional[float]:
         """The image threshold called ``name`` (``"<method>/<map>"``), or None when it was not calibrated."""

@@ -396,16 +396,18 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     def _inspect(self, x: torch.Tensor, q: Optional[torch.Tensor], q_p: Optional[torch.Tensor], method: str,
                  config: SamplingConfig, generators: Generators,
-                 thresholds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                 thresholds: Optional[Dict[str, float]] = None, filter_size: Optional[int] = None) -> Dict[str, Any]:
         """One batch: the mask ``Q > Q_p`` (``self_aware``; ``(B, S, S)`` each), the reconstruction and every map.
-        ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the ``combined`` map."""
+        ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the ``combined`` map; ``filter_size``:
+        the maps' mean filter (None: the calibration's, else the config's or the tile's default)."""
         masks = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
         passes = torch.zeros(x.shape[0], dtype=torch.long)
         if method == "self_aware":
             masks = (q > q_p).float().unsqueeze(1)
             passes += config.mask_noise_draws * len(config.mask_timesteps) * self.num_tiles
         recs, rec_passes = self._reconstruction(x, masks, method, config, generators)
-        size = config.map_filter_size or default_mean_filter_size(self.tile_size)
+        size = filter_size or (self.calibration.filter_size(self.tile_size) if self.is_calibrated
+                               else config.map_filter_size or default_mean_filter_size(self.tile_size))
         ratios = q / q_p.clamp_min(1e-12) if method == "self_aware" else None
         maps = {"multiscale": multiscale_anomaly_map(x, recs, mean_filter_size=size)}
         if self._has_learned_map(method):
@@ -530,6 +532,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         seeds = [g.initial_seed() for g in image_generators(generator, x.shape[0])]
         self._check_fits(config)
         fold, chunks = np.arange(x.shape[0]) % 2, image_batches(x.shape[0], batch_size)
+        size = config.map_filter_size or default_mean_filter_size(self.tile_size)  # never an older calibration's
         quantile = lambda s: float(per_pixel_quantile(torch.from_numpy(s)[:, None, None], 1.0 - fpr))  # noqa: E731
         scores: Dict[str, np.ndarray] = {}
         q_p, mask_share = torch.zeros(self.resolution, self.resolution), None
@@ -543,7 +546,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 q_p = per_pixel_quantile(q, config.mask_percentile)
                 heldout_q_p = torch.stack([per_pixel_quantile(q[fold == k], config.mask_percentile)
                                            for k in (0, 1)])[1 - fold]
-            maps, shares = self._heldout_maps(x, q, heldout_q_p, method, config, gens, chunks)
+            maps, shares = self._heldout_maps(x, q, heldout_q_p, method, config, gens, chunks, size)
             if method == "self_aware":
                 mask_share = float(shares.mean())
                 # ``combined`` divides its maps by their thresholds: fitted first, on these same held-out maps
@@ -557,7 +560,8 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         cal = AnomalyCalibration(resolution=self.resolution, tile_size=self.tile_size,
                                  sampling_config=config.to_dict(), threshold_names=list(scores),
                                  target_false_positive_rate=float(fpr), heldout_false_positive_rates=heldout,
-                                 heldout_mask_share=mask_share, num_images=x.shape[0], stores_heldout_scores=True)
+                                 heldout_mask_share=mask_share, num_images=x.shape[0], stores_heldout_scores=True,
+                                 map_filter_size=size)
         cal.q_threshold.copy_(q_p)
         cal.thresholds.copy_(torch.tensor([quantile(s) for s in scores.values()], dtype=torch.float32))
         cal.heldout_scores.copy_(torch.from_numpy(np.stack(list(scores.values()))))
@@ -566,7 +570,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
 
     def _heldout_maps(self, x: torch.Tensor, q: Optional[torch.Tensor], q_p: Optional[torch.Tensor], method: str,
                       config: SamplingConfig, generators: Generators,
-                      chunks: List[np.ndarray]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+                      chunks: List[np.ndarray], size: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Every map of every image (masked with its held-out ``q_p`` for ``self_aware``), on the CPU, and the
         share of each image's pixels masked."""
         maps: Dict[str, List[torch.Tensor]] = {}
@@ -575,7 +579,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             with self._autocast(config):
                 part = self._inspect(x[idx], None if q is None else q[idx].to(x.device),
                                      None if q_p is None else q_p[idx].to(x.device), method, config,
-                                     [generators[i] for i in idx])
+                                     [generators[i] for i in idx], filter_size=size)
             shares.append(part["masks"].flatten(1).float().mean(dim=1).cpu())
             for name, m in part["maps"].items():
                 maps.setdefault(name, []).append(m.cpu())

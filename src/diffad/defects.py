@@ -15,6 +15,11 @@ chosen kind; sizes are given for a 256 px image and scale with the image side.
   elsewhere, sometimes flipped (CutPaste, Li et al. 2021): every pixel looks normal and only the place is wrong,
   as with a misplaced or missing component. The mask is where the pasted pixels differ visibly (> 0.1).
 
+``scale_range=(lo, hi)`` multiplies each defect's widths and radii (a stain: grows it) by a factor drawn
+log-uniformly in it. The default ``(1, 1)`` draws the sizes above (scratches, cracks, pits and stains of about
+80-250 px at 256 px); validation sets draw ``VALIDATION_SCALE_RANGE``: real defects span a few to thousands of
+pixels, and a validation set of small defects alone ranked the map filter sizes against the test split's order.
+
 Every sample is ``(anomalous (3, H, W) in [-1, 1], mask (1, H, W) in {0, 1})``; pixels outside the mask are
 unchanged bit for bit, and a mask is never empty.
 """
@@ -34,6 +39,8 @@ from diffad.anomalies import AnomalySynthesizer, numpy_rng, perlin_mask
 DEFECT_KINDS = ("scratch", "crack", "pit", "stain", "blob")
 #: Every kind the synthesizer draws: the default ones and ``displace`` (a global anomaly, for validation).
 ALL_DEFECT_KINDS = DEFECT_KINDS + ("displace",)
+#: The size factors a validation set draws (log-uniform): defects of about 80 px to a few thousand at 256 px.
+VALIDATION_SCALE_RANGE = (1.0, 8.0)
 
 
 def _curve_points(rng: np.random.Generator, size: int, length: float) -> np.ndarray:
@@ -68,7 +75,11 @@ class DefectSynthesizer:
         image_with_scratch, mask = synth(image, kind="scratch", generator=torch.Generator().manual_seed(0))
     """
 
-    def __init__(self, kinds: Sequence[str] = DEFECT_KINDS, textures: Union[None, str, Path] = None):
+    def __init__(self, kinds: Sequence[str] = DEFECT_KINDS, textures: Union[None, str, Path] = None,
+                 scale_range: tuple[float, float] = (1.0, 1.0)):
+        if not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high; got {scale_range!r}")
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
         if unknown or not kinds:
             raise ValueError(f"kinds must be a non-empty selection of {ALL_DEFECT_KINDS}; got {list(kinds)}")
@@ -78,7 +89,8 @@ class DefectSynthesizer:
     @property
     def config(self) -> dict:
         """What the samples depend on besides the image and the generator (a cache key's part)."""
-        return {"kinds": list(self.kinds), "blobs": None if self.blobs is None else self.blobs.config}
+        return {"kinds": list(self.kinds), "blobs": None if self.blobs is None else self.blobs.config,
+                **({} if self.scale_range == (1.0, 1.0) else {"scale_range": list(self.scale_range)})}
 
     def __call__(self, image: torch.Tensor, *, kind: Optional[str] = None,
                  generator: Union[None, int, torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +105,9 @@ class DefectSynthesizer:
             return self.blobs(image, generator=int(rng.integers(2**31)))
         size = image.shape[-1]
         scale = size / 256
+        low, high = self.scale_range
+        if high > low or low != 1.0:  # the default draws nothing here: its samples are those of before
+            scale *= float(np.exp(rng.uniform(np.log(low), np.log(high))))
         for _ in range(20):  # a draw that touches no pixel is redrawn
             alpha, colour = getattr(self, f"_{kind}")(rng, size, scale, image)
             if alpha.max() > 0.05:
@@ -136,6 +151,9 @@ class DefectSynthesizer:
         labels, count = ndimage.label(mask)
         if count:  # one compact stain, not a scatter of them
             mask = (labels == int(rng.integers(1, count + 1))).astype(np.float32)
+        grow = int(round(3 * (scale - size / 256)))  # a stain of a larger size factor is grown by 3 px per unit
+        if grow > 0:
+            mask = ndimage.binary_dilation(mask > 0, iterations=grow).astype(np.float32)
         alpha = ndimage.gaussian_filter(mask, 1.5 * scale).astype(np.float32) * rng.uniform(0.1, 0.35)
         colour = torch.from_numpy(rng.uniform(-1, 1, size=3).astype(np.float32)).view(3, 1, 1).expand_as(image)
         return np.where(mask > 0, alpha, 0).astype(np.float32), colour

@@ -1,0 +1,77 @@
+"""Re-measure bench cells after a change of how the pipeline makes its maps from the networks' outputs (not of the
+networks): each phase's copy keeps its trained DDPM (and head) and is recalibrated with the current code (as `diffad
+calibrate`, what `diffad train`'s head step ends with too), then validation and the test split are scored again.
+The previous results are kept beside as ``<phase>_{validation,evaluation}_<tag>``. Resumable per cell and phase.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_recalibrate.py --categories bottle,tire --phases head,default --tag v03
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import CATEGORIES, PRECISION, cell_dir, phase_config, run_eval_phase  # noqa: E402
+
+
+def recalibrate(out: Path, category: str, seed: int, phase: str, tag: str) -> None:
+    """One cell and phase: keep the old results under ``tag``, recalibrate the copy, score it again."""
+    from diffad.calibration import calibrate_model
+
+    cell = cell_dir(out, category, seed)
+    copy = cell / f"{phase}_models" / category
+    done = cell / f"{phase}_recalibrated_{tag}"
+    if done.is_file():
+        return
+    if not (copy / "model_index.json").is_file():
+        raise SystemExit(f"{copy}: no such bench copy (run make bench-quality's {phase} phase first)")
+    for name in (f"{phase}_validation", f"{phase}_evaluation"):
+        if (cell / name).is_dir() and not (cell / f"{name}_{tag}").exists():
+            shutil.move(cell / name, cell / f"{name}_{tag}")
+    calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
+                    precision=PRECISION, seed=seed, batch_size=16)
+    run_eval_phase(out, category, seed, phase)
+    done.write_text("done\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_output/quality")
+    p.add_argument("--categories", default=",".join(CATEGORIES))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--phases", default="head,default")
+    p.add_argument("--tag", required=True, help="suffix the previous results are kept under")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.run_cell:
+        import torch
+
+        torch.set_num_threads(1)
+        category, seed, phase = a.run_cell.split(":")
+        recalibrate(Path(a.out), category, int(seed), phase, a.tag)
+        return
+    cells = [f"{c}:{s}:{ph}" for ph in a.phases.split(",") for s in a.seeds.split(",") for c in a.categories.split(",")]
+
+    def work(spec: str) -> int:
+        category, seed, phase = spec.split(":")
+        log = cell_dir(Path(a.out), category, int(seed)) / f"recalibrate_{phase}_{a.tag}.log"
+        with log.open("a") as handle:
+            rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", a.out, "--tag", a.tag],
+                                 stdout=handle, stderr=subprocess.STDOUT)
+        print(f"{spec}: exit {rc}", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        failed = [spec for spec, rc in zip(cells, pool.map(work, cells)) if rc]
+    if failed:
+        raise SystemExit(f"failed: {failed} (see their logs; a re-run resumes)")
+
+
+if __name__ == "__main__":
+    main()
