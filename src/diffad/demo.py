@@ -290,9 +290,9 @@ Methods: `denoise` is the thesis's basic baseline (noise to t = 50 and denoise, 
 mask stage's calibrated noise error (with the default `fast` config the reconstruction denoises; the `thesis`
 config inpaints the suspect pixels). Maps: `multiscale` (reconstruction error at 4 scales), `learned` (the
 DRAEM-style segmenter), `noise_error` (the noise error over its calibrated threshold map) and `combined` (the
-mean of `noise_error` and `multiscale`, each over its threshold: the default; both self-aware only). Each method
-reconstructs an image once and every one of its maps comes from that reconstruction, so seconds per image are
-per method.
+mean of `noise_error`, `multiscale` and `learned`, each over its threshold: the default; both self-aware only).
+Each method reconstructs an image once and every one of its maps comes from that reconstruction, so seconds per
+image are per method.
 
 {table}
 Target: image AUROC >= 0.90 for `self_aware` on each synthetic category.
