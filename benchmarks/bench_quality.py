@@ -90,8 +90,8 @@ def phase_config(phase: str):
     if phase in ("default", "whole", "head"):
         return SamplingConfig.fast()
     if phase == "inpaint23":
-        return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
-                                   reconstruction="inpaint")
+        return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), reconstruction_steps=10,
+                                   resample_steps=2, reconstruction="inpaint")
     if phase == "thesis":
         return SamplingConfig.thesis()
     raise ValueError(f"unknown phase {phase!r}")
