@@ -90,8 +90,8 @@ def phase_config(phase: str):
     if phase in ("default", "whole", "head"):
         return SamplingConfig.fast()
     if phase == "inpaint23":
-        return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
-                                   reconstruction="inpaint")
+        return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), reconstruction_steps=10,
+                                   resample_steps=2, reconstruction="inpaint")
     if phase == "thesis":
         return SamplingConfig.thesis()
     raise ValueError(f"unknown phase {phase!r}")
@@ -103,16 +103,16 @@ def cell_dir(out: Path, category: str, seed: int) -> Path:
 
 def run_ddpm_phase(out: Path, category: str, seed: int, ddpm_steps: Optional[int]) -> None:
     """Only the cell's DDPM: `diffad train`'s defaults (the ``cpu`` preset) with the bench's seed and step budget
-    (None: the preset's), resuming from its last checkpoint; every detector is evaluated on these weights."""
-    from diffad.training import train_ddpm
+    (None: the preset's), resuming from its last checkpoint (one kept, one every 250 steps); every detector is
+    evaluated on these weights."""
+    from diffad.presets import preset_defaults
+    from diffad.workflow import train_ddpm_to_budget
 
     model = cell_dir(out, category, seed) / "models" / category
     if (model / "unet").is_dir() and (model / "model_index.json").is_file():
         return
-    argv = ["--data_dir", str(CATEGORIES[category]), "--category", category, "--output_dir", str(model),
-            "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "250",
-            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
-    train_ddpm.main(train_ddpm.parse_args(argv + (["--max_train_steps", str(ddpm_steps)] if ddpm_steps else [])))
+    train_ddpm_to_budget(model, steps=ddpm_steps or preset_defaults("cpu")["max_train_steps"], seed=seed,
+                         checkpointing_steps=250, data_dir=CATEGORIES[category], category=category)
 
 
 def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:

@@ -48,7 +48,7 @@ FAST, THESIS = SamplingConfig.fast(), SamplingConfig.thesis()
 
 
 #: diffad 0.2's default: self-aware inpainting, t = 300 x 3 draws + 10 steps x 2 resamplings (23 passes)
-INPAINT23 = dataclasses.replace(FAST, mask_timesteps=(300,), inpaint_steps=10, resample_steps=2,
+INPAINT23 = dataclasses.replace(FAST, mask_timesteps=(300,), reconstruction_steps=10, resample_steps=2,
                                 reconstruction="inpaint")
 
 
@@ -68,10 +68,10 @@ VARIANTS: Dict[str, Tuple[str, SamplingConfig]] = {
     "inpaint23_fixed": ("self_aware", _inpaint(renoise="fixed")),
     "inpaint23_resample1": ("self_aware", _inpaint(resample_steps=1)),
     "inpaint23_resample3": ("self_aware", _inpaint(resample_steps=3)),
-    "inpaint23_steps5": ("self_aware", _inpaint(inpaint_steps=5)),
-    "inpaint23_steps20x1": ("self_aware", _inpaint(inpaint_steps=20, resample_steps=1)),
-    "inpaint23_steps7x3": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=3)),
-    "inpaint23_steps7x3_fixed": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=3, renoise="fixed")),
+    "inpaint23_steps5": ("self_aware", _inpaint(reconstruction_steps=5)),
+    "inpaint23_steps20x1": ("self_aware", _inpaint(reconstruction_steps=20, resample_steps=1)),
+    "inpaint23_steps7x3": ("self_aware", _inpaint(reconstruction_steps=7, resample_steps=3)),
+    "inpaint23_steps7x3_fixed": ("self_aware", _inpaint(reconstruction_steps=7, resample_steps=3, renoise="fixed")),
     # mask levers: noise draws and timesteps of Q, the percentile p of Q_p
     "inpaint23_draws1": ("self_aware", _inpaint(mask_noise_draws=1)),
     "inpaint23_draws2": ("self_aware", _inpaint(mask_noise_draws=2)),
@@ -80,10 +80,10 @@ VARIANTS: Dict[str, Tuple[str, SamplingConfig]] = {
     "inpaint23_p70": ("self_aware", _inpaint(mask_percentile=0.7)),
     "inpaint23_p90": ("self_aware", _inpaint(mask_percentile=0.9)),
     # at most 10 UNet passes per image (issue 12's budget)
-    "inpaint10": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1)),
-    "inpaint10_draws2": ("self_aware", _inpaint(mask_noise_draws=2, inpaint_steps=8, resample_steps=1)),
-    "inpaint10_p90": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1, mask_percentile=0.9)),
-    "inpaint10_t100": ("self_aware", _inpaint(inpaint_steps=7, resample_steps=1, inpaint_start=100)),
+    "inpaint10": ("self_aware", _inpaint(reconstruction_steps=7, resample_steps=1)),
+    "inpaint10_draws2": ("self_aware", _inpaint(mask_noise_draws=2, reconstruction_steps=8, resample_steps=1)),
+    "inpaint10_p90": ("self_aware", _inpaint(reconstruction_steps=7, resample_steps=1, mask_percentile=0.9)),
+    "inpaint10_t100": ("self_aware", _inpaint(reconstruction_steps=7, resample_steps=1, inpaint_start=100)),
     "denoise_thesis": ("denoise", THESIS),
     "denoise_fast": ("denoise", FAST),
 }

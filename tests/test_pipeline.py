@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -32,11 +33,12 @@ from diffad.pipelines.self_aware_inpaint import (
     segmenter_logits,
 )
 from diffad.pipelines.self_aware_inpaint.folder import CODE_FILES, COMPONENT_MODULES
+from diffad.results import calibration_hash, folder_calibration_hash
 from tiny_components import tiny_pipeline, tiny_unet
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "self_aware_inpaint" / "pipeline.py"
 #: 2 mask passes + 3 steps x 2 resamplings from T = 6; denoise 3 steps: a few dozen UNet passes per test.
-QUICK = SamplingConfig(mask_timesteps=(300, 303), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
+QUICK = SamplingConfig(mask_timesteps=(300, 303), mask_noise_draws=1, inpaint_start=6, reconstruction_steps=3,
                        resample_steps=2, denoise_steps=3, reconstruction="inpaint")
 
 
@@ -244,7 +246,7 @@ def test_presets_and_their_pass_counts():
     assert QUICK.preset_name is None
     assert SamplingConfig.from_dict(thesis.to_dict()) == thesis and SamplingConfig.from_dict(fast.to_dict()) == fast
     with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.inpaint_steps = 3  # type: ignore[misc]
+        fast.reconstruction_steps = 3  # type: ignore[misc]
     with pytest.raises(ValueError, match="unknown sampling preset 'reference'"):
         SamplingConfig.from_preset("reference")
 
@@ -257,8 +259,8 @@ def test_presets_and_their_pass_counts():
     ({"mask_percentile": 1.0}, "mask_percentile"),
     ({"mask_percentile": 80}, "mask_percentile"),
     ({"inpaint_start": 0}, "inpaint_start"),
-    ({"inpaint_steps": 0}, "inpaint_steps"),
-    ({"inpaint_steps": 51}, "inpaint_steps"),
+    ({"reconstruction_steps": 0}, "reconstruction_steps"),
+    ({"reconstruction_steps": 51}, "reconstruction_steps"),
     ({"denoise_steps": 2.5}, "denoise_steps"),
     ({"resample_steps": True}, "resample_steps"),
     ({"renoise": "other"}, "renoise"),
@@ -346,7 +348,7 @@ def test_calibrates_300_images_at_256_px():
     pipe = SelfAwareInpaintPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000,
                                                                         beta_schedule="sigmoid"))
     pipe.set_progress_bar_config(disable=True)
-    config = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_steps=1, resample_steps=1)
+    config = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, reconstruction_steps=1, resample_steps=1)
     x = images(300, seed=1, size=256)
     pipe.calibrate(x, config=config, methods=("self_aware",), batch_size=100)
     assert pipe.calibration.q_threshold.shape == (256, 256) and pipe.calibration.config.num_images == 300
@@ -411,7 +413,7 @@ def test_one_call_returns_every_map_with_its_score_and_decision(calibrated):
 def test_denoise_reconstruction_redraws_every_pixel_like_the_baseline():
     """reconstruction="denoise" (the default): self_aware's reconstruction is method="denoise"'s with its own step
     count, whatever the mask; "inpaint" keeps the unmasked pixels exactly."""
-    config = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
+    config = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, reconstruction_steps=3,
                             denoise_steps=3)
     pipe = tiny_pipeline().calibrate(images(4, seed=1), config=config, generator=torch.Generator().manual_seed(0))
     x = images(2, seed=3)
@@ -427,6 +429,34 @@ def test_denoise_reconstruction_redraws_every_pixel_like_the_baseline():
     stored = {k: v for k, v in config.to_dict().items() if k != "reconstruction"}
     with pytest.raises(ValueError, match="recalibrate"):
         SamplingConfig.from_dict(stored)
+
+
+def test_a_config_stored_with_the_old_field_name_reads_as_the_new_one():
+    stored = {("inpaint_steps" if k == "reconstruction_steps" else k): v for k, v in QUICK.to_dict().items()}
+    assert "reconstruction_steps" not in stored and stored["inpaint_steps"] == QUICK.reconstruction_steps
+    assert SamplingConfig.from_dict(stored) == QUICK
+
+
+def test_a_folder_saved_before_the_rename_loads_and_scores_the_same(calibrated, tmp_path):
+    calibrated.save_pretrained(tmp_path)
+    config_file = tmp_path / "calibration" / "config.json"
+    config = json.loads(config_file.read_text())
+    sampling = config["sampling_config"]
+    sampling["inpaint_steps"] = sampling.pop("reconstruction_steps")  # what a folder saved before the rename holds
+    config_file.write_text(json.dumps(config))
+    old_hash = folder_calibration_hash(tmp_path)
+    old = SelfAwareInpaintPipeline.from_pretrained(tmp_path)
+    assert old.calibration.sampling == QUICK
+    assert "inpaint_steps" in old.calibration.config.sampling_config  # loading rewrites nothing: the hash holds
+    assert calibration_hash(old) == old_hash == folder_calibration_hash(tmp_path)
+    assert json.loads(config_file.read_text()) == config
+    x = images(2, seed=6)
+    a = calibrated(x, generator=torch.Generator().manual_seed(7), output_type="pt")
+    b = old(x, generator=torch.Generator().manual_seed(7), output_type="pt")
+    assert torch.equal(a.reconstructions, b.reconstructions) and torch.equal(a.inpaint_masks, b.inpaint_masks)
+    assert a.anomaly_maps.keys() == b.anomaly_maps.keys()
+    assert all(torch.equal(a.anomaly_maps[k], b.anomaly_maps[k]) and torch.equal(a.scores[k], b.scores[k])
+               for k in a.anomaly_maps)
 
 
 def test_output_types(calibrated):
@@ -587,7 +617,7 @@ def test_mask_share_on_held_back_normal_images_is_one_minus_p(trained_tiny_pipel
 def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_the_maps_close():
     """precision="bf16": the UNet runs under bf16 autocast, everything else stays float32; the maps stay close to
     fp32's; a calibration records its precision and a call runs it."""
-    fp32 = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, inpaint_steps=3,
+    fp32 = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_start=6, reconstruction_steps=3,
                           denoise_steps=3)
     bf16 = dataclasses.replace(fp32, precision="bf16")
     assert bf16.preset_name is None and dataclasses.replace(SamplingConfig.fast(), precision="bf16").preset_name == "fast"

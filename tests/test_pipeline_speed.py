@@ -50,7 +50,7 @@ def test_presets_cost_what_they_say_counted_from_outside():
 
 def test_pass_count_is_exact_per_image_in_a_batch():
     """An image whose mask is empty skips inpainting: its count is the mask stage's alone, others pay in full."""
-    config = SamplingConfig(mask_timesteps=(300, 310), mask_noise_draws=2, inpaint_steps=3, resample_steps=2,
+    config = SamplingConfig(mask_timesteps=(300, 310), mask_noise_draws=2, reconstruction_steps=3, resample_steps=2,
                             reconstruction="inpaint")
     pipe = tiny_pipeline().calibrate(images(4, seed=1), config=config, methods=("self_aware",))
     x = torch.cat([images(1, seed=2), torch.zeros(1, 3, 32, 32)])

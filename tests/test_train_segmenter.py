@@ -152,7 +152,7 @@ def test_cache_key_covers_synthesis_inference_weights_and_data(calibrated_copy):
 
     assert pipe.calibration.sampling == CHEAP_CONFIG
     assert key(sampling=SamplingConfig.thesis()) != base
-    assert key(sampling=dataclasses.replace(CHEAP_CONFIG, inpaint_steps=3)) != base
+    assert key(sampling=dataclasses.replace(CHEAP_CONFIG, reconstruction_steps=3)) != base
     # the calibration's own sampling config is hashed too (it decides the mask)
     stored = dict(pipe.calibration.config.sampling_config)
     pipe.calibration.register_to_config(sampling_config={**stored, "mask_percentile": 0.9})

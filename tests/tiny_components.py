@@ -36,7 +36,7 @@ def random_images(n: int, *, seed: int = 0) -> torch.Tensor:
 
 
 #: A cheap sampler for mechanics tests: 1 mask pass + 2 x 1 inpainting passes, 2 denoising steps.
-CHEAP_CONFIG = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, inpaint_steps=2, resample_steps=1,
+CHEAP_CONFIG = SamplingConfig(mask_timesteps=(300,), mask_noise_draws=1, reconstruction_steps=2, resample_steps=1,
                               denoise_steps=2)
 
 

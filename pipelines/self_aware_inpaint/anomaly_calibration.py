@@ -27,6 +27,11 @@ def is_int(value: Any, low: int = 1) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
 
 
+# Fields of SamplingConfig stored under an earlier name by calibrations saved before the rename: old -> new.
+# ``inpaint_steps`` counted the steps of self_aware's reconstruction, which is denoising by default.
+RENAMED_FIELDS = {"inpaint_steps": "reconstruction_steps"}
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Every lever of the sampler, validated once; the calibration stores it and every later call runs exactly it.
@@ -37,7 +42,7 @@ class SamplingConfig:
         mask_percentile: ``p``: the mask is ``Q > Q_p``, ``Q_p`` the per-pixel ``p``-quantile of ``Q`` over normal
             images, so about ``1 - p`` of a normal image's pixels are redrawn (thesis: 0.8).
         inpaint_start: ``T``, the noise level every reconstruction starts from (thesis: 50).
-        inpaint_steps: strided steps of ``self_aware``'s reconstruction (inpainting or denoising) from ``T - 1``.
+        reconstruction_steps: strided steps of ``self_aware``'s reconstruction (inpainting or denoising) from ``T - 1``.
         resample_steps: UNet passes per inpainting step (thesis: 5; 1 for ``reconstruction="denoise"``).
         renoise: ``"fixed"`` (the thesis: the start's eps) or ``"fresh"`` (RePaint) noise when resampling.
         denoise_steps: strided steps of ``method="denoise"`` from the same ``T`` (thesis: ``T``).
@@ -53,7 +58,7 @@ class SamplingConfig:
     mask_noise_draws: int = 3
     mask_percentile: float = 0.8
     inpaint_start: int = 50
-    inpaint_steps: int = 7
+    reconstruction_steps: int = 7
     resample_steps: int = 1
     renoise: Literal["fixed", "fresh"] = "fresh"
     denoise_steps: int = 10
@@ -69,7 +74,7 @@ class SamplingConfig:
         for name in ("mask_noise_draws", "inpaint_start", "resample_steps"):
             if not is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an int >= 1; got {getattr(self, name)!r}")
-        for name in ("inpaint_steps", "denoise_steps"):
+        for name in ("reconstruction_steps", "denoise_steps"):
             value = getattr(self, name)
             if not is_int(value) or value > self.inpaint_start:
                 raise ValueError(f"{name} must be an int in [1, inpaint_start={self.inpaint_start}]; got {value!r}")
@@ -97,7 +102,7 @@ class SamplingConfig:
     def thesis(cls) -> "SamplingConfig":
         """The thesis's sampler: 51 mask timesteps x 1 draw + 50 inpainting steps x 5 resamplings (fixed eps) =
         301 passes."""
-        return cls(mask_timesteps=tuple(range(300, 351)), mask_noise_draws=1, inpaint_steps=50, resample_steps=5,
+        return cls(mask_timesteps=tuple(range(300, 351)), mask_noise_draws=1, reconstruction_steps=50, resample_steps=5,
                    renoise="fixed", denoise_steps=50, reconstruction="inpaint")
 
     @classmethod
@@ -132,7 +137,7 @@ class SamplingConfig:
         inpainting)."""
         if method == "denoise":
             return self.denoise_steps
-        return self.mask_noise_draws * len(self.mask_timesteps) + self.inpaint_steps * self.resample_steps
+        return self.mask_noise_draws * len(self.mask_timesteps) + self.reconstruction_steps * self.resample_steps
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able fields (what the calibration stores; :meth:`from_dict` reads them back)."""
@@ -140,10 +145,12 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SamplingConfig":
-        """A config from :meth:`to_dict`'s fields (one stored before ``reconstruction`` existed: recalibrate)."""
+        """A config from :meth:`to_dict`'s fields (one stored before ``reconstruction`` existed: recalibrate). A field
+        stored under its old name (:data:`RENAMED_FIELDS`) is read as the new one; the stored dict is left as it is
+        (the calibration's hash is over it)."""
         if "reconstruction" not in values:
             raise ValueError("the calibration's sampling config predates `reconstruction`: recalibrate")
-        return cls(**values)
+        return cls(**{RENAMED_FIELDS.get(key, key): value for key, value in values.items()})
 
 
 def threshold_key(method: str, map_name: str) -> str:

@@ -368,7 +368,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         gens = tile_generators(generators, n)
         passes = torch.zeros(b * n, dtype=torch.long)
         if method == "denoise" or config.reconstruction == "denoise":
-            steps = config.denoise_steps if method == "denoise" else config.inpaint_steps
+            steps = config.denoise_steps if method == "denoise" else config.reconstruction_steps
             recs = torch.cat([denoise(self.unet, schedule, tiles[idx], start=start, num_steps=steps,
                                       generators=[gens[i] for i in idx]) for idx in tile_batches(range(b * n), n)])
             passes += steps
@@ -377,9 +377,9 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
             todo = torch.nonzero(tile_masks.flatten(1).amax(dim=1) > 0).flatten().tolist()  # an empty mask keeps x
             for batch in tile_batches(todo, n):
                 recs[batch] = inpaint(self.unet, schedule, tiles[batch], tile_masks[batch], start=start,
-                                      num_steps=config.inpaint_steps, resample_steps=config.resample_steps,
+                                      num_steps=config.reconstruction_steps, resample_steps=config.resample_steps,
                                       renoise=config.renoise, generators=[gens[i] for i in batch])
-                passes[batch] += config.inpaint_steps * config.resample_steps
+                passes[batch] += config.reconstruction_steps * config.resample_steps
         return merge_tiles(recs, self.resolution), passes.view(b, n).sum(dim=1)
 
     def _learned_map(self, x: torch.Tensor, recs: torch.Tensor, ratios: Optional[torch.Tensor]) -> torch.Tensor:

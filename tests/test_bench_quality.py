@@ -1,0 +1,40 @@
+"""benchmarks/bench_quality.py trains its DDPMs through the library's harness with the arguments it always used."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffad.training import train_ddpm
+from diffad.training.train_ddpm import step_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_quality  # noqa: E402
+
+
+def _old_argv(model: Path, data: Path, category: str, seed: int, ddpm_steps) -> list[str]:
+    """The command line ``run_ddpm_phase`` built before it called ``train_ddpm_to_budget``."""
+    argv = ["--data_dir", str(data), "--category", category, "--output_dir", str(model),
+            "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "250",
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
+    return argv + (["--max_train_steps", str(ddpm_steps)] if ddpm_steps else [])
+
+
+@pytest.mark.parametrize("ddpm_steps", [None, 400])
+def test_run_ddpm_phase_trains_with_the_arguments_it_always_used(tmp_path, monkeypatch, ddpm_steps):
+    data = tmp_path / "data"
+    monkeypatch.setitem(bench_quality.CATEGORIES, "bottle", data)
+    seen = []
+    monkeypatch.setattr(train_ddpm, "main", lambda args: seen.append(train_ddpm.resolve_args(args)) or "")
+    bench_quality.run_ddpm_phase(tmp_path / "out", "bottle", 2, ddpm_steps)
+    (new,) = seen
+    model = bench_quality.cell_dir(tmp_path / "out", "bottle", 2) / "models" / "bottle"
+    old = train_ddpm.parse_args(_old_argv(model, data, "bottle", 2, ddpm_steps))
+    differ = {k for k in vars(old) if getattr(old, k) != getattr(new, k)}
+    # the harness's step budget sets --num_epochs unbounded; with --max_train_steps given it never binds
+    assert differ == {"num_epochs"} and new.max_train_steps == old.max_train_steps == (ddpm_steps or 1500)
+    assert step_plan(new, 209, 1) == step_plan(old, 209, 1)
+    assert (new.seed, new.checkpointing_steps, new.checkpoints_total_limit, new.resume_from_checkpoint,
+            new.report_to) == (2, 250, 1, "latest", "none")
