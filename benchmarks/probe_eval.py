@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffad.metrics import compute_anomaly_metrics
 from diffad.pipelines.self_aware_inpaint.pipeline import (
     default_mean_filter_size, mean_filter, multiscale_anomaly_map, per_pixel_quantile,
@@ -74,48 +72,35 @@ def variants(data, names, heads=None):
     return out
 
 
-HEAD_INPUTS = {"head": ("x", "rec", "ne"), "head_xr": ("x", "rec"), "head_xn": ("x", "ne")}
+#: The heads compared: the shipped 7-channel head and DRAEM's 6-channel one (image + reconstruction). A head on the
+#: image and ``log(Q / Q_p)`` alone was measured and lost (README): no segmenter of the library has that shape.
+HEAD_INPUTS = {"head": 7, "head_xr": 6}
 
 
-def head_input(d, q_p, inputs):
-    """``(N, C, S, S)``: the image, the reconstruction and/or ``log(Q / Q_p)`` clipped to [-3, 3]."""
-    parts = {"x": lambda: f32(d, "x"), "rec": lambda: f32(d, "rec"),
-             "ne": lambda: torch.log((f32(d, "q") / q_p.clamp_min(1e-12)).clamp_min(1e-6)).clamp(-3, 3)[:, None]}
-    return torch.cat([parts[k]() for k in inputs], dim=1)
+def _batch(d, q_p):
+    """A split as :func:`train_segmenter.training_crops` reads it."""
+    return {"image": f32(d, "x"), "reconstruction": f32(d, "rec"),
+            "noise_ratio": (f32(d, "q") / q_p.clamp_min(1e-12))[:, None],
+            **({"mask": d["mask"].float()[:, None]} if "mask" in d else {})}
 
 
-def train_head(data, inputs, steps, seed=0, crop=64, batch=16):
-    """A small segmenter on ``crop`` px crops of the synthetic-defect training images (half the crops centred on a
-    defect pixel), focal + BCE, Adam 1e-3."""
-    from diffusers import UNet2DModel
-
-    from training.train_segmenter import segmentation_loss
+def train_head(data, in_channels, steps, seed=0, crop=64, batch=16):
+    """The library's segmenter (:func:`diffad.presets.make_segmenter`) trained as ``train_segmenter`` does: its
+    crops (:func:`train_segmenter.training_crops`), its loss, Adam 1e-3, on the synthetic-defect training images."""
+    from diffad.pipelines.self_aware_inpaint import segmenter_logits
+    from diffad.presets import make_segmenter
+    from diffad.training.train_segmenter import segmentation_loss, training_crops
 
     torch.manual_seed(seed)
-    q_p = data["q_p"].float()
-    x = head_input(data["train"], q_p, inputs)
-    y = data["train"]["mask"].float()[:, None]
-    net = UNet2DModel(sample_size=crop, in_channels=x.shape[1], out_channels=1, block_out_channels=(16, 32, 64),
-                      layers_per_block=1, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
-                      norm_num_groups=8)
+    train = _batch(data["train"], data["q_p"].float())
+    net = make_segmenter(crop, in_channels=in_channels)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    g = np.random.default_rng(seed)
-    n, size = x.shape[0], x.shape[-1]
-    for step in range(steps):
-        idx = g.integers(0, n, batch)
-        xs, ys = [], []
-        for k, i in enumerate(idx):
-            if k % 2 == 0:
-                rr, cc = np.nonzero(y[i, 0].numpy())
-                j = g.integers(0, len(rr))
-                r0 = int(np.clip(rr[j] - g.integers(8, crop - 8), 0, size - crop))
-                c0 = int(np.clip(cc[j] - g.integers(8, crop - 8), 0, size - crop))
-            else:
-                r0, c0 = (int(v) for v in g.integers(0, size - crop + 1, 2))
-            xs.append(x[i, :, r0:r0 + crop, c0:c0 + crop])
-            ys.append(y[i, :, r0:r0 + crop, c0:c0 + crop])
-        logits = net(torch.stack(xs), torch.zeros(batch, dtype=torch.long)).sample
-        loss = segmentation_loss(logits, torch.stack(ys), gamma=2.0, alpha=None, bce_weight=1.0)["loss"]
+    g, order = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = torch.from_numpy(order.integers(0, train["image"].shape[0], batch))
+        x, rec, ratio, y = training_crops({k: v[idx] for k, v in train.items()}, crop, g)
+        logits = segmenter_logits(net, x, rec, ratio[:, 0] if in_channels == 7 else None)
+        loss = segmentation_loss(logits, y, gamma=2.0, alpha=None, bce_weight=1.0)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -124,15 +109,16 @@ def train_head(data, inputs, steps, seed=0, crop=64, batch=16):
 
 
 @torch.no_grad()
-def head_maps(net, d, q_p, inputs, crop=64):
+def head_maps(net, d, q_p, in_channels, crop=64):
+    from diffad.pipelines.self_aware_inpaint import segmenter_logits
     from diffad.pipelines.self_aware_inpaint.pipeline import merge_tiles, split_tiles
 
-    x = head_input(d, q_p, inputs)
+    b = _batch(d, q_p)
     out = []
-    for i in range(0, x.shape[0], 8):
-        tiles = split_tiles(x[i:i + 8], crop)
-        logits = net(tiles, torch.zeros(tiles.shape[0], dtype=torch.long)).sample
-        out.append(merge_tiles(torch.sigmoid(logits), x.shape[-1])[:, 0])
+    for i in range(0, b["image"].shape[0], 8):
+        x, rec = (split_tiles(b[k][i:i + 8], crop) for k in ("image", "reconstruction"))
+        ratio = split_tiles(b["noise_ratio"][i:i + 8], crop)[:, 0] if in_channels == 7 else None
+        out.append(merge_tiles(torch.sigmoid(segmenter_logits(net, x, rec, ratio)), b["image"].shape[-1])[:, 0])
     return mean_filter(torch.cat(out), FILTER)
 
 
