@@ -335,6 +335,8 @@ def test_commands_load_the_model_onto_the_gpu_when_there_is_one(calibrated_model
     monkeypatch.setattr(SelfAwareInpaintPipeline, "to", lambda self, device: moved.append(str(device)) or self)
     load_pipeline(calibrated_model)
     assert moved == ["cuda"]
+    load_pipeline(calibrated_model, device="cpu")  # asked for the CPU (export): nothing moves
+    assert moved == ["cuda"]
     monkeypatch.setattr(detect_module, "inference_device", lambda: torch.device("cpu"))
     load_pipeline(calibrated_model)
     assert moved == ["cuda"]  # on the CPU nothing moves

@@ -386,3 +386,16 @@ def test_case18_export_into_a_symlinked_folder_works_and_a_failed_export_leaves_
     assert main(["export", "--model", str(model), "--out", str(tmp_path / "new" / "deeper" / "out")]) == 1
     assert "converter crashed" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing left behind"
+
+
+def test_export_converts_on_the_cpu_even_where_commands_use_a_gpu(model, tmp_path, monkeypatch):
+    """The commands load onto the GPU when there is one; export converts on the CPU, where the exported networks
+    run. No GPU here: the device is faked and the pipeline's moves recorded."""
+    import diffad.detect as detect_module
+    from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
+
+    moved = []
+    monkeypatch.setattr(detect_module, "inference_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(SelfAwareInpaintPipeline, "to", lambda self, *a, **k: moved.append(a) or self)
+    assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert moved == []

@@ -129,9 +129,10 @@ def find_images(inputs: Sequence[str | os.PathLike], *, exclude: Optional[Path] 
     return scan
 
 
-def load_pipeline(model: str | os.PathLike):
+def load_pipeline(model: str | os.PathLike, device: Optional[torch.device | str] = None):
     """Load a ``SelfAwareInpaintPipeline`` from a local folder, a folder written by ``diffad export`` (OpenVINO or
-    ONNX networks) or a Hub repo id (``org/name``).
+    ONNX networks) or a Hub repo id (``org/name``), onto ``device`` (None: :func:`inference_device`; see
+    :func:`from_pretrained_quietly`).
 
     A Hub id needs the network (unset ``HF_HUB_OFFLINE``) or a cached copy.
 
@@ -147,7 +148,7 @@ def load_pipeline(model: str | os.PathLike):
         if source.count("/") != 1 or source.startswith((".", "/")) or path.suffix:
             raise FileNotFoundError(f"--model {source}: no such folder, and not a Hub repo id (org/name)")
     try:
-        pipe = from_pretrained_quietly(source)
+        pipe = from_pretrained_quietly(source, device=device)
     except ImportError as exc:  # a `diffad export` folder without its backend
         raise ValueError(f"--model {model}: {INSTALL_HINT} ({exc})") from None
     except OSError as exc:
@@ -162,15 +163,15 @@ def load_pipeline(model: str | os.PathLike):
     return pipe
 
 
-def from_pretrained_quietly(source: str | os.PathLike, **kwargs):
+def from_pretrained_quietly(source: str | os.PathLike, device: Optional[torch.device | str] = None, **kwargs):
     """``SelfAwareInpaintPipeline.from_pretrained`` without diffusers' "Loading pipeline components" bar (noise
-    around a command's own lines, and never part of a one-line error), on :func:`inference_device` (a GPU when
-    there is one; a `diffad export` folder's networks stay where their runtime runs them)."""
+    around a command's own lines, and never part of a one-line error), on ``device`` (None: :func:`inference_device`,
+    a GPU when there is one; a `diffad export` folder's networks stay where their runtime runs them)."""
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     try:
         pipe = SelfAwareInpaintPipeline.from_pretrained(str(source), **kwargs)
-        device = inference_device()
+        device = torch.device(device) if device is not None else inference_device()
         if device.type != "cpu" and not isinstance(pipe.unet, ExportedNetwork):
             pipe = pipe.to(device)
         return pipe
@@ -370,10 +371,10 @@ def detect(
     """
     anomaly_map = _checked_arguments(batch_size, anomaly_map, method, config)
     paths, scan = _images_to_score(inputs, out_dir)
-    if pipe is None:
-        pipe = load_pipeline(model)
     ranks = accelerator is not None and accelerator.num_processes > 1
-    if ranks and accelerator.device.type != "cpu":
+    if pipe is None:
+        pipe = load_pipeline(model, device=accelerator.device if ranks else None)
+    elif ranks and accelerator.device.type != "cpu":
         pipe = pipe.to(accelerator.device)  # each GPU rank on its own device
     _check_options(pipe, model, method, anomaly_map, config)
     check_precision(pipe, precision, str(model))

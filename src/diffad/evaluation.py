@@ -616,7 +616,7 @@ def evaluate_folder(
         device = inference_device()
     results, calibrations = [], {}
     for c in categories:
-        pipe = from_pretrained_quietly(model_dirs[c]).to(device)
+        pipe = from_pretrained_quietly(model_dirs[c], device=device)
         calibrations[c] = calibration_hash(pipe) if pipe.is_calibrated else None  # who made the results (diffad card)
         check_config(pipe, config, where=str(model_dirs[c]))
         check_precision(pipe, precision, str(model_dirs[c]))

@@ -120,7 +120,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     runtime = backend("openvino" if fmt == "openvino" else "onnxruntime")
     model = Path(model)
     target = _destination(model, Path(out))  # checked before the (long) export, not after it
-    pipe = load_pipeline(model)  # calibrated, finite weights
+    pipe = load_pipeline(model, device="cpu")  # calibrated, finite weights; converted on the CPU, where they run
     if any(isinstance(getattr(pipe, name, None), ExportedNetwork) for name in NETWORKS):
         raise ValueError(f"--model {model} is already exported: export the torch model folder it came from")
     check_precision(pipe, precision, str(model), here=False)  # the networks are built at the calibration's
