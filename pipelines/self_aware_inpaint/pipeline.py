@@ -399,15 +399,14 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                  thresholds: Optional[Dict[str, float]] = None, filter_size: Optional[int] = None) -> Dict[str, Any]:
         """One batch: the mask ``Q > Q_p`` (``self_aware``; ``(B, S, S)`` each), the reconstruction and every map.
         ``thresholds`` (the :data:`COMBINED_MAPS`' image thresholds) adds the ``combined`` map; ``filter_size``:
-        the maps' mean filter (None: the calibration's, else the config's or the tile's default)."""
+        the maps' mean filter (None: :meth:`_filter_size`)."""
         masks = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
         passes = torch.zeros(x.shape[0], dtype=torch.long)
         if method == "self_aware":
             masks = (q > q_p).float().unsqueeze(1)
             passes += config.mask_noise_draws * len(config.mask_timesteps) * self.num_tiles
         recs, rec_passes = self._reconstruction(x, masks, method, config, generators)
-        size = filter_size or (self.calibration.filter_size(self.tile_size) if self.is_calibrated
-                               else config.map_filter_size or default_mean_filter_size(self.tile_size))
+        size = filter_size or self._filter_size(config)
         ratios = q / q_p.clamp_min(1e-12) if method == "self_aware" else None
         maps = {"multiscale": multiscale_anomaly_map(x, recs, mean_filter_size=size)}
         if self._has_learned_map(method):
@@ -418,6 +417,13 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
                 maps["combined"] = combined_map(maps, thresholds)
         return {"maps": maps, "masks": masks[:, 0] > 0, "recs": recs, "passes": passes + rec_passes,
                 "ratios": ratios}
+
+    def _filter_size(self, config: SamplingConfig, calibrated: bool = True) -> int:
+        """Every map's mean filter: the calibration's (what its thresholds were fitted with), else (uncalibrated, or
+        ``calibrated=False``: what a new calibration fits with) the config's or the tile's default."""
+        if calibrated and self.is_calibrated:
+            return self.calibration.filter_size(self.tile_size)
+        return config.map_filter_size or default_mean_filter_size(self.tile_size)
 
     def _autocast(self, config: SamplingConfig):
         """The networks' precision: bf16 autocast (matmuls and convolutions only) or, for fp32, nothing."""
@@ -532,7 +538,7 @@ class SelfAwareInpaintPipeline(DiffusionPipeline):
         seeds = [g.initial_seed() for g in image_generators(generator, x.shape[0])]
         self._check_fits(config)
         fold, chunks = np.arange(x.shape[0]) % 2, image_batches(x.shape[0], batch_size)
-        size = config.map_filter_size or default_mean_filter_size(self.tile_size)  # never an older calibration's
+        size = self._filter_size(config, calibrated=False)  # never an older calibration's
         quantile = lambda s: float(per_pixel_quantile(torch.from_numpy(s)[:, None, None], 1.0 - fpr))  # noqa: E731
         scores: Dict[str, np.ndarray] = {}
         q_p, mask_share = torch.zeros(self.resolution, self.resolution), None
