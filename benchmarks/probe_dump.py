@@ -35,18 +35,19 @@ from diffad.pipelines.self_aware_inpaint import image_generator  # noqa: E402
 
 
 @torch.no_grad()
-def run(pipe, x, config, seed):
-    """Q and the reconstruction of ``x`` in batches of 8 (each image's noise from its own generator)."""
+def run(pipe, x, config, seed, q_p=None, dtype=torch.float16):
+    """Q and the reconstruction of ``x`` in batches of 8 (each image's noise from its own generator), masked with
+    ``q_p`` (None: the pipeline's calibrated one), as ``dtype``."""
     qs, recs = [], []
-    q_p = pipe.calibration.q_threshold
+    q_p = pipe.calibration.q_threshold if q_p is None else q_p
     for i in range(0, x.shape[0], 8):
         xb = x[i:i + 8]
         gens = [image_generator(seed, im) for im in xb]
         with pipe._autocast(config):
             q = pipe._noise_error(xb, config, gens)
             part = pipe._inspect(xb, q, q_p.expand_as(q), "self_aware", config, gens)
-        qs.append(q.half())
-        recs.append(part["recs"].half())
+        qs.append(q.to(dtype))
+        recs.append(part["recs"].to(dtype))
     return torch.cat(qs), torch.cat(recs)
 
 

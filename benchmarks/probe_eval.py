@@ -26,10 +26,10 @@ def f32(d, key):
     return d[key].float()
 
 
-def base_maps(d, q_p):
-    """The default's two maps of one split."""
-    ne = mean_filter(f32(d, "q") / q_p.clamp_min(1e-12), FILTER)
-    ms = multiscale_anomaly_map(f32(d, "x"), f32(d, "rec"), mean_filter_size=FILTER)
+def base_maps(d, q_p, size=FILTER):
+    """The default's two maps of one split, smoothed by a ``size`` mean filter."""
+    ne = mean_filter(f32(d, "q") / q_p.clamp_min(1e-12), size)
+    ms = multiscale_anomaly_map(f32(d, "x"), f32(d, "rec"), mean_filter_size=size)
     return {"noise_error": ne, "multiscale": ms}
 
 

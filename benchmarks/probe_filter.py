@@ -16,33 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from probe_dump import run
+from probe_eval import base_maps, quantile_of_max
+
 from diffad.defects import VALIDATION_SCALE_RANGE, DefectSynthesizer
 from diffad.metrics import compute_anomaly_metrics
-from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline, image_generator
-from diffad.pipelines.self_aware_inpaint.pipeline import mean_filter, multiscale_anomaly_map
+from diffad.pipelines.self_aware_inpaint import SamplingConfig, SelfAwareInpaintPipeline
 
 KINDS = ("scratch", "crack", "pit", "stain")
 
 
-@torch.no_grad()
-def reconstruct(pipe, x, q_p, config):
-    """Q and the reconstruction of ``x`` with the default sampler (each image's noise from its own generator)."""
-    qs, recs = [], []
-    for i in range(0, len(x), 8):
-        xb = x[i:i + 8]
-        gens = [image_generator(0, im) for im in xb]
-        with pipe._autocast(config):
-            q = pipe._noise_error(xb, config, gens)
-            recs.append(pipe._inspect(xb, q, q_p.expand_as(q), "self_aware", config, gens)["recs"].float())
-        qs.append(q.float())
-    return torch.cat(qs), torch.cat(recs)
-
-
-def default_map(x, q, rec, q_p, size, thresholds=None):
-    maps = (mean_filter(q / q_p.clamp_min(1e-12), size), multiscale_anomaly_map(x, rec, mean_filter_size=size))
-    if thresholds is None:  # calibration images: each map's 0.95 quantile of image maxima
-        thresholds = [float(np.quantile(m.flatten(1).amax(1).numpy(), 0.95, method="weibull")) for m in maps]
-    return (maps[0] / thresholds[0] + maps[1] / thresholds[1]) / 2, thresholds
+def default_map(split, q_p, size, thresholds):
+    """The default map without the head: noise error and multi-scale error, each over its ``thresholds`` entry."""
+    maps = base_maps(split, q_p, size)
+    return (maps["noise_error"] / thresholds["noise_error"] + maps["multiscale"] / thresholds["multiscale"]) / 2
 
 
 def main() -> None:
@@ -63,16 +50,16 @@ def main() -> None:
         synth = DefectSynthesizer(KINDS, scale_range=VALIDATION_SCALE_RANGE)
         pairs = [synth(im, kind=KINDS[i % len(KINDS)], generator=515_151 + i) for i, im in enumerate(held)]
         broad_x = torch.stack([im for im, _ in pairs])
-        broad_q, broad_rec = reconstruct(pipe, broad_x, q_p, config)
+        broad_q, broad_rec = run(pipe, broad_x, config, 0, q_p=q_p, dtype=torch.float32)
         broad = {"x": torch.cat([held, broad_x]), "q": torch.cat([d["val"]["q"].float()[good], broad_q]),
                  "rec": torch.cat([d["val"]["rec"].float()[good], broad_rec]),
                  "label": torch.tensor([0] * len(held) + [1] * len(held)),
                  "mask": torch.cat([torch.zeros(len(held), *held.shape[-2:], dtype=torch.bool),
                                     torch.stack([m[0] > 0.5 for _, m in pairs])])}
         for size in (int(f) for f in a.filters.split(",")):
-            _, thr = default_map(d["calib"]["x"].float(), d["calib"]["q"].float(), d["calib"]["rec"].float(), q_p, size)
+            thr = {name: quantile_of_max(m) for name, m in base_maps(d["calib"], q_p, size).items()}
             for name, split in (("validation, small", d["val"]), ("validation, every size", broad), ("test", d["test"])):
-                m, _ = default_map(split["x"].float(), split["q"].float(), split["rec"].float(), q_p, size, thr)
+                m = default_map(split, q_p, size, thr)
                 r = compute_anomaly_metrics(m.flatten(1).amax(1).numpy(), np.asarray(split["label"]), m.numpy(),
                                             np.asarray(split["mask"]))
                 rows.setdefault((size, name), {})[category] = (r["image_auroc"], r["pixel_auroc"], r["aupro"])
