@@ -114,17 +114,23 @@ def test_native_round_trip_keeps_calibration_and_outputs(saved, tmp_path):
     assert torch.equal(again.calibration.q_threshold, original.calibration.q_threshold)
 
 
-def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
-    expected = expected_outputs(saved)
+def _remote_code_outputs(folder: Path, tmp_path: Path):
+    """:data:`REMOTE_SCRIPT` on ``folder`` in a fresh, isolated process (no diffad on its path; its own HF_HOME
+    under ``tmp_path``): the maps, masks and decisions it wrote, after checking it exited cleanly."""
     x_path, out_path = tmp_path / "x.npy", tmp_path / "out.npz"
     np.save(x_path, images(2, seed=8).numpy())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, str(saved), str(tmp_path / "resaved"),
+    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "resaved"),
                              str(x_path), str(out_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = np.load(out_path)
+    return np.load(out_path)
+
+
+def test_remote_code_without_diffad_in_a_fresh_process(saved, tmp_path):
+    expected = expected_outputs(saved)
+    got = _remote_code_outputs(saved, tmp_path)
     np.testing.assert_allclose(got["maps"], expected.anomaly_maps["learned"], atol=1e-6)
     np.testing.assert_array_equal(got["masks"], expected.inpaint_masks)
     np.testing.assert_array_equal(got["decisions"], expected.is_anomalous["learned"])
@@ -165,15 +171,7 @@ def test_the_files_the_hub_serves_load_alone_as_remote_code_and_score_the_same(s
     assert sorted(p.name for p in (served / "calibration").iterdir()) == [
         "anomaly_calibration.py", "config.json", "diffusion_pytorch_model.safetensors"]
     assert sorted(p.name for p in served.glob("*.py")) == sorted(CODE_FILES)
-    x_path, out_path = tmp_path / "x.npy", tmp_path / "out.npz"
-    np.save(x_path, images(2, seed=8).numpy())
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, str(served), str(tmp_path / "resaved"),
-                             str(x_path), str(out_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = np.load(out_path)
+    got = _remote_code_outputs(served, tmp_path)
     np.testing.assert_allclose(got["maps"], expected.anomaly_maps["learned"], atol=1e-6)
     np.testing.assert_array_equal(got["decisions"], expected.is_anomalous["learned"])
     np.testing.assert_array_equal(got["masks"], expected.inpaint_masks)
