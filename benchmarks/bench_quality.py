@@ -357,6 +357,29 @@ def run_cell(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cells(script: str, specs: Sequence[str], out: Path, log_name: str, extra: Sequence[str],
+              jobs: int) -> list[str]:
+    """Run ``script --run-cell <category:seed:phase> --out <out> <extra>`` for every spec, ``jobs`` at a time, each in
+    its own one-thread process logging to ``<cell>/<log_name>`` (``{phase}`` in it: the spec's phase); returns the
+    failed specs (logged too)."""
+    def work(spec: str) -> int:
+        category, seed, phase = spec.split(":")
+        log = cell_dir(out, category, int(seed)) / log_name.format(phase=phase)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with log.open("a") as handle:
+            rc = subprocess.call([sys.executable, script, "--run-cell", spec, "--out", str(out), *extra],
+                                 stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        logger.info("%s: exit %d after %.1f min (log %s)", spec, rc, (time.time() - t0) / 60, log)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = [spec for spec, rc in zip(specs, pool.map(work, specs)) if rc != 0]
+    if failed:
+        logger.info("failed cells (see their logs; a re-run resumes them): %s", failed)
+    return failed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_output/quality")
@@ -395,26 +418,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(ph not in ("ddpm",) + EVAL_PHASES for ph in phases):
         p.error(f"--phases: choose from ddpm,{','.join(EVAL_PHASES)}; got {args.phases}")
     for phase in [ph for ph in ("ddpm",) + EVAL_PHASES if ph in phases]:
-        cells = [f"{c}:{s}:{phase}" for s in seeds for c in categories]
-
-        def work(spec: str) -> tuple[str, int, float]:
-            category, seed, _ = spec.split(":")
-            log = cell_dir(out, category, int(seed)) / f"{phase}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
-            with log.open("a") as handle:
-                rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", str(out)]
-                                     + (["--ddpm_steps", str(args.ddpm_steps)] if args.ddpm_steps else []),
-                                     stdout=handle, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-            logger.info("%s: exit %d after %.1f min (log %s)", spec, rc, (time.time() - t0) / 60, log)
-            return spec, rc, time.time() - t0
-
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(work, cells))
-        failed = [spec for spec, rc, _ in results if rc != 0]
-        if failed:
-            logger.info("failed cells (see their logs; a re-run resumes them): %s", failed)
+        run_cells(__file__, [f"{c}:{s}:{phase}" for s in seeds for c in categories], out, "{phase}.log",
+                  ["--ddpm_steps", str(args.ddpm_steps)] if args.ddpm_steps else [], args.jobs)
     summary = summarize(out, categories, seeds)
     summary["budget"] = {"ddpm_steps": args.ddpm_steps or "cpu preset", "seeds": seeds, "preset": "cpu",
                          "working_resolution": 256, "crop_and_tile": 64,

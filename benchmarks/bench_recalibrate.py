@@ -9,14 +9,13 @@ The previous results are kept beside as ``<phase>_{validation,evaluation}_<tag>`
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import CATEGORIES, PRECISION, cell_dir, phase_config, run_eval_phase  # noqa: E402
+from bench_quality import CATEGORIES, PRECISION, cell_dir, phase_config, run_cells, run_eval_phase  # noqa: E402
 
 
 def recalibrate(out: Path, category: str, seed: int, phase: str, tag: str) -> None:
@@ -57,18 +56,8 @@ def main() -> None:
         recalibrate(Path(a.out), category, int(seed), phase, a.tag)
         return
     cells = [f"{c}:{s}:{ph}" for ph in a.phases.split(",") for s in a.seeds.split(",") for c in a.categories.split(",")]
-
-    def work(spec: str) -> int:
-        category, seed, phase = spec.split(":")
-        log = cell_dir(Path(a.out), category, int(seed)) / f"recalibrate_{phase}_{a.tag}.log"
-        with log.open("a") as handle:
-            rc = subprocess.call([sys.executable, __file__, "--run-cell", spec, "--out", a.out, "--tag", a.tag],
-                                 stdout=handle, stderr=subprocess.STDOUT)
-        print(f"{spec}: exit {rc}", flush=True)
-        return rc
-
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        failed = [spec for spec, rc in zip(cells, pool.map(work, cells)) if rc]
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    failed = run_cells(__file__, cells, Path(a.out), "recalibrate_{phase}_" + a.tag + ".log", ["--tag", a.tag], a.jobs)
     if failed:
         raise SystemExit(f"failed: {failed} (see their logs; a re-run resumes)")
 
