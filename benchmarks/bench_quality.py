@@ -53,7 +53,11 @@ SHARED = Path(os.environ.get("DIFFAD_BENCH_DATA", REPO_ROOT.parent / "shared" / 
 CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
               "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
 #: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
-EVAL_PHASES = ("default", "head", "whole", "inpaint23", "thesis")
+EVAL_PHASES = ("default", "head", "head_sizes", "whole", "inpaint23", "thesis")
+#: head phase -> more ``train_segmenter.py`` flags (``head_sizes``: the head trained on defects of every kind and
+#: size, as validation draws them, instead of the small default ones)
+HEAD_PHASES = {"head": (), "head_sizes": ("--defect_kinds", "scratch,crack,pit,stain,blob,displace",
+                                          "--defect_scale_range", "1,8")}
 #: The precision every cell calibrates and runs: the default call's ``auto`` (bf16 on CPUs with AMX/AVX512-BF16,
 #: about 2.5x faster at 256 px; make bench-cpu measured bf16 moving the bottle AUROCs by < 0.001), else fp32.
 PRECISION = os.environ.get("DIFFAD_BENCH_PRECISION", "auto")
@@ -68,6 +72,8 @@ DETECTORS = {
     "denoise (10 steps)": ("default", "denoise/multiscale"),
     "self_aware combined + head (default, 10 passes)": ("head", "self_aware/combined"),
     "self_aware learned (the head alone)": ("head", "self_aware/learned"),
+    "combined + head trained on defects of every size": ("head_sizes", "self_aware/combined"),
+    "head alone, trained on defects of every size": ("head_sizes", "self_aware/learned"),
     "self_aware combined without the head": ("default", "self_aware/combined"),
     "self_aware noise_error (default config)": ("default", "self_aware/noise_error"),
     "self_aware multiscale (default config)": ("default", "self_aware/multiscale"),
@@ -87,7 +93,7 @@ def phase_config(phase: str):
     """The :class:`SamplingConfig` an evaluation phase calibrates and runs."""
     from diffad.pipelines.self_aware_inpaint import SamplingConfig
 
-    if phase in ("default", "whole", "head"):
+    if phase in ("default", "whole") or phase in HEAD_PHASES:
         return SamplingConfig.fast()
     if phase == "inpaint23":
         return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), reconstruction_steps=10,
@@ -138,11 +144,11 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
     if not has_component(copy, "calibration"):
         calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
                         precision=PRECISION, seed=seed, batch_size=16)
-    if phase == "head" and not has_component(copy, "segmenter"):  # `diffad train`'s head, the same batches
+    if phase in HEAD_PHASES and not has_component(copy, "segmenter"):  # `diffad train`'s head, the same batches
         from diffad.cli import train_head
 
         train_head(copy, argparse.Namespace(data_dir=str(CATEGORIES[category]), category=category, seed=seed),
-                   calibration_batch_size=16)
+                   calibration_batch_size=16, segmenter_argv=HEAD_PHASES[phase])
     if seed == 0:  # the choices are made on validation: one seed of it per category (the head trained first)
         run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
                        phase_config(phase))
@@ -150,7 +156,7 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
     if not evaluation_is_current(evaluation, [copy]):
         # the head phase adds self_aware maps only: its denoise rows are the default phase's, on the same DDPM
         evaluate_folder(copy, CATEGORIES[category], category, evaluation, batch_size=16, seed=seed,
-                        methods=("self_aware",) if phase == "head" else None)
+                        methods=("self_aware",) if phase in HEAD_PHASES else None)
 
 
 def validation_set(category: str, seed: int, resolution: int):
@@ -161,21 +167,18 @@ def validation_set(category: str, seed: int, resolution: int):
     kind, validation ranked a global map (the whole image at the tile size) against the test split's order), of
     every size (``VALIDATION_SCALE_RANGE``: small defects alone ranked the map filter sizes against it too).
     Returns ``(calibration images, images, masks, labels, kinds)``."""
-    import torch
+    from harness import validation_set as with_synthetic_defects
 
     from diffad.data import images_to_tensor, load_mvtec
     from diffad.defects import ALL_DEFECT_KINDS, VALIDATION_SCALE_RANGE, DefectSynthesizer
 
     split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
     x = images_to_tensor([row["image"] for row in split], resolution)
-    calib, held = x[0::2], x[1::2]
     synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures", scale_range=VALIDATION_SCALE_RANGE)
-    kinds = [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(len(held))]
-    pairs = [synth(img, kind=k, generator=seed * 10_000 + i) for i, (img, k) in enumerate(zip(held, kinds))]
-    images = torch.cat([held, torch.stack([a for a, _ in pairs])])
-    masks = np.concatenate([np.zeros((len(held), resolution, resolution), bool),
-                            np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
-    return calib, images, masks, np.array([0] * len(held) + [1] * len(held)), ["good"] * len(held) + kinds
+    kinds = [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(len(x) // 2)]
+    calib, images, masks, labels = with_synthetic_defects(
+        x, lambda img, i: synth(img, kind=kinds[i], generator=seed * 10_000 + i))
+    return calib, images, masks, labels, ["good"] * len(kinds) + kinds
 
 
 def run_validation(model: Path, out_file: Path, category: str, seed: int, config) -> None:

@@ -1,7 +1,7 @@
 """Issue 12: default-detector candidates at <= 10 UNet passes, measured on VALIDATION data with synthetic defects
 (never the test split), on one trained model per category.
 
-Half of the validation split calibrates; the other half is scored as is and with a synthetic defect. Two defect
+Half of the validation split calibrates (:func:`harness.validation_set`); the other half is scored as is and with a synthetic defect. Two defect
 sets: ``draem`` (the segmenter's own generator: DTD textures, opacity U[0.1, 1], any size) and ``subtle``
 (opacity U[0.1, 0.4], small Perlin blobs: closer to real defects that are barely visible at 64 px; the
 ``draem`` set saturates image AUROC and did not predict a real category's test split).
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import validation_set
+from harness import split_tensors, validation_set
 
 from diffad.anomalies import AnomalySynthesizer
 from diffad.data import load_mvtec
@@ -49,7 +49,7 @@ DEFECTS = {"draem": {}, "subtle": {"beta_range": (0.1, 0.4), "min_scale_exponent
 
 
 def synthetic_defects(textures, defects):
-    """``make_defect`` of :func:`harness.validation_set`: an :class:`AnomalySynthesizer` that always draws a defect
+    """A synthetic defect for :func:`harness.validation_set`: an :class:`AnomalySynthesizer` that always draws a defect
     (``DEFECTS[defects]``: DRAEM's, or subtle ones)."""
     synth = AnomalySynthesizer(textures, normal_probability=0.0, **DEFECTS[defects])
     return lambda img, g: synth(img, generator=g)
@@ -104,7 +104,10 @@ def main(argv=None) -> int:
     results: dict = {}
     with torch.no_grad():
         for seed in [int(s) for s in a.seeds.split(",")]:
-            calib, images, gt, labels = validation_set(data, pipe.resolution, seed, synthetic_defects(a.textures, a.defects))
+            val, _, _ = split_tensors(data["validation"], pipe.resolution, None, seed)
+            make_defect = synthetic_defects(a.textures, a.defects)
+            calib, images, gt, labels = validation_set(
+                val, lambda img, i: make_defect(img, torch.Generator().manual_seed(seed * 10_000 + i)))
             fold = np.arange(len(calib)) % 2
             cands: dict = {}
             # ---- noise error Q/Q_p at t = 150 (cross-fit Q_p for the calibration images' own maps)

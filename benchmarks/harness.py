@@ -68,8 +68,11 @@ def peak_rss_mib() -> float:
 
 def split_tensors(split, resolution: int, limit: Optional[int], seed: int
                   ) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """``(images (N, 3, R, R) in [-1, 1], masks (N, R, R) bool, labels (N,) int)`` of a DatasetDict split; with
+    """``(images (N, 3, R, R) in [-1, 1], masks (N, R, R) bool, labels (N,) int)`` of a split of
+    :func:`diffad.data.load_mvtec`, read by the library's own transform (:func:`diffad.data.make_transform`); with
     ``limit``, a seeded subset of about ``limit`` rows keeping the share of each label."""
+    from diffad.data import make_transform
+
     n = len(split)
     idx = np.arange(n)
     if limit is not None and limit < n:
@@ -81,37 +84,28 @@ def split_tensors(split, resolution: int, limit: Optional[int], seed: int
             k = max(1, int(round(limit * len(members) / n)))
             picked.extend(rng.choice(members, size=min(k, len(members)), replace=False).tolist())
         idx = np.sort(np.array(picked))
-    imgs, masks, labels = [], [], []
-    for i in idx:
-        row = split[int(i)]
-        img = row["image"].convert("RGB").resize((resolution, resolution), resample=3)
-        imgs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-        m = row["mask"].convert("L").resize((resolution, resolution), resample=0)
-        masks.append(np.asarray(m) > 127)
-        labels.append(int(row["label"]))
-    return torch.stack(imgs), np.stack(masks), np.array(labels)
+    rows = split.select(idx.tolist()).with_transform(make_transform(resolution))[:]
+    masks = torch.stack(rows["mask"])[:, 0].numpy() > 0.5
+    return torch.stack(rows["pixel_values"]), masks, np.array(rows["label"])
 
 
-def validation_set(data, resolution: int, seed: int,
-                   make_defect: Callable[[torch.Tensor, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]
+def validation_set(images: torch.Tensor, draw: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
                    ) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """Split ``data["validation"]`` (normal images) in two: calibration images, and a scored set of the other half
-    both as they are and with a synthetic defect each (``make_defect(image (3, R, R), generator) -> (anomalous
-    (3, R, R), mask (1, R, R))``, one generator seeded by ``seed`` drawn in turn).
+    """The validation data a choice is made on (never the test split), from a validation split's normal ``images``
+    ``(N, 3, R, R)``: the even positions calibrate; the odd ones are scored as they are and each once more with one
+    synthetic defect, ``draw(image (3, R, R), i) -> (anomalous (3, R, R), mask (1, R, R))`` for the i-th of them
+    (``draw`` seeds it: the same ``i``, the same defect, whatever else is drawn).
 
     Returns:
         ``(calibration (C, 3, R, R), images (2H, 3, R, R), masks (2H, R, R) bool, labels (2H,))``: the H normal
         images first, then their defective versions.
     """
-    val, _, _ = split_tensors(data["validation"], resolution, None, seed)
-    half = val.shape[0] // 2
-    calib, held = val[:half], val[half:]
-    g = torch.Generator().manual_seed(seed)
-    pairs = [make_defect(img, g) for img in held]
-    images = torch.cat([held, torch.stack([a for a, _ in pairs])])
-    gt = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool),
-                         np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
-    return calib, images, gt, np.array([0] * len(held) + [1] * len(held))
+    calib, held = images[0::2], images[1::2]
+    pairs = [draw(img, i) for i, img in enumerate(held)]
+    scored = torch.cat([held, torch.stack([a for a, _ in pairs])])
+    masks = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool),
+                            np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
+    return calib, scored, masks, np.array([0] * len(held) + [1] * len(held))
 
 
 # --------------------------------------------------------------------------- timed runs and scores

@@ -109,7 +109,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def defect_or_retry(textures: Optional[str]) -> Callable[[torch.Tensor, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]:
-    """``make_defect`` of :func:`harness.validation_set`: DRAEM's :func:`make_anomaly`, drawn again (up to 20 times)
+    """A synthetic defect for :func:`harness.validation_set`: DRAEM's :func:`make_anomaly`, drawn again (up to 20 times)
     while it leaves the image normal (half of its draws do)."""
     def make_defect(img: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         for _ in range(20):  # half of the draws stay normal: draw until a defect appears
@@ -125,7 +125,10 @@ def scored_images(args: argparse.Namespace, data, seed: int
     """``(calibration images, scored images, their masks, labels)`` of ``--split`` (at most ``--max_images``
     scored, half normal and half defective on the validation split)."""
     if args.split == "validation":
-        calib, images, gt, labels = validation_set(data, args.resolution, seed, defect_or_retry(args.textures))
+        val, _, _ = split_tensors(data["validation"], args.resolution, None, seed)
+        make_defect = defect_or_retry(args.textures)
+        calib, images, gt, labels = validation_set(
+            val, lambda img, i: make_defect(img, torch.Generator().manual_seed(seed * 10_000 + i)))
     else:
         calib, _, _ = split_tensors(data["validation"], args.resolution, None, seed)
         images, gt, labels = split_tensors(data["test"], args.resolution, args.max_images, seed)

@@ -38,3 +38,37 @@ def test_run_ddpm_phase_trains_with_the_arguments_it_always_used(tmp_path, monke
     assert step_plan(new, 209, 1) == step_plan(old, 209, 1)
     assert (new.seed, new.checkpointing_steps, new.checkpoints_total_limit, new.resume_from_checkpoint,
             new.report_to) == (2, 250, 1, "latest", "none")
+
+
+def test_validation_set_calibrates_on_even_images_and_adds_one_defect_of_each_kind_in_turn(synthetic_root,
+                                                                                            monkeypatch, tmp_path):
+    import numpy as np
+    import torch
+
+    from diffad.data import images_to_tensor, load_mvtec
+    from diffad.defects import ALL_DEFECT_KINDS
+
+    category = next(p.name for p in synthetic_root.iterdir() if p.is_dir())
+    from PIL import Image
+
+    (tmp_path / "textures").mkdir()  # the blobs' texture photos (the bench: DTD's, beside the data)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+        tmp_path / "textures" / "noise.png")
+    monkeypatch.setattr(bench_quality, "SHARED", tmp_path)
+    monkeypatch.setitem(bench_quality.CATEGORIES, category, synthetic_root)
+    split = load_mvtec(synthetic_root, category, resolution=64, seed=0)["validation"]
+    normal = images_to_tensor([row["image"] for row in split], 64)
+
+    def build(seed):
+        return bench_quality.validation_set(category, seed, 64)
+
+    calib, images, masks, labels, kinds = build(0)
+    held = len(normal) // 2
+    assert torch.equal(calib, normal[0::2]) and torch.equal(images[:held], normal[1::2])
+    assert labels.tolist() == [0] * held + [1] * held and not masks[:held].any()
+    assert kinds[held:] == [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(held)]
+    changed = (images[held:] != normal[1::2]).any(1).numpy()
+    assert masks[held:].any((1, 2)).all() and changed.any((1, 2)).all()
+    again = build(0)
+    assert torch.equal(again[1], images) and np.array_equal(again[2], masks)  # the same set every time
+    assert not torch.equal(build(1)[1][held:], images[held:])  # another seed, other defects

@@ -113,6 +113,24 @@ def test_bad_flags_exit_2_with_one_line(capsys, tmp_path):
     assert rc == 2 and "not a pipeline folder" in err_text and len(err_text.splitlines()) == 1
 
 
+def test_defect_flags_choose_the_synthetic_defects_and_bad_ones_exit_2(capsys, tmp_path):
+    default = ts.make_synthesizer(ts.parse_args(["--model_dir", str(tmp_path)])).config
+    assert default["kinds"] == ["scratch", "crack", "pit", "stain", "blob"] and "scale_range" not in default
+    wide = ts.make_synthesizer(ts.parse_args(["--model_dir", str(tmp_path), "--defect_kinds", "pit,displace",
+                                              "--defect_scale_range", "1,8"]))
+    assert wide.config == {"kinds": ["pit", "displace"], "blobs": None, "scale_range": [1.0, 8.0]}
+    image = torch.zeros(3, 64, 64)
+    areas = [float(wide(image, kind="pit", generator=i)[1].sum()) for i in range(12)]
+    small = ts.make_synthesizer(ts.parse_args(["--model_dir", str(tmp_path), "--defect_kinds", "pit"]))
+    assert max(areas) > 2 * max(float(small(image, kind="pit", generator=i)[1].sum()) for i in range(12))
+    for flags in (["--defect_kinds", "scratch,dent"], ["--defect_scale_range", "4,2"], ["--defect_scale_range", "2"]):
+        with pytest.raises(SystemExit) as err:
+            ts.parse_args(["--model_dir", str(tmp_path), *flags])
+        assert err.value.code == 2
+        message = capsys.readouterr().err.strip()
+        assert len(message.splitlines()) == 1 and flags[0] in message
+
+
 # --------------------------------------------------------------------------- the tiny pipeline
 
 

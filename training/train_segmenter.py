@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -73,7 +74,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
-from diffad.defects import DefectSynthesizer
+from diffad.defects import ALL_DEFECT_KINDS, DEFECT_KINDS, VALIDATION_SCALE_RANGE, DefectSynthesizer
 from diffad.pipelines.self_aware_inpaint.pipeline import (
     METHODS,
     SamplingConfig,
@@ -128,6 +129,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _parse_kinds(text: Union[str, Sequence[str]]) -> tuple:
+    """``"scratch,pit"`` -> ``("scratch", "pit")``, each a :data:`diffad.defects.ALL_DEFECT_KINDS` kind."""
+    kinds = tuple(k for k in re.split(r"[,\s]+", text.strip()) if k) if isinstance(text, str) else tuple(text)
+    unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"expected kinds from {','.join(ALL_DEFECT_KINDS)}, got {text!r}")
+    return kinds
+
+
+def _parse_scale_range(text: Union[str, Sequence[float]]) -> tuple:
+    """``"1,8"`` -> ``(1.0, 8.0)`` with ``0 < low <= high``."""
+    try:
+        values = tuple(float(v) for v in (re.split(r"[,\s]+", text.strip()) if isinstance(text, str) else text))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 < LOW <= HIGH, got {text!r}")
+    return values
+
+
 def build_parser() -> OneLineArgumentParser:
     """The script's flags, in groups: model and data, synthetic anomalies, the cache and the segmenter, optimisation,
     checkpoints and calibration."""
@@ -162,6 +183,11 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--textures_dir", type=str, default=None,
                    help="Folder of texture photos (e.g. DTD) for the DRAEM blobs among the defects. Default: "
                         "diffad's built-in procedural textures (no download).")
+    g.add_argument("--defect_kinds", type=_parse_kinds, default=DEFECT_KINDS,
+                   help=f"Comma-separated defect kinds drawn in turn, from {','.join(ALL_DEFECT_KINDS)}.")
+    g.add_argument("--defect_scale_range", type=_parse_scale_range, default=(1.0, 1.0),
+                   help="LOW,HIGH: each defect's widths and radii times a log-uniform factor in it (diffad.defects; "
+                        f"validation sets draw {','.join(str(int(v)) for v in VALIDATION_SCALE_RANGE)}).")
     g.add_argument("--num_synthetic", type=int, default=120,
                    help="Synthetic samples: training image i mod N with one defect (diffad.defects: scratch, crack, "
                         "pit, stain, blob in turn), each reconstructed once at the working resolution.")
@@ -828,6 +854,12 @@ def _load_model_and_data(args: argparse.Namespace, model_dir: Path, accelerator:
                    num_heldout, crop, segmenter, num_params)
 
 
+def make_synthesizer(args: argparse.Namespace) -> DefectSynthesizer:
+    """The synthetic defects the head trains on: ``--defect_kinds`` in turn, sizes times ``--defect_scale_range``,
+    DRAEM blobs from ``--textures_dir`` (its config is part of the reconstruction cache's key)."""
+    return DefectSynthesizer(args.defect_kinds, textures=args.textures_dir, scale_range=args.defect_scale_range)
+
+
 def _reconstructed_set(args: argparse.Namespace, model_dir: Path, accelerator: Accelerator,
                        inputs: _Inputs) -> _SyntheticSet:
     """The reconstructed synthetic set, from the cache or built into it once, split into training and
@@ -835,7 +867,7 @@ def _reconstructed_set(args: argparse.Namespace, model_dir: Path, accelerator: A
     pipe, train_images, file_names = inputs.pipe, inputs.train_images, inputs.file_names
     sampling, num_synthetic, num_heldout = inputs.sampling, inputs.num_synthetic, inputs.num_heldout
     # 3. the reconstructed synthetic set: reuse the cache or build it once
-    synthesizer = DefectSynthesizer(textures=args.textures_dir)
+    synthesizer = make_synthesizer(args)
     synthesis = {"synthesizer": synthesizer.config, "seed": args.seed, "num_synthetic": num_synthetic,
                  "sample_rule": "image i mod N, kind i mod K, generator seeded_generator(seed, 1, i)"}
     inference = inference_settings(sampling)

@@ -150,11 +150,11 @@ def _register_train(subparsers) -> None:
 
 
 def train_head(model_dir: str | os.PathLike, train_args: argparse.Namespace, *,
-               calibration_batch_size: Optional[int] = None) -> Path:
+               calibration_batch_size: Optional[int] = None, segmenter_argv: Sequence[str] = ()) -> Path:
     """The learned head of a freshly trained DDPM: calibrate it with the default sampler on its validation split
     (:func:`calibrate_model`, the training run's split and seed), then train the segmenter into it
     (``training/train_segmenter.py`` defaults, seeded by the training seed, resumable), which recalibrates every
-    threshold with the head in place."""
+    threshold with the head in place. ``segmenter_argv``: more ``train_segmenter.py`` flags."""
     from diffad.calibration import _training_config, calibrate_model
     from diffad.model_folder import calibration_config
     from diffad.training import train_segmenter
@@ -172,7 +172,7 @@ def train_head(model_dir: str | os.PathLike, train_args: argparse.Namespace, *,
         argv += ["--validation_fraction", str(train_args.validation_fraction)]
     if calibration_batch_size:
         argv += ["--calibration_batch_size", str(calibration_batch_size)]
-    return train_segmenter.main(train_segmenter.parse_args(argv))
+    return train_segmenter.main(train_segmenter.parse_args(argv + list(segmenter_argv)))
 
 
 def _run_train(args: argparse.Namespace) -> int:
