@@ -27,7 +27,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "diffad.figures", "diffad.model_folder", "diffad.defects", "diffad.inputs", "diffad.results"),
     "training": ("diffad.training",),
     "commands": ("diffad.cli", "diffad.calibration", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
-                 "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook", "diffad.workflow"),
+                 "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook", "diffad.workflow",
+                 "diffad.listen"),
     "benchmarks": ("benchmarks",),
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}

@@ -52,13 +52,14 @@ from diffad.detect import (CSV_FIELDS, NONFINITE_ERROR, format_score, load_pipel
                            render_overlay)
 from diffad.figures import score_histogram
 from diffad.inputs import skip_reason
+from diffad.listen import check_listen_address
 from diffad.model_folder import CARD_FILE, MODEL_INDEX, TRAINING_LOG, is_exported, require_model_folder
 from diffad.files import atomic_write_text
 from diffad.pipelines.self_aware_inpaint import image_generator, threshold_key
 from diffad.precision import add_precision_assertion, check_precision
 from diffad.results import csv_text
 
-__all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app", "check_port_free",
+__all__ = ["Inspection", "Inspector", "Session", "SessionFolders", "Upload", "build_app",
            "close_app", "expand_uploads", "register", "register_space", "run", "write_space"]
 
 logger = logging.getLogger(__name__)
@@ -482,36 +483,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """``ValueError`` (one line naming ``--port``) when ``host:port`` cannot be bound: another program listens there.
-    The probe binds as the server does (``SO_REUSEADDR``), so a port left in TIME_WAIT by a stopped app is free."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ValueError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); stop what uses it, or pass "
-                             "another --port") from None
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad app`` (blocks until interrupted)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: --host {args.host}: the app is reachable from other machines; it has no login")
-    check_port_free(args.host, args.port)  # before the model loads, and before a URL is printed
+    check_listen_address(args.host, args.port, "the app")  # before the model loads, and before a URL is printed
     pipe = load_pipeline(args.model)
     check_precision(pipe, args.precision, str(args.model))
     inspector = Inspector(pipe, method=args.method, seed=args.seed)

@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffad.detect import load_pipeline, render_overlay
+from diffad.listen import check_listen_address
 from diffad.pipelines.self_aware_inpaint import threshold_key
 from diffad.pipelines.self_aware_inpaint.inspection import MAX_IMAGE_BYTES, answer, decode_photo, model_facts
 
-__all__ = ["INSTALL_HINT", "LOCAL_HOSTS", "Service", "build_api", "register", "run"]
+__all__ = ["INSTALL_HINT", "Service", "build_api", "register", "run"]
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "diffad serve needs FastAPI and uvicorn: pip install 'diffad[serve]'"
 #: Hosts that reach this machine only: any other --host gets a one-line warning.
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 8000
 
 
@@ -186,12 +186,9 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    if args.host not in LOCAL_HOSTS:
-        print(f"WARNING: --host {args.host}: the API is reachable from other machines; it has no login")
+    check_listen_address(args.host, args.port, "the API")  # before the model loads, and before a URL is printed
     service = Service(load_pipeline(args.model), args.model, method=args.method, anomaly_map=args.anomaly_map,
                       seed=args.seed, max_upload_bytes=int(args.max_upload_mb * 2**20))
     print(f"diffad serve on http://{args.host}:{args.port} (POST /inspect; Ctrl+C to stop)", flush=True)
