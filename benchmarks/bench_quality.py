@@ -164,13 +164,14 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
                         methods=("self_aware",) if phase in HEAD_PHASES else None)
 
 
-def validation_set(category: str, seed: int, resolution: int):
+def validation_set(category: str, seed: int, resolution: int, copies: int = 1):
     """The VALIDATION data a choice is made on (never the test split): the cell's validation split (held-out
     ``train/good``, the split training never saw), even positions to calibrate, odd positions scored as they are
     and each once more with one synthetic defect (:class:`diffad.defects.DefectSynthesizer`, the kinds in turn:
     scratch, crack, pit, stain, DRAEM blob and ``displace``, a piece of the part pasted elsewhere: without a global
     kind, validation ranked a global map (the whole image at the tile size) against the test split's order), of
     every size (``VALIDATION_SCALE_RANGE``: small defects alone ranked the map filter sizes against it too).
+    ``copies`` = 6: every kind on every held image (:func:`harness.validation_set`'s ``copies``).
     Returns ``(calibration images, images, masks, labels, kinds)``."""
     from harness import validation_set as with_synthetic_defects
 
@@ -180,13 +181,14 @@ def validation_set(category: str, seed: int, resolution: int):
     split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
     x = images_to_tensor([row["image"] for row in split], resolution)
     synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures", scale_range=VALIDATION_SCALE_RANGE)
-    kinds = [ALL_DEFECT_KINDS[i % len(ALL_DEFECT_KINDS)] for i in range(len(x) // 2)]
+    held = len(x) // 2
+    kinds = [ALL_DEFECT_KINDS[n % len(ALL_DEFECT_KINDS)] for n in range(held * copies)]
     calib, images, masks, labels = with_synthetic_defects(
-        x, lambda img, i: synth(img, kind=kinds[i], generator=seed * 10_000 + i))
-    return calib, images, masks, labels, ["good"] * len(kinds) + kinds
+        x, lambda img, n: synth(img, kind=kinds[n], generator=seed * 10_000 + n), copies=copies)
+    return calib, images, masks, labels, ["good"] * held + kinds
 
 
-def run_validation(model: Path, out_file: Path, category: str, seed: int, config) -> None:
+def run_validation(model: Path, out_file: Path, category: str, seed: int, config, copies: int = 1) -> None:
     """Calibrate a copy of ``model`` on half the validation split and score the other half with and without
     synthetic defects (:func:`validation_set`): every method and map's metrics -> ``out_file``."""
     import dataclasses as dc
@@ -202,7 +204,7 @@ def run_validation(model: Path, out_file: Path, category: str, seed: int, config
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(model).to(inference_device())
     pipe.set_progress_bar_config(disable=True)
-    calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution)
+    calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution, copies)
     from diffad.precision import resolve_precision
 
     config = dc.replace(config, precision=resolve_precision(PRECISION, pipe.device))
@@ -236,10 +238,11 @@ def phase_metrics(out: Path, category: str, seed: int, phase: str) -> Optional[d
     return json.loads(path.read_text())["categories"][category] if path.is_file() else None
 
 
-def validation_vs_test(out: Path, categories: Sequence[str]) -> dict[str, Any]:
+def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "validation") -> dict[str, Any]:
     """Does validation (synthetic defects on held-out good parts, seed 0) predict the test split? Per category:
     each detector's image AUROC and AUPRO on both, the Spearman rank correlation of the detectors on each metric,
-    and whether both pick the same best detector; plus the tiled-vs-whole-image choice made on validation."""
+    and whether both pick the same best detector; plus the tiled-vs-whole-image choice made on validation.
+    ``validation``: the results' folder suffix (``validation_every_kind``: :mod:`bench_revalidate`'s)."""
     from scipy.stats import spearmanr
 
     result: dict[str, Any] = {}
@@ -247,7 +250,7 @@ def validation_vs_test(out: Path, categories: Sequence[str]) -> dict[str, Any]:
         cell = cell_dir(out, category, 0)
         rows = {}
         for detector, (phase, key) in DETECTORS.items():
-            val_path = cell / f"{phase}_validation" / category / "metrics.json"
+            val_path = cell / f"{phase}_{validation}" / category / "metrics.json"
             val = json.loads(val_path.read_text()).get(key) if val_path.is_file() else None
             test = phase_metrics(out, category, 0, phase)
             rows[detector] = {"validation": val and {m: val.get(m) for m in ("image_auroc", "pixel_auroc", "aupro")},

@@ -89,23 +89,25 @@ def split_tensors(split, resolution: int, limit: Optional[int], seed: int
     return torch.stack(rows["pixel_values"]), masks, np.array(rows["label"])
 
 
-def validation_set(images: torch.Tensor, draw: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
-                   ) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+def validation_set(images: torch.Tensor, draw: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]],
+                   copies: int = 1) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """The validation data a choice is made on (never the test split), from a validation split's normal ``images``
     ``(N, 3, R, R)``: the even positions calibrate; the odd ones are scored as they are and each once more with one
-    synthetic defect, ``draw(image (3, R, R), i) -> (anomalous (3, R, R), mask (1, R, R))`` for the i-th of them
-    (``draw`` seeds it: the same ``i``, the same defect, whatever else is drawn).
+    synthetic defect, ``draw(image (3, R, R), n) -> (anomalous (3, R, R), mask (1, R, R))`` for the n-th defect
+    (``draw`` seeds it: the same ``n``, the same defect, whatever else is drawn); with ``copies`` > 1 each scored
+    image carries ``copies`` defects in turn (defects ``n = i * copies .. i * copies + copies - 1`` of image i):
+    more positives from a small split.
 
     Returns:
-        ``(calibration (C, 3, R, R), images (2H, 3, R, R), masks (2H, R, R) bool, labels (2H,))``: the H normal
-        images first, then their defective versions.
+        ``(calibration (C, 3, R, R), images (H + copies H, 3, R, R), masks bool, labels)``: the H normal images
+        first, then their defective versions.
     """
     calib, held = images[0::2], images[1::2]
-    pairs = [draw(img, i) for i, img in enumerate(held)]
+    pairs = [draw(img, i * copies + j) for i, img in enumerate(held) for j in range(copies)]
     scored = torch.cat([held, torch.stack([a for a, _ in pairs])])
     masks = np.concatenate([np.zeros((len(held),) + tuple(held.shape[-2:]), dtype=bool),
                             np.stack([m[0].numpy() > 0.5 for _, m in pairs])])
-    return calib, scored, masks, np.array([0] * len(held) + [1] * len(held))
+    return calib, scored, masks, np.array([0] * len(held) + [1] * len(pairs))
 
 
 # --------------------------------------------------------------------------- timed runs and scores

@@ -72,3 +72,12 @@ def test_validation_set_calibrates_on_even_images_and_adds_one_defect_of_each_ki
     again = build(0)
     assert torch.equal(again[1], images) and np.array_equal(again[2], masks)  # the same set every time
     assert not torch.equal(build(1)[1][held:], images[held:])  # another seed, other defects
+    dense = bench_quality.validation_set(category, 0, 64, copies=len(ALL_DEFECT_KINDS))  # every kind on every image
+    k = len(ALL_DEFECT_KINDS)
+    assert torch.equal(dense[0], calib) and torch.equal(dense[1][:held], normal[1::2])
+    assert dense[3].tolist() == [0] * held + [1] * (k * held) and dense[4][held:] == list(ALL_DEFECT_KINDS) * held
+    for i in range(held):  # image i's k defects are drawn on image i: most of it is image i, unchanged
+        for j in range(k):
+            same = (dense[1][held + i * k + j] == normal[1::2][i]).all(0)
+            assert same.float().mean() > 0.5 and not same[torch.from_numpy(dense[2][held + i * k + j])].all()
+    assert torch.equal(dense[1][held], images[held])  # the first defect is the sparse set's first

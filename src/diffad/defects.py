@@ -20,8 +20,9 @@ log-uniformly in it. The default ``(1, 1)`` draws the sizes above (scratches, cr
 80-250 px at 256 px); validation sets draw ``VALIDATION_SCALE_RANGE``: real defects span a few to thousands of
 pixels, and a validation set of small defects alone ranked the map filter sizes against the test split's order.
 
-Every sample is ``(anomalous (3, H, W) in [-1, 1], mask (1, H, W) in {0, 1})``; pixels outside the mask are
-unchanged bit for bit, and a mask is never empty.
+Every sample is ``(anomalous (3, H, W) in [-1, 1], mask (1, H, W) in {0, 1})``; the mask is where a mark reaches a
+quarter of its strength (``displace``: where the pasted pixels differ by > 0.1), so a faint fringe of a soft mark
+lies outside it; pixels beyond a mark's footprint are unchanged bit for bit, and a mask is never empty.
 """
 
 from __future__ import annotations
