@@ -53,10 +53,7 @@ SHARED = Path(os.environ.get("DIFFAD_BENCH_DATA", REPO_ROOT.parent / "shared" / 
 CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
               "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
 #: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
-EVAL_PHASES = ("default", "head", "head_sizes", "whole", "start100", "start200", "inpaint23", "thesis")
-#: validation-only phases: the default sampler with one field changed (the reconstruction's start ``T``: at 50 a
-#: denoised reconstruction keeps much of a low-contrast defect)
-SAMPLER_LEVERS = {"start100": {"inpaint_start": 100}, "start200": {"inpaint_start": 200}}
+EVAL_PHASES = ("default", "head", "head_sizes", "whole", "inpaint23", "thesis")
 #: head phase -> more ``train_segmenter.py`` flags (``head_sizes``: the head trained on defects of every kind and
 #: size, as validation draws them, instead of the small default ones)
 HEAD_PHASES = {"head": (), "head_sizes": ("--defect_kinds", "scratch,crack,pit,stain,blob,displace",
@@ -65,7 +62,7 @@ HEAD_PHASES = {"head": (), "head_sizes": ("--defect_kinds", "scratch,crack,pit,s
 #: about 2.5x faster at 256 px; make bench-cpu measured bf16 moving the bottle AUROCs by < 0.001), else fp32.
 PRECISION = os.environ.get("DIFFAD_BENCH_PRECISION", "auto")
 #: phases measured on validation only (a lever that loses there never sees the test split)
-VALIDATION_ONLY = ("whole",) + tuple(SAMPLER_LEVERS)
+VALIDATION_ONLY = ("whole",)
 #: the phases ``make bench-quality`` runs unless told (the thesis sampler at 256 px is 25 tiles x 301 passes; the
 #: whole-image phase lost to tiles on validation in every category measured: ``--phases ddpm,default,whole`` to
 #: measure it again)
@@ -98,8 +95,6 @@ def phase_config(phase: str):
 
     if phase in ("default", "whole") or phase in HEAD_PHASES:
         return SamplingConfig.fast()
-    if phase in SAMPLER_LEVERS:
-        return dataclasses.replace(SamplingConfig.fast(), **SAMPLER_LEVERS[phase])
     if phase == "inpaint23":
         return dataclasses.replace(SamplingConfig.fast(), mask_timesteps=(300,), reconstruction_steps=10,
                                    resample_steps=2, reconstruction="inpaint")
