@@ -1,18 +1,21 @@
-"""``make bench-quality`` (issue 12): every detector on the three real categories over three seeds.
+"""``make bench-quality`` (issues 12, 20): every detector on the five real categories over three seeds.
 
-For each real category (MVTec AD ``bottle``, MVTec 3D-AD ``tire``, MPDD ``metal_plate``) and each seed, one
-*cell* trains the tiny 64 px DDPM with a fixed budget of optimiser **steps** (never minutes, so the figures do not
-depend on the machine's load; phase ``ddpm``), then, for each sampling config (one phase each), copies the DDPM,
-calibrates it on the validation split with that config and evaluates it on the test split:
+For each real category (MVTec AD ``bottle``, ``transistor`` and ``toothbrush``, MVTec 3D-AD ``tire``, MPDD
+``metal_plate``) and each seed, one *cell* trains the DDPM as ``diffad train`` does (the ``cpu`` preset: 64 px crops
+of the 256 px working resolution) with a fixed budget of optimiser **steps** (never minutes, so the figures do not
+depend on the machine's load; phase ``ddpm``), then, for each phase, copies the DDPM, calibrates it on the
+validation split and evaluates it on the test split (25 tiles per image):
 
-* ``default``: ``SamplingConfig.fast()``, the default: ``self_aware`` (noise error at t = 150 x 3 draws + a 7-step
-  denoising reconstruction = 10 UNet passes; maps ``combined`` (the default), ``noise_error``, ``multiscale``)
-  and ``denoise`` (the baseline, 10 steps);
+* ``default``: ``SamplingConfig.fast()``: ``self_aware`` (noise error at t = 150 x 3 draws + a 7-step denoising
+  reconstruction = 10 UNet passes; maps ``combined``, ``noise_error``, ``multiscale``) and ``denoise`` (the
+  baseline, 10 steps), without the head;
+* ``head``: the same, with the learned head ``diffad train`` adds (the default detector: ``combined`` with the
+  head's map); ``head_sizes``: a head trained on defects of every kind and size instead (measured, not the default);
+* ``whole`` (validation only): the same weights on the whole image as one tile;
 * ``inpaint23``: diffad 0.2's default, self-aware inpainting (t = 300 x 3 + 10 steps x 2 resamplings = 23 passes);
 * ``thesis``: ``SamplingConfig.thesis()`` (301 passes; ``denoise`` 50 steps).
 
-The segmenter (the ``learned`` map) is not trained here: at 500 steps it took 18-28 CPU-minutes per category
-(over the 15-minute training budget) and the default does not use it.
+Seed 0 is also scored on validation (:func:`validation_set`): the choices are made there, never on the test split.
 
 Then ``<out>/bench_quality.json`` and ``<out>/table.md`` give, per category and detector, mean ± std over seeds
 of image AUROC, pixel AUROC, AUPRO, image F1-max, UNet passes and seconds per image, and the suspect-pixel masks'
@@ -23,9 +26,9 @@ Resumable: every step of every cell is skipped when its output exists (training 
 checkpoint), so ``make bench-quality`` continues an interrupted run; delete ``<out>`` to start over. Cells run
 ``--jobs`` at a time, each in its own one-thread process; every cell's ``ddpm`` phase runs before any evaluation.
 
-Cost (2-core CPU, ``--jobs 2``, one thread per cell): a DDPM of 1500 steps is about 20 CPU-minutes under load
-(``train_seconds`` in its log), ``default`` + ``inpaint23`` about 2-4 minutes per cell, ``thesis`` 5-15; the
-full run (9 cells) is about 2.5 hours. ``--quick``: one seed, 400 steps, about 25 minutes.
+Cost (2-core CPU, ``--jobs 2``, one thread per cell, measured in issue 20): a DDPM of 1500 steps 40-56 minutes
+under load (``train_seconds`` in its log), ``default`` 10-35 minutes per cell, ``head`` 11-29; one seed of the five
+categories is about 9 hours of one core. ``--quick``: bottle and tire, one seed, 400 steps.
 """
 
 from __future__ import annotations
