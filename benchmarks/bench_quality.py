@@ -43,7 +43,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -387,6 +387,24 @@ def run_cells(script: str, specs: Sequence[str], out: Path, log_name: str, extra
     if failed:
         logger.info("failed cells (see their logs; a re-run resumes them): %s", failed)
     return failed
+
+
+def run_one_or_all(run_cell: Optional[str], work: Callable[[str, int, str], None], script: str, cells: Sequence[str],
+                   out: Path, log_name: str, extra: Sequence[str], jobs: int) -> None:
+    """A companion script's entry (bench_recalibrate, bench_revalidate): with ``run_cell`` (``category:seed:phase``)
+    do that one cell's ``work`` in this one-thread process; else run every cell of ``cells`` through
+    :func:`run_cells` and exit non-zero if one failed."""
+    if run_cell:
+        import torch
+
+        torch.set_num_threads(1)
+        category, seed, phase = run_cell.split(":")
+        work(category, int(seed), phase)
+        return
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    failed = run_cells(script, cells, out, log_name, extra, jobs)
+    if failed:
+        raise SystemExit(f"failed: {failed} (see their logs; a re-run resumes)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

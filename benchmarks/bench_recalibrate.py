@@ -9,13 +9,13 @@ The previous results are kept beside as ``<phase>_{validation,evaluation}_<tag>`
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import CATEGORIES, PRECISION, cell_dir, phase_config, run_cells, run_eval_phase  # noqa: E402
+from bench_quality import (CATEGORIES, PRECISION, cell_dir, phase_config, run_eval_phase,  # noqa: E402
+                           run_one_or_all)
 
 
 def recalibrate(out: Path, category: str, seed: int, phase: str, tag: str) -> None:
@@ -48,19 +48,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.run_cell:
-        import torch
-
-        torch.set_num_threads(1)
-        category, seed, phase = a.run_cell.split(":")
-        recalibrate(Path(a.out), category, int(seed), phase, a.tag)
-        return
     cells = [f"{c}:{s}:{ph}" for ph in a.phases.split(",") for s in a.seeds.split(",") for c in a.categories.split(",")]
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    failed = run_cells(__file__, cells, Path(a.out), "recalibrate_{phase}_" + a.tag + ".log", ["--tag", a.tag], a.jobs)
-    if failed:
-        raise SystemExit(f"failed: {failed} (see their logs; a re-run resumes)")
-
+    run_one_or_all(a.run_cell, lambda c, s, ph: recalibrate(Path(a.out), c, s, ph, a.tag), __file__, cells,
+                   Path(a.out), "recalibrate_{phase}_" + a.tag + ".log", ["--tag", a.tag], a.jobs)
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,11 @@ go to ``<cell>/<phase>_validation_every_kind``; the test split is not touched. R
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import (CATEGORIES, cell_dir, phase_config, run_cells, run_validation,  # noqa: E402
+from bench_quality import (CATEGORIES, cell_dir, phase_config, run_one_or_all, run_validation,  # noqa: E402
                            validation_vs_test)
 
 #: defects per held validation image: one of each kind (diffad.defects.ALL_DEFECT_KINDS)
@@ -40,18 +39,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.run_cell:
-        import torch
-
-        torch.set_num_threads(1)
-        category, seed, phase = a.run_cell.split(":")
-        revalidate(Path(a.out), category, int(seed), phase)
-        return
     cells = [f"{c}:0:{ph}" for ph in a.phases.split(",") for c in a.categories.split(",")]
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    failed = run_cells(__file__, cells, Path(a.out), "revalidate_{phase}.log", [], a.jobs)
-    if failed:
-        raise SystemExit(f"failed: {failed} (see their logs; a re-run resumes)")
+    run_one_or_all(a.run_cell, lambda c, s, ph: revalidate(Path(a.out), c, s, ph), __file__, cells, Path(a.out),
+                   "revalidate_{phase}.log", [], a.jobs)
+    if a.run_cell:
+        return
     print(agreement_table(Path(a.out), a.categories.split(",")))
 
 
