@@ -38,6 +38,17 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def busy_port():
+    """A port of 127.0.0.1 that another socket listens on for the test's duration."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The embedded default dataset in MVTec AD layout, written once per test session (small, 64 px)."""

@@ -561,15 +561,10 @@ def test_case1_concurrent_sessions_never_see_each_others_rows(pipe, model, tmp_p
 # ------------------------------------------------------------------ the app on a busy port (case 18, third part)
 
 
-def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys):
-    import socket
-
+def test_case18_the_app_on_a_busy_port_names_port_before_any_url(model, capsys, busy_port):
     pytest.importorskip("gradio")
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        code = main(["app", "--model", str(model), "--port", str(port)])
+    port = busy_port
+    code = main(["app", "--model", str(model), "--port", str(port)])
     captured = capsys.readouterr()
     assert code == 2 and f"--port {port}: 127.0.0.1:{port} is in use" in captured.err and "another --port" in captured.err
     assert "http://" not in captured.out and "GRADIO_SERVER_PORT" not in captured.err

@@ -172,19 +172,14 @@ def test_cli_refusals_and_host_warning(model_dir, tmp_path, monkeypatch, capsys)
     assert "WARNING" not in capsys.readouterr().out and calls[-1]["host"] == "127.0.0.1"
 
 
-def test_a_busy_port_is_named_before_the_model_loads(model_dir, monkeypatch, capsys):
-    import socket
-
+def test_a_busy_port_is_named_before_the_model_loads(model_dir, monkeypatch, capsys, busy_port):
     import diffad.serve
 
     loaded = []
     monkeypatch.setattr(diffad.serve, "load_pipeline", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("uvicorn started on a busy port"))
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        code = main(["serve", "--model", str(model_dir), "--port", str(port)])
+    port = busy_port
+    code = main(["serve", "--model", str(model_dir), "--port", str(port)])
     captured = capsys.readouterr()
     assert code == 2 and f"--port {port}: 127.0.0.1:{port} is in use" in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "http://" not in captured.out and not loaded
