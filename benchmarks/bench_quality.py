@@ -162,14 +162,15 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
                         methods=("self_aware",) if phase in HEAD_PHASES else None)
 
 
-def validation_set(category: str, seed: int, resolution: int, copies: int = 1):
+def validation_set(category: str, seed: int, resolution: int, copies: int = 1, max_scale: Optional[float] = None):
     """The VALIDATION data a choice is made on (never the test split): the cell's validation split (held-out
     ``train/good``, the split training never saw), even positions to calibrate, odd positions scored as they are
     and each once more with one synthetic defect (:class:`diffad.defects.DefectSynthesizer`, the kinds in turn:
     scratch, crack, pit, stain, DRAEM blob and ``displace``, a piece of the part pasted elsewhere: without a global
     kind, validation ranked a global map (the whole image at the tile size) against the test split's order), of
     every size (``VALIDATION_SCALE_RANGE``: small defects alone ranked the map filter sizes against it too).
-    ``copies`` = 6: every kind on every held image (:func:`harness.validation_set`'s ``copies``).
+    ``copies`` = 6: every kind on every held image (:func:`harness.validation_set`'s ``copies``); ``max_scale``: the
+    largest size factor instead of ``VALIDATION_SCALE_RANGE``'s.
     Returns ``(calibration images, images, masks, labels, kinds)``."""
     from harness import validation_set as with_synthetic_defects
 
@@ -178,7 +179,8 @@ def validation_set(category: str, seed: int, resolution: int, copies: int = 1):
 
     split = load_mvtec(CATEGORIES[category], category, resolution=resolution, seed=seed)["validation"]
     x = images_to_tensor([row["image"] for row in split], resolution)
-    synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures", scale_range=VALIDATION_SCALE_RANGE)
+    scales = VALIDATION_SCALE_RANGE if max_scale is None else (VALIDATION_SCALE_RANGE[0], max_scale)
+    synth = DefectSynthesizer(ALL_DEFECT_KINDS, textures=SHARED / "textures", scale_range=scales)
     held = len(x) // 2
     kinds = [ALL_DEFECT_KINDS[n % len(ALL_DEFECT_KINDS)] for n in range(held * copies)]
     calib, images, masks, labels = with_synthetic_defects(
@@ -186,7 +188,8 @@ def validation_set(category: str, seed: int, resolution: int, copies: int = 1):
     return calib, images, masks, labels, ["good"] * held + kinds
 
 
-def run_validation(model: Path, out_file: Path, category: str, seed: int, config, copies: int = 1) -> None:
+def run_validation(model: Path, out_file: Path, category: str, seed: int, config, copies: int = 1,
+                   max_scale: Optional[float] = None) -> None:
     """Calibrate a copy of ``model`` on half the validation split and score the other half with and without
     synthetic defects (:func:`validation_set`): every method and map's metrics -> ``out_file``."""
     import dataclasses as dc
@@ -202,7 +205,7 @@ def run_validation(model: Path, out_file: Path, category: str, seed: int, config
 
     pipe = SelfAwareInpaintPipeline.from_pretrained(model).to(inference_device())
     pipe.set_progress_bar_config(disable=True)
-    calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution, copies)
+    calib, images, masks, labels, kinds = validation_set(category, seed, pipe.resolution, copies, max_scale)
     from diffad.precision import resolve_precision
 
     config = dc.replace(config, precision=resolve_precision(PRECISION, pipe.device))
