@@ -56,7 +56,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -92,6 +91,7 @@ from diffad.training_utils import (
     TrainingProgress,
     holds_output_folder,
     parse_int_list,
+    split_list,
     resolve_resume,
     resolve_training_args,
     save_checkpoint,
@@ -131,7 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _parse_kinds(text: Union[str, Sequence[str]]) -> tuple:
     """``"scratch,pit"`` -> ``("scratch", "pit")``, each a :data:`diffad.defects.ALL_DEFECT_KINDS` kind."""
-    kinds = tuple(k for k in re.split(r"[,\s]+", text.strip()) if k) if isinstance(text, str) else tuple(text)
+    kinds = tuple(split_list(text))
     unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
     if not kinds or unknown:
         raise argparse.ArgumentTypeError(f"expected kinds from {','.join(ALL_DEFECT_KINDS)}, got {text!r}")
@@ -141,7 +141,7 @@ def _parse_kinds(text: Union[str, Sequence[str]]) -> tuple:
 def _parse_scale_range(text: Union[str, Sequence[float]]) -> tuple:
     """``"1,8"`` -> ``(1.0, 8.0)`` with ``0 < low <= high``."""
     try:
-        values = tuple(float(v) for v in (re.split(r"[,\s]+", text.strip()) if isinstance(text, str) else text))
+        values = tuple(float(v) for v in split_list(text))
     except ValueError:
         values = ()
     if len(values) != 2 or not 0 < values[0] <= values[1]:
@@ -189,8 +189,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="LOW,HIGH: each defect's widths and radii times a log-uniform factor in it (diffad.defects; "
                         f"validation sets draw {','.join(str(int(v)) for v in VALIDATION_SCALE_RANGE)}).")
     g.add_argument("--num_synthetic", type=int, default=120,
-                   help="Synthetic samples: training image i mod N with one defect (diffad.defects: scratch, crack, "
-                        "pit, stain, blob in turn), each reconstructed once at the working resolution.")
+                   help="Synthetic samples: training image i mod N with one defect (diffad.defects: the "
+                        "--defect_kinds in turn), each reconstructed once at the working resolution.")
     g.add_argument("--validation_share", type=float, default=0.15,
                    help="Share of the synthetic samples held back: their validation loss picks the weights kept.")
 

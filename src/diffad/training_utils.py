@@ -271,11 +271,18 @@ def augment_batch(
     return torch.stack(out)
 
 
+def split_list(text: Union[str, Sequence[Any]]) -> list:
+    """``"a,b c"`` -> ``["a", "b", "c"]`` (commas or spaces); a sequence as a list: what a list flag holds."""
+    if not isinstance(text, str):
+        return list(text)
+    return [p for p in re.split(r"[,\s]+", text.strip()) if p]
+
+
 def parse_int_list(text: Union[str, Sequence[int]]) -> tuple:
     """``"16,32,64"`` (or ``"16 32 64"``, or a sequence) -> ``(16, 32, 64)``; for argparse ``type=``."""
     if not isinstance(text, str):
         return tuple(int(v) for v in text)
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    parts = split_list(text)
     try:
         return tuple(int(p) for p in parts)
     except ValueError:
