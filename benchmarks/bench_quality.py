@@ -243,7 +243,7 @@ def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "
     """Does validation (synthetic defects on held-out good parts, seed 0) predict the test split? Per category:
     each detector's image AUROC and AUPRO on both, the Spearman rank correlation of the detectors on each metric,
     and whether both pick the same best detector; plus the tiled-vs-whole-image choice made on validation.
-    ``validation``: the results' folder suffix (``validation_every_kind``: :mod:`bench_revalidate`'s)."""
+    ``validation``: the results' folder suffix (``validation_copies6``, ``validation_scale16``: :mod:`bench_revalidate`'s)."""
     from scipy.stats import spearmanr
 
     result: dict[str, Any] = {}

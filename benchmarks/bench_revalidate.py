@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import (CATEGORIES, cell_dir, phase_config, run_one_or_all, run_validation,  # noqa: E402
                            validation_vs_test)
 
+
 def suffix(copies: int, max_scale: Optional[float]) -> str:
     """The results folder's suffix of a validation set: ``validation`` (the bench's), ``validation_copies6``..."""
     return "validation" + (f"_copies{copies}" if copies != 1 else "") + (f"_scale{max_scale:g}" if max_scale else "")

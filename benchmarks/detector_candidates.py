@@ -1,8 +1,9 @@
 """Issue 12: default-detector candidates at <= 10 UNet passes, measured on VALIDATION data with synthetic defects
 (never the test split), on one trained model per category.
 
-Half of the validation split calibrates (:func:`harness.validation_set`); the other half is scored as is and with a synthetic defect. Two defect
-sets: ``draem`` (the segmenter's own generator: DTD textures, opacity U[0.1, 1], any size) and ``subtle``
+Half of the validation split calibrates (:func:`harness.validation_set`); the other half is scored as is and with a
+synthetic defect. Two defect sets: ``draem`` (the segmenter's own generator: DTD textures, opacity U[0.1, 1], any
+size) and ``subtle``
 (opacity U[0.1, 0.4], small Perlin blobs: closer to real defects that are barely visible at 64 px; the
 ``draem`` set saturates image AUROC and did not predict a real category's test split).
 

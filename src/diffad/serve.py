@@ -37,7 +37,6 @@ __all__ = ["INSTALL_HINT", "Service", "build_api", "register", "run"]
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "diffad serve needs FastAPI and uvicorn: pip install 'diffad[serve]'"
-#: Hosts that reach this machine only: any other --host gets a one-line warning.
 DEFAULT_PORT = 8000
 
 
