@@ -101,7 +101,7 @@ bench-quality-quick: venv
 	$(PY) benchmarks/bench_quality.py --out $(BENCH_OUT)/quality --quick --jobs 2
 
 # The peer (issue 20): anomalib's DRAEM (no pretrained weights) on the same five real categories, splits (diffad's
-# load_mvtec rule, written by diffad's venv), 256 px and step budget (~15 CPU-minutes per cell on one thread), 3 seeds,
+# load_mvtec rule, written by diffad's venv), 256 px and step budget (~30 CPU-minutes per cell on one thread), 3 seeds,
 # scored with diffad's metric code. Its own venv .venv-peer, never in diffad's dependencies. Resumable. The PyPI
 # torchvision is a CUDA build: its two unguarded register_fake calls are made conditional (no CPU wheel exists here).
 PEER_VENV := .venv-peer
@@ -118,8 +118,9 @@ $(PEER_VENV)/.installed:
 
 peer-venv: $(PEER_VENV)/.installed
 
-# 5 categories x 3 seeds, 11 steps (~81 CPU-s each) per cell, one cell at a time (a cell peaks at ~11 GB of RSS at
-# batch 8, 256 px: two at once do not fit beside other work in 24 GB). ~5 CPU-hours, see the README.
+# 5 categories x 3 seeds, 22 steps (~81 CPU-s each) per cell, one cell at a time (a cell peaks at ~11 GB of RSS at
+# batch 8, 256 px: two at once do not fit beside other work in 24 GB). ~9 CPU-hours, see the README. On a GPU machine
+# the same steps and draws take minutes: bench_peer.py --device cuda --jobs 3 (DIFFAD_BENCH_DATA: the data's copy).
 bench-peer: venv peer-venv
 	OMP_NUM_THREADS=1 $(PEER_PY) benchmarks/bench_peer.py --out $(BENCH_OUT)/peer --jobs 1
 

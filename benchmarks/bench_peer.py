@@ -13,7 +13,9 @@ imported here). For each real category and seed, one *cell*:
    epochs 400 and 600, counted in steps: never reached at a CPU budget), 256 px, batch 8, a
    budget in optimiser **steps** (``--steps``), one torch thread. No pretrained weights. Checkpointed every
    ``--checkpoint_every`` seconds (model, optimiser, schedule, RNG), so an interrupted cell resumes where it was;
-   batches are a seeded permutation per epoch, so a resumed run draws the same batches.
+   batches are a seeded permutation per epoch, so a resumed run draws the same batches. ``--device cuda``: the
+   same initial weights, batches and anomaly draws (all made on the CPU), trained and tested on a GPU; only float
+   rounding differs, and each cell records its device.
 3. **test**: the model's softmax anomaly map at 256 px for every test image (batch 1, timed), and two image
    scores: ``anomalib`` (the model's own ``pred_score``: max of the map) and ``mean11`` (the DRAEM paper's rule as
    the issue states it: an 11x11 mean filter, ``avg_pool2d(stride=1, padding=5)``, then the max); ``mean21`` is the
@@ -23,7 +25,9 @@ imported here). For each real category and seed, one *cell*:
 
 Each cell writes ``<out>/<category>/seed<k>/metrics.json`` and is skipped when it exists; ``<out>/peer.json`` holds
 per category mean ± std over seeds for every scoring rule, steps, CPU-minutes of training per cell and seconds
-per test image. ``--measure_steps N`` only times N training steps (after 1 warm-up step) and prints seconds per
+per test image, and the mean over categories as bench_quality.py takes it (per seed, then mean ± std over
+seeds). On a GPU machine, with a copy of the shared data: ``DIFFAD_BENCH_DATA=<copy> python bench_peer.py --device
+cuda --jobs 3 --diffad_python <the python that has diffad>``. ``--measure_steps N`` only times N training steps (after 1 warm-up step) and prints seconds per
 step; use it to set ``--steps`` for another budget.
 """
 
@@ -44,18 +48,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness import peak_rss_mib
+from harness import REAL_CATEGORIES, SHARED_DATA, peak_rss_mib
 
 logger = logging.getLogger("bench_peer")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared" / "data"
-#: category -> the MVTec AD-layout root that holds it (the same five as bench_quality.py)
-CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
-              "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
-#: default optimiser steps per cell: ~15 CPU-minutes on one thread at 256 px, batch 8 (~81 CPU-seconds a step,
-#: measured with ``--measure_steps`` on the 2-core machine under load; see the README). About half an epoch.
-DEFAULT_STEPS = 11
+#: the shared real data and category -> the MVTec AD-layout root that holds it (the same as bench_quality.py's)
+SHARED, CATEGORIES = SHARED_DATA, REAL_CATEGORIES
+#: default optimiser steps per cell: ~30 CPU-minutes on one thread at 256 px, batch 8 (~81 CPU-seconds a step,
+#: measured with ``--measure_steps`` on the 2-core machine under load; see the README), the issue's training budget
+#: per category, which diffad's default fills (DDPM ~13 CPU-minutes, head 12-17). About one epoch.
+DEFAULT_STEPS = 22
 QUICK_STEPS = 3
 RULES = ("anomalib", "mean11", "mean21")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -116,14 +119,15 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- train
 
-def build(steps_per_epoch: int, source: Path):
-    """anomalib's ``Draem``: model, loss, Adam lr 1e-4 and ``MultiStepLR`` x0.1 at epochs 400 and 600 (anomalib
-    steps it once per epoch; here per step, so the milestones are those epochs counted in steps)."""
+def build(steps_per_epoch: int, source: Path, device: str = "cpu"):
+    """anomalib's ``Draem``: model (on ``device``, initialised on the CPU from the seed, so every device starts
+    from the same weights), loss, Adam lr 1e-4 and ``MultiStepLR`` x0.1 at epochs 400 and 600 (anomalib steps it
+    once per epoch; here per step, so the milestones are those epochs counted in steps)."""
     from anomalib.models.image.draem.loss import DraemLoss
     from anomalib.models.image.draem.torch_model import DraemModel
 
-    model = DraemModel(sspcab=False)
-    loss_fn = DraemLoss()
+    model = DraemModel(sspcab=False).to(device)
+    loss_fn = DraemLoss().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     milestones = [400 * steps_per_epoch, 600 * steps_per_epoch]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
@@ -131,7 +135,11 @@ def build(steps_per_epoch: int, source: Path):
 
 
 def train_step(model, loss_fn, opt, sched, gen, images: torch.Tensor) -> float:
+    """One optimiser step. The anomalies are drawn on the CPU (the same draws on every device), then the batch
+    moves to the model's device."""
     augmented, mask = gen(images)
+    device = next(model.parameters()).device
+    images, augmented, mask = images.to(device), augmented.to(device), mask.to(device)
     reconstruction, prediction = model(augmented)
     loss = loss_fn(images, reconstruction, mask, prediction)
     opt.zero_grad(set_to_none=True)
@@ -148,7 +156,7 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def train(cell: Path, train_x: torch.Tensor, steps: int, batch: int, seed: int, source: Path,
-          checkpoint_every: float) -> dict:
+          checkpoint_every: float, device: str = "cpu") -> dict:
     """Train (or resume) one cell; returns the training log. Final weights: ``<cell>/model.pt``."""
     final = cell / "model.pt"
     log_path = cell / "train_log.json"
@@ -156,11 +164,11 @@ def train(cell: Path, train_x: torch.Tensor, steps: int, batch: int, seed: int, 
         return json.loads(log_path.read_text())
     torch.manual_seed(seed)
     n = train_x.shape[0]
-    model, loss_fn, opt, sched, gen = build(math.ceil(n / batch), source)
+    model, loss_fn, opt, sched, gen = build(math.ceil(n / batch), source, device)
     ckpt_path = cell / "checkpoint.pt"
     state = {"step": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "losses": []}
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -190,9 +198,9 @@ def train(cell: Path, train_x: torch.Tensor, steps: int, batch: int, seed: int, 
             last_save = time.perf_counter()
     state["cpu_seconds"] = cpu_base + time.process_time() - cpu0
     state["wall_seconds"] = wall_base + time.perf_counter() - wall0
-    torch.save(model.state_dict(), final.with_suffix(".tmp"))
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, final.with_suffix(".tmp"))
     os.replace(final.with_suffix(".tmp"), final)
-    log = {"steps": steps, "batch_size": batch, "train_images": n, "epochs": steps * batch / n,
+    log = {"steps": steps, "batch_size": batch, "train_images": n, "epochs": steps * batch / n, "device": device,
            "lr_milestones": sorted(sched.milestones),
            "cpu_minutes": state["cpu_seconds"] / 60, "wall_minutes": state["wall_seconds"] / 60,
            "cpu_seconds_per_step": state["cpu_seconds"] / steps,
@@ -208,11 +216,12 @@ def train(cell: Path, train_x: torch.Tensor, steps: int, batch: int, seed: int, 
 def predict(model, test_x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """Anomaly maps (N, R, R) and image scores per rule, batch 1, timed per image."""
     model.eval()
+    device = next(model.parameters()).device
     maps, scores = [], {r: [] for r in RULES}
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i in range(test_x.shape[0]):
-        out = model(test_x[i:i + 1])
-        amap = out.anomaly_map  # (1, R, R): softmax of the defect class
+        out = model(test_x[i:i + 1].to(device))
+        amap = out.anomaly_map.float().cpu()  # (1, R, R): softmax of the defect class (the copy waits for the GPU)
         scores["anomalib"].append(float(out.pred_score.reshape(-1)[0]))
         for k in (11, 21):
             pooled = torch.nn.functional.avg_pool2d(amap[:, None], k, stride=1, padding=k // 2)
@@ -247,12 +256,14 @@ def run_cell(args, category: str, seed: int) -> dict:
     folder = Path(split["root"]) / category
     torch.set_num_threads(args.threads)
     train_x = load_images(folder, split["train"], args.resolution)
-    log = train(cell, train_x, args.steps, args.batch_size, seed, args.anomaly_source, args.checkpoint_every)
+    log = train(cell, train_x, args.steps, args.batch_size, seed, args.anomaly_source, args.checkpoint_every,
+                args.device)
     del train_x
     from anomalib.models.image.draem.torch_model import DraemModel
 
     model = DraemModel(sspcab=False)
     model.load_state_dict(torch.load(cell / "model.pt", weights_only=True))
+    model.to(args.device)
     rows = pick_test(split["test"], args.max_test_images)
     test_x = load_images(folder, [r["file_name"] for r in rows], args.resolution)
     maps, scores, timing = predict(model, test_x)
@@ -285,6 +296,7 @@ def summarise(results: list[dict], config: dict) -> dict:
         entry = {"seeds": [c["seed"] for c in cells], "rules": {},
                  "steps": cells[0]["steps"], "epochs": cells[0]["epochs"],
                  "train_images": cells[0]["train_images"], "test_images": cells[0]["test_images"],
+                 "device": ",".join(sorted({c.get("device", "cpu") for c in cells})),
                  "cpu_minutes_per_cell": [round(c["cpu_minutes"], 2) for c in cells],
                  "wall_minutes_per_cell": [round(c["wall_minutes"], 2) for c in cells],
                  "test_wall_seconds_per_image": ms([c["test_wall_seconds_per_image"] for c in cells]),
@@ -294,19 +306,29 @@ def summarise(results: list[dict], config: dict) -> dict:
             for m in METRICS:
                 per_rule_means[rule][m].append(entry["rules"][rule][m]["mean"])
         out["categories"][category] = entry
-    out["mean_over_categories"] = {r: {m: float(np.mean(v)) for m, v in d.items()} for r, d in per_rule_means.items()}
+    # mean over categories per seed (seeds every category ran), then mean ± std over those seeds: bench_quality's rule
+    categories = list(out["categories"])
+    full_seeds = [s for s in sorted({r["seed"] for r in results})
+                  if all(any(r["category"] == c and r["seed"] == s for r in results) for c in categories)]
+    by_cell = {(r["category"], r["seed"]): r for r in results}
+    out["mean_over_categories"] = {
+        rule: {m: {"mean": float(np.mean(v)), **(ms([np.mean([by_cell[c, s]["metrics"][rule][m] for c in categories])
+                                                   for s in full_seeds]) if full_seeds else {"std": None, "n": 0})}
+               for m, v in d.items()}
+        for rule, d in per_rule_means.items()}
     return out
 
 
 def table(summary: dict) -> str:
-    lines = ["| category | rule | image AUROC | pixel AUROC | AUPRO | image F1-max | steps | CPU-min/cell | s/image wall (CPU) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| category | rule | image AUROC | pixel AUROC | AUPRO | image F1-max | steps | device | CPU-min/cell "
+             "| s/image wall (CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for category, e in summary["categories"].items():
         for rule in ("anomalib", "mean11"):
             r = e["rules"][rule]
             f = lambda m: f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}"  # noqa: E731
             lines.append(f"| {category} | {rule} | {f('image_auroc')} | {f('pixel_auroc')} | {f('aupro')} | "
-                         f"{f('image_f1_max')} | {e['steps']} | {np.mean(e['cpu_minutes_per_cell']):.1f} | "
+                         f"{f('image_f1_max')} | {e['steps']} | {e['device']} | {np.mean(e['cpu_minutes_per_cell']):.1f} | "
                          f"{e['test_wall_seconds_per_image']['mean']:.2f} ({e['test_cpu_seconds_per_image']['mean']:.2f}) |")
     return "\n".join(lines)
 
@@ -318,7 +340,7 @@ def measure(args) -> None:
     names = sorted(p.name for p in folder.iterdir())[:32]
     x = load_images(folder, names, args.resolution)
     torch.manual_seed(0)
-    model, loss_fn, opt, sched, gen = build(math.ceil(x.shape[0] / args.batch_size), args.anomaly_source)
+    model, loss_fn, opt, sched, gen = build(math.ceil(x.shape[0] / args.batch_size), args.anomaly_source, args.device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     cpu, wall = [], []
@@ -353,10 +375,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default=",".join(CATEGORIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps per cell (default {DEFAULT_STEPS}, "
-                   f"about 15 CPU-minutes on one thread; --quick: {QUICK_STEPS})")
+                   f"about 30 CPU-minutes on one thread; --quick: {QUICK_STEPS})")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell process")
+    p.add_argument("--device", default="cpu", help="where DRAEM trains and runs (e.g. cuda): the same steps, "
+                   "batches and anomaly draws as on the CPU, float rounding aside; recorded in each cell")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     p.add_argument("--anomaly_source", type=Path, default=SHARED / "textures")
     p.add_argument("--diffad_python", type=Path, default=REPO_ROOT / ".venv" / "bin" / "python",
@@ -376,14 +400,24 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"model": "anomalib DRAEM (DraemModel, DraemLoss, PerlinAnomalyGenerator), no pretrained weights",
             "anomalib": _version("anomalib"), "torch": torch.__version__, "steps": args.steps,
             "batch_size": args.batch_size, "resolution": args.resolution, "threads_per_cell": args.threads,
+            "device": args.device,
             "optimizer": "Adam lr 1e-4, x0.1 at epochs 400 and 600 (anomalib's Draem)",
-            "anomaly_source": str(args.anomaly_source), "max_test_images": args.max_test_images,
+            "anomaly_source": _data_path(args.anomaly_source), "max_test_images": args.max_test_images,
             "split": "diffad.data.load_mvtec(root, category, validation_fraction=0.2, seed=seed): train on train, "
                      "test on the whole test split",
             "rules": {"anomalib": "the model's pred_score (max of the softmax anomaly map)",
                       "mean11": "11x11 mean filter (avg_pool2d stride 1, padding 5) on the map, then max",
                       "mean21": "21x21 mean filter (the authors' test_DRAEM.py), then max"},
             "metrics": "diffad.metrics.compute_anomaly_metrics (raw scores), pixel metrics on the softmax map"}
+
+
+def _data_path(path: Path) -> str:
+    """``path`` as recorded in a results folder: relative to the shared data where it lies there (a copy of the data
+    on another machine is the same data), else as given."""
+    try:
+        return "<shared data>/" + Path(path).resolve().relative_to(SHARED_DATA.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _run_cells(args: argparse.Namespace, cells: list[tuple[str, int]]) -> None:
@@ -396,7 +430,7 @@ def _run_cells(args: argparse.Namespace, cells: list[tuple[str, int]]) -> None:
             return
         cmd = [sys.executable, __file__, "--run-cell", f"{category}:{seed}", "--out", str(args.out),
                "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--resolution", str(args.resolution),
-               "--threads", str(args.threads), "--anomaly_source", str(args.anomaly_source),
+               "--threads", str(args.threads), "--device", args.device, "--anomaly_source", str(args.anomaly_source),
                "--diffad_python", str(args.diffad_python), "--checkpoint_every", str(args.checkpoint_every)]
         if args.max_test_images:
             cmd += ["--max_test_images", str(args.max_test_images)]

@@ -47,14 +47,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from harness import REAL_CATEGORIES, SHARED_DATA
+
 logger = logging.getLogger("bench_quality")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: the shared real data (``DIFFAD_BENCH_DATA``: another copy of it, e.g. on a GPU machine)
-SHARED = Path(os.environ.get("DIFFAD_BENCH_DATA", REPO_ROOT.parent / "shared" / "data"))
-#: category -> the MVTec AD-layout root that holds it
-CATEGORIES = {"bottle": SHARED / "mvtec_subset", "tire": SHARED / "more_real", "metal_plate": SHARED / "more_real",
-              "transistor": SHARED / "more_real", "toothbrush": SHARED / "more_real"}
+#: the shared real data and its five categories (harness's, the peer's bench reads the same)
+SHARED, CATEGORIES = SHARED_DATA, REAL_CATEGORIES
 #: evaluation phases, in the order they run (each calibrates its own copy of the cell's DDPM)
 EVAL_PHASES = ("default", "head", "head_sizes", "whole", "inpaint23", "thesis")
 #: head phase -> more ``train_segmenter.py`` flags (``head_sizes``: the head trained on defects of every kind and
@@ -336,6 +335,12 @@ def add_peer_rows(summary: dict[str, Any], peer_json: Path) -> None:
             metrics = entry["rules"][rule]
             block[name] = {"num_seeds": len(entry["seeds"]),
                            **{m: {"mean": v["mean"], "std": v["std"]} for m, v in metrics.items() if m in METRICS}}
+    for rule, name in names.items():  # the mean over the peer's categories: per seed, then mean ± std over seeds
+        means = peer.get("mean_over_categories", {}).get(rule, {})
+        if means and all(isinstance(v, dict) and v.get("n") for v in means.values()):
+            summary["mean_over_categories"][name] = {
+                "num_seeds": min(v["n"] for v in means.values()),
+                **{m: {"mean": v["mean"], "std": v["std"]} for m, v in means.items() if m in METRICS}}
 
 
 def validation_markdown(vt: dict[str, Any]) -> str:

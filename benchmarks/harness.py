@@ -13,6 +13,7 @@ and torch at load: ``bench_peer.py`` runs it in anomalib's venv, without diffad.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -24,9 +25,16 @@ import torch
 if TYPE_CHECKING:
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
-__all__ = ["auroc", "peak_rss_mib", "reset_peak_rss", "rss_mib", "run_path", "split_tensors", "validation_set"]
+__all__ = ["REAL_CATEGORIES", "SHARED_DATA", "auroc", "peak_rss_mib", "reset_peak_rss", "rss_mib", "run_path", "split_tensors", "validation_set"]
 
 _STATUS = Path("/proc/self/status")
+
+#: the shared real data beside the checkout (``DIFFAD_BENCH_DATA``: another copy of it, e.g. on a GPU machine)
+SHARED_DATA = Path(os.environ.get("DIFFAD_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+#: the five real categories every quality bench runs (diffad's and the peer's) -> the MVTec AD-layout root holding it
+REAL_CATEGORIES = {"bottle": SHARED_DATA / "mvtec_subset", "tire": SHARED_DATA / "more_real",
+                   "metal_plate": SHARED_DATA / "more_real", "transistor": SHARED_DATA / "more_real",
+                   "toothbrush": SHARED_DATA / "more_real"}
 
 # --------------------------------------------------------------------------- memory
 

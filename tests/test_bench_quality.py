@@ -81,3 +81,36 @@ def test_validation_set_calibrates_on_even_images_and_adds_one_defect_of_each_ki
             same = (dense[1][held + i * k + j] == normal[1::2][i]).all(0)
             assert same.float().mean() > 0.5 and not same[torch.from_numpy(dense[2][held + i * k + j])].all()
     assert torch.equal(dense[1][held], images[held])  # the first defect is the sparse set's first
+
+
+def test_the_peers_rows_and_their_mean_over_categories_sit_beside_diffads(tmp_path):
+    """make bench-peer's cells, summarised by bench_peer.py, give bench_quality's table the peer's rows per category
+    and its mean over categories by diffad's rule: the categories' mean per seed, then mean ± std over seeds."""
+    import json
+
+    import numpy as np
+
+    import bench_peer
+
+    image = {("bottle", 0): 0.6, ("bottle", 1): 0.8, ("tire", 0): 0.4, ("tire", 1): 0.5}
+    results = [{"category": c, "seed": s, "steps": 11, "epochs": 0.5, "train_images": 10, "test_images": 4,
+                "device": "cuda", "cpu_minutes": 0.1, "wall_minutes": 0.1, "test_wall_seconds_per_image": 0.05,
+                "test_cpu_seconds_per_image": 0.05,
+                "metrics": {rule: {"image_auroc": v if rule == "mean11" else 0.5, "pixel_auroc": 0.7, "aupro": 0.3,
+                                   "image_f1_max": 0.8} for rule in bench_peer.RULES}}
+               for (c, s), v in image.items()]
+    peer_json = tmp_path / "peer.json"
+    peer_json.write_text(json.dumps(bench_peer.summarise(results, {})))
+    summary = {"categories": {"bottle": {"default": {"num_seeds": 2}}}, "mean_over_categories": {}}
+    bench_quality.add_peer_rows(summary, peer_json)
+
+    name = "peer: DRAEM (paper: 11x11 mean, max)"
+    assert summary["categories"]["bottle"][name]["image_auroc"]["mean"] == pytest.approx(0.7)
+    assert summary["categories"]["tire"][name]["image_auroc"]["std"] == pytest.approx(0.05)
+    per_seed = [np.mean([0.6, 0.4]), np.mean([0.8, 0.5])]
+    row = summary["mean_over_categories"][name]
+    assert row["num_seeds"] == 2
+    assert row["image_auroc"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert row["image_auroc"]["std"] == pytest.approx(np.std(per_seed))
+    assert summary["mean_over_categories"]["peer: anomalib DRAEM (its default score)"]["image_auroc"]["std"] == 0
+    assert "| peer: DRAEM (paper: 11x11 mean, max) | 0.575 ± 0.075 |" in bench_quality.markdown(summary)
