@@ -18,7 +18,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import (CATEGORIES, cell_dir, phase_config, run_one_or_all, run_validation,  # noqa: E402
-                           validation_vs_test)
+                           validation_means, validation_vs_test)
 
 
 def suffix(copies: int, max_scale: Optional[float]) -> str:
@@ -53,7 +53,9 @@ def main() -> None:
                    cells, Path(a.out), "revalidate_{phase}_" + suffix(a.copies, a.max_scale) + ".log", extra, a.jobs)
     if a.run_cell:
         return
-    print(agreement_table(Path(a.out), a.categories.split(","), suffix(a.copies, a.max_scale)))
+    out, categories, other = Path(a.out), a.categories.split(","), suffix(a.copies, a.max_scale)
+    print(agreement_table(out, categories, other))
+    print(means_table(out, categories, other))
 
 
 def agreement_table(out: Path, categories: list[str], other: str) -> str:
@@ -66,6 +68,18 @@ def agreement_table(out: Path, categories: list[str], other: str) -> str:
             if a:
                 lines.append(f"| {category} | {name} | {a['image_auroc']['detectors']} | "
                              f"{a['image_auroc']['spearman']:.2f} | {a['aupro']['spearman']:.2f} |")
+    return "\n".join(lines)
+
+
+def means_table(out: Path, categories: list[str], other: str) -> str:
+    """Per detector, the validation mean over categories, plain and pooled (:func:`bench_quality.validation_means`),
+    on the bench's validation set and the ``other`` one."""
+    lines = ["| validation set | detector | image AUROC plain / pooled | pixel AUROC | AUPRO |",
+             "|---|---|---|---|---|"]
+    for name in ("validation", other):
+        for detector, m in validation_means(validation_vs_test(out, categories, name)).items():
+            lines.append(f"| {name} | {detector} | " + " | ".join(
+                f"{m[k]['plain']:.3f} / {m[k]['pooled']:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")) + " |")
     return "\n".join(lines)
 
 

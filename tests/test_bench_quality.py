@@ -114,3 +114,20 @@ def test_the_peers_rows_and_their_mean_over_categories_sit_beside_diffads(tmp_pa
     assert row["image_auroc"]["std"] == pytest.approx(np.std(per_seed))
     assert summary["mean_over_categories"]["peer: anomalib DRAEM (its default score)"]["image_auroc"]["std"] == 0
     assert "| peer: DRAEM (paper: 11x11 mean, max) | 0.575 ± 0.075 |" in bench_quality.markdown(summary)
+
+
+def test_validation_means_weigh_each_category_by_its_validation_images_when_pooled():
+    """A category with 10 validation images moves AUROC in steps of 0.04: pooled, it weighs a fifth of one with 40;
+    a detector not scored on validation in every category gets no mean."""
+    def row(auroc, n):
+        return {"validation": {"image_auroc": auroc, "pixel_auroc": auroc, "aupro": auroc}, "validation_images": n,
+                "test": None}
+
+    vt = {"metal_plate": {"detectors": {"a": row(0.9, 10), "b": row(0.6, 10)}, "agreement": {}},
+          "tire": {"detectors": {"a": row(0.5, 40), "b": {"validation": None, "validation_images": None, "test": None}},
+                   "agreement": {}}}
+    means = bench_quality.validation_means(vt)
+    assert list(means) == ["a"]
+    assert means["a"]["image_auroc"]["plain"] == pytest.approx(0.7)
+    assert means["a"]["aupro"]["pooled"] == pytest.approx((0.9 * 10 + 0.5 * 40) / 50)
+    assert "| a | 0.700 / 0.580 | 0.700 / 0.580 | 0.700 / 0.580 |" in bench_quality.validation_markdown(vt)
