@@ -15,7 +15,8 @@ validation split and evaluates it on the test split (25 tiles per image):
 * ``inpaint23``: diffad 0.2's default, self-aware inpainting (t = 300 x 3 + 10 steps x 2 resamplings = 23 passes);
 * ``thesis``: ``SamplingConfig.thesis()`` (301 passes; ``denoise`` 50 steps).
 
-Seed 0 is also scored on validation (:func:`validation_set`): the choices are made there, never on the test split.
+Every cell is also scored on validation (:func:`validation_set`: its seed's held-out images, with synthetic
+defects): the choices are made there, pooled over categories and seeds, never on the test split.
 
 Then ``<out>/bench_quality.json`` and ``<out>/table.md`` give, per category and detector, mean ± std over seeds
 of image AUROC, pixel AUROC, AUPRO, image F1-max, UNet passes and seconds per image, and the suspect-pixel masks'
@@ -139,9 +140,8 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
         SelfAwareInpaintPipeline(unet=pipe.unet, scheduler=pipe.scheduler,
                                  working_resolution=pipe.config.working_resolution).save_pretrained(copy)
     if phase in VALIDATION_ONLY:
-        if seed == 0:
-            run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
-                           phase_config(phase))
+        run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
+                       phase_config(phase))
         return
     if not has_component(copy, "calibration"):
         calibrate_model(model_dir=copy, data=CATEGORIES[category], category=category, config=phase_config(phase),
@@ -151,9 +151,10 @@ def run_eval_phase(out: Path, category: str, seed: int, phase: str) -> None:
 
         train_head(copy, argparse.Namespace(data_dir=str(CATEGORIES[category]), category=category, seed=seed),
                    calibration_batch_size=16, segmenter_argv=HEAD_PHASES[phase])
-    if seed == 0:  # the choices are made on validation: one seed of it per category (the head trained first)
-        run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
-                       phase_config(phase))
+    # the choices are made on validation, every seed's (each seed holds out other images: the small categories'
+    # sets are 8-10 images, so one seed's moves AUROC in steps of 0.04); the head is trained first
+    run_validation(copy, cell / f"{phase}_validation" / category / "metrics.json", category, seed,
+                   phase_config(phase))
     evaluation = cell / f"{phase}_evaluation" / category
     if not evaluation_is_current(evaluation, [copy]):
         # the head phase adds self_aware maps only: its denoise rows are the default phase's, on the same DDPM
@@ -238,8 +239,10 @@ def phase_metrics(out: Path, category: str, seed: int, phase: str) -> Optional[d
     return json.loads(path.read_text())["categories"][category] if path.is_file() else None
 
 
-def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "validation") -> dict[str, Any]:
-    """Does validation (synthetic defects on held-out good parts, seed 0) predict the test split? Per category:
+def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "validation",
+                       seed: int = 0) -> dict[str, Any]:
+    """Does validation (synthetic defects on held-out good parts, the ``seed``'s split) predict the test split (the
+    same seed's models)? Per category:
     each detector's image AUROC and AUPRO on both, the Spearman rank correlation of the detectors on each metric,
     and whether both pick the same best detector; plus the tiled-vs-whole-image choice made on validation.
     ``validation``: the results' folder suffix (``validation_copies6``, ``validation_scale16``: :mod:`bench_revalidate`'s)."""
@@ -247,12 +250,12 @@ def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "
 
     result: dict[str, Any] = {}
     for category in categories:
-        cell = cell_dir(out, category, 0)
+        cell = cell_dir(out, category, seed)
         rows = {}
         for detector, (phase, key) in DETECTORS.items():
             val_path = cell / f"{phase}_{validation}" / category / "metrics.json"
             val = json.loads(val_path.read_text()).get(key) if val_path.is_file() else None
-            test = phase_metrics(out, category, 0, phase)
+            test = phase_metrics(out, category, seed, phase)
             num = json.loads(val_path.read_text()).get("num_images") if val else None
             rows[detector] = {"validation": val and {m: val.get(m) for m in ("image_auroc", "pixel_auroc", "aupro")},
                               "validation_images": num,
@@ -272,19 +275,21 @@ def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "
     return result
 
 
-def validation_means(vt: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per detector scored on validation in every category of :func:`validation_vs_test`'s ``vt``: the mean over
-    categories of image AUROC, pixel AUROC and AUPRO, ``plain`` (each category counts once) and ``pooled`` (each
-    weighted by its validation images). The validation sets range from 8 images (toothbrush) to 48 (tire): in the
-    plain mean a category whose AUROC moves in steps of 0.04 weighs as much as one with steps of 0.002."""
+def validation_means(*vts: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per detector scored on validation in every category of :func:`validation_vs_test`'s results (one per seed):
+    the mean of image AUROC, pixel AUROC and AUPRO over the (category, seed) cells, ``plain`` (each counts once)
+    and ``pooled`` (each weighted by its validation images), with ``cells``. The validation sets range from 8 images
+    (toothbrush) to 48 (tire): in the plain mean a category whose AUROC moves in steps of 0.04 weighs as much as
+    one with steps of 0.002."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    detectors = dict.fromkeys(d for block in vt.values() for d in block["detectors"])
+    blocks = [block for vt in vts for block in vt.values()]
+    detectors = dict.fromkeys(d for block in blocks for d in block["detectors"])
     for detector in detectors:
-        rows = [block["detectors"].get(detector) or {} for block in vt.values()]
+        rows = [block["detectors"].get(detector) or {} for block in blocks]
         if not rows or not all(r.get("validation") and r.get("validation_images") for r in rows):
             continue
         weights = np.asarray([r["validation_images"] for r in rows], float)
-        out[detector] = {}
+        out[detector] = {"cells": len(rows)}
         for metric in ("image_auroc", "pixel_auroc", "aupro"):
             values = np.asarray([r["validation"][metric] for r in rows], float)
             out[detector][metric] = {"plain": float(values.mean()),
@@ -365,8 +370,9 @@ def add_peer_rows(summary: dict[str, Any], peer_json: Path) -> None:
                 **{m: {"mean": v["mean"], "std": v["std"]} for m, v in means.items() if m in METRICS}}
 
 
-def validation_markdown(vt: dict[str, Any]) -> str:
-    """The validation (seed 0, synthetic defects) against test table: image AUROC / AUPRO of each detector."""
+def validation_markdown(vt: dict[str, Any], means: Optional[dict[str, Any]] = None) -> str:
+    """The validation (seed 0, synthetic defects) against test table: image AUROC / AUPRO of each detector; then
+    ``means`` (:func:`validation_means`, default: of ``vt`` alone)."""
     if not vt:
         return ""
     lines = ["", "### Validation (synthetic defects, seed 0) against test: image AUROC / AUPRO", "",
@@ -379,12 +385,13 @@ def validation_markdown(vt: dict[str, Any]) -> str:
         for metric, a in block["agreement"].items():
             lines.append(f"| {category} | rank agreement on {metric} | Spearman {a['spearman']:.2f} over "
                          f"{a['detectors']} detectors | same best: {a['same_best']} |")
-    means = validation_means(vt)
+    means = validation_means(vt) if means is None else means
     if means:
-        lines += ["", "### Validation, mean over categories: plain / pooled (weighted by each category's validation "
-                  "images)", "", "| detector | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
-        lines += [f"| {d} | " + " | ".join(f"{m[k]['plain']:.3f} / {m[k]['pooled']:.3f}"
-                                         for k in ("image_auroc", "pixel_auroc", "aupro")) + " |"
+        lines += ["", "### Validation, mean over categories and seeds: plain / pooled (weighted by each cell's "
+                  "validation images)", "", "| detector | cells | image AUROC | pixel AUROC | AUPRO |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d} | {m['cells']} | " + " | ".join(f"{m[k]['plain']:.3f} / {m[k]['pooled']:.3f}"
+                                                          for k in ("image_auroc", "pixel_auroc", "aupro")) + " |"
                   for d, m in means.items()]
     return "\n".join(lines) + "\n"
 
@@ -490,6 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "detectors": DETECTORS}
     summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
     summary["validation_vs_test"] = validation_vs_test(out, categories) if 0 in seeds else {}
+    summary["validation_means"] = validation_means(*(validation_vs_test(out, categories, seed=s) for s in seeds))
     add_peer_rows(summary, Path(args.peer))
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))
@@ -497,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = markdown(summary) + (f"\nDDPM training ({args.ddpm_steps or 1500} steps, one thread, --jobs {args.jobs}): "
                                  f"{np.mean(minutes):.1f} ± {np.std(minutes):.1f} minutes per cell "
                                  f"({len(minutes)} cells)\n" if minutes else "")
-    table += validation_markdown(summary["validation_vs_test"])
+    table += validation_markdown(summary["validation_vs_test"], summary["validation_means"])
     (out / "table.md").write_text(table)
     print(table)
     return 0

@@ -40,12 +40,14 @@ def main() -> None:
     p.add_argument("--out", default="bench_output/quality")
     p.add_argument("--categories", default=",".join(CATEGORIES))
     p.add_argument("--phases", default="default,head")
+    p.add_argument("--seeds", default="0", help="comma-separated: the cells' seeds (each holds out other images)")
     p.add_argument("--copies", type=int, default=1, help="synthetic defects per held image (6: every kind)")
     p.add_argument("--max_scale", type=float, default=None, help="largest defect size factor (the bench's: 8)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    cells = [f"{c}:0:{ph}" for ph in a.phases.split(",") for c in a.categories.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
+    cells = [f"{c}:{s}:{ph}" for s in seeds for ph in a.phases.split(",") for c in a.categories.split(",")]
     if a.copies == 1 and a.max_scale is None:
         p.error("pass --copies or --max_scale: without them this is the bench's own validation set")
     extra = ["--copies", str(a.copies)] + (["--max_scale", str(a.max_scale)] if a.max_scale else [])
@@ -55,7 +57,7 @@ def main() -> None:
         return
     out, categories, other = Path(a.out), a.categories.split(","), suffix(a.copies, a.max_scale)
     print(agreement_table(out, categories, other))
-    print(means_table(out, categories, other))
+    print(means_table(out, categories, other, seeds))
 
 
 def agreement_table(out: Path, categories: list[str], other: str) -> str:
@@ -71,14 +73,15 @@ def agreement_table(out: Path, categories: list[str], other: str) -> str:
     return "\n".join(lines)
 
 
-def means_table(out: Path, categories: list[str], other: str) -> str:
-    """Per detector, the validation mean over categories, plain and pooled (:func:`bench_quality.validation_means`),
-    on the bench's validation set and the ``other`` one."""
-    lines = ["| validation set | detector | image AUROC plain / pooled | pixel AUROC | AUPRO |",
-             "|---|---|---|---|---|"]
+def means_table(out: Path, categories: list[str], other: str, seeds: tuple[int, ...] = (0,)) -> str:
+    """Per detector, the validation mean over categories and ``seeds``, plain and pooled
+    (:func:`bench_quality.validation_means`), on the bench's validation set and the ``other`` one."""
+    lines = ["| validation set | detector | cells | image AUROC plain / pooled | pixel AUROC | AUPRO |",
+             "|---|---|---|---|---|---|"]
     for name in ("validation", other):
-        for detector, m in validation_means(validation_vs_test(out, categories, name)).items():
-            lines.append(f"| {name} | {detector} | " + " | ".join(
+        vts = [validation_vs_test(out, categories, name, seed=s) for s in seeds]
+        for detector, m in validation_means(*vts).items():
+            lines.append(f"| {name} | {detector} | {m['cells']} | " + " | ".join(
                 f"{m[k]['plain']:.3f} / {m[k]['pooled']:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro")) + " |")
     return "\n".join(lines)
 

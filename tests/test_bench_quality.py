@@ -116,7 +116,7 @@ def test_the_peers_rows_and_their_mean_over_categories_sit_beside_diffads(tmp_pa
     assert "| peer: DRAEM (paper: 11x11 mean, max) | 0.575 ± 0.075 |" in bench_quality.markdown(summary)
 
 
-def test_validation_means_weigh_each_category_by_its_validation_images_when_pooled():
+def test_validation_means_weigh_each_category_and_seed_by_its_validation_images_when_pooled():
     """A category with 10 validation images moves AUROC in steps of 0.04: pooled, it weighs a fifth of one with 40;
     a detector not scored on validation in every category gets no mean."""
     def row(auroc, n):
@@ -130,4 +130,7 @@ def test_validation_means_weigh_each_category_by_its_validation_images_when_pool
     assert list(means) == ["a"]
     assert means["a"]["image_auroc"]["plain"] == pytest.approx(0.7)
     assert means["a"]["aupro"]["pooled"] == pytest.approx((0.9 * 10 + 0.5 * 40) / 50)
-    assert "| a | 0.700 / 0.580 | 0.700 / 0.580 | 0.700 / 0.580 |" in bench_quality.validation_markdown(vt)
+    assert "| a | 2 | 0.700 / 0.580 | 0.700 / 0.580 | 0.700 / 0.580 |" in bench_quality.validation_markdown(vt)
+    seed1 = {"metal_plate": {"detectors": {"a": row(0.5, 8)}, "agreement": {}}}  # another seed's split: pooled too
+    both = bench_quality.validation_means(vt, seed1)["a"]
+    assert both["cells"] == 3 and both["image_auroc"]["pooled"] == pytest.approx((9 + 20 + 4) / 58)
