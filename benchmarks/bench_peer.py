@@ -27,8 +27,8 @@ Each cell writes ``<out>/<category>/seed<k>/metrics.json`` and is skipped when i
 per category mean ± std over seeds for every scoring rule, steps, CPU-minutes of training per cell and seconds
 per test image, and the mean over categories as bench_quality.py takes it (per seed, then mean ± std over
 seeds). On a GPU machine, with a copy of the shared data: ``DIFFAD_BENCH_DATA=<copy> python bench_peer.py --device
-cuda --jobs 3 --diffad_python <the python that has diffad>``. ``--measure_steps N`` only times N training steps (after 1 warm-up step) and prints seconds per
-step; use it to set ``--steps`` for another budget.
+cuda --jobs 3 --diffad_python <the python that has diffad>``. ``--measure_steps N`` only times N training steps
+(after 1 warm-up step) and prints seconds per step; use it to set ``--steps`` for another budget.
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def run_cell(args, category: str, seed: int) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     split = json.loads((cell / "split.json").read_text())
-    folder = Path(split["root"]) / category
+    root = CATEGORIES[category]  # this machine's copy of the data (the split names files inside the category)
+    folder = root / category
     torch.set_num_threads(args.threads)
     train_x = load_images(folder, split["train"], args.resolution)
     log = train(cell, train_x, args.steps, args.batch_size, seed, args.anomaly_source, args.checkpoint_every,
@@ -270,7 +271,7 @@ def run_cell(args, category: str, seed: int) -> dict:
     np.savez_compressed(cell / "predictions.npz", file_names=np.asarray([r["file_name"] for r in rows]),
                         anomaly_maps=maps, **{f"score_{k}": v for k, v in scores.items()})
     subprocess.run([str(args.diffad_python), str(REPO_ROOT / "benchmarks" / "peer_diffad.py"), "metrics",
-                    "--cell", str(cell), "--root", split["root"], "--category", category], check=True)
+                    "--cell", str(cell), "--root", str(root), "--category", category], check=True)
     result = {"category": category, "seed": seed, "resolution": args.resolution, "threads": args.threads,
               "test_images": len(rows), "test_images_total": len(split["test"]),
               **{k: v for k, v in log.items() if k != "losses"}, **timing,
