@@ -312,11 +312,13 @@ def summarise(results: list[dict], config: dict) -> dict:
     full_seeds = [s for s in sorted({r["seed"] for r in results})
                   if all(any(r["category"] == c and r["seed"] == s for r in results) for c in categories)]
     by_cell = {(r["category"], r["seed"]): r for r in results}
-    out["mean_over_categories"] = {
-        rule: {m: {"mean": float(np.mean(v)), **(ms([np.mean([by_cell[c, s]["metrics"][rule][m] for c in categories])
-                                                   for s in full_seeds]) if full_seeds else {"std": None, "n": 0})}
-               for m, v in d.items()}
-        for rule, d in per_rule_means.items()}
+    out["mean_over_categories"] = {}
+    for rule, means in per_rule_means.items():
+        out["mean_over_categories"][rule] = {}
+        for m, category_means in means.items():
+            per_seed = [np.mean([by_cell[c, s]["metrics"][rule][m] for c in categories]) for s in full_seeds]
+            out["mean_over_categories"][rule][m] = {"mean": float(np.mean(category_means)),
+                                                    **(ms(per_seed) if per_seed else {"std": None, "n": 0})}
     return out
 
 
@@ -401,7 +403,6 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"model": "anomalib DRAEM (DraemModel, DraemLoss, PerlinAnomalyGenerator), no pretrained weights",
             "anomalib": _version("anomalib"), "torch": torch.__version__, "steps": args.steps,
             "batch_size": args.batch_size, "resolution": args.resolution, "threads_per_cell": args.threads,
-            "device": args.device,
             "optimizer": "Adam lr 1e-4, x0.1 at epochs 400 and 600 (anomalib's Draem)",
             "anomaly_source": _data_path(args.anomaly_source), "max_test_images": args.max_test_images,
             "split": "diffad.data.load_mvtec(root, category, validation_fraction=0.2, seed=seed): train on train, "
@@ -451,6 +452,11 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     args.out = args.out.resolve()
+    try:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device here")
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}; use cpu, or cuda on a machine with a GPU")
     if args.measure_steps:
         return measure(args)
     if args.quick:

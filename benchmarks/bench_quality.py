@@ -254,11 +254,11 @@ def validation_vs_test(out: Path, categories: Sequence[str], validation: str = "
         rows = {}
         for detector, (phase, key) in DETECTORS.items():
             val_path = cell / f"{phase}_{validation}" / category / "metrics.json"
-            val = json.loads(val_path.read_text()).get(key) if val_path.is_file() else None
+            val_file = json.loads(val_path.read_text()) if val_path.is_file() else {}
+            val = val_file.get(key)
             test = phase_metrics(out, category, seed, phase)
-            num = json.loads(val_path.read_text()).get("num_images") if val else None
             rows[detector] = {"validation": val and {m: val.get(m) for m in ("image_auroc", "pixel_auroc", "aupro")},
-                              "validation_images": num,
+                              "validation_images": val and val_file.get("num_images"),
                               "validation_per_kind": val and val.get("image_auroc_per_kind"),
                               "test": test and test.get(key) and {m: test[key].get(m)
                                                                   for m in ("image_auroc", "pixel_auroc", "aupro")}}
@@ -496,8 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "working_resolution": 256, "crop_and_tile": 64,
                          "detectors": DETECTORS}
     summary["ddpm_train_minutes"] = {f"{c}/seed{s}": training_minutes(out, c, s) for c in categories for s in seeds}
-    summary["validation_vs_test"] = validation_vs_test(out, categories) if 0 in seeds else {}
-    summary["validation_means"] = validation_means(*(validation_vs_test(out, categories, seed=s) for s in seeds))
+    per_seed = {s: validation_vs_test(out, categories, seed=s) for s in seeds}
+    summary["validation_vs_test"] = per_seed.get(0, {})
+    summary["validation_means"] = validation_means(*per_seed.values())
     add_peer_rows(summary, Path(args.peer))
     summary["wall_minutes_this_run"] = (time.time() - start) / 60
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=2))

@@ -134,3 +134,14 @@ def test_validation_means_weigh_each_category_and_seed_by_its_validation_images_
     seed1 = {"metal_plate": {"detectors": {"a": row(0.5, 8)}, "agreement": {}}}  # another seed's split: pooled too
     both = bench_quality.validation_means(vt, seed1)["a"]
     assert both["cells"] == 3 and both["image_auroc"]["pooled"] == pytest.approx((9 + 20 + 4) / 58)
+
+
+def test_bench_peer_names_a_device_torch_cannot_use_in_one_line_and_exits_2(monkeypatch, capsys):
+    import bench_peer
+
+    monkeypatch.setattr(sys, "argv", ["bench_peer.py", "--device", "gpu0"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_peer.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--device 'gpu0'" in err and "use cpu, or cuda" in err
