@@ -340,3 +340,31 @@ def test_commands_load_the_model_onto_the_gpu_when_there_is_one(calibrated_model
     monkeypatch.setattr(detect_module, "inference_device", lambda: torch.device("cpu"))
     load_pipeline(calibrated_model)
     assert moved == ["cuda"]  # on the CPU nothing moves
+
+
+def test_a_launched_process_ends_its_process_group_after_success_and_error(monkeypatch):
+    """detect and evaluate join an ``accelerate launch`` through one helper, which destroys the process group on the
+    way out: left to interpreter shutdown, a gloo group aborted a finished rank in CI (SIGABRT, a failed launch)."""
+    import diffad.launch as launch
+
+    ended = []
+
+    class RecordingAccelerator:  # a real one would wait for the launch's other process
+        def __init__(self, cpu: bool):
+            self.cpu = cpu
+
+        def end_training(self):
+            ended.append(self.cpu)
+
+    monkeypatch.setattr(launch, "Accelerator", RecordingAccelerator)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with launch.launched_accelerator() as accelerator:  # one process: no group at all
+        assert accelerator is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with launch.launched_accelerator() as accelerator:
+        assert isinstance(accelerator, RecordingAccelerator) and accelerator.cpu  # no GPU here: one gloo group
+    assert ended == [True]
+    with pytest.raises(SystemExit):
+        with launch.launched_accelerator():
+            raise SystemExit(1)  # how a non-main rank leaves when another failed
+    assert ended == [True, True]

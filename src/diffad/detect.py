@@ -53,7 +53,6 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, UnidentifiedImageError
@@ -64,6 +63,7 @@ from diffad.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from diffad.figures import overlay
 from diffad.files import file_lock
 from diffad.inputs import IMAGE_EXTENSIONS, ImageScan, walk_images
+from diffad.launch import launched_accelerator
 from diffad.model_folder import require_model_folder
 from diffad.networks import INSTALL_HINT, ExportedNetwork
 # NONFINITE_ERROR: the error of a file the model could not judge (a NaN/inf map): an error row, never a decision.
@@ -637,15 +637,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``diffad detect``; see the module docstring for the exit codes. Under ``accelerate launch`` with several
     processes, the main process alone prints (the others exit with the same code, silently)."""
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
-        # CPU processes need cpu=True to form one gloo group (see STACK_NOTES.md).
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if not accelerator.is_main_process:
+    with launched_accelerator() as accelerator:  # several processes under `accelerate launch`, else None
+        if accelerator is not None and not accelerator.is_main_process:
             logging.getLogger("diffad").setLevel(logging.WARNING)  # progress once, from the main process
-    summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
-                     anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
-                     precision=args.precision, accelerator=accelerator)
+        summary = detect(args.model, args.inputs, args.out, batch_size=args.batch_size,
+                         anomaly_map=args.anomaly_map, method=args.method, seed=args.seed, config=args.config,
+                         precision=args.precision, accelerator=accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return EXIT_USAGE if summary.nonfinite or (summary.scored == 0 and summary.skipped_done == 0) else EXIT_OK
     skipped = summary.scan.skipped_summary()

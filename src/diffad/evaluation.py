@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -700,15 +699,13 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(SAMPLING_PRESETS)}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch` (or torchrun) on several processes
-        from accelerate import Accelerator
+    from diffad.launch import launched_accelerator
 
-        # CPU processes need cpu=True to form one gloo group.
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods, anomaly_maps=maps,
-                              config=args.config, batch_size=args.batch_size, seed=args.seed,
-                              num_figure_rows=args.figure_rows, accelerator=accelerator, precision=args.precision)
+    with launched_accelerator() as accelerator:  # several processes under `accelerate launch`, else None
+        results = evaluate_folder(args.model, args.data, args.category, args.out, methods=methods,
+                                  anomaly_maps=maps, config=args.config, batch_size=args.batch_size, seed=args.seed,
+                                  num_figure_rows=args.figure_rows, accelerator=accelerator,
+                                  precision=args.precision)
     if accelerator is None or accelerator.is_main_process:
         per_category = {r.category: r.metrics for r in results}
         sys.stdout.write(markdown_table(per_category))
