@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness import REAL_CATEGORIES, SHARED_DATA, peak_rss_mib
+from harness import REAL_CATEGORIES, SHARED_DATA, mean_over_categories, peak_rss_mib
 
 logger = logging.getLogger("bench_peer")
 
@@ -291,7 +291,6 @@ def summarise(results: list[dict], config: dict) -> dict:
         return {"mean": float(a.mean()), "std": float(a.std(ddof=0)), "n": int(a.size)}
 
     out = {"config": config, "categories": {}}
-    per_rule_means = {r: {m: [] for m in METRICS} for r in RULES}
     for category in dict.fromkeys(r["category"] for r in results):
         cells = sorted((r for r in results if r["category"] == category), key=lambda r: r["seed"])
         entry = {"seeds": [c["seed"] for c in cells], "rules": {},
@@ -304,21 +303,13 @@ def summarise(results: list[dict], config: dict) -> dict:
                  "test_cpu_seconds_per_image": ms([c["test_cpu_seconds_per_image"] for c in cells])}
         for rule in RULES:
             entry["rules"][rule] = {m: ms([c["metrics"][rule][m] for c in cells]) for m in METRICS}
-            for m in METRICS:
-                per_rule_means[rule][m].append(entry["rules"][rule][m]["mean"])
         out["categories"][category] = entry
-    # mean over categories per seed (seeds every category ran), then mean ± std over those seeds: bench_quality's rule
+    # bench_quality's rule, one helper: the mean over categories per seed (seeds every category ran), then mean ± std
     categories = list(out["categories"])
-    full_seeds = [s for s in sorted({r["seed"] for r in results})
-                  if all(any(r["category"] == c and r["seed"] == s for r in results) for c in categories)]
-    by_cell = {(r["category"], r["seed"]): r for r in results}
-    out["mean_over_categories"] = {}
-    for rule, means in per_rule_means.items():
-        out["mean_over_categories"][rule] = {}
-        for m, category_means in means.items():
-            per_seed = [np.mean([by_cell[c, s]["metrics"][rule][m] for c in categories]) for s in full_seeds]
-            out["mean_over_categories"][rule][m] = {"mean": float(np.mean(category_means)),
-                                                    **(ms(per_seed) if per_seed else {"std": None, "n": 0})}
+    out["mean_over_categories"] = {
+        rule: mean_over_categories({(r["category"], r["seed"]): r["metrics"][rule] for r in results}, categories,
+                                   METRICS)
+        for rule in RULES}
     return out
 
 

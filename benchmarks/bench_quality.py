@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from harness import REAL_CATEGORIES, SHARED_DATA
+from harness import REAL_CATEGORIES, SHARED_DATA, mean_over_categories
 
 logger = logging.getLogger("bench_quality")
 
@@ -299,13 +299,13 @@ def validation_means(*vts: dict[str, Any]) -> dict[str, dict[str, dict[str, floa
 
 def summarize(out: Path, categories: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Mean ± std over seeds per category and detector, and over seeds of the per-seed category mean."""
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}  # detector -> category -> seed -> metrics
     for category in categories:
         for seed in seeds:
             for detector, (phase, key) in DETECTORS.items():
                 metrics = phase_metrics(out, category, seed, phase)
                 if metrics and key in metrics:
-                    runs.setdefault(category, {}).setdefault(detector, []).append(metrics[key])
+                    runs.setdefault(detector, {}).setdefault(category, {})[seed] = metrics[key]
 
     def stats(values: list[dict[str, float]]) -> dict[str, Any]:
         result: dict[str, Any] = {"num_seeds": len(values)}
@@ -315,17 +315,18 @@ def summarize(out: Path, categories: Sequence[str], seeds: Sequence[int]) -> dic
                 result[m] = {"mean": float(np.mean(vs)), "std": float(np.std(vs))}
         return result
 
-    per_category = {c: {d: stats(v) for d, v in dets.items()} for c, dets in runs.items()}
+    per_category: dict[str, dict[str, Any]] = {}
+    for detector, by_category in runs.items():
+        for category, by_seed in by_category.items():
+            per_category.setdefault(category, {})[detector] = stats(list(by_seed.values()))
+    per_category = {c: per_category[c] for c in categories if c in per_category}
     mean: dict[str, Any] = {}
-    for detector in DETECTORS:
-        per_seed = []
-        for i in range(len(seeds)):
-            cells = [runs[c][detector][i] for c in categories if len(runs.get(c, {}).get(detector, [])) > i]
-            if len(cells) == len(categories):
-                per_seed.append({m: float(np.mean([c[m] for c in cells])) for m in METRICS
-                                 if all(c.get(m) is not None and np.isfinite(c[m]) for c in cells)})
-        if per_seed:
-            mean[detector] = stats(per_seed)
+    for detector, by_category in runs.items():
+        cells = {(c, s): metrics for c, by_seed in by_category.items() for s, metrics in by_seed.items()}
+        means = mean_over_categories(cells, categories, METRICS)
+        if means:
+            mean[detector] = {"num_seeds": min(v["n"] for v in means.values()),
+                              **{m: {"mean": v["mean"], "std": v["std"]} for m, v in means.items()}}
     return {"categories": per_category, "mean_over_categories": mean}
 
 

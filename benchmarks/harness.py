@@ -17,7 +17,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from diffad.pipelines.self_aware_inpaint import SelfAwareInpaintPipeline
 
-__all__ = ["REAL_CATEGORIES", "SHARED_DATA", "auroc", "peak_rss_mib", "reset_peak_rss", "rss_mib", "run_path", "split_tensors", "validation_set"]
+__all__ = ["REAL_CATEGORIES", "SHARED_DATA", "auroc", "mean_over_categories", "peak_rss_mib", "reset_peak_rss", "rss_mib", "run_path", "split_tensors", "validation_set"]
 
 _STATUS = Path("/proc/self/status")
 
@@ -35,6 +35,26 @@ SHARED_DATA = Path(os.environ.get("DIFFAD_BENCH_DATA", Path(__file__).resolve().
 REAL_CATEGORIES = {"bottle": SHARED_DATA / "mvtec_subset", "tire": SHARED_DATA / "more_real",
                    "metal_plate": SHARED_DATA / "more_real", "transistor": SHARED_DATA / "more_real",
                    "toothbrush": SHARED_DATA / "more_real"}
+
+
+def mean_over_categories(cells: Mapping[Tuple[str, int], Mapping[str, Optional[float]]], categories: Sequence[str],
+                         metrics: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Every quality bench's mean over categories (diffad's and the peer's), from ``cells[category, seed][metric]``:
+    for each seed that every category ran (and scored finitely on the metric), the mean over the categories; then
+    the mean and std (``ddof=0``) over those seeds. ``{metric: {"mean", "std", "n"}}``; a metric with no complete
+    seed is absent."""
+    seeds = sorted({seed for _, seed in cells})
+    result: Dict[str, Dict[str, Any]] = {}
+    for metric in metrics:
+        per_seed = []
+        for seed in seeds:
+            values = [cells.get((category, seed), {}).get(metric) for category in categories]
+            if all(v is not None and np.isfinite(v) for v in values):
+                per_seed.append(float(np.mean(values)))
+        if per_seed:
+            result[metric] = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "n": len(per_seed)}
+    return result
+
 
 # --------------------------------------------------------------------------- memory
 

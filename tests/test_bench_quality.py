@@ -116,6 +116,30 @@ def test_the_peers_rows_and_their_mean_over_categories_sit_beside_diffads(tmp_pa
     assert "| peer: DRAEM (paper: 11x11 mean, max) | 0.575 ± 0.075 |" in bench_quality.markdown(summary)
 
 
+def test_the_mean_over_categories_pairs_the_same_seed_in_every_category(tmp_path, monkeypatch):
+    """bench_quality paired each category's i-th finished seed: with tire's seed 0 missing it averaged bottle's seed
+    0 with tire's seed 1. The benches' one rule (harness.mean_over_categories) pairs equal seeds and keeps only
+    seeds that every category ran."""
+    import numpy as np
+
+    from harness import mean_over_categories
+
+    cells = {("bottle", 0): {"image_auroc": 0.6, "aupro": 0.5}, ("bottle", 1): {"image_auroc": 0.8, "aupro": 0.7},
+             ("tire", 1): {"image_auroc": 0.4, "aupro": float("nan")}, ("tire", 2): {"image_auroc": 0.9}}
+    means = mean_over_categories(cells, ["bottle", "tire"], ["image_auroc", "aupro"])
+    assert means == {"image_auroc": {"mean": pytest.approx(0.6), "std": 0.0, "n": 1}}  # seed 1 only; aupro NaN
+
+    results = {("bottle", 0): 0.6, ("bottle", 1): 0.8, ("tire", 1): 0.4}
+    monkeypatch.setattr(bench_quality, "phase_metrics", lambda out, category, seed, phase: (
+        {key: {m: results[category, seed] for m in bench_quality.METRICS} for _, key in bench_quality.DETECTORS.values()}
+        if (category, seed) in results else None))
+    summary = bench_quality.summarize(tmp_path, ["bottle", "tire"], [0, 1])
+    default = "self_aware combined + head (default, 10 passes)"
+    row = summary["mean_over_categories"][default]
+    assert row["num_seeds"] == 1 and row["image_auroc"]["mean"] == pytest.approx(np.mean([0.8, 0.4]))
+    assert summary["categories"]["bottle"][default]["image_auroc"]["mean"] == pytest.approx(0.7)
+
+
 def test_validation_means_weigh_each_category_and_seed_by_its_validation_images_when_pooled():
     """A category with 10 validation images moves AUROC in steps of 0.04: pooled, it weighs a fifth of one with 40;
     a detector not scored on validation in every category gets no mean."""
