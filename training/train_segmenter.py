@@ -73,7 +73,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
-from diffad.defects import ALL_DEFECT_KINDS, DEFECT_KINDS, VALIDATION_SCALE_RANGE, DefectSynthesizer
+from diffad.defects import (ALL_DEFECT_KINDS, DEFECT_KINDS, VALIDATION_SCALE_RANGE, DefectSynthesizer, check_kinds,
+                            check_scale_range)
 from diffad.pipelines.self_aware_inpaint.pipeline import (
     METHODS,
     SamplingConfig,
@@ -130,23 +131,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _parse_kinds(text: Union[str, Sequence[str]]) -> tuple:
-    """``"scratch,pit"`` -> ``("scratch", "pit")``, each a :data:`diffad.defects.ALL_DEFECT_KINDS` kind."""
-    kinds = tuple(split_list(text))
-    unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
-    if not kinds or unknown:
-        raise argparse.ArgumentTypeError(f"expected kinds from {','.join(ALL_DEFECT_KINDS)}, got {text!r}")
-    return kinds
+    """``"scratch,pit"`` -> ``("scratch", "pit")`` (:func:`diffad.defects.check_kinds`)."""
+    try:
+        return check_kinds(tuple(split_list(text)))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (from {text!r})") from None
 
 
 def _parse_scale_range(text: Union[str, Sequence[float]]) -> tuple:
-    """``"1,8"`` -> ``(1.0, 8.0)`` with ``0 < low <= high``."""
+    """``"1,8"`` -> ``(1.0, 8.0)`` (:func:`diffad.defects.check_scale_range`)."""
     try:
-        values = tuple(float(v) for v in split_list(text))
+        return check_scale_range(tuple(float(v) for v in split_list(text)))
     except ValueError:
-        values = ()
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 < LOW <= HIGH, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 < LOW <= HIGH, got {text!r}") from None
 
 
 def build_parser() -> OneLineArgumentParser:

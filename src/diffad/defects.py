@@ -44,6 +44,21 @@ ALL_DEFECT_KINDS = DEFECT_KINDS + ("displace",)
 VALIDATION_SCALE_RANGE = (1.0, 8.0)
 
 
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple, when it is a non-empty selection of :data:`ALL_DEFECT_KINDS`; else ValueError."""
+    unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty selection of {','.join(ALL_DEFECT_KINDS)}; got {list(kinds)}")
+    return tuple(kinds)
+
+
+def check_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` as floats, when ``0 < low <= high``; else ValueError."""
+    if not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high; got {scale_range!r}")
+    return float(scale_range[0]), float(scale_range[1])
+
+
 def _curve_points(rng: np.random.Generator, size: int, length: float) -> np.ndarray:
     """``(N, 2)`` points (row, col) along a quadratic Bezier of about ``length`` pixels inside the image."""
     start = rng.uniform(0.1, 0.9, size=2) * size
@@ -78,13 +93,8 @@ class DefectSynthesizer:
 
     def __init__(self, kinds: Sequence[str] = DEFECT_KINDS, textures: Union[None, str, Path] = None,
                  scale_range: tuple[float, float] = (1.0, 1.0)):
-        if not (len(scale_range) == 2 and 0 < scale_range[0] <= scale_range[1]):
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high; got {scale_range!r}")
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        unknown = [k for k in kinds if k not in ALL_DEFECT_KINDS]
-        if unknown or not kinds:
-            raise ValueError(f"kinds must be a non-empty selection of {ALL_DEFECT_KINDS}; got {list(kinds)}")
-        self.kinds = tuple(kinds)
+        self.scale_range = check_scale_range(scale_range)
+        self.kinds = check_kinds(kinds)
         self.blobs = AnomalySynthesizer(textures, normal_probability=0.0) if "blob" in kinds else None
 
     @property
