@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "training": ("diffad.training",),
     "commands": ("diffad.cli", "diffad.calibration", "diffad.detect", "diffad.evaluation", "diffad.cards", "diffad.hub", "diffad.export",
                  "diffad.app", "diffad.demo", "diffad.serve", "diffad.watch", "diffad.webhook", "diffad.workflow",
-                 "diffad.listen"),
+                 "diffad.listen", "diffad.launch"),
     "benchmarks": ("benchmarks",),
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}
