@@ -315,11 +315,8 @@ def summarize(out: Path, categories: Sequence[str], seeds: Sequence[int]) -> dic
                 result[m] = {"mean": float(np.mean(vs)), "std": float(np.std(vs))}
         return result
 
-    per_category: dict[str, dict[str, Any]] = {}
-    for detector, by_category in runs.items():
-        for category, by_seed in by_category.items():
-            per_category.setdefault(category, {})[detector] = stats(list(by_seed.values()))
-    per_category = {c: per_category[c] for c in categories if c in per_category}
+    per_category = {c: {d: stats(list(by_category[c].values())) for d, by_category in runs.items() if c in by_category}
+                    for c in categories if any(c in by_category for by_category in runs.values())}
     mean: dict[str, Any] = {}
     for detector, by_category in runs.items():
         cells = {(c, s): metrics for c, by_seed in by_category.items() for s, metrics in by_seed.items()}

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffad.data import read_image
 from harness import REAL_CATEGORIES, SHARED_DATA
 
 
@@ -32,7 +33,7 @@ def stretch(src: Path, dst: Path, target_mean: float, target_std: float) -> floa
     train = sorted((src / "train" / "good").glob("*.png"))
     if not train:
         raise SystemExit(f"{src}/train/good holds no PNG photos")
-    values = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in train])
+    values = np.stack([np.asarray(read_image(f), dtype=np.float64) for f in train])
     mean, std = values.mean(axis=(0, 1, 2)), values.std(axis=(0, 1, 2))
     clipped = total = 0
     for path in sorted(src.rglob("*")):
@@ -44,7 +45,7 @@ def stretch(src: Path, dst: Path, target_mean: float, target_std: float) -> floa
         if path.suffix.lower() != ".png" or "ground_truth" in path.parts:
             shutil.copy2(path, out)
             continue
-        y = (np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) - mean) * (target_std / std) + target_mean
+        y = (np.asarray(read_image(path), dtype=np.float64) - mean) * (target_std / std) + target_mean
         clipped += int(((y < 0) | (y > 255)).sum())
         total += y.size
         Image.fromarray(np.clip(np.round(y), 0, 255).astype(np.uint8)).save(out)

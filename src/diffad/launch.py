@@ -13,12 +13,7 @@ from typing import Iterator, Optional
 import torch
 from accelerate import Accelerator
 
-__all__ = ["launched_accelerator", "launched_world_size"]
-
-
-def launched_world_size() -> int:
-    """The number of processes the launcher started (``WORLD_SIZE``; 1 when diffad runs on its own)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+__all__ = ["launched_accelerator"]
 
 
 @contextlib.contextmanager
@@ -30,7 +25,7 @@ def launched_accelerator() -> Iterator[Optional[Accelerator]]:
     left to the interpreter's shutdown, a gloo group's threads can abort a process that had finished its work
     (``terminate called without an active exception``, SIGABRT), and the launch fails.
     """
-    if launched_world_size() <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # the launcher sets it; 1 when diffad runs on its own
         yield None
         return
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
